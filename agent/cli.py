@@ -1,0 +1,140 @@
+"""`piagent`: the agent's command line (`piagent run` is what the systemd unit starts)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import socket
+import sys
+
+from . import __version__
+
+DEFAULT_STATE_DIR = "/var/lib/piagent"
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="piagent", description="The pimaster agent for a Raspberry Pi.")
+    parser.add_argument("--version", action="version", version=f"piagent {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run the agent (what the systemd service starts)")
+    run.add_argument("--config", required=True, help="piagent.conf written by `pimaster token create`")
+    run.add_argument("--id", help="node id (default: the id this agent enrolled with, else the hostname)")
+    run.add_argument("--state-dir", default=os.environ.get("PIAGENT_STATE_DIR", DEFAULT_STATE_DIR),
+                     help=f"keys and state (default {DEFAULT_STATE_DIR})")
+    run.add_argument("--log-level", default="INFO")
+    fp = sub.add_parser("fingerprint", help="print this agent's key fingerprint (compare with `pimaster keys list`)")
+    fp.add_argument("--state-dir", default=os.environ.get("PIAGENT_STATE_DIR", DEFAULT_STATE_DIR))
+    sub.add_parser("facts", help="print the facts this agent reports, as JSON")
+    return parser
+
+
+def _node_id(args, config, state_dir: str) -> str:
+    """--id, else the config's id, else the id already enrolled, else the hostname.
+
+    The id is kept in the state dir after first start so that a later hostname change (which a
+    state may well make) does not turn the node into a stranger.
+    """
+    from .config import validate_node_id
+
+    path = os.path.join(state_dir, "node_id")
+    chosen = args.id or config.node_id
+    if not chosen:
+        try:
+            with open(path) as fh:
+                chosen = fh.read().strip()
+        except FileNotFoundError:
+            chosen = socket.gethostname().split(".")[0]
+    validate_node_id(chosen)
+    try:
+        with open(path) as fh:
+            stored = fh.read().strip()
+    except FileNotFoundError:
+        stored = ""
+    if stored != chosen:
+        from .protocol import write_file_atomic
+
+        write_file_atomic(path, chosen.encode() + b"\n", 0o644)
+    return chosen
+
+
+def run(args) -> int:
+    from . import protocol, sd
+    from .config import ConfigError, load_config
+    from .daemon import Agent, AgentSettings
+
+    log = sd.setup_logging("piagent", args.log_level)
+    try:
+        config = load_config(args.config)
+        os.makedirs(args.state_dir, mode=0o700, exist_ok=True)
+        node_id = _node_id(args, config, args.state_dir)
+    except (ConfigError, OSError) as exc:
+        print(f"piagent: {exc}", file=sys.stderr)
+        return 2
+    import zmq
+
+    if not zmq.has("curve"):
+        print("piagent: this libzmq was built without CURVE support; install Debian's libzmq5", file=sys.stderr)
+        return 2
+    public, secret = protocol.load_or_create_keypair(args.state_dir, "agent")
+    settings = AgentSettings(node_id=node_id, master_host=config.master_host, master_port=config.master_port,
+                             state_dir=args.state_dir, public_key=public, secret_key=secret,
+                             fingerprint=config.fingerprint, token=config.token)
+    import platform
+
+    import msgpack
+
+    log.info("piagent %s starting as %r, key %s, master %s:%d (python %s, pyzmq %s, libzmq %s, msgpack %s)",
+             __version__, node_id, protocol.fingerprint(public), config.master_host, config.master_port,
+             platform.python_version(), zmq.__version__, zmq.zmq_version(),
+             ".".join(map(str, msgpack.version)))
+
+    async def main() -> None:
+        agent = Agent(settings)
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, agent.stop)
+        watchdog = sd.watchdog_interval_s()
+
+        async def keepalive() -> None:
+            # Pinged from the event loop itself: if the loop hangs, systemd restarts us.
+            while True:
+                sd.notify("WATCHDOG=1")
+                await asyncio.sleep(watchdog)
+
+        sd.notify("READY=1")
+        task = asyncio.ensure_future(keepalive()) if watchdog else None
+        try:
+            await agent.run()
+        finally:
+            if task:
+                task.cancel()
+            sd.notify("STOPPING=1")
+            log.info("piagent stopped")
+
+    asyncio.run(main())
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.command == "run":
+        return run(args)
+    if args.command == "fingerprint":
+        from .protocol import fingerprint
+
+        try:
+            with open(os.path.join(args.state_dir, "agent.pub"), "rb") as fh:
+                print(fingerprint(fh.read().strip()))
+        except OSError as exc:
+            print(f"piagent: no key yet in {args.state_dir}: {exc.strerror}", file=sys.stderr)
+            return 1
+        return 0
+    if args.command == "facts":
+        from .facts import gather_facts
+
+        print(json.dumps(asyncio.run(gather_facts()), indent=2, sort_keys=True))
+        return 0
+    return 2

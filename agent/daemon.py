@@ -1,0 +1,383 @@
+"""The agent: connects to the master over CURVE, enrolls, answers requests, reconnects by itself.
+
+One asyncio task per agent. Connection life cycle::
+
+    resolve master name -> fetch the master's public key from the key-announce port
+    -> check it against the pinned fingerprint (or the key seen first) -> CURVE DEALER connect
+    -> wait for the handshake -> send `enroll` -> serve requests until the link drops
+    -> back off (exponential, jittered, capped at 30 s) -> start over, re-resolving the name.
+
+The backoff is ours, not libzmq's, so that the name is re-resolved and the master key re-checked
+on every attempt, and so that several hundred Pis booting together do not reconnect in lock step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import random
+import socket
+import time
+from dataclasses import dataclass
+from typing import Awaitable, Callable
+
+import zmq
+import zmq.asyncio
+from zmq.utils.monitor import parse_monitor_message
+
+from . import facts as facts_mod
+from . import protocol as proto
+from .protocol import Message
+
+log = logging.getLogger("piagent")
+
+BACKOFF_BASE_S = 0.25
+BACKOFF_CAP_S = 30.0
+CONNECT_TIMEOUT_S = 5.0
+KEY_FETCH_TIMEOUT_S = 3.0
+HEARTBEAT_INTERVAL_S = 15.0
+PENDING_RETRY_S = 10.0
+MISSED_ACKS_BEFORE_RECONNECT = 2
+
+_LINK_LOST = {
+    zmq.EVENT_DISCONNECTED: "disconnected",
+    zmq.EVENT_CLOSED: "connection closed",
+    zmq.EVENT_CONNECT_RETRIED: "connection refused or unreachable",
+    zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL: "handshake failed",
+    zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL: "handshake failed (protocol error; wrong master key?)",
+    zmq.EVENT_HANDSHAKE_FAILED_AUTH: "the master refused this agent's key (rejected or denied)",
+}
+
+
+class MasterKeyMismatch(Exception):
+    """The master presents a key other than the pinned one: never connect to it."""
+
+
+class LinkFailed(Exception):
+    pass
+
+
+@dataclass
+class AgentSettings:
+    node_id: str
+    master_host: str
+    master_port: int
+    state_dir: str
+    public_key: bytes
+    secret_key: bytes
+    fingerprint: str | None = None  # pinned master fingerprint
+    token: str | None = None
+
+    @property
+    def key_port(self) -> int:
+        return self.master_port + 1
+
+
+def backoff_delay(attempt: int) -> float:
+    """Exponential backoff with jitter: 0.25 s, 0.5 s, 1 s ... capped at 30 s, each scaled by 0.5-1."""
+    delay = min(BACKOFF_CAP_S, BACKOFF_BASE_S * (2 ** min(attempt, 16)))
+    return delay * random.uniform(0.5, 1.0)
+
+
+class Agent:
+    def __init__(self, settings: AgentSettings, *, context: zmq.asyncio.Context | None = None,
+                 facts_source: Callable[[], Awaitable[dict]] = facts_mod.gather_facts,
+                 health_source: Callable[[], Awaitable[dict]] = facts_mod.health,
+                 logger: logging.Logger | None = None) -> None:
+        self.settings = settings
+        self.ctx = context or zmq.asyncio.Context.instance()
+        self.facts_source = facts_source
+        self.health_source = health_source
+        self.log = logger or log
+        self.replay_guard = proto.ReplayGuard()
+        self.master_clock = proto.MasterClock()
+        self.status = "starting"          # starting, connecting, pending, accepted
+        self.accepted = asyncio.Event()   # set while accepted and connected
+        self._stop = asyncio.Event()
+        self._sock: zmq.asyncio.Socket | None = None
+        self._tasks: set[asyncio.Task] = set()
+        self._sent_at: dict[str, float] = {}
+        self._unacked = 0
+        self._warned_once: set[str] = set()
+
+    # ------------------------------------------------------------------ life cycle
+    def stop(self) -> None:
+        self._stop.set()
+
+    async def run(self) -> None:
+        attempt = 0
+        while not self._stop.is_set():
+            established = False
+            try:
+                address = await self._resolve()
+                master_key = await self._fetch_master_key(address)
+                self._check_master_key(master_key)
+                established = await self._session(address, master_key)
+            except MasterKeyMismatch as exc:
+                # Loud on purpose: this is either an attack or a reinstalled master.
+                self.log.critical("REFUSING the master: %s. If the master was reinstalled on purpose, "
+                                  "put its new fingerprint (pimaster keys fingerprint) into the agent's "
+                                  "config and restart the agent.", exc)
+                attempt = max(attempt, 8)
+            except (LinkFailed, OSError, zmq.ZMQError) as exc:
+                self._note_failure(str(exc), attempt)
+            self.status = "connecting"
+            self.accepted.clear()
+            if established:
+                attempt = 0
+            delay = backoff_delay(attempt)
+            attempt += 1
+            try:
+                await asyncio.wait_for(self._stop.wait(), delay)
+            except asyncio.TimeoutError:
+                pass
+
+    def _note_failure(self, reason: str, attempt: int) -> None:
+        level = logging.WARNING if attempt == 0 or reason not in self._warned_once else logging.INFO
+        self._warned_once.add(reason)
+        self.log.log(level, "cannot reach the master at %s:%d: %s (retrying with backoff)",
+                     self.settings.master_host, self.settings.master_port, reason)
+
+    async def _resolve(self) -> str:
+        """Resolve the master's name afresh on every attempt (DHCP, mDNS and DNS change)."""
+        loop = asyncio.get_running_loop()
+        try:
+            infos = await asyncio.wait_for(loop.getaddrinfo(
+                self.settings.master_host, self.settings.master_port, type=socket.SOCK_STREAM), 10)
+        except (socket.gaierror, asyncio.TimeoutError) as exc:
+            raise LinkFailed(f"cannot resolve {self.settings.master_host!r}: {exc}") from None
+        family, _, _, _, sockaddr = infos[0]
+        return f"[{sockaddr[0]}]" if family == socket.AF_INET6 else sockaddr[0]
+
+    def _new_socket(self, kind: int) -> zmq.asyncio.Socket:
+        sock = self.ctx.socket(kind)
+        sock.linger = 0
+        sock.maxmsgsize = proto.MAX_MESSAGE_BYTES
+        sock.ipv6 = True
+        return sock
+
+    async def _fetch_master_key(self, address: str) -> bytes:
+        sock = self._new_socket(zmq.DEALER)
+        sock.maxmsgsize = 64 * 1024
+        try:
+            sock.connect(f"tcp://{address}:{self.settings.key_port}")
+            await sock.send(proto.encode(Message(type=proto.MASTER_KEY)))
+            if not await sock.poll(KEY_FETCH_TIMEOUT_S * 1000, zmq.POLLIN):
+                raise LinkFailed("no answer from the key-announce port")
+            frames = await sock.recv_multipart()
+        finally:
+            sock.close(0)
+        try:
+            msg = proto.decode(frames[-1], frozenset({proto.MASTER_KEY}))
+        except proto.ProtocolError as exc:
+            raise LinkFailed(f"malformed key announcement: {exc}") from None
+        key = msg.body.get("key")
+        if not proto.is_public_key(key):
+            raise LinkFailed("key announcement without a valid key")
+        return key.encode() if isinstance(key, str) else key
+
+    def _check_master_key(self, key: bytes) -> None:
+        seen = proto.fingerprint(key)
+        cache = os.path.join(self.settings.state_dir, "master.pub")
+        pinned = self.settings.fingerprint
+        if pinned:
+            if seen != pinned:
+                raise MasterKeyMismatch(f"the master at {self.settings.master_host} presents key {seen}, "
+                                        f"but this agent is pinned to {pinned}")
+        else:
+            try:
+                with open(cache, "rb") as fh:
+                    known = fh.read().strip()
+            except FileNotFoundError:
+                known = b""
+            if known and known != key:
+                raise MasterKeyMismatch(f"the master's key changed from {proto.fingerprint(known)} "
+                                        f"(trusted at first contact) to {seen}")
+        try:
+            with open(cache, "rb") as fh:
+                current = fh.read().strip()
+        except FileNotFoundError:
+            current = b""
+        if current != key:
+            proto.write_file_atomic(cache, key + b"\n", 0o644)
+
+    # ------------------------------------------------------------------ one connection
+    async def _session(self, address: str, master_key: bytes) -> bool:
+        """Run one connection until it drops. Returns True if the handshake succeeded."""
+        sock = self._new_socket(zmq.DEALER)
+        sock.curve_secretkey = self.settings.secret_key
+        sock.curve_publickey = self.settings.public_key
+        sock.curve_serverkey = master_key
+        # libzmq heartbeats notice a dead link (cut cable, powered-off master) within ~15 s.
+        sock.heartbeat_ivl = 5000
+        sock.heartbeat_timeout = 15000
+        sock.reconnect_ivl = 1000
+        monitor = sock.get_monitor_socket()
+        established = False
+        self._sock = sock
+        try:
+            sock.connect(f"tcp://{address}:{self.settings.master_port}")
+            await self._wait_handshake(monitor)
+            established = True
+            self.status = "connected"
+            self._unacked = 0
+            await self._send_enroll()
+            await self._serve(sock, monitor)
+        finally:
+            self._sock = None
+            for task in list(self._tasks):
+                task.cancel()
+            try:
+                sock.disable_monitor()
+            except zmq.ZMQError:
+                pass
+            monitor.close(0)
+            sock.close(0)
+        return established
+
+    async def _wait_handshake(self, monitor: zmq.asyncio.Socket) -> None:
+        deadline = time.monotonic() + CONNECT_TIMEOUT_S
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or not await monitor.poll(remaining * 1000, zmq.POLLIN):
+                raise LinkFailed("no CURVE handshake within "
+                                 f"{CONNECT_TIMEOUT_S:.0f} s (wrong port or master key?)")
+            event = parse_monitor_message(await monitor.recv_multipart())["event"]
+            if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                return
+            if event in _LINK_LOST:
+                raise LinkFailed(_LINK_LOST[event])
+
+    async def _serve(self, sock: zmq.asyncio.Socket, monitor: zmq.asyncio.Socket) -> None:
+        poller = zmq.asyncio.Poller()
+        poller.register(sock, zmq.POLLIN)
+        poller.register(monitor, zmq.POLLIN)
+        stop_wait = asyncio.ensure_future(self._stop.wait())
+        next_beat = time.monotonic() + self._beat_interval()
+        try:
+            while not self._stop.is_set():
+                timeout_ms = max(0.0, next_beat - time.monotonic()) * 1000
+                polling = asyncio.ensure_future(poller.poll(timeout_ms))
+                await asyncio.wait({polling, stop_wait}, return_when=asyncio.FIRST_COMPLETED)
+                if not polling.done():  # asked to stop
+                    polling.cancel()
+                    return
+                events = dict(polling.result())
+                if monitor in events:
+                    event = parse_monitor_message(await monitor.recv_multipart())["event"]
+                    if event in _LINK_LOST:
+                        self.log.warning("lost the master: %s", _LINK_LOST[event])
+                        return
+                if sock in events:
+                    for _ in range(100):  # drain what is queued, then look at the monitor again
+                        try:
+                            frames = await sock.recv_multipart(flags=zmq.NOBLOCK)
+                        except zmq.Again:
+                            break
+                        self._on_frame(frames[-1])
+                if time.monotonic() >= next_beat:
+                    if self._unacked >= MISSED_ACKS_BEFORE_RECONNECT:
+                        self.log.warning("the master stopped answering heartbeats; reconnecting")
+                        return
+                    await self._beat()
+                    next_beat = time.monotonic() + self._beat_interval()
+        finally:
+            stop_wait.cancel()
+
+    def _beat_interval(self) -> float:
+        return HEARTBEAT_INTERVAL_S if self.status == "accepted" else PENDING_RETRY_S
+
+    async def _beat(self) -> None:
+        if self.status == "accepted":
+            msg = Message(type=proto.HEARTBEAT)
+            self._unacked += 1
+            await self._send(msg)
+        else:
+            await self._send_enroll()
+
+    async def _send(self, msg: Message) -> None:
+        sock = self._sock
+        if sock is None:
+            return
+        self._sent_at = {k: v for k, v in self._sent_at.items() if time.monotonic() - v < 60}
+        self._sent_at[msg.id] = time.monotonic()
+        try:
+            # Never block: with the link down a DEALER send would wait for a peer forever.
+            await sock.send(proto.encode(msg), zmq.NOBLOCK)
+        except zmq.Again:
+            self.log.warning("could not send %s: no link to the master", msg.type)
+
+    async def _send_enroll(self) -> None:
+        try:
+            facts = await self.facts_source()
+        except Exception:  # facts are best effort: never let one broken reader stop enrollment
+            self.log.exception("gathering facts failed")
+            facts = {}
+        body = {"id": self.settings.node_id, "facts": facts}
+        if self.settings.token and self.status != "accepted":
+            body["token"] = self.settings.token
+        await self._send(Message(type=proto.ENROLL, body=body))
+
+    # ------------------------------------------------------------------ messages from the master
+    def _on_frame(self, frame: bytes) -> None:
+        try:
+            msg = proto.decode(frame, proto.MASTER_TO_AGENT)
+        except proto.ProtocolError as exc:
+            self.log.warning("dropped a malformed message from the master: %s", exc)
+            return
+        if msg.type in (proto.ENROLLED, proto.HEARTBEAT_ACK):
+            self._on_status(msg)
+            return
+        if self.status != "accepted":
+            self.log.warning("dropped a %s request: not accepted yet", msg.type)
+            return
+        refusal = self.replay_guard.check(msg, self.master_clock.now())
+        if refusal:
+            self.log.warning("refused %s request %s: %s", msg.type, msg.id[:12], refusal)
+            self._spawn(self._send(proto.reply(msg, proto.REFUSED, {"reason": refusal})))
+            return
+        self._spawn(self._handle_request(msg))
+
+    def _on_status(self, msg: Message) -> None:
+        master_time = msg.body.get("time")
+        sent = self._sent_at.pop(msg.reply_to or "", None)
+        if isinstance(master_time, (int, float)) and sent is not None:
+            self.master_clock.update(float(master_time), time.monotonic() - sent)
+        if msg.type == proto.HEARTBEAT_ACK:
+            self._unacked = 0
+            return
+        status = msg.body.get("status")
+        if status == proto.ACCEPTED:
+            if self.status != "accepted":
+                self.log.info("enrolled: the master accepted this agent as %r", self.settings.node_id)
+            self.status = "accepted"
+            self._unacked = 0
+            self.accepted.set()
+        elif status == proto.PENDING:
+            if self.status != "pending":
+                self.log.warning("waiting for a person to accept this agent's key on the master "
+                                 "(pimaster keys accept %s); this agent's fingerprint is %s",
+                                 self.settings.node_id, proto.fingerprint(self.settings.public_key))
+            self.status = "pending"
+            self.accepted.clear()
+
+    def _spawn(self, coro: Awaitable) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _handle_request(self, msg: Message) -> None:
+        try:
+            if msg.type == proto.PING:
+                body = await self.health_source()
+            elif msg.type == proto.FACTS:
+                body = await self.facts_source()
+            else:  # decode() only lets request types through that are listed above
+                body = {}
+            await self._send(proto.reply(msg, proto.RESULT, body))
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            self.log.exception("request %s failed", msg.type)
+            await self._send(proto.reply(msg, proto.RESULT, {"error": f"{type(exc).__name__}: {exc}"}))

@@ -1,0 +1,315 @@
+"""The pimaster wire protocol: one small, versioned envelope, shared by master and agent.
+
+Every message on the wire is one ZeroMQ frame holding a msgpack map::
+
+    {"v": 1, "type": "ping", "id": "9f2c…", "ts": 1764085000.12, "exp": 1764085005.12,
+     "reply_to": None, "body": {...}}
+
+- ``v``: protocol version. A peer refuses a version it does not speak.
+- ``type``: the message type. Each side decodes against an explicit allow-list of types.
+- ``id``: random request id (hex). The agent refuses an id it has already seen (replay).
+- ``ts`` / ``exp``: sender's wall clock at sending, and the time after which a request must not
+  run. The agent judges ``exp`` against its estimate of the master's clock, so a Pi without a
+  clock battery is not locked out by its own wrong time.
+- ``reply_to``: the request id a reply answers.
+- ``body``: a map whose fields depend on ``type``.
+
+Transport: CURVE on the control port (default 4510) and a plaintext "key announce" endpoint on
+the port after it (4511) that returns only the master's public key, so an agent can check it
+against the fingerprint it was given before any key exchange.
+
+The master may import this module; this module and the rest of the agent never import the master.
+Only the standard library, pyzmq and msgpack are used here (bookworm: pyzmq 24, msgpack 1.0.3).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import secrets
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgpack
+
+VERSION = 1
+DEFAULT_PORT = 4510
+# Large enough for a state file with a few big files in it, small enough that a hostile peer
+# cannot make a Pi Zero allocate its whole memory for one frame.
+MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+MAX_ID_LENGTH = 64
+# A request may not claim to stay valid for longer than this: it bounds the replay cache.
+MAX_REQUEST_TTL_S = 24 * 3600
+
+# Message types, by direction.
+ENROLL = "enroll"                # agent -> master: "I am node X" (+ token, facts). Allowed from unknown keys.
+HEARTBEAT = "heartbeat"          # agent -> master: liveness, carries nothing
+RESULT = "result"                # agent -> master: answer to a request (reply_to set)
+REFUSED = "refused"              # agent -> master: a request was refused (replay, expired, unknown)
+ENROLLED = "enrolled"            # master -> agent: enrollment status (accepted/pending)
+HEARTBEAT_ACK = "heartbeat_ack"  # master -> agent: carries the master's clock
+PING = "ping"                    # master -> agent request: health
+FACTS = "facts"                  # master -> agent request: facts
+MASTER_KEY = "master_key"        # key announce endpoint -> agent
+
+AGENT_TO_MASTER = frozenset({ENROLL, HEARTBEAT, RESULT, REFUSED})
+# What a key that the master has not accepted may send: enrollment and nothing else.
+UNAUTHENTICATED_ALLOWED = frozenset({ENROLL})
+REQUEST_TYPES = frozenset({PING, FACTS})
+MASTER_TO_AGENT = frozenset({ENROLLED, HEARTBEAT_ACK}) | REQUEST_TYPES
+
+# Key states on the master.
+PENDING, ACCEPTED, REJECTED, DENIED = "pending", "accepted", "rejected", "denied"
+KEY_STATES = (PENDING, ACCEPTED, REJECTED, DENIED)
+
+
+class ProtocolError(ValueError):
+    """A frame that is not a valid message: the receiver drops it and logs the reason."""
+
+
+@dataclass
+class Message:
+    type: str
+    body: dict = field(default_factory=dict)
+    id: str = field(default_factory=lambda: secrets.token_hex(16))
+    ts: float = field(default_factory=time.time)
+    exp: float | None = None
+    reply_to: str | None = None
+    v: int = VERSION
+
+
+def request(type_: str, body: dict | None = None, ttl_s: float = 30.0) -> Message:
+    """A master -> agent request that expires ``ttl_s`` seconds from now."""
+    now = time.time()
+    return Message(type=type_, body=body or {}, ts=now, exp=now + ttl_s)
+
+
+def reply(to: Message, type_: str = RESULT, body: dict | None = None) -> Message:
+    return Message(type=type_, body=body or {}, reply_to=to.id)
+
+
+def encode(msg: Message) -> bytes:
+    data = msgpack.packb(
+        {"v": msg.v, "type": msg.type, "id": msg.id, "ts": msg.ts, "exp": msg.exp,
+         "reply_to": msg.reply_to, "body": msg.body},
+        use_bin_type=True,
+    )
+    if len(data) > MAX_MESSAGE_BYTES:
+        raise ProtocolError(f"message of {len(data)} bytes exceeds the {MAX_MESSAGE_BYTES}-byte limit")
+    return data
+
+
+def _no_ext(code: int, data: bytes) -> Any:
+    raise ProtocolError(f"msgpack extension type {code} is not allowed")
+
+
+def decode(data: bytes, allowed: frozenset[str]) -> Message:
+    """Decode one frame. Raises ProtocolError (never anything else) for any malformed input."""
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise ProtocolError("frame is not bytes")
+    if len(data) > MAX_MESSAGE_BYTES:
+        raise ProtocolError(f"frame of {len(data)} bytes exceeds the limit")
+    try:
+        raw = msgpack.unpackb(bytes(data), raw=False, strict_map_key=True, ext_hook=_no_ext,
+                              max_bin_len=MAX_MESSAGE_BYTES, max_str_len=MAX_MESSAGE_BYTES)
+    except ProtocolError:
+        raise
+    except Exception as exc:  # msgpack raises many types (ExtraData, ValueError, TypeError, ...)
+        raise ProtocolError(f"not a msgpack message: {type(exc).__name__}") from None
+    if not isinstance(raw, dict):
+        raise ProtocolError("envelope is not a map")
+    version = raw.get("v")
+    if version != VERSION:
+        raise ProtocolError(f"unsupported protocol version {version!r} (this side speaks {VERSION})")
+    type_ = raw.get("type")
+    if not isinstance(type_, str) or type_ not in allowed:
+        raise ProtocolError(f"message type {str(type_)[:40]!r} is not accepted here")
+    msg_id = raw.get("id")
+    if not isinstance(msg_id, str) or not 0 < len(msg_id) <= MAX_ID_LENGTH:
+        raise ProtocolError("missing or malformed message id")
+    ts = raw.get("ts")
+    if not _is_number(ts):
+        raise ProtocolError("missing or malformed timestamp")
+    exp = raw.get("exp")
+    if exp is not None and not _is_number(exp):
+        raise ProtocolError("malformed expiry")
+    reply_to = raw.get("reply_to")
+    if reply_to is not None and (not isinstance(reply_to, str) or len(reply_to) > MAX_ID_LENGTH):
+        raise ProtocolError("malformed reply_to")
+    body = raw.get("body")
+    if not isinstance(body, dict):
+        raise ProtocolError("body is not a map")
+    if type_ in REQUEST_TYPES and exp is None:
+        raise ProtocolError("a request must carry an expiry")
+    return Message(type=type_, body=body, id=msg_id, ts=float(ts),
+                   exp=None if exp is None else float(exp), reply_to=reply_to, v=version)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value == value
+
+
+class ReplayGuard:
+    """Refuses requests seen before or past their expiry.
+
+    Expiry is judged against the master's clock as the agent estimates it (see MasterClock), so
+    the cache can drop every id whose request has expired: a replay of it is refused as expired.
+    """
+
+    def __init__(self) -> None:
+        self._seen: dict[str, float] = {}
+        self._next_prune = 0.0
+
+    def check(self, msg: Message, master_now: float) -> str | None:
+        """Return None if the request may run, else the reason it is refused."""
+        if msg.exp is None:
+            return "request without expiry"
+        if msg.exp < master_now:
+            return "expired"
+        if msg.exp > master_now + MAX_REQUEST_TTL_S:
+            return "expiry too far in the future"
+        if msg.id in self._seen:
+            return "replay"
+        self._seen[msg.id] = msg.exp
+        if master_now >= self._next_prune:
+            self._seen = {k: e for k, e in self._seen.items() if e >= master_now}
+            self._next_prune = master_now + 60
+        return None
+
+
+class MasterClock:
+    """The agent's estimate of the master's wall clock, anchored on the monotonic clock.
+
+    Anchored from each reply that carries the master's time, so a local clock that jumps
+    (NTP sync at boot on a Pi without RTC) does not change the estimate.
+    """
+
+    def __init__(self) -> None:
+        self._master_time: float | None = None
+        self._anchor = 0.0
+
+    def update(self, master_time: float, rtt_s: float = 0.0) -> None:
+        self._master_time = master_time + rtt_s / 2
+        self._anchor = time.monotonic()
+
+    def now(self) -> float:
+        if self._master_time is None:
+            return time.time()
+        return self._master_time + (time.monotonic() - self._anchor)
+
+
+# ---------------------------------------------------------------------------------------------
+# Keys and fingerprints (CURVE keys are Z85 text, 40 characters)
+
+def fingerprint(public_key: bytes | str) -> str:
+    """The public fingerprint people compare: ``sha256:`` and the hex digest of the raw key."""
+    from zmq.utils import z85
+
+    if isinstance(public_key, str):
+        public_key = public_key.encode()
+    if len(public_key) != 40:
+        raise ValueError("a CURVE public key is 40 Z85 characters")
+    return "sha256:" + hashlib.sha256(z85.decode(public_key)).hexdigest()
+
+
+def is_public_key(value: Any) -> bool:
+    if isinstance(value, str):
+        value = value.encode()
+    if not isinstance(value, bytes) or len(value) != 40:
+        return False
+    try:
+        from zmq.utils import z85
+
+        z85.decode(value)
+    except Exception:
+        return False
+    return True
+
+
+def write_file_atomic(path: str, data: bytes, mode: int = 0o644) -> None:
+    """Replace ``path`` with ``data`` atomically: write a temp file, fsync, rename, fsync the dir."""
+    directory = os.path.dirname(os.path.abspath(path))
+    tmp = os.path.join(directory, f".{os.path.basename(path)}.{secrets.token_hex(4)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    dir_fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def load_or_create_keypair(directory: str, name: str) -> tuple[bytes, bytes]:
+    """Load ``name.pub``/``name.key`` from ``directory``, creating them (secret key 0600) on first use."""
+    import zmq
+
+    pub_path = os.path.join(directory, f"{name}.pub")
+    key_path = os.path.join(directory, f"{name}.key")
+    os.makedirs(directory, mode=0o700, exist_ok=True)
+    if os.path.exists(key_path):
+        with open(key_path, "rb") as fh:
+            secret = fh.read().strip()
+        public = zmq.curve_public(secret)
+        if os.stat(key_path).st_mode & 0o077:
+            os.chmod(key_path, 0o600)  # someone loosened it: a secret key stays owner-only
+        if not os.path.exists(pub_path):
+            write_file_atomic(pub_path, public + b"\n", 0o644)
+        return public, secret
+    public, secret = zmq.curve_keypair()
+    write_file_atomic(key_path, secret + b"\n", 0o600)
+    write_file_atomic(pub_path, public + b"\n", 0o644)
+    return public, secret
+
+
+# ---------------------------------------------------------------------------------------------
+# Enrollment contract: node ids, master addresses and the piagent.conf the master writes
+
+CONFIG_SECTION = "piagent"
+NODE_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
+
+
+class ConfigError(ValueError):
+    """A bad setting in piagent.conf or a bad address."""
+
+
+def parse_address(text: str, default_port: int = DEFAULT_PORT) -> tuple[str, int]:
+    """`host`, `host:port`, `[v6]:port` -> (host, port)."""
+    text = text.strip()
+    if not text:
+        raise ConfigError("empty master address")
+    if text.startswith("["):
+        host, _, rest = text[1:].partition("]")
+        port_text = rest[1:] if rest.startswith(":") else ""
+    elif text.count(":") == 1:
+        host, _, port_text = text.partition(":")
+    else:
+        host, port_text = text, ""
+    if not host:
+        raise ConfigError(f"no host in master address {text!r}")
+    if port_text:
+        if not port_text.isdigit() or not 0 < int(port_text) < 65535:
+            raise ConfigError(f"bad port in master address {text!r}")
+        return host, int(port_text)
+    return host, default_port
+
+
+def render_config(master: str, fingerprint: str, token: str | None, comment: str = "") -> str:
+    lines = [f"# {line}" for line in comment.splitlines()] if comment else []
+    lines += [f"[{CONFIG_SECTION}]", f"master = {master}", f"fingerprint = {fingerprint}"]
+    if token:
+        lines.append(f"token = {token}")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,662 @@
+"""`pimaster serve`: the master daemon.
+
+Sockets (one asyncio loop, one process):
+
+- control port (default 4510): ZeroMQ ROUTER with CURVE. Every agent has its own key pair and so its
+  own encrypted session. A ZAP handler admits every key except rejected and denied ones (an
+  unknown key must be able to enroll) and tags each message with the sender's public key, which is
+  how the master knows who sent what. Unaccepted keys may send only `enroll`.
+- key-announce port (control port + 1): plaintext ROUTER that answers anything with the master's
+  public key, so agents can check it against their pinned fingerprint before connecting.
+- control socket (state dir/control.sock): a Unix socket, mode 0600 in a 0700 directory, and the
+  peer's uid checked with SO_PEERCRED. The `pimaster` commands talk JSON lines over it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fcntl
+import fnmatch
+import json
+import logging
+import os
+import secrets
+import socket
+import struct
+import time
+
+import zmq
+import zmq.asyncio
+from zmq.utils import z85
+
+from piagent import protocol as proto
+from piagent.protocol import Message
+
+from . import __version__, sd
+from .store import Store
+
+log = logging.getLogger("pimaster")
+
+ZAP_ENDPOINT = "inproc://zeromq.zap.01"
+ZAP_DOMAIN = b"pimaster"
+CONTROL_LINE_LIMIT = 1024 * 1024
+LAST_SEEN_FLUSH_S = 30.0
+
+
+class ControlError(Exception):
+    """A control request that cannot be done: the message goes back to the user as is."""
+
+
+class DropLog:
+    """Logs dropped messages without letting a flood of garbage flood the journal."""
+
+    def __init__(self, per_minute: int = 20) -> None:
+        self.per_minute = per_minute
+        self.window = 0.0
+        self.logged = 0
+        self.suppressed = 0
+        self.total = 0
+
+    def drop(self, reason: str, *args) -> None:
+        self.total += 1
+        now = time.monotonic()
+        if now - self.window > 60:
+            if self.suppressed:
+                log.warning("%d more dropped messages were not logged in the last minute", self.suppressed)
+            self.window, self.logged, self.suppressed = now, 0, 0
+        if self.logged < self.per_minute:
+            self.logged += 1
+            log.warning("dropped message: " + reason, *args)
+        else:
+            self.suppressed += 1
+
+
+class Master:
+    def __init__(self, state_dir: str, listen_host: str = "0.0.0.0", port: int = proto.DEFAULT_PORT,
+                 key_port: int | None = None) -> None:
+        self.state_dir = os.path.abspath(state_dir)
+        self.listen_host = listen_host
+        self.port = port
+        self.key_port = key_port or port + 1
+        self.control_path = os.path.join(self.state_dir, "control.sock")
+        self.drops = DropLog()
+        # In memory, rebuilt from the store at start; the store stays the truth.
+        self.key_states: dict[str, str] = {}            # public key -> state
+        self.node_of_key: dict[str, str] = {}           # accepted public key -> node id
+        self.routes: dict[str, tuple[bytes, str]] = {} # node id -> (routing id, public key)
+        self.pending_routes: dict[str, bytes] = {}      # pending public key -> routing id
+        self.last_seen: dict[str, float] = {}
+        self._dirty_seen: dict[str, float] = {}
+        self.requests: dict[str, tuple[str, asyncio.Future]] = {}
+        self.started = time.time()
+        self._tasks: list[asyncio.Task] = []
+
+    # ------------------------------------------------------------------ start / stop
+    def _prepare_state_dir(self) -> None:
+        os.makedirs(self.state_dir, mode=0o700, exist_ok=True)
+        os.chmod(self.state_dir, 0o700)
+        self._lock_fd = os.open(os.path.join(self.state_dir, "master.lock"), os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise SystemExit(f"pimaster: another master is already running on {self.state_dir}") from None
+        if len(self.control_path.encode()) > 107:
+            raise SystemExit(f"pimaster: state dir path too long for a Unix socket: {self.control_path}")
+
+    async def start(self) -> None:
+        self._prepare_state_dir()
+        self.public_key, self.secret_key = proto.load_or_create_keypair(self.state_dir, "master")
+        self.fingerprint = proto.fingerprint(self.public_key)
+        self.store = Store(os.path.join(self.state_dir, "pimaster.db"))
+        for key in self.store.keys():
+            self.key_states[key["public_key"]] = key["state"]
+            if key["state"] == proto.ACCEPTED:
+                self.node_of_key[key["public_key"]] = key["node_id"]
+        for node in self.store.nodes():
+            if node["last_seen"]:
+                self.last_seen[node["node_id"]] = node["last_seen"]
+
+        self.ctx = zmq.asyncio.Context()
+        self.ctx.max_sockets = 65536
+        self.zap = self.ctx.socket(zmq.REP)
+        self.zap.linger = 0
+        self.zap.bind(ZAP_ENDPOINT)  # must exist before the CURVE socket accepts anyone
+
+        self.router = self.ctx.socket(zmq.ROUTER)
+        self.router.linger = 0
+        self.router.router_mandatory = True   # sending to a vanished agent fails loudly, not silently
+        self.router.maxmsgsize = proto.MAX_MESSAGE_BYTES
+        self.router.heartbeat_ivl = 5000
+        self.router.heartbeat_timeout = 15000
+        self.router.sndhwm = 10000
+        self.router.rcvhwm = 10000
+        self.router.curve_server = True
+        self.router.curve_secretkey = self.secret_key
+        self.router.curve_publickey = self.public_key
+        self.router.zap_domain = ZAP_DOMAIN
+        self.router.ipv6 = ":" in self.listen_host
+        self.router.bind(f"tcp://{self._bind_host()}:{self.port}")
+
+        self.announce = self.ctx.socket(zmq.ROUTER)
+        self.announce.linger = 0
+        self.announce.maxmsgsize = 64 * 1024
+        self.announce.ipv6 = self.router.ipv6
+        self.announce.bind(f"tcp://{self._bind_host()}:{self.key_port}")
+
+        if os.path.exists(self.control_path):
+            os.unlink(self.control_path)  # stale: we hold the state-dir lock, so no master owns it
+        old_umask = os.umask(0o177)
+        try:
+            self.control = await asyncio.start_unix_server(self._control_client, path=self.control_path,
+                                                           limit=CONTROL_LINE_LIMIT)
+        finally:
+            os.umask(old_umask)
+        os.chmod(self.control_path, 0o600)
+
+        for coro in (self._zap_loop(), self._router_loop(), self._announce_loop(), self._flush_loop()):
+            self._tasks.append(asyncio.ensure_future(coro))
+        watchdog = sd.watchdog_interval_s()
+        if watchdog:
+            self._tasks.append(asyncio.ensure_future(self._watchdog_loop(watchdog)))
+        log.info("pimaster %s listening on %s:%d (key announce :%d), key %s, state %s", __version__,
+                 self.listen_host, self.port, self.key_port, self.fingerprint, self.state_dir)
+        sd.notify("READY=1")
+
+    def _bind_host(self) -> str:
+        host = self.listen_host
+        if host in ("", "0.0.0.0"):
+            return "*"
+        return f"[{host}]" if ":" in host and not host.startswith("[") else host
+
+    async def stop(self) -> None:
+        sd.notify("STOPPING=1")
+        self.control.close()
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._flush_last_seen()
+        for sock in (self.router, self.announce, self.zap):
+            sock.close(0)
+        self.ctx.term()
+        self.store.close()
+        try:
+            os.unlink(self.control_path)
+        except FileNotFoundError:
+            pass
+        log.info("pimaster stopped")
+
+    async def _watchdog_loop(self, interval: float) -> None:
+        while True:
+            sd.notify("WATCHDOG=1")
+            await asyncio.sleep(interval)
+
+    # ------------------------------------------------------------------ ZAP: who may connect
+    async def _zap_loop(self) -> None:
+        while True:
+            frames = await self.zap.recv_multipart()
+            # version, request id, domain, address, identity, mechanism, credentials...
+            if len(frames) < 6:
+                continue
+            version, request_id, _domain, address, _identity, mechanism = frames[:6]
+            status, text, user = b"400", b"refused", b""
+            if mechanism == b"CURVE" and len(frames) >= 7 and len(frames[6]) == 32:
+                key = z85.encode(frames[6]).decode()
+                # Rejected keys cannot even connect. Denied keys (a re-flashed Pi claiming an id
+                # that another key holds) may connect but get no answer, so that a person's
+                # `keys accept --replace` reaches the waiting agent at once.
+                if self.key_states.get(key) == proto.REJECTED:
+                    self.drops.drop("connection from %s refused: key %s is rejected",
+                                    address.decode(errors="replace"), proto.fingerprint(key))
+                else:
+                    status, text, user = b"200", b"OK", key.encode()
+            await self.zap.send_multipart([version, request_id, status, text, user, b""])
+
+    # ------------------------------------------------------------------ key announce
+    async def _announce_loop(self) -> None:
+        reply = proto.encode(Message(type=proto.MASTER_KEY, body={
+            "key": self.public_key.decode(), "fingerprint": self.fingerprint}))
+        while True:
+            frames = await self.announce.recv_multipart()
+            try:
+                await self.announce.send_multipart([frames[0], reply], flags=zmq.NOBLOCK)
+            except zmq.ZMQError:
+                pass  # the asker left; nothing to do
+
+    # ------------------------------------------------------------------ agent messages
+    async def _router_loop(self) -> None:
+        while True:
+            frames = await self.router.recv_multipart(copy=False)
+            try:
+                self._on_agent_frames(frames)
+            except Exception:  # one bad message must never take the daemon down
+                log.exception("error while handling an agent message")
+
+    def _on_agent_frames(self, frames: list) -> None:
+        if len(frames) != 2:
+            self.drops.drop("%d frames instead of 2", len(frames))
+            return
+        ident, payload = frames[0].bytes, frames[1]
+        try:
+            key = payload.get("User-Id")
+        except zmq.ZMQError:
+            key = ""
+        state = self.key_states.get(key)
+        allowed = proto.AGENT_TO_MASTER if state == proto.ACCEPTED else proto.UNAUTHENTICATED_ALLOWED
+        if state in (proto.REJECTED, proto.DENIED):
+            if state == proto.DENIED:
+                self.pending_routes[key] = ident
+            self.drops.drop("from a %s key %s", state, proto.fingerprint(key) if key else "?")
+            return
+        try:
+            msg = proto.decode(payload.bytes, allowed)
+        except proto.ProtocolError as exc:
+            who = self.node_of_key.get(key) or (proto.fingerprint(key) if key else "unknown peer")
+            self.drops.drop("from %s: %s", who, exc)
+            return
+        if msg.type == proto.ENROLL:
+            self._on_enroll(ident, key, msg)
+            return
+        node_id = self.node_of_key[key]
+        self._seen(node_id)
+        if self.routes.get(node_id, (None,))[0] != ident:
+            self.routes[node_id] = (ident, key)  # reconnected on a new connection
+        if msg.type == proto.HEARTBEAT:
+            self._send(ident, Message(type=proto.HEARTBEAT_ACK, reply_to=msg.id, body={"time": time.time()}))
+        elif msg.type in (proto.RESULT, proto.REFUSED):
+            waiting = self.requests.get(msg.reply_to or "")
+            if waiting is None or waiting[0] != node_id:
+                self.drops.drop("unexpected reply from %s", node_id)
+                return
+            future = waiting[1]
+            if not future.done():
+                future.set_result((msg, time.monotonic()))
+
+    def _seen(self, node_id: str) -> None:
+        now = time.time()
+        self.last_seen[node_id] = now
+        self._dirty_seen[node_id] = now
+
+    def _send(self, ident: bytes, msg: Message) -> bool:
+        try:
+            self.router.send_multipart([ident, proto.encode(msg)], flags=zmq.NOBLOCK)
+            return True
+        except zmq.ZMQError as exc:  # EHOSTUNREACH (gone) or EAGAIN (its queue is full)
+            log.debug("cannot send %s: %s", msg.type, exc)
+            return False
+
+    def _on_enroll(self, ident: bytes, key: str, msg: Message) -> None:
+        node_id = msg.body.get("id")
+        facts = msg.body.get("facts")
+        token = msg.body.get("token")
+        if not isinstance(node_id, str) or not proto.NODE_ID_RE.match(node_id):
+            self.drops.drop("enroll with a malformed node id %r", str(node_id)[:70])
+            return
+        if not isinstance(facts, dict):
+            facts = {}
+        if token is not None and not isinstance(token, str):
+            token = None
+        fp = proto.fingerprint(key)
+        record = self.store.key_by_public(key)
+        if record is not None and record["node_id"] != node_id:
+            self.drops.drop("key %s is enrolled as %r but claims to be %r", fp, record["node_id"], node_id)
+            return
+        if record is None:
+            holder = self.store.accepted_key(node_id)
+            if holder is not None:
+                state = proto.DENIED
+                log.warning("node %r: a second key %s claims an id held by accepted key %s: denied. If the "
+                            "Pi was re-flashed: pimaster keys accept --replace %s", node_id, fp,
+                            holder["fingerprint"], node_id)
+            else:
+                state = proto.PENDING
+            record = self.store.add_key(node_id, key, fp, state, facts)
+            self.key_states[key] = state
+            if state == proto.DENIED:
+                self.pending_routes[key] = ident
+                return
+        if record["state"] == proto.PENDING and token:
+            ok, why = self.store.consume_token(token)
+            if ok:
+                self._accept(record, facts)
+                log.info("node %r enrolled by token, key %s", node_id, fp)
+            else:
+                log.warning("node %r (key %s) presented a token that does not enroll: %s; it waits as "
+                            "pending", node_id, fp, why)
+        record = self.store.key_by_public(key)
+        if record["state"] == proto.ACCEPTED:
+            self.routes[node_id] = (ident, key)
+            self.pending_routes.pop(key, None)
+            self.store.upsert_node(node_id, facts, time.time())
+            self._seen(node_id)
+            self._send(ident, Message(type=proto.ENROLLED, reply_to=msg.id,
+                                      body={"status": proto.ACCEPTED, "time": time.time(), "id": node_id}))
+        elif record["state"] == proto.PENDING:
+            if key not in self.pending_routes:
+                log.info("node %r waits as pending with key %s (pimaster keys accept %s)", node_id, fp, node_id)
+            self.pending_routes[key] = ident
+            self.store.update_key_facts(record["id"], facts)
+            self._send(ident, Message(type=proto.ENROLLED, reply_to=msg.id,
+                                      body={"status": proto.PENDING, "time": time.time(), "id": node_id}))
+
+    def _accept(self, record: dict, facts: dict | None = None, replace: bool = False) -> None:
+        node_id, key = record["node_id"], record["public_key"]
+        if replace:
+            old = self.store.accepted_key(node_id)
+            if old is not None and old["public_key"] != key:
+                self._forget_key(old["public_key"])
+        self.store.set_key_state(record["id"], proto.ACCEPTED, replace_accepted=replace)
+        self.key_states[key] = proto.ACCEPTED
+        self.node_of_key[key] = node_id
+        self.store.upsert_node(node_id, facts if facts is not None else record["facts"], time.time())
+
+    def _forget_key(self, key: str) -> None:
+        self.key_states.pop(key, None)
+        node_id = self.node_of_key.pop(key, None)
+        self.pending_routes.pop(key, None)
+        if node_id and self.routes.get(node_id, (None, None))[1] == key:
+            del self.routes[node_id]
+
+    # ------------------------------------------------------------------ requests to agents
+    async def ask(self, node_ids: list[str], type_: str, body: dict, timeout: float) -> dict[str, dict]:
+        """Send one request to each node and collect answers until ``timeout``."""
+        loop = asyncio.get_running_loop()
+        sent: dict[str, tuple[str, float, float, asyncio.Future]] = {}
+        results: dict[str, dict] = {}
+        for node_id in node_ids:
+            route = self.routes.get(node_id)
+            if route is None:
+                results[node_id] = {"ok": False, "error": "not connected"}
+                continue
+            msg = proto.request(type_, body, ttl_s=timeout)
+            future = loop.create_future()
+            self.requests[msg.id] = (node_id, future)
+            wall, mono = time.time(), time.monotonic()
+            if not self._send(route[0], msg):
+                results[node_id] = {"ok": False, "error": "not connected"}
+                del self.requests[msg.id]
+                continue
+            sent[node_id] = (msg.id, wall, mono, future)
+        if sent:
+            await asyncio.wait([s[3] for s in sent.values()], timeout=timeout)
+        for node_id, (msg_id, wall, mono, future) in sent.items():
+            self.requests.pop(msg_id, None)
+            if not future.done():
+                future.cancel()
+                results[node_id] = {"ok": False, "error": f"no answer within {timeout:g} s"}
+                continue
+            answer, received = future.result()
+            rtt = received - mono
+            if answer.type == proto.REFUSED:
+                results[node_id] = {"ok": False, "error": f"refused: {answer.body.get('reason')}",
+                                    "rtt_ms": round(rtt * 1000, 2)}
+                continue
+            results[node_id] = {"ok": "error" not in answer.body, "rtt_ms": round(rtt * 1000, 2),
+                                "body": answer.body, "sent_wall": wall, "rtt_s": rtt}
+        return results
+
+    def _targets(self, target: str | None) -> list[str]:
+        accepted = sorted(set(self.node_of_key.values()))
+        if not target or target == "*":
+            return accepted
+        return [n for n in accepted if fnmatch.fnmatchcase(n, target)]
+
+    async def ping(self, target: str | None, timeout: float) -> list[dict]:
+        answers = await self.ask(self._targets(target), proto.PING, {}, timeout)
+        rows = []
+        for node_id in sorted(answers):
+            answer = answers[node_id]
+            row = {"id": node_id, "ok": answer["ok"], "rtt_ms": answer.get("rtt_ms")}
+            body = answer.get("body") or {}
+            if answer.get("error"):
+                row["error"] = answer["error"]
+            for field in ("uptime_s", "load", "temp_c", "throttled", "throttled_flags",
+                          "disk_root_used_pct", "disk_root_free_mb"):
+                if field in body:
+                    row[field] = body[field]
+            agent_time = body.get("time")
+            if isinstance(agent_time, (int, float)) and "sent_wall" in answer:
+                midpoint = answer["sent_wall"] + answer["rtt_s"] / 2
+                row["clock_offset_ms"] = round((agent_time - midpoint) * 1000, 2)
+            row["last_seen"] = self.last_seen.get(node_id)
+            rows.append(row)
+        return rows
+
+    # ------------------------------------------------------------------ persistence
+    def _flush_last_seen(self) -> None:
+        if self._dirty_seen:
+            seen, self._dirty_seen = self._dirty_seen, {}
+            self.store.touch_nodes(seen)
+
+    async def _flush_loop(self) -> None:
+        while True:
+            await asyncio.sleep(LAST_SEEN_FLUSH_S)
+            self._flush_last_seen()
+
+    # ------------------------------------------------------------------ control socket
+    async def _control_client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            sock = writer.get_extra_info("socket")
+            creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+            _pid, uid, _gid = struct.unpack("3i", creds)
+            if uid != os.getuid():
+                log.warning("control socket: refused a client with uid %d", uid)
+                writer.write(b'{"error": "permission denied"}\n')
+                return
+            while True:
+                try:
+                    line = await reader.readline()
+                except (ValueError, asyncio.LimitOverrunError):
+                    writer.write(b'{"error": "request too large"}\n')
+                    return
+                if not line:
+                    return
+                response = await self._control_request(line)
+                writer.write(json.dumps(response).encode() + b"\n")
+                await writer.drain()
+        except (ConnectionError, OSError):
+            pass
+        finally:
+            writer.close()
+
+    async def _control_request(self, line: bytes) -> dict:
+        try:
+            request = json.loads(line)
+            if not isinstance(request, dict) or not isinstance(request.get("cmd"), str):
+                raise ControlError("malformed request")
+            handler = CONTROL_COMMANDS.get(request["cmd"])
+            if handler is None:
+                raise ControlError(f"unknown command {request['cmd']!r}")
+            args = request.get("args") or {}
+            if not isinstance(args, dict):
+                raise ControlError("malformed arguments")
+            return {"result": await handler(self, **args)}
+        except ControlError as exc:
+            return {"error": str(exc)}
+        except TypeError as exc:
+            return {"error": f"bad arguments: {exc}"}
+        except ValueError as exc:
+            return {"error": f"bad request: {exc}"}
+        except Exception as exc:  # never let a client take the master down
+            log.exception("control request failed")
+            return {"error": f"internal error: {type(exc).__name__}: {exc}"}
+
+    # The commands (each gets the master and keyword arguments from the request).
+    async def cmd_status(self) -> dict:
+        return {"version": __version__, "fingerprint": self.fingerprint, "port": self.port,
+                "key_port": self.key_port, "listen": self.listen_host, "pid": os.getpid(),
+                "started": self.started, "connected": len(self.routes),
+                "accepted": len(self.node_of_key), "pending": len(self.pending_routes),
+                "dropped_messages": self.drops.total, "hostname": socket.gethostname()}
+
+    async def cmd_ping(self, target: str | None = None, timeout: float = 5.0) -> dict:
+        timeout = float(timeout)
+        if not 0 < timeout <= 600:
+            raise ControlError("--timeout must be between 0 and 600 seconds")
+        return {"nodes": await self.ping(target, timeout)}
+
+    async def cmd_nodes(self) -> dict:
+        nodes = []
+        for node in self.store.nodes():
+            node_id = node["node_id"]
+            if node_id not in self.node_of_key.values():
+                continue
+            node["last_seen"] = self.last_seen.get(node_id, node["last_seen"])
+            node["connected"] = node_id in self.routes
+            node["id"] = node.pop("node_id")
+            nodes.append(node)
+        return {"nodes": nodes}
+
+    async def cmd_keys_list(self) -> dict:
+        keys = []
+        for key in self.store.keys():
+            facts = key["facts"]
+            keys.append({"id": key["node_id"], "state": key["state"], "fingerprint": key["fingerprint"],
+                         "created": key["created"], "updated": key["updated"],
+                         "hostname": facts.get("hostname"), "ips": facts.get("ips", []),
+                         "connected": key["node_id"] in self.routes and
+                         self.routes[key["node_id"]][1] == key["public_key"]
+                         or key["public_key"] in self.pending_routes})
+        return {"master": self.fingerprint, "keys": keys}
+
+    def _pick_keys(self, node: str | None, fingerprint: str | None, states: set[str], all_: bool = False) -> list[dict]:
+        keys = [k for k in self.store.keys() if k["state"] in states]
+        if all_:
+            return keys
+        if not node:
+            raise ControlError("name a node (or use --all)")
+        keys = [k for k in keys if fnmatch.fnmatchcase(k["node_id"], node)]
+        if fingerprint:
+            keys = [k for k in keys if k["fingerprint"] == fingerprint.lower()]
+        return keys
+
+    async def cmd_keys_accept(self, node: str | None = None, fingerprint: str | None = None,
+                              replace: bool = False, include_rejected: bool = False,
+                              all: bool = False) -> dict:
+        states = {proto.PENDING}
+        if replace:
+            states.add(proto.DENIED)
+        if include_rejected:
+            states.add(proto.REJECTED)
+        candidates = self._pick_keys(node, fingerprint, states, all)
+        if not candidates:
+            hint = ""
+            if node and any(k["state"] == proto.DENIED for k in self.store.keys(node)):
+                hint = f" ({node} has a denied key: `pimaster keys accept --replace {node}` replaces its accepted key)"
+            elif node and any(k["state"] == proto.REJECTED for k in self.store.keys(node)):
+                hint = f" ({node} has a rejected key: add --include-rejected)"
+            raise ControlError(f"no key to accept for {node or 'any node'}{hint}")
+        by_node: dict[str, list[dict]] = {}
+        for key in candidates:
+            by_node.setdefault(key["node_id"], []).append(key)
+        ambiguous = {n: ks for n, ks in by_node.items() if len(ks) > 1}
+        if ambiguous:
+            lines = [f"{n}: {', '.join(k['fingerprint'] for k in ks)}" for n, ks in ambiguous.items()]
+            raise ControlError("more than one key waits for " + "; ".join(lines) + ": choose with --fingerprint")
+        accepted = []
+        for node_id, (key,) in by_node.items():
+            if key["state"] == proto.DENIED and not replace:
+                raise ControlError(f"{node_id} already has an accepted key; --replace to replace it")
+            self._accept(key, replace=replace)
+            ident = self.pending_routes.pop(key["public_key"], None)
+            if ident is not None:  # the agent is connected and waiting: tell it now
+                self.routes[node_id] = (ident, key["public_key"])
+                self._send(ident, Message(type=proto.ENROLLED, body={
+                    "status": proto.ACCEPTED, "time": time.time(), "id": node_id}))
+            log.info("key %s of %r accepted by a person", key["fingerprint"], node_id)
+            accepted.append({"id": node_id, "fingerprint": key["fingerprint"]})
+        return {"accepted": accepted}
+
+    async def cmd_keys_reject(self, node: str | None = None, fingerprint: str | None = None,
+                              all: bool = False) -> dict:
+        candidates = self._pick_keys(node, fingerprint, {proto.PENDING, proto.ACCEPTED, proto.DENIED}, all)
+        if not all and not fingerprint:
+            candidates = [k for k in candidates if k["state"] != proto.ACCEPTED] or candidates
+        if not candidates:
+            raise ControlError(f"no key to reject for {node or 'any node'}")
+        for key in candidates:
+            self._forget_key(key["public_key"])
+            self.store.set_key_state(key["id"], proto.REJECTED)
+            self.key_states[key["public_key"]] = proto.REJECTED
+            log.info("key %s of %r rejected", key["fingerprint"], key["node_id"])
+        return {"rejected": [{"id": k["node_id"], "fingerprint": k["fingerprint"]} for k in candidates]}
+
+    async def cmd_keys_delete(self, node: str | None = None, fingerprint: str | None = None,
+                              all: bool = False) -> dict:
+        candidates = self._pick_keys(node, fingerprint, set(proto.KEY_STATES), all)
+        if not candidates:
+            raise ControlError(f"no key to delete for {node or 'any node'}")
+        for key in candidates:
+            self._forget_key(key["public_key"])
+            self.store.delete_key(key["id"])
+            if not self.store.keys(key["node_id"]):
+                self.store.delete_node(key["node_id"])
+            log.info("key %s of %r deleted", key["fingerprint"], key["node_id"])
+        return {"deleted": [{"id": k["node_id"], "fingerprint": k["fingerprint"]} for k in candidates]}
+
+    async def cmd_keys_fingerprint(self, node: str | None = None) -> dict:
+        if not node:
+            return {"master": self.fingerprint}
+        keys = self.store.keys(node)
+        if not keys:
+            raise ControlError(f"no key for {node}")
+        return {"keys": [{"id": k["node_id"], "state": k["state"], "fingerprint": k["fingerprint"]} for k in keys]}
+
+    async def cmd_token_create(self, ttl_s: float = 86400, uses: int = 1, address: str | None = None) -> dict:
+        ttl_s, uses = float(ttl_s), int(uses)
+        if not 0 < ttl_s <= 366 * 86400:
+            raise ControlError("--ttl must be between 1 second and a year")
+        if not 0 < uses <= 100000:
+            raise ControlError("--uses must be between 1 and 100000")
+        if address:
+            try:
+                host, port = proto.parse_address(address, self.port)
+            except proto.ConfigError as exc:
+                raise ControlError(str(exc)) from None
+        else:
+            host, port = socket.gethostname(), self.port
+        master = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        token = secrets.token_urlsafe(24)
+        expires = self.store.add_token(token, ttl_s, uses, master)
+        stamp = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(expires))
+        config = proto.render_config(master, self.fingerprint, token, comment=(
+            "piagent.conf: put this file on each SD card's boot partition.\n"
+            f"The token enrolls up to {uses} node(s) until {stamp}; keep it secret."))
+        log.info("enrollment token created: %d use(s), expires %s", uses, stamp)
+        return {"config": config, "address": master, "token": token, "fingerprint": self.fingerprint,
+                "expires": expires, "uses": uses}
+
+
+CONTROL_COMMANDS = {
+    "status": Master.cmd_status,
+    "ping": Master.cmd_ping,
+    "nodes": Master.cmd_nodes,
+    "keys.list": Master.cmd_keys_list,
+    "keys.accept": Master.cmd_keys_accept,
+    "keys.reject": Master.cmd_keys_reject,
+    "keys.delete": Master.cmd_keys_delete,
+    "keys.fingerprint": Master.cmd_keys_fingerprint,
+    "token.create": Master.cmd_token_create,
+}
+
+
+def serve(state_dir: str, listen_host: str, port: int, key_port: int | None) -> int:
+    import signal
+
+    if not zmq.has("curve"):
+        raise SystemExit("pimaster: this libzmq was built without CURVE support")
+
+    async def main() -> None:
+        master = Master(state_dir, listen_host, port, key_port)
+        await master.start()
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+        await master.stop()
+
+    try:
+        asyncio.run(main())
+    except zmq.ZMQError as exc:
+        raise SystemExit(f"pimaster: cannot listen on {listen_host}:{port}: {exc}") from None
+    return 0

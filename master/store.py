@@ -1,0 +1,177 @@
+"""The master's durable state: keys, enrollment tokens and nodes, in SQLite (state dir, mode 0600).
+
+SQLite gives atomic, crash-safe writes for free (WAL journal, synchronous=FULL for the key store:
+losing an accept or a token use after a power cut would be a security bug, not an inconvenience).
+Tokens are stored only as SHA-256 hashes: the token itself is shown once, when it is created.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sqlite3
+import time
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS keys (
+    id          INTEGER PRIMARY KEY,
+    node_id     TEXT NOT NULL,
+    public_key  TEXT NOT NULL UNIQUE,
+    fingerprint TEXT NOT NULL,
+    state       TEXT NOT NULL CHECK (state IN ('pending', 'accepted', 'rejected', 'denied')),
+    created     REAL NOT NULL,
+    updated     REAL NOT NULL,
+    facts       TEXT NOT NULL DEFAULT '{}'
+);
+CREATE INDEX IF NOT EXISTS keys_node ON keys (node_id);
+-- At most one accepted key per node id: a second key for the same id is 'denied'.
+CREATE UNIQUE INDEX IF NOT EXISTS keys_one_accepted ON keys (node_id) WHERE state = 'accepted';
+CREATE TABLE IF NOT EXISTS tokens (
+    token_hash  TEXT PRIMARY KEY,
+    created     REAL NOT NULL,
+    expires     REAL NOT NULL,
+    uses_total  INTEGER NOT NULL,
+    uses_left   INTEGER NOT NULL,
+    address     TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS nodes (
+    node_id     TEXT PRIMARY KEY,
+    facts       TEXT NOT NULL DEFAULT '{}',
+    enrolled    REAL NOT NULL,
+    last_seen   REAL
+);
+"""
+
+
+def token_hash(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+class Store:
+    def __init__(self, path: str) -> None:
+        new = not os.path.exists(path)
+        if new:  # create owner-only before SQLite writes anything into it
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600))
+        os.chmod(path, 0o600)
+        self.db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        self.db.row_factory = sqlite3.Row
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA synchronous=FULL")
+        self.db.execute("PRAGMA busy_timeout=5000")
+        self.db.executescript(SCHEMA)
+
+    def close(self) -> None:
+        self.db.close()
+
+    # ------------------------------------------------------------------ keys
+    @staticmethod
+    def _key_row(row: sqlite3.Row) -> dict:
+        item = dict(row)
+        item["facts"] = json.loads(item["facts"] or "{}")
+        return item
+
+    def keys(self, node_id: str | None = None) -> list[dict]:
+        if node_id is None:
+            rows = self.db.execute("SELECT * FROM keys ORDER BY node_id, created")
+        else:
+            rows = self.db.execute("SELECT * FROM keys WHERE node_id = ? ORDER BY created", (node_id,))
+        return [self._key_row(r) for r in rows]
+
+    def key_by_public(self, public_key: str) -> dict | None:
+        row = self.db.execute("SELECT * FROM keys WHERE public_key = ?", (public_key,)).fetchone()
+        return self._key_row(row) if row else None
+
+    def accepted_key(self, node_id: str) -> dict | None:
+        row = self.db.execute("SELECT * FROM keys WHERE node_id = ? AND state = 'accepted'",
+                              (node_id,)).fetchone()
+        return self._key_row(row) if row else None
+
+    def add_key(self, node_id: str, public_key: str, fingerprint: str, state: str, facts: dict) -> dict:
+        now = time.time()
+        self.db.execute(
+            "INSERT INTO keys (node_id, public_key, fingerprint, state, created, updated, facts) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (node_id, public_key, fingerprint, state, now, now, json.dumps(facts)))
+        return self.key_by_public(public_key)
+
+    def set_key_state(self, key_id: int, state: str, replace_accepted: bool = False) -> None:
+        """Change one key's state; with replace_accepted, the node's accepted key goes in the same transaction."""
+        with self.transaction():
+            if replace_accepted:
+                self.db.execute(
+                    "DELETE FROM keys WHERE state = 'accepted' AND id != ? AND node_id = "
+                    "(SELECT node_id FROM keys WHERE id = ?)", (key_id, key_id))
+            self.db.execute("UPDATE keys SET state = ?, updated = ? WHERE id = ?", (state, time.time(), key_id))
+
+    def update_key_facts(self, key_id: int, facts: dict) -> None:
+        self.db.execute("UPDATE keys SET facts = ? WHERE id = ?", (json.dumps(facts), key_id))
+
+    def delete_key(self, key_id: int) -> None:
+        self.db.execute("DELETE FROM keys WHERE id = ?", (key_id,))
+
+    # ------------------------------------------------------------------ tokens
+    def add_token(self, token: str, ttl_s: float, uses: int, address: str) -> float:
+        now = time.time()
+        expires = now + ttl_s
+        self.db.execute("INSERT INTO tokens VALUES (?, ?, ?, ?, ?, ?)",
+                        (token_hash(token), now, expires, uses, uses, address))
+        return expires
+
+    def consume_token(self, token: str) -> tuple[bool, str]:
+        """Use one enrollment of ``token`` if it is valid: (True, "") or (False, why not)."""
+        digest = token_hash(token)
+        with self.transaction():
+            row = self.db.execute("SELECT * FROM tokens WHERE token_hash = ?", (digest,)).fetchone()
+            if row is None:
+                return False, "unknown token"
+            if row["expires"] < time.time():
+                return False, "token expired"
+            if row["uses_left"] <= 0:
+                return False, "token used up"
+            self.db.execute("UPDATE tokens SET uses_left = uses_left - 1 WHERE token_hash = ?", (digest,))
+        return True, ""
+
+    def tokens(self) -> list[dict]:
+        return [dict(r) for r in self.db.execute("SELECT created, expires, uses_total, uses_left, address "
+                                                 "FROM tokens ORDER BY created")]
+
+    # ------------------------------------------------------------------ nodes
+    def upsert_node(self, node_id: str, facts: dict, seen: float) -> None:
+        self.db.execute(
+            "INSERT INTO nodes (node_id, facts, enrolled, last_seen) VALUES (?, ?, ?, ?) "
+            "ON CONFLICT (node_id) DO UPDATE SET facts = excluded.facts, last_seen = excluded.last_seen",
+            (node_id, json.dumps(facts), seen, seen))
+
+    def touch_nodes(self, seen: dict[str, float]) -> None:
+        with self.transaction():
+            self.db.executemany("UPDATE nodes SET last_seen = ? WHERE node_id = ?",
+                                [(t, n) for n, t in seen.items()])
+
+    def delete_node(self, node_id: str) -> None:
+        self.db.execute("DELETE FROM nodes WHERE node_id = ?", (node_id,))
+
+    def nodes(self) -> list[dict]:
+        out = []
+        for row in self.db.execute("SELECT * FROM nodes ORDER BY node_id"):
+            item = dict(row)
+            item["facts"] = json.loads(item["facts"] or "{}")
+            out.append(item)
+        return out
+
+    # ------------------------------------------------------------------
+    def transaction(self):
+        return _Transaction(self.db)
+
+
+class _Transaction:
+    def __init__(self, db: sqlite3.Connection) -> None:
+        self.db = db
+
+    def __enter__(self):
+        self.db.execute("BEGIN IMMEDIATE")
+        return self.db
+
+    def __exit__(self, exc_type, exc, tb):
+        self.db.execute("COMMIT" if exc_type is None else "ROLLBACK")
+        return False

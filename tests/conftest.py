@@ -1,0 +1,50 @@
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from harness import Agent, Master, source_path
+
+# Tests import the working tree's packages (master/ as pimaster, agent/ as piagent).
+sys.path.insert(0, source_path(Path(tempfile.mkdtemp(prefix="pimaster-src-"))))
+
+
+@pytest.fixture
+def tmp(tmp_path_factory) -> Path:
+    # Short paths: the control socket path must stay under the 108-byte Unix socket limit.
+    return Path(tempfile.mkdtemp(prefix="pm-", dir="/tmp"))
+
+
+@pytest.fixture
+def processes(request):
+    started = []
+    yield started
+    for proc in reversed(started):
+        proc.stop()
+    if request.node.rep_call.failed if hasattr(request.node, "rep_call") else False:
+        for proc in started:
+            print(f"----- {proc.log_path.name}\n{proc.output()[-4000:]}")
+
+
+@pytest.hookimpl(tryfirst=True, hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    report = outcome.get_result()
+    setattr(item, f"rep_{report.when}", report)
+
+
+@pytest.fixture
+def master(tmp, processes) -> Master:
+    m = Master(tmp).start()
+    processes.append(m)
+    return m
+
+
+@pytest.fixture
+def start_agent(tmp, processes):
+    def start(node_id: str, config: str, **kwargs) -> Agent:
+        agent = Agent(tmp, node_id, config, **kwargs).start()
+        processes.append(agent)
+        return agent
+    return start

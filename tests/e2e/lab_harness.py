@@ -1,0 +1,136 @@
+"""Helpers for the end-to-end tier: drive a `pimaster lab` and reach into its nodes.
+
+Tests take the `lab` fixture (tests/e2e/conftest.py), an instance of `Lab`:
+
+    def test_something(lab):
+        lab.exec("node02", "systemctl", "is-active", "piagent")      # CompletedProcess, checked
+        lab.pimaster("ping", "--json")                               # the master's CLI in node01
+        lab.nodes, lab.ip("node03"), lab.master_state_dir
+
+Everything runs inside the nodes' namespaces: the host never sends a packet to a lab address.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+import pimaster
+from pimaster import lab as labmod
+
+LAB_NODES = 4
+
+
+def lab_unavailable() -> str | None:
+    if os.geteuid() != 0:
+        return "the lab needs root (systemd-nspawn nodes, namespaces, mounts)"
+    if shutil.which("systemd-nspawn") is None:
+        return "systemd-nspawn is missing: apt-get install systemd-container"
+    return None
+
+
+def pythonpath() -> str:
+    """Where this process imports pimaster from, so CLI subprocesses run the same code."""
+    here = str(Path(pimaster.__file__).parent.parent)
+    return os.pathsep.join(p for p in (here, os.environ.get("PYTHONPATH")) if p)
+
+
+def pimaster_cli(*args: str, env: dict | None = None, input: str | None = None,
+                 timeout: float = 600) -> subprocess.CompletedProcess:
+    """`pimaster ARGS...` on the host, as a user would run it."""
+    full_env = {**os.environ, "PYTHONPATH": pythonpath(), **(env or {})}
+    return subprocess.run([sys.executable, "-m", "pimaster", *args], capture_output=True, text=True,
+                          input=input, timeout=timeout, env=full_env)
+
+
+def describe(result: subprocess.CompletedProcess) -> str:
+    return f"exit {result.returncode}\n--- stdout\n{result.stdout[-3000:]}\n--- stderr\n{result.stderr[-3000:]}"
+
+
+class Lab:
+    """A `pimaster lab`, brought up and down through its CLI, with helpers to reach into nodes."""
+
+    def __init__(self, size: int = LAB_NODES):
+        self.size = size
+        self.is_up = False
+        self.up_failure: str | None = None
+        self.up_output = ""
+
+    # -- lifecycle ------------------------------------------------------------------------
+    def ensure_up(self) -> Lab:
+        if self.up_failure:  # do not retry a broken bring-up for every test
+            pytest.fail(f"the lab did not come up:\n{self.up_failure}")
+        if not self.is_up:
+            existing = labmod.Lab.load()
+            # A lab someone left up is theirs; leftovers of a crashed one `up` cleans by itself.
+            if existing is not None and existing.status == "up" and labmod.lab_running(existing):
+                pytest.fail(f"a lab is already up on this machine ({len(existing.nodes)} nodes, started by "
+                            f"pid {existing.owner_pid}); run `pimaster lab down` before the e2e tests")
+            result = pimaster_cli("lab", "up", "--nodes", str(self.size))
+            if result.returncode != 0:
+                self.up_failure = describe(result)
+                pytest.fail(f"`pimaster lab up --nodes {self.size}` failed:\n{self.up_failure}")
+            self.is_up = True
+            self.up_output = result.stdout
+        return self
+
+    def down(self) -> subprocess.CompletedProcess:
+        result = pimaster_cli("lab", "down")
+        self.is_up = False
+        return result
+
+    # -- reaching nodes -------------------------------------------------------------------
+    @property
+    def state(self) -> labmod.Lab:
+        return labmod.load_lab()
+
+    @property
+    def nodes(self) -> list[str]:
+        return [n.name for n in self.state.nodes]
+
+    @property
+    def master_state_dir(self) -> Path:
+        return labmod.MASTER_STATE_DIR
+
+    def ip(self, node: str) -> str:
+        return self.state.node(node).ip
+
+    def exec(self, node: str, *cmd: str, check: bool = True, input: str | None = None,
+             timeout: float = 120) -> subprocess.CompletedProcess:
+        """Run CMD inside NODE (all its namespaces, CAP_SYS_TIME dropped), like `pimaster lab exec`."""
+        argv = labmod.exec_argv(labmod.node_leader(self.state.node(node)), list(cmd))
+        result = subprocess.run(argv, capture_output=True, text=True, input=input, timeout=timeout)
+        if check and result.returncode != 0:
+            raise AssertionError(f"{node}: {' '.join(cmd)} -> {describe(result)}")
+        return result
+
+    def pimaster(self, *args: str, check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess:
+        """The pimaster CLI next to the master, in node01."""
+        return self.exec(labmod.MASTER_NODE, "pimaster", *args, check=check, timeout=timeout)
+
+    def ping(self, timeout: float = 3) -> dict[str, bool]:
+        """Node id -> answered, from `pimaster ping --json` in node01."""
+        result = self.pimaster("ping", "--json", "--timeout", str(timeout), check=False)
+        try:
+            return {n["id"]: bool(n["ok"]) for n in json.loads(result.stdout)["nodes"]}
+        except (ValueError, KeyError):
+            return {}
+
+    @staticmethod
+    def wait_for(predicate, what: str, timeout: float = 120, interval: float = 0.5):
+        """Poll until predicate() is truthy; bounded, with a message naming what never happened."""
+        deadline = time.monotonic() + timeout
+        while True:
+            value = predicate()
+            if value:
+                return value
+            if time.monotonic() > deadline:
+                raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+            time.sleep(interval)

@@ -1,0 +1,295 @@
+"""`pimaster lab`: a simulated Pi cluster comes up, its agents enroll, and `down` leaves nothing.
+
+The lab tests (marked `lab`) need root and systemd-nspawn; the input checks at the top run anywhere.
+Tests talk to nodes only through their namespaces, never to a lab address from the host.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pimaster import lab as labmod
+
+from lab_harness import Lab, describe, pimaster_cli, pythonpath
+
+CAP_SYS_TIME = 25
+
+
+def has_cap(status_text: str, field: str, cap: int) -> bool:
+    for line in status_text.splitlines():
+        if line.startswith(field + ":"):
+            return bool(int(line.split()[1], 16) >> cap & 1)
+    raise AssertionError(f"no {field} in /proc/PID/status")
+
+
+# ---------------------------------------------------------------------------------------------
+# Clear errors, before anything is created (no root needed)
+
+@pytest.mark.parametrize("args, message", [
+    (["--nodes", "0"], "--nodes must be between 1 and 99"),
+    (["--nodes", "100"], "--nodes must be between 1 and 99"),
+    (["--subnet", "10.77.0.5/24"], "has host bits set; did you mean 10.77.0.0/24?"),
+    (["--subnet", "8.8.8.0/24"], "is not a private range"),
+    (["--subnet", "not-a-subnet"], "is not an IPv4 subnet"),
+    (["--subnet", "10.77.0.0/29", "--nodes", "4"], "has room for 0 nodes"),
+])
+def test_up_rejects_bad_input_clearly(args, message):
+    result = pimaster_cli("lab", "up", *args)
+    assert result.returncode != 0
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_not_root_is_a_clear_error(monkeypatch, capsys):
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    assert labmod.main(["up", "--nodes", "2"]) == 1
+    assert "the lab needs root" in capsys.readouterr().err
+
+
+def test_missing_nspawn_names_the_package(monkeypatch, capsys):
+    real_which = labmod.shutil.which
+    monkeypatch.setattr(os, "geteuid", lambda: 0)
+    monkeypatch.setattr(labmod.shutil, "which", lambda tool: None if tool == "systemd-nspawn" else real_which(tool))
+    assert labmod.main(["up"]) == 1
+    assert "systemd-nspawn (apt-get install systemd-container)" in capsys.readouterr().err
+
+
+def test_too_many_nodes_for_this_machine_is_a_clear_error():
+    with pytest.raises(labmod.LabError, match=r"this machine can hold about \d+"):
+        labmod.check_capacity(10**7)
+
+
+def test_subnet_in_use_is_a_clear_error():
+    # Every machine has 127.0.0.1/8 on lo: a subnet overlapping it is "in use".
+    with pytest.raises(labmod.LabError, match=r"subnet 127\.0\.0\.0/24 is in use on this machine .*lo"):
+        labmod.check_subnet_free(ipaddress.IPv4Network("127.0.0.0/24"))
+
+
+# ---------------------------------------------------------------------------------------------
+# A 4-node lab
+
+@pytest.mark.lab
+def test_all_agents_enroll_and_answer_ping(lab: Lab):
+    result = pimaster_cli("lab", "exec", "node01", "--", "pimaster", "ping", "--json")
+    assert result.returncode == 0, describe(result)
+    nodes = json.loads(result.stdout)["nodes"]
+    assert sorted(n["id"] for n in nodes) == ["node01", "node02", "node03", "node04"]
+    assert all(n["ok"] for n in nodes), nodes
+
+
+@pytest.mark.lab
+def test_host_commands_reach_the_lab_master_through_its_state_dir(lab: Lab):
+    # What `lab up` tells users to export: host-side commands use the master's control socket in a
+    # bind-mounted directory, so no packet goes from the host to the lab network.
+    assert f"export PIMASTER_STATE_DIR={lab.master_state_dir}" in lab.up_output
+    env = {"PIMASTER_STATE_DIR": str(lab.master_state_dir)}
+    ping = pimaster_cli("ping", "--json", env=env)
+    assert ping.returncode == 0, describe(ping)
+    assert {n["id"] for n in json.loads(ping.stdout)["nodes"] if n["ok"]} == set(lab.nodes)
+    keys = pimaster_cli("keys", "list", "--json", env=env)
+    assert keys.returncode == 0, describe(keys)
+    assert {k["id"]: k["state"] for k in json.loads(keys.stdout)["keys"]} == {n: "accepted" for n in lab.nodes}
+
+
+@pytest.mark.lab
+def test_each_node_is_its_own_fresh_machine(lab: Lab):
+    host_machine_id = Path("/etc/machine-id").read_text().strip() if Path("/etc/machine-id").exists() else ""
+    seen_ids, seen_keys = set(), set()
+    for node in lab.nodes:
+        assert lab.exec(node, "hostname").stdout.strip() == node
+        machine_id = lab.exec(node, "cat", "/etc/machine-id").stdout.strip()
+        assert machine_id and machine_id != host_machine_id and machine_id not in seen_ids
+        seen_ids.add(machine_id)
+        assert lab.exec(node, "systemctl", "is-system-running", check=False).stdout.strip() in ("running", "degraded")
+        assert lab.exec(node, "systemctl", "is-active", "piagent").stdout.strip() == "active"
+        # The join token was in the node's boot config, as on a freshly flashed SD card.
+        assert "token" in lab.exec(node, "cat", "/boot/firmware/piagent.conf").stdout
+        # Nothing cluster-specific from the host: munge keys are per node (if munge is there at all).
+        key = lab.exec(node, "sh", "-c", "test ! -e /etc/munge/munge.key || sha256sum /etc/munge/munge.key").stdout
+        if key:
+            assert key not in seen_keys
+            seen_keys.add(key)
+        assert lab.exec(node, "test", "-e", "/etc/slurm/slurm.conf", check=False).returncode != 0
+        assert lab.exec(node, "test", "-e", "/usr/sbin/policy-rc.d", check=False).returncode != 0
+    # Only node01 runs the master.
+    assert lab.exec("node01", "systemctl", "is-active", "pimaster").stdout.strip() == "active"
+    assert lab.exec("node02", "systemctl", "is-active", "pimaster", check=False).stdout.strip() != "active"
+
+
+@pytest.mark.lab
+def test_node_address_is_configured_by_networkd_inside_the_node(lab: Lab):
+    node = "node04"
+    links = lab.exec(node, "networkctl", "list", "--no-legend", "--no-pager").stdout
+    assert any(line.split()[1:2] == ["eth0"] and "configured" in line for line in links.splitlines()), links
+
+    def addresses() -> list[str]:
+        out = lab.exec(node, "ip", "-j", "-4", "addr", "show", "dev", "eth0").stdout
+        # (empty while networkd reconfigures the link)
+        return [a["local"] for link in json.loads(out) for a in link["addr_info"]]
+
+    assert addresses() == [lab.ip(node)]
+    # Changing the .network file changes the address, as a state would on a real system.
+    extra = str(ipaddress.IPv4Address(lab.ip(node)) + 100)
+    dropin = "/etc/systemd/network/10-eth0.network.d/test-extra.conf"
+    lab.exec(node, "sh", "-c", f"mkdir -p {os.path.dirname(dropin)} && "
+                               f"printf '[Network]\\nAddress={extra}/24\\n' > {dropin}")
+    try:
+        lab.exec(node, "networkctl", "reload")
+        Lab.wait_for(lambda: extra in addresses(), f"{extra} on {node}'s eth0", timeout=60)
+    finally:
+        lab.exec(node, "rm", "-f", dropin)
+        lab.exec(node, "networkctl", "reload")
+        lab.exec(node, "networkctl", "reconfigure", "eth0")
+    Lab.wait_for(lambda: addresses() == [lab.ip(node)], f"{node} back to only {lab.ip(node)}", timeout=60)
+
+
+@pytest.mark.lab
+def test_nothing_in_a_node_can_set_the_host_clock(lab: Lab):
+    # Commands entered from the host (`lab exec`) ...
+    status = lab.exec("node02", "cat", "/proc/self/status").stdout
+    for field in ("CapBnd", "CapEff", "CapPrm", "CapInh", "CapAmb"):
+        assert not has_cap(status, field, CAP_SYS_TIME), field
+    # ... and the node's own services.
+    pid = lab.exec("node02", "systemctl", "show", "-p", "MainPID", "--value", "piagent").stdout.strip()
+    status = lab.exec("node02", "cat", f"/proc/{pid}/status").stdout
+    assert not has_cap(status, "CapBnd", CAP_SYS_TIME)
+
+
+@pytest.mark.lab
+def test_host_never_routes_to_the_lab(lab: Lab):
+    subnet = ipaddress.IPv4Network(lab.state.subnet)
+    routes = json.loads(subprocess.run(["ip", "-j", "-4", "route", "show", str(subnet)],
+                                       capture_output=True, text=True, check=True).stdout)
+    assert [r["type"] for r in routes if r.get("dst") == str(subnet)] == ["unreachable"]
+    # `ip route get` only asks the kernel; it sends nothing.
+    lookup = subprocess.run(["ip", "route", "get", lab.ip("node01")], capture_output=True, text=True)
+    assert lookup.returncode != 0 or "unreachable" in lookup.stdout
+    host_addrs = json.loads(subprocess.run(["ip", "-j", "-4", "addr"], capture_output=True, text=True,
+                                           check=True).stdout)
+    for link in host_addrs:
+        for a in link.get("addr_info", []):
+            assert ipaddress.IPv4Address(a["local"]) not in subnet, link["ifname"]
+    # And no way out of the lab: nodes have no default route.
+    for node in lab.nodes:
+        assert lab.exec(node, "ip", "-4", "route", "show", "default").stdout.strip() == ""
+
+
+@pytest.mark.lab
+def test_restarted_agent_comes_back(lab: Lab):
+    def main_pid() -> str:
+        return lab.exec("node03", "systemctl", "show", "-p", "MainPID", "--value", "piagent").stdout.strip()
+
+    before = main_pid()
+    lab.exec("node03", "systemctl", "restart", "piagent")
+    assert main_pid() not in (before, "0")
+    Lab.wait_for(lambda: lab.ping().get("node03"), "node03 to answer ping after `systemctl restart piagent`")
+    assert all(lab.ping().values())
+
+
+@pytest.mark.lab
+def test_apt_install_works_offline_in_a_node(lab: Lab):
+    # The host fetched the .debs before the nodes started; the node has no route out.
+    result = lab.exec("node02", "env", "DEBIAN_FRONTEND=noninteractive",
+                      "apt-get", "install", "-y", "-q", "ntpsec-ntpdate", timeout=300)
+    assert "ntpdate" in lab.exec("node02", "sh", "-c", "command -v ntpdate").stdout, describe(result)
+    # Copy-on-write: the package landed in node02 only.
+    assert lab.exec("node03", "sh", "-c", "command -v ntpdate", check=False).returncode != 0
+
+
+@pytest.mark.lab
+def test_lab_exec_passes_stdin_stdout_and_exit_status(lab: Lab):
+    result = pimaster_cli("lab", "exec", "node02", "--", "sh", "-c", "tr a-z A-Z; exit 3", input="hello\n")
+    assert (result.returncode, result.stdout) == (3, "HELLO\n")
+    unknown = pimaster_cli("lab", "exec", "node99", "--", "true")
+    assert unknown.returncode == 1 and "no node 'node99' in the lab" in unknown.stderr
+
+
+@pytest.mark.lab
+def test_status_and_a_second_up(lab: Lab):
+    status = pimaster_cli("lab", "status", "--json")
+    assert status.returncode == 0, describe(status)
+    report = json.loads(status.stdout)
+    assert [(n["name"], n["state"], n["addresses"], n["services"]["piagent"]) for n in report["nodes"]] == [
+        (name, "running", [f"{lab.ip(name)}/24"], "active") for name in lab.nodes]
+    again = pimaster_cli("lab", "up", "--nodes", "2")
+    assert again.returncode == 1 and "is already up" in again.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# Tear-down (these take the shared lab down; a later test brings it up again)
+
+def assert_nothing_left(subnet: str) -> None:
+    netns = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    assert labmod.NETNS_PREFIX not in netns
+    routes = subprocess.run(["ip", "route", "show", "table", "all"], capture_output=True, text=True).stdout
+    assert subnet not in routes and "proto 77" not in routes
+    mounts = Path("/proc/self/mountinfo").read_text()
+    assert str(labmod.LAB_DIR) not in mounts and "pimlab-" not in mounts
+    cgroups = [p for p in Path("/sys/fs/cgroup").glob("*/" + labmod.CGROUP_NAME)]
+    cgroups += list(Path("/sys/fs/cgroup").glob(labmod.CGROUP_NAME))
+    assert cgroups == []
+    in_lab = []
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            if f"/{labmod.CGROUP_NAME}/" not in (proc / "cgroup").read_text():
+                continue
+            state, ppid = (proc / "stat").read_text().rsplit(")", 1)[1].split()[:2]
+        except OSError:
+            continue
+        # An exited supervisor not yet reaped by the host's PID 1 (`up` had exited, so it is PID 1's
+        # child) holds no namespace, mount or cgroup; anything else is a leftover.
+        if not (state == "Z" and ppid == "1"):
+            in_lab.append(f"{proc.name} ({state}, parent {ppid})")
+    assert in_lab == []
+    assert not labmod.LAB_DIR.exists()
+    assert not list(Path("/run/systemd/nspawn/propagate").glob("pimlab-*"))
+
+
+@pytest.mark.lab
+def test_down_leaves_nothing_behind(lab: Lab):
+    subnet = lab.state.subnet
+    result = lab.down()
+    assert result.returncode == 0, describe(result)
+    assert_nothing_left(subnet)
+
+
+@pytest.mark.lab
+def test_up_after_a_crash_cleans_up_first(lab_session: Lab):
+    if lab_session.is_up:
+        lab_session.down()
+    env = dict(os.environ, PYTHONPATH=pythonpath())
+    crashing = subprocess.Popen([sys.executable, "-m", "pimaster", "lab", "up", "--nodes", "2"], env=env,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def node01_booting() -> bool:
+        try:
+            state = labmod.Lab.load()
+        except labmod.LabError:
+            return False
+        return bool(state and state.nodes[0].supervisor_pid and labmod.pid_alive(state.nodes[0].supervisor_pid))
+
+    try:
+        Lab.wait_for(node01_booting, "`lab up` to start booting node01", timeout=300, interval=0.05)
+    finally:
+        crashing.send_signal(signal.SIGKILL)
+        crashing.wait()
+    # The crashed `up` left a running node behind; status says so and a new `up` cleans it away.
+    assert pimaster_cli("lab", "status").returncode != 0
+    again = pimaster_cli("lab", "up", "--nodes", "2")
+    try:
+        assert again.returncode == 0, describe(again)
+        assert "Cleaning up what an earlier lab left behind" in again.stdout
+        ping = pimaster_cli("lab", "exec", "node01", "--", "pimaster", "ping", "--json")
+        assert {n["id"] for n in json.loads(ping.stdout)["nodes"] if n["ok"]} == {"node01", "node02"}
+    finally:
+        down = pimaster_cli("lab", "down")
+    assert down.returncode == 0, describe(down)
+    assert_nothing_left(labmod.DEFAULT_SUBNET)
