@@ -87,8 +87,13 @@ def memory_total_mb() -> int | None:
     return None
 
 
+_which_cache: dict[str, str | None] = {}
+
+
 async def _run(*argv: str, timeout: float = 5.0) -> str | None:
-    if not shutil.which(argv[0]):
+    if argv[0] not in _which_cache:  # looked up once: ping asks for health often
+        _which_cache[argv[0]] = shutil.which(argv[0])
+    if not _which_cache[argv[0]]:
         return None
     try:
         proc = await asyncio.create_subprocess_exec(

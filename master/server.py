@@ -642,8 +642,14 @@ CONTROL_COMMANDS = {
 def serve(state_dir: str, listen_host: str, port: int, key_port: int | None) -> int:
     import signal
 
+    import resource
+
     if not zmq.has("curve"):
         raise SystemExit("pimaster: this libzmq was built without CURVE support")
+    # One descriptor per connected agent: a large cluster needs more than the default soft limit.
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
     async def main() -> None:
         master = Master(state_dir, listen_host, port, key_port)

@@ -213,3 +213,36 @@ def test_client_commands_without_a_master_say_so(tmp):
     result = subprocess.run([sys.executable, "-m", "pimaster", "ping", "--state-dir", str(tmp / "none")],
                             capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=source_path(tmp)))
     assert result.returncode != 0 and "no master running" in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("with_python_systemd", [True, False], ids=["python3-systemd", "no-python3-systemd"])
+def test_daemons_tell_systemd_they_are_ready(tmp, processes, with_python_systemd):
+    """Type=notify units: READY=1 reaches $NOTIFY_SOCKET, through python3-systemd or without it."""
+    from harness import Master, agent_python, source_path
+
+    notify_path = tmp / "notify.sock"
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    listener.bind(str(notify_path))
+    listener.settimeout(30)
+    pythonpath = source_path(tmp)
+    if not with_python_systemd:  # a module that fails to import, in front of the real one
+        blocker = tmp / "no-systemd" / "systemd"
+        blocker.mkdir(parents=True)
+        (blocker / "__init__.py").write_text("raise ImportError('python3-systemd hidden by the test')\n")
+        pythonpath = f"{tmp / 'no-systemd'}:{pythonpath}"
+    try:
+        master = Master(tmp, python=agent_python())
+        master.env.update(NOTIFY_SOCKET=str(notify_path), PYTHONPATH=pythonpath)
+        master.start()
+        processes.append(master)
+        assert b"READY=1" in listener.recv(4096)
+        agent = Agent(tmp, "n1", master.token_config())
+        agent.env.update(NOTIFY_SOCKET=str(notify_path), PYTHONPATH=pythonpath, WATCHDOG_USEC="2000000")
+        agent.start()
+        processes.append(agent)
+        seen = set()
+        while not {"READY=1", "WATCHDOG=1"} <= seen:
+            seen.update(listener.recv(4096).decode().split("\n"))
+        wait_for(lambda: master.up_nodes() == {"n1"}, what="n1 up")
+    finally:
+        listener.close()
