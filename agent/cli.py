@@ -20,7 +20,13 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"piagent {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run the agent (what the systemd service starts)")
-    run.add_argument("--config", required=True, help="piagent.conf written by `pimaster token create`")
+    run.add_argument("--config", help="piagent.conf written by `pimaster token create` (default: take "
+                     "piagent.conf from the boot partition into /etc/piagent, see --boot-dir)")
+    run.add_argument("--boot-dir", action="append", metavar="DIR",
+                     help="where to look for a piagent.conf dropped onto the SD card, in order "
+                          "(repeatable; default /boot/firmware, then /boot); not with --config")
+    run.add_argument("--etc-dir", default="/etc/piagent",
+                     help="where the agent keeps its config, taken from the boot partition (default /etc/piagent)")
     run.add_argument("--id", help="node id (default: the id this agent enrolled with, else the hostname)")
     run.add_argument("--state-dir", default=os.environ.get("PIAGENT_STATE_DIR", DEFAULT_STATE_DIR),
                      help=f"keys and state (default {DEFAULT_STATE_DIR})")
@@ -28,7 +34,52 @@ def _parser() -> argparse.ArgumentParser:
     fp = sub.add_parser("fingerprint", help="print this agent's key fingerprint (compare with `pimaster keys list`)")
     fp.add_argument("--state-dir", default=os.environ.get("PIAGENT_STATE_DIR", DEFAULT_STATE_DIR))
     sub.add_parser("facts", help="print the facts this agent reports, as JSON")
+    state = sub.add_parser("state", help="run one state on this node now, like a line of a state file",
+                           description="Example: piagent state file.managed name=/etc/motd contents='hello' --test")
+    state.add_argument("function", help="module.function, e.g. file.managed, or `list` for all of them")
+    state.add_argument("args", nargs="*", metavar="ARG=VALUE",
+                       help="arguments; a VALUE is read as JSON when it parses (true, 3, [\"a\"]), else as text")
+    state.add_argument("--test", action="store_true", help="report what would change, change nothing")
+    state.add_argument("--json", action="store_true", help="print the result as JSON")
+    state.add_argument("--state-dir", default=os.environ.get("PIAGENT_STATE_DIR", DEFAULT_STATE_DIR))
     return parser
+
+
+def run_single_state(args) -> int:
+    from .engine import FAILED, run_states
+    from .states import catalog
+
+    if args.function == "list":
+        for name, info in sorted(catalog().items()):
+            print(f"{name:24} {info['summary']}")
+        return 0
+    state_args = {}
+    for item in args.args:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            print(f"piagent: {item!r} is not ARG=VALUE", file=sys.stderr)
+            return 2
+        try:
+            state_args[key] = json.loads(value)
+        except ValueError:
+            state_args[key] = value
+    if args.function not in catalog():
+        print(f"piagent: no state function {args.function!r} (see `piagent state list`)", file=sys.stderr)
+        return 2
+    name = state_args.pop("name", None)
+    if name is None:
+        print("piagent: name=... is required", file=sys.stderr)
+        return 2
+    (res,) = run_states([{"id": name, "fun": args.function, "name": name, "args": state_args}],
+                        test=args.test, state_dir=args.state_dir)
+    if args.json:
+        print(json.dumps(res, indent=2, sort_keys=True, default=str))
+    else:
+        print(f"{res['status']}: {res['fun']} {res['name']}: {res['comment']}")
+        for key, value in res["changes"].items():
+            text = value if isinstance(value, str) else json.dumps(value, default=str)
+            print(f"  {key}: {text}")
+    return 1 if res["status"] == FAILED else 0
 
 
 def _node_id(args, config, state_dir: str) -> str:
@@ -66,9 +117,18 @@ def run(args) -> int:
     from .daemon import Agent, AgentSettings
 
     log = sd.setup_logging("piagent", args.log_level)
+    found = None
     try:
-        config = load_config(args.config)
         os.makedirs(args.state_dir, mode=0o700, exist_ok=True)
+        if args.config:
+            if args.boot_dir:
+                raise ConfigError("--boot-dir looks for a config, --config names one: give one of them")
+            config = load_config(args.config)
+        else:
+            from .bootconf import DEFAULT_BOOT_DIRS, discover
+
+            found = discover(args.state_dir, args.boot_dir or DEFAULT_BOOT_DIRS, args.etc_dir)
+            config = found.config
         node_id = _node_id(args, config, args.state_dir)
     except (ConfigError, OSError) as exc:
         print(f"piagent: {exc}", file=sys.stderr)
@@ -92,7 +152,16 @@ def run(args) -> int:
              ".".join(map(str, msgpack.version)))
 
     async def main() -> None:
-        agent = Agent(settings)
+        on_accepted = None
+        if found is not None:
+            from .bootconf import forget_token
+
+            def on_accepted() -> None:
+                forget_token(found)
+                # Forgotten in memory too, as after a restart: should the master ever delete this
+                # node's key, it waits as pending rather than re-enrolling on a left-over token.
+                settings.token = None
+        agent = Agent(settings, on_accepted=on_accepted)
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, agent.stop)
@@ -132,6 +201,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"piagent: no key yet in {args.state_dir}: {exc.strerror}", file=sys.stderr)
             return 1
         return 0
+    if args.command == "state":
+        return run_single_state(args)
     if args.command == "facts":
         from .facts import gather_facts
 

@@ -18,6 +18,7 @@ import logging
 import os
 import random
 import socket
+import sys
 import time
 from dataclasses import dataclass
 from typing import Awaitable, Callable
@@ -28,6 +29,7 @@ from zmq.utils.monitor import parse_monitor_message
 
 from . import facts as facts_mod
 from . import protocol as proto
+from .jobs import JobRunner
 from .protocol import Message
 
 log = logging.getLogger("piagent")
@@ -48,6 +50,10 @@ _LINK_LOST = {
     zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL: "handshake failed (protocol error; wrong master key?)",
     zmq.EVENT_HANDSHAKE_FAILED_AUTH: "the master refused this agent's key (rejected or denied)",
 }
+
+
+_CATALOG_MEMO: dict[str, dict] = {}
+_CATALOG_LOCK = asyncio.Lock()
 
 
 class MasterKeyMismatch(Exception):
@@ -84,12 +90,15 @@ class Agent:
     def __init__(self, settings: AgentSettings, *, context: zmq.asyncio.Context | None = None,
                  facts_source: Callable[[], Awaitable[dict]] = facts_mod.gather_facts,
                  health_source: Callable[[], Awaitable[dict]] = facts_mod.health,
-                 logger: logging.Logger | None = None) -> None:
+                 logger: logging.Logger | None = None,
+                 on_accepted: Callable[[], None] | None = None) -> None:
         self.settings = settings
         self.ctx = context or zmq.asyncio.Context.instance()
         self.facts_source = facts_source
         self.health_source = health_source
         self.log = logger or log
+        # Called each time the master (again) accepts this agent, e.g. to drop the spent join token.
+        self.on_accepted = on_accepted
         self.replay_guard = proto.ReplayGuard()
         self.master_clock = proto.MasterClock()
         self.status = "starting"          # starting, connecting, pending, accepted
@@ -100,12 +109,15 @@ class Agent:
         self._sent_at: dict[str, float] = {}
         self._unacked = 0
         self._warned_once: set[str] = set()
+        self.jobs = JobRunner(settings.state_dir, self._send_if_accepted, self.log)
+        self._catalog: dict | None = None
 
     # ------------------------------------------------------------------ life cycle
     def stop(self) -> None:
         self._stop.set()
 
     async def run(self) -> None:
+        self.jobs.recover_interrupted()
         attempt = 0
         while not self._stop.is_set():
             established = False
@@ -308,13 +320,62 @@ class Agent:
         except zmq.Again:
             self.log.warning("could not send %s: no link to the master", msg.type)
 
+    async def _send_if_accepted(self, msg: Message) -> bool:
+        if self._sock is None or self.status != "accepted":
+            return False
+        await self._send(msg)
+        return True
+
+    async def catalog(self) -> dict:
+        """This agent's state functions and their arguments, for the master's validation.
+
+        Computed in a child process and cached in the state dir (keyed by the modules' version and
+        mtimes), so that the idle agent never imports the state modules themselves.
+        """
+        if self._catalog is not None:
+            return self._catalog
+        import json
+
+        from .states import catalog_signature
+
+        signature = catalog_signature()
+        async with _CATALOG_LOCK:  # many agents in one process (bench swarm) compute it once
+            if signature in _CATALOG_MEMO:
+                self._catalog = _CATALOG_MEMO[signature]
+                return self._catalog
+            self._catalog = await self._load_catalog(signature)
+            _CATALOG_MEMO[signature] = self._catalog
+            return self._catalog
+
+    async def _load_catalog(self, signature: str) -> dict:
+        import json
+
+        cache = os.path.join(self.settings.state_dir, "catalog.json")
+        try:
+            with open(cache) as fh:
+                cached = json.load(fh)
+            if cached.get("signature") == signature:
+                return cached["catalog"]
+        except (OSError, ValueError, KeyError, AttributeError):
+            pass
+        proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "piagent.states",
+                                                    stdout=asyncio.subprocess.PIPE)
+        out, _ = await proc.communicate()
+        try:
+            catalog = json.loads(out)
+        except ValueError:
+            self.log.error("could not list this agent's state functions (python3 -m piagent.states failed)")
+            return {}
+        proto.write_file_atomic(cache, json.dumps({"signature": signature, "catalog": catalog}).encode(), 0o644)
+        return catalog
+
     async def _send_enroll(self) -> None:
         try:
             facts = await self.facts_source()
         except Exception:  # facts are best effort: never let one broken reader stop enrollment
             self.log.exception("gathering facts failed")
             facts = {}
-        body = {"id": self.settings.node_id, "facts": facts}
+        body = {"id": self.settings.node_id, "facts": facts, "catalog": await self.catalog()}
         if self.settings.token and self.status != "accepted":
             body["token"] = self.settings.token
         await self._send(Message(type=proto.ENROLL, body=body))
@@ -328,6 +389,9 @@ class Agent:
             return
         if msg.type in (proto.ENROLLED, proto.HEARTBEAT_ACK):
             self._on_status(msg)
+            return
+        if msg.type == proto.JOB_RESULT_ACK:
+            self.jobs.acknowledged(msg.body.get("job"))
             return
         if self.status != "accepted":
             self.log.warning("dropped a %s request: not accepted yet", msg.type)
@@ -349,11 +413,25 @@ class Agent:
             return
         status = msg.body.get("status")
         if status == proto.ACCEPTED:
-            if self.status != "accepted":
+            newly_accepted = self.status != "accepted"
+            if newly_accepted:
                 self.log.info("enrolled: the master accepted this agent as %r", self.settings.node_id)
             self.status = "accepted"
             self._unacked = 0
             self.accepted.set()
+            if newly_accepted:
+                # Results that could not be delivered before (link lost, master restarted).
+                asyncio.ensure_future(self.jobs.deliver_pending())
+            if newly_accepted and self.on_accepted is not None:
+                try:
+                    self.on_accepted()
+                except Exception:  # a hook's failure must not cost the agent its session
+                    self.log.exception("the on-accepted hook failed")
+        elif status == "deleted":
+            self.log.warning("the master deleted this agent's key; enrolling again")
+            self.status = "connecting"
+            self.accepted.clear()
+            self._spawn(self._send_enroll())
         elif status == proto.PENDING:
             if self.status != "pending":
                 self.log.warning("waiting for a person to accept this agent's key on the master "
@@ -373,6 +451,8 @@ class Agent:
                 body = await self.health_source()
             elif msg.type == proto.FACTS:
                 body = await self.facts_source()
+            elif msg.type == proto.APPLY:
+                body = self.jobs.accept(msg.body)
             else:  # decode() only lets request types through that are listed above
                 body = {}
             await self._send(proto.reply(msg, proto.RESULT, body))

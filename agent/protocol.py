@@ -52,13 +52,17 @@ ENROLLED = "enrolled"            # master -> agent: enrollment status (accepted/
 HEARTBEAT_ACK = "heartbeat_ack"  # master -> agent: carries the master's clock
 PING = "ping"                    # master -> agent request: health
 FACTS = "facts"                  # master -> agent request: facts
+APPLY = "apply"                  # master -> agent request: run a job's states (acknowledged at once)
+JOB_PROGRESS = "job_progress"    # agent -> master: one state of a job finished
+JOB_RESULT = "job_result"        # agent -> master: a job's results (kept on disk until acknowledged)
+JOB_RESULT_ACK = "job_result_ack"  # master -> agent: the result is recorded; the agent may forget it
 MASTER_KEY = "master_key"        # key announce endpoint -> agent
 
-AGENT_TO_MASTER = frozenset({ENROLL, HEARTBEAT, RESULT, REFUSED})
+AGENT_TO_MASTER = frozenset({ENROLL, HEARTBEAT, RESULT, REFUSED, JOB_PROGRESS, JOB_RESULT})
 # What a key that the master has not accepted may send: enrollment and nothing else.
 UNAUTHENTICATED_ALLOWED = frozenset({ENROLL})
-REQUEST_TYPES = frozenset({PING, FACTS})
-MASTER_TO_AGENT = frozenset({ENROLLED, HEARTBEAT_ACK}) | REQUEST_TYPES
+REQUEST_TYPES = frozenset({PING, FACTS, APPLY})
+MASTER_TO_AGENT = frozenset({ENROLLED, HEARTBEAT_ACK, JOB_RESULT_ACK}) | REQUEST_TYPES
 
 # Key states on the master.
 PENDING, ACCEPTED, REJECTED, DENIED = "pending", "accepted", "rejected", "denied"

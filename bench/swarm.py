@@ -50,8 +50,11 @@ async def run_swarm(config_path: str, count: int, prefix: str, state_dir: str) -
     agents = []
     for i in range(count):
         public, secret = zmq.curve_keypair()
-        settings = AgentSettings(node_id=f"{prefix}-{i:04d}", master_host=config.master_host,
-                                 master_port=config.master_port, state_dir=state_dir, public_key=public,
+        node_id = f"{prefix}-{i:04d}"
+        agent_dir = os.path.join(state_dir, node_id)  # each agent keeps its own jobs and results
+        os.makedirs(agent_dir, exist_ok=True)
+        settings = AgentSettings(node_id=node_id, master_host=config.master_host,
+                                 master_port=config.master_port, state_dir=agent_dir, public_key=public,
                                  secret_key=secret, fingerprint=config.fingerprint, token=config.token)
         agents.append(Agent(settings, context=ctx, facts_source=facts, health_source=health))
     stop = asyncio.Event()

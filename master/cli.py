@@ -78,6 +78,18 @@ def _parser() -> argparse.ArgumentParser:
     ping.add_argument("target", nargs="?", help="glob on the node id (default: all accepted nodes)")
     ping.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for answers (default 5)")
 
+    apply = sub.add_parser("apply", parents=[common, as_json], help="render a state file for each node, push it, converge",
+                           description="Renders FILE (a path, or the name of a shipped state file) for every "
+                                       "targeted node, refuses the whole job if any node's rendering fails, "
+                                       "then pushes it and shows results as they arrive.")
+    apply.add_argument("file", help="state file (path or shipped name, e.g. slurm)")
+    apply.add_argument("--target", help="glob on node ids, or role:NAME (from the inventory)")
+    apply.add_argument("--test", action="store_true", help="show what would change, change nothing")
+    apply.add_argument("--timeout", type=parse_duration, default=parse_duration("1h"),
+                       help="how long to wait for results (default 1h); later results are still recorded")
+    sub.add_parser("jobs", parents=[common, as_json], help="recent jobs")
+    job = sub.add_parser("job", parents=[common, as_json], help="one job's results")
+    job.add_argument("job_id")
     sub.add_parser("nodes", parents=[common, as_json], help="enrolled nodes with their facts")
     sub.add_parser("status", parents=[common, as_json], help="the master's own status")
     sub.add_parser("lab", help="a simulated Pi cluster on this machine (see `pimaster lab --help`)", add_help=False)
@@ -144,14 +156,16 @@ def _table(title: str | None, columns: list[str], rows: list[list]) -> None:
     text = Text()
     if title:
         text.append(title + "\n", style="bold")
-    for i, name in enumerate(columns):
-        text.append(name.ljust(widths[i]) + ("  " if i < len(columns) - 1 else "\n"), style="bold")
+    text.append("  ".join(name.ljust(widths[i]) for i, name in enumerate(columns)).rstrip(), style="bold")
     for row in cells:
+        text.append("\n")
         for i, (value, style) in enumerate(row):
-            text.append(value.ljust(widths[i]) if i < len(row) - 1 else value, style=style or None)
-            text.append("  " if i < len(row) - 1 else "\n")
+            last = i == len(row) - 1
+            text.append(value if last else value.ljust(widths[i]), style=style or None)
+            if not last:
+                text.append("  ")
     # soft_wrap: long lines are never folded (people compare fingerprints), the terminal wraps them.
-    Console(soft_wrap=True, highlight=False).print(text, end="")
+    Console(soft_wrap=True, highlight=False).print(text)
 
 
 def _ago(ts: float | None) -> str:
@@ -289,7 +303,54 @@ def cmd_token_create(client: ControlClient, args) -> int:
     return EXIT_OK
 
 
+def cmd_apply(client: ControlClient, args) -> int:
+    from .apply_view import LiveApply, PlainApply, print_report
+
+    if args.json:
+        view = PlainApply()
+        view.event = lambda event: None
+    elif sys.stdout.isatty():
+        from rich.console import Console
+
+        view = LiveApply(Console())
+    else:
+        view = PlainApply()
+    with view:
+        report = client.call("apply", file=args.file, target=args.target, test=args.test, timeout=args.timeout,
+                             cwd=os.getcwd(), timeout_extra=args.timeout + 120, on_event=view.event)
+    if args.json:
+        _print_json(report)
+        return EXIT_OK if all(n["ok"] for n in report["nodes"].values()) else EXIT_FAILED
+    return EXIT_OK if print_report(report, _table) else EXIT_FAILED
+
+
+def cmd_jobs(client: ControlClient, args) -> int:
+    from .apply_view import ago
+
+    jobs = client.call("jobs")["jobs"]
+    if args.json:
+        _print_json({"jobs": jobs})
+        return EXIT_OK
+    rows = [[j["id"], ago(j["created"]), j["file"], j["target"] or "*", "test" if j["test"] else "",
+             f"{j['ok_nodes'] or 0}/{j['nodes']} ok", f"{j['finished_nodes'] or 0}/{j['nodes']} finished"] for j in jobs]
+    _table(None, ["JOB", "STARTED", "FILE", "TARGET", "MODE", "RESULT", "PROGRESS"], rows)
+    return EXIT_OK
+
+
+def cmd_job(client: ControlClient, args) -> int:
+    from .apply_view import print_report
+
+    report = client.call("job", job_id=args.job_id)
+    if args.json:
+        _print_json(report)
+        return EXIT_OK if all(n["ok"] for n in report["nodes"].values()) else EXIT_FAILED
+    return EXIT_OK if print_report(report, _table) else EXIT_FAILED
+
+
 COMMANDS = {
+    ("apply", None): cmd_apply,
+    ("jobs", None): cmd_jobs,
+    ("job", None): cmd_job,
     ("ping", None): cmd_ping,
     ("nodes", None): cmd_nodes,
     ("status", None): cmd_status,

@@ -17,7 +17,8 @@ class ControlClient:
         self.state_dir = state_dir
         self.path = os.path.join(state_dir, "control.sock")
 
-    def call(self, cmd: str, timeout_extra: float = 30.0, **args) -> dict:
+    def call(self, cmd: str, timeout_extra: float = 30.0, on_event=None, **args) -> dict:
+        """Send one request; events streamed before the answer go to ``on_event``."""
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         sock.settimeout(timeout_extra)
         try:
@@ -34,12 +35,22 @@ class ControlClient:
             except OSError as exc:
                 raise ControlError(f"cannot reach the master at {self.path}: {exc.strerror}") from None
             sock.sendall(json.dumps({"cmd": cmd, "args": args}).encode() + b"\n")
-            data = bytearray()
-            while not data.endswith(b"\n"):
+            buffer = bytearray()
+            data = b""
+            while not data:
                 chunk = sock.recv(1 << 20)
                 if not chunk:
                     break
-                data += chunk
+                buffer += chunk
+                while b"\n" in buffer:
+                    line, _, rest = bytes(buffer).partition(b"\n")
+                    buffer = bytearray(rest)
+                    if line.startswith(b'{"event"'):
+                        if on_event is not None:
+                            on_event(json.loads(line)["event"])
+                    else:
+                        data = line
+                        break
         except socket.timeout:
             raise ControlError(f"the master did not answer {cmd!r} in time") from None
         except OSError as exc:

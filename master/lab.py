@@ -83,6 +83,7 @@ STOP_TIMEOUT_S = 20
 NODE_PACKAGES = [
     "munge", "slurmd", "slurmctld", "slurm-client",
     "chrony", "ntpsec-ntpdate", "nfs-kernel-server", "nfs-common",
+    "dphys-swapfile",  # swap.off's lab test: Raspberry Pi OS's swap file service
 ]
 
 # In the node: the repo (read-only) and import-package links, and wrappers on PATH.

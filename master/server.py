@@ -88,6 +88,7 @@ class Master:
         self.last_seen: dict[str, float] = {}
         self._dirty_seen: dict[str, float] = {}
         self.requests: dict[str, tuple[str, asyncio.Future]] = {}
+        self.job_watchers: dict[str, asyncio.Queue] = {}
         self.started = time.time()
         self._tasks: list[asyncio.Task] = []
 
@@ -262,6 +263,12 @@ class Master:
             self.routes[node_id] = (ident, key)  # reconnected on a new connection
         if msg.type == proto.HEARTBEAT:
             self._send(ident, Message(type=proto.HEARTBEAT_ACK, reply_to=msg.id, body={"time": time.time()}))
+        elif msg.type == proto.JOB_PROGRESS:
+            watcher = self.job_watchers.get(str(msg.body.get("job")))
+            if watcher is not None:
+                watcher.put_nowait(("progress", node_id, msg.body))
+        elif msg.type == proto.JOB_RESULT:
+            self._on_job_result(ident, node_id, msg)
         elif msg.type in (proto.RESULT, proto.REFUSED):
             waiting = self.requests.get(msg.reply_to or "")
             if waiting is None or waiting[0] != node_id:
@@ -270,6 +277,27 @@ class Master:
             future = waiting[1]
             if not future.done():
                 future.set_result((msg, time.monotonic()))
+
+    def _on_job_result(self, ident: bytes, node_id: str, msg: Message) -> None:
+        body = msg.body
+        job_id = body.get("job")
+        results = body.get("results")
+        summary = body.get("summary")
+        if not isinstance(job_id, str) or not isinstance(results, list) or not isinstance(summary, dict):
+            self.drops.drop("malformed job result from %s", node_id)
+            return
+        status = "interrupted" if body.get("interrupted") else "done"
+        started, finished = body.get("started"), body.get("finished")
+        known = self.store.record_result(job_id, node_id, status, summary, results,
+                                         started if isinstance(started, (int, float)) else None,
+                                         finished if isinstance(finished, (int, float)) else None)
+        if not known:
+            log.warning("result for unknown job %s from %s: acknowledged and dropped", job_id[:40], node_id)
+        # Acknowledge either way, so that the agent forgets it: it is recorded, or can never be.
+        self._send(ident, Message(type=proto.JOB_RESULT_ACK, reply_to=msg.id, body={"job": job_id}))
+        watcher = self.job_watchers.get(job_id)
+        if watcher is not None:
+            watcher.put_nowait(("result", node_id, dict(body, status=status)))
 
     def _seen(self, node_id: str) -> None:
         now = time.time()
@@ -327,6 +355,9 @@ class Master:
             self.routes[node_id] = (ident, key)
             self.pending_routes.pop(key, None)
             self.store.upsert_node(node_id, facts, time.time())
+            catalog = msg.body.get("catalog")
+            if isinstance(catalog, dict):
+                self.store.set_catalog(node_id, catalog)
             self._seen(node_id)
             self._send(ident, Message(type=proto.ENROLLED, reply_to=msg.id,
                                       body={"status": proto.ACCEPTED, "time": time.time(), "id": node_id}))
@@ -357,17 +388,18 @@ class Master:
             del self.routes[node_id]
 
     # ------------------------------------------------------------------ requests to agents
-    async def ask(self, node_ids: list[str], type_: str, body: dict, timeout: float) -> dict[str, dict]:
-        """Send one request to each node and collect answers until ``timeout``."""
+    async def ask(self, bodies: dict[str, dict], type_: str, timeout: float,
+                  request_ttl: float | None = None) -> dict[str, dict]:
+        """Send one request to each node (its own body) and collect answers until ``timeout``."""
         loop = asyncio.get_running_loop()
         sent: dict[str, tuple[str, float, float, asyncio.Future]] = {}
         results: dict[str, dict] = {}
-        for node_id in node_ids:
+        for node_id, body in bodies.items():
             route = self.routes.get(node_id)
             if route is None:
                 results[node_id] = {"ok": False, "error": "not connected"}
                 continue
-            msg = proto.request(type_, body, ttl_s=timeout)
+            msg = proto.request(type_, body, ttl_s=request_ttl or timeout)
             future = loop.create_future()
             self.requests[msg.id] = (node_id, future)
             wall, mono = time.time(), time.monotonic()
@@ -401,7 +433,7 @@ class Master:
         return [n for n in accepted if fnmatch.fnmatchcase(n, target)]
 
     async def ping(self, target: str | None, timeout: float) -> list[dict]:
-        answers = await self.ask(self._targets(target), proto.PING, {}, timeout)
+        answers = await self.ask({n: {} for n in self._targets(target)}, proto.PING, timeout)
         rows = []
         for node_id in sorted(answers):
             answer = answers[node_id]
@@ -450,7 +482,11 @@ class Master:
                     return
                 if not line:
                     return
-                response = await self._control_request(line)
+                def emit(event: dict) -> None:
+                    if not writer.is_closing():
+                        writer.write(json.dumps({"event": event}).encode() + b"\n")
+
+                response = await self._control_request(line, emit)
                 writer.write(json.dumps(response).encode() + b"\n")
                 await writer.drain()
         except (ConnectionError, OSError):
@@ -458,7 +494,7 @@ class Master:
         finally:
             writer.close()
 
-    async def _control_request(self, line: bytes) -> dict:
+    async def _control_request(self, line: bytes, emit=None) -> dict:
         try:
             request = json.loads(line)
             if not isinstance(request, dict) or not isinstance(request.get("cmd"), str):
@@ -469,6 +505,8 @@ class Master:
             args = request.get("args") or {}
             if not isinstance(args, dict):
                 raise ControlError("malformed arguments")
+            if request["cmd"] in STREAMING_COMMANDS:
+                args["emit"] = emit or (lambda event: None)
             return {"result": await handler(self, **args)}
         except ControlError as exc:
             return {"error": str(exc)}
@@ -481,6 +519,27 @@ class Master:
             return {"error": f"internal error: {type(exc).__name__}: {exc}"}
 
     # The commands (each gets the master and keyword arguments from the request).
+    ControlError = ControlError  # for the command modules (jobs.py)
+
+    async def cmd_apply(self, emit, file: str, target: str | None = None, test: bool = False,
+                        timeout: float = 3600.0, cwd: str | None = None) -> dict:
+        from .jobs import apply
+
+        if not isinstance(file, str) or not file:
+            raise ControlError("name a state file")
+        return await apply(self, emit, file, target, bool(test), float(timeout), cwd=cwd)
+
+    async def cmd_jobs(self, limit: int = 50) -> dict:
+        return {"jobs": self.store.jobs(int(limit))}
+
+    async def cmd_job(self, job_id: str) -> dict:
+        from .jobs import job_report
+
+        job = self.store.job(str(job_id))
+        if job is None:
+            raise ControlError(f"no job {job_id!r} (see `pimaster jobs`)")
+        return job_report(job)
+
     async def cmd_status(self) -> dict:
         return {"version": __version__, "fingerprint": self.fingerprint, "port": self.port,
                 "key_port": self.key_port, "listen": self.listen_host, "pid": os.getpid(),
@@ -586,6 +645,12 @@ class Master:
         if not candidates:
             raise ControlError(f"no key to delete for {node or 'any node'}")
         for key in candidates:
+            route = self.routes.get(key["node_id"])
+            if route is not None and route[1] == key["public_key"]:
+                # Tell a connected agent at once, so it enrolls again (and waits as pending) now
+                # rather than after its heartbeats go unanswered.
+                self._send(route[0], Message(type=proto.ENROLLED, body={"status": "deleted", "time": time.time(),
+                                                                        "id": key["node_id"]}))
             self._forget_key(key["public_key"])
             self.store.delete_key(key["id"])
             if not self.store.keys(key["node_id"]):
@@ -626,7 +691,11 @@ class Master:
                 "expires": expires, "uses": uses}
 
 
+STREAMING_COMMANDS = {"apply"}
 CONTROL_COMMANDS = {
+    "apply": Master.cmd_apply,
+    "jobs": Master.cmd_jobs,
+    "job": Master.cmd_job,
     "status": Master.cmd_status,
     "ping": Master.cmd_ping,
     "nodes": Master.cmd_nodes,

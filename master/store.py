@@ -39,7 +39,33 @@ CREATE TABLE IF NOT EXISTS nodes (
     node_id     TEXT PRIMARY KEY,
     facts       TEXT NOT NULL DEFAULT '{}',
     enrolled    REAL NOT NULL,
-    last_seen   REAL
+    last_seen   REAL,
+    catalog     TEXT NOT NULL DEFAULT '{}'   -- the agent's state functions and their arguments
+);
+-- Names and addresses given to enrolled nodes that the inventory does not list: they keep them.
+CREATE TABLE IF NOT EXISTS assignments (
+    node_id     TEXT PRIMARY KEY,
+    hostname    TEXT NOT NULL,
+    ip          TEXT,
+    created     REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS jobs (
+    id          TEXT PRIMARY KEY,
+    file        TEXT NOT NULL,
+    target      TEXT,
+    test        INTEGER NOT NULL,
+    created     REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS job_nodes (
+    job_id      TEXT NOT NULL REFERENCES jobs (id),
+    node_id     TEXT NOT NULL,
+    status      TEXT NOT NULL,   -- sent, running, done, interrupted, no_answer
+    states      INTEGER NOT NULL,
+    started     REAL,
+    finished    REAL,
+    summary     TEXT NOT NULL DEFAULT '{}',
+    results     TEXT NOT NULL DEFAULT '[]',
+    PRIMARY KEY (job_id, node_id)
 );
 """
 
@@ -60,6 +86,12 @@ class Store:
         self.db.execute("PRAGMA synchronous=FULL")
         self.db.execute("PRAGMA busy_timeout=5000")
         self.db.executescript(SCHEMA)
+        self._migrate()
+
+    def _migrate(self) -> None:
+        columns = {r["name"] for r in self.db.execute("PRAGMA table_info(nodes)")}
+        if "catalog" not in columns:  # databases made before jobs existed
+            self.db.execute("ALTER TABLE nodes ADD COLUMN catalog TEXT NOT NULL DEFAULT '{}'")
 
     def close(self) -> None:
         self.db.close()
@@ -158,6 +190,65 @@ class Store:
             item["facts"] = json.loads(item["facts"] or "{}")
             out.append(item)
         return out
+
+    def set_catalog(self, node_id: str, catalog: dict) -> None:
+        self.db.execute("UPDATE nodes SET catalog = ? WHERE node_id = ?", (json.dumps(catalog), node_id))
+
+    def catalogs(self) -> dict[str, dict]:
+        return {r["node_id"]: json.loads(r["catalog"] or "{}")
+                for r in self.db.execute("SELECT node_id, catalog FROM nodes")}
+
+    # ------------------------------------------------------------------ inventory assignments
+    def assignments(self) -> dict[str, dict]:
+        return {r["node_id"]: {"hostname": r["hostname"], "ip": r["ip"]}
+                for r in self.db.execute("SELECT * FROM assignments")}
+
+    def add_assignments(self, assigned: dict[str, dict]) -> None:
+        with self.transaction():
+            self.db.executemany("INSERT OR REPLACE INTO assignments VALUES (?, ?, ?, ?)",
+                                [(n, a["hostname"], a.get("ip"), time.time()) for n, a in assigned.items()])
+
+    # ------------------------------------------------------------------ jobs
+    def create_job(self, job_id: str, file: str, target: str | None, test: bool, states: dict[str, int]) -> None:
+        now = time.time()
+        with self.transaction():
+            self.db.execute("INSERT INTO jobs VALUES (?, ?, ?, ?, ?)", (job_id, file, target, int(test), now))
+            self.db.executemany("INSERT INTO job_nodes (job_id, node_id, status, states, started) VALUES (?, ?, 'sent', ?, ?)",
+                                [(job_id, n, count, now) for n, count in states.items()])
+
+    def set_job_node_status(self, job_id: str, node_id: str, status: str) -> None:
+        self.db.execute("UPDATE job_nodes SET status = ? WHERE job_id = ? AND node_id = ? AND status NOT IN "
+                        "('done', 'interrupted')", (status, job_id, node_id))
+
+    def record_result(self, job_id: str, node_id: str, status: str, summary: dict, results: list,
+                      started: float | None, finished: float | None) -> bool:
+        """Store one node's result; False if the job/node pair is unknown."""
+        cur = self.db.execute(
+            "UPDATE job_nodes SET status = ?, summary = ?, results = ?, started = COALESCE(?, started), "
+            "finished = ? WHERE job_id = ? AND node_id = ?",
+            (status, json.dumps(summary), json.dumps(results), started, finished or time.time(), job_id, node_id))
+        return cur.rowcount == 1
+
+    def jobs(self, limit: int = 50) -> list[dict]:
+        rows = self.db.execute(
+            "SELECT j.*, COUNT(n.node_id) AS nodes, "
+            "SUM(n.status IN ('done', 'interrupted', 'no_answer')) AS finished_nodes, "
+            "SUM(n.status = 'done' AND json_extract(n.summary, '$.failed') = 0) AS ok_nodes, MAX(n.finished) AS finished "
+            "FROM jobs j LEFT JOIN job_nodes n ON n.job_id = j.id GROUP BY j.id ORDER BY j.created DESC LIMIT ?", (limit,))
+        return [dict(r) for r in rows]
+
+    def job(self, job_id: str) -> dict | None:
+        row = self.db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        if row is None:
+            return None
+        job = dict(row)
+        job["nodes"] = {}
+        for r in self.db.execute("SELECT * FROM job_nodes WHERE job_id = ? ORDER BY node_id", (job_id,)):
+            item = dict(r)
+            item["summary"] = json.loads(item["summary"])
+            item["results"] = json.loads(item["results"])
+            job["nodes"][item.pop("node_id")] = item
+        return job
 
     # ------------------------------------------------------------------
     def transaction(self):

@@ -132,10 +132,18 @@ class Master(Process):
     def address(self) -> str:
         return f"127.0.0.1:{self.port}"
 
+    def _answers(self) -> bool:
+        """The control socket accepts connections (a stale one left by a killed master does not)."""
+        with socket.socket(socket.AF_UNIX) as s:
+            try:
+                s.connect(str(self.state_dir / "control.sock"))
+                return True
+            except OSError:
+                return False
+
     def start(self) -> "Master":
         super().start()
-        wait_for(lambda: (self.state_dir / "control.sock").exists() or not self.alive(), 30,
-                 what="the master's control socket")
+        wait_for(lambda: self._answers() or not self.alive(), 30, what="the master's control socket")
         assert self.alive(), f"master exited:\n{self.output()}"
         return self
 

@@ -246,3 +246,14 @@ def test_daemons_tell_systemd_they_are_ready(tmp, processes, with_python_systemd
         wait_for(lambda: master.up_nodes() == {"n1"}, what="n1 up")
     finally:
         listener.close()
+
+
+def test_a_deleted_key_enrolls_again_as_pending(master, start_agent):
+    agent = start_agent("n1", master.token_config(token=False))
+    wait_for(lambda: master.key_state("n1") == ["pending"], what="n1 pending")
+    master.cli("keys", "accept", "n1")
+    wait_for(lambda: master.up_nodes() == {"n1"}, what="n1 up")
+    master.cli("keys", "delete", "n1")
+    # The connected agent is told and comes back as pending at once (a person decides again).
+    wait_for(lambda: master.key_state("n1") == ["pending"], timeout=10, what="n1 pending again")
+    assert "deleted this agent's key" in agent.output()

@@ -13,6 +13,8 @@ A test that takes the lab down (`lab.down()`) leaves it to the next `lab` user t
 
 from __future__ import annotations
 
+import fcntl
+import os
 import sys
 
 import pytest
@@ -21,20 +23,33 @@ from lab_harness import Lab, describe, lab_unavailable
 from pimaster import lab as labmod
 
 
+# One machine holds one lab: test sessions that need it (several developers' runs, CI) take turns.
+SESSION_LOCK = "/run/lock/pimaster-e2e-session.lock"
+
+
 @pytest.fixture(scope="session")
 def lab_session():
     reason = lab_unavailable()
     if reason:
         pytest.skip(reason)
+    lock_fd = os.open(SESSION_LOCK, os.O_RDWR | os.O_CREAT, 0o600)
+    fcntl.flock(lock_fd, fcntl.LOCK_EX)  # waits for another session's lab to be torn down
     lab = Lab()
     try:
         yield lab
     finally:
-        # Always tear down, also after failures; a leftover lab would break the next run.
-        if lab.is_up or labmod.leftovers():
-            result = lab.down()
-            if result.returncode != 0:
-                print(f"pimaster lab down failed: {describe(result)}", file=sys.stderr)
+        try:
+            _teardown(lab)
+        finally:
+            os.close(lock_fd)
+
+
+def _teardown(lab) -> None:
+    # Always tear down, also after failures; a leftover lab would break the next run.
+    if lab.is_up or labmod.leftovers():
+        result = lab.down()
+        if result.returncode != 0:
+            print(f"pimaster lab down failed: {describe(result)}", file=sys.stderr)
 
 
 @pytest.fixture

@@ -1,0 +1,144 @@
+"""Jobs on the agent: run one at a time, report progress, keep the result until the master has it.
+
+A job's result is written to disk (atomically) before it is sent and deleted only when the master
+acknowledges it, so a result survives a lost link or a master restart and is delivered on
+reconnect. A job that was running when the agent died (power cut, reboot, kill) leaves a marker;
+at the next start the agent reports that job as interrupted instead of leaving it hanging.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import re
+import time
+from typing import Awaitable, Callable
+
+from . import protocol as proto
+from .protocol import Message
+
+JOB_ID_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+
+
+def _plain(value):
+    """JSON-safe (and so msgpack-safe) copy: whatever a module returned, the result can be sent."""
+    return json.loads(json.dumps(value, default=str))
+
+
+class JobRunner:
+    def __init__(self, state_dir: str, send: Callable[[Message], Awaitable[bool]], log: logging.Logger) -> None:
+        self.running_dir = os.path.join(state_dir, "jobs")
+        self.results_dir = os.path.join(state_dir, "results")
+        self.state_dir = state_dir
+        self.send = send
+        self.log = log
+        self._lock = asyncio.Lock()
+        self._tasks: set[asyncio.Task] = set()  # jobs outlive a connection: never cancelled with it
+
+    def _path(self, directory: str, job_id: str) -> str:
+        return os.path.join(directory, job_id + ".json")
+
+    def accept(self, body: dict) -> dict:
+        """Validate an `apply` request and start it; the answer is the acknowledgement."""
+        job_id, states, test = body.get("job"), body.get("states"), body.get("test", False)
+        if not isinstance(job_id, str) or not JOB_ID_RE.match(job_id):
+            return {"error": "malformed job id"}
+        if not isinstance(states, list) or not all(isinstance(s, dict) and isinstance(s.get("fun"), str)
+                                                    for s in states):
+            return {"error": "malformed states"}
+        if os.path.exists(self._path(self.results_dir, job_id)) or os.path.exists(self._path(self.running_dir, job_id)):
+            return {"accepted": True, "job": job_id, "note": "already known"}
+        task = asyncio.ensure_future(self._run(job_id, states, bool(test)))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return {"accepted": True, "job": job_id}
+
+    async def _run(self, job_id: str, states: list[dict], test: bool) -> None:
+        from .engine import run_states, summarize
+
+        async with self._lock:
+            os.makedirs(self.running_dir, mode=0o700, exist_ok=True)
+            started = time.time()
+            marker = self._path(self.running_dir, job_id)
+            proto.write_file_atomic(marker, json.dumps({"job": job_id, "started": started, "test": test}).encode(), 0o600)
+            loop = asyncio.get_running_loop()
+
+            def on_result(index: int, res: dict) -> None:
+                state = {k: res.get(k) for k in ("id", "fun", "status")}
+                state["comment"] = str(res.get("comment", ""))[:300]
+                loop.call_soon_threadsafe(lambda: asyncio.ensure_future(self.send(Message(
+                    type=proto.JOB_PROGRESS, body={"job": job_id, "index": index, "state": state}))))
+
+            self.log.info("job %s: %d state(s)%s", job_id, len(states), " in test mode" if test else "")
+            try:
+                results = await loop.run_in_executor(
+                    None, lambda: run_states(states, test=test, state_dir=self.state_dir, on_result=on_result))
+            except Exception as exc:  # the engine itself failed: report it, never lose the job
+                self.log.exception("job %s failed", job_id)
+                results = [{"id": "job", "fun": "engine", "name": job_id, "result": False, "changes": {},
+                            "comment": f"{type(exc).__name__}: {exc}", "status": "failed"}]
+            payload = {"job": job_id, "results": _plain(results), "summary": summarize(results),
+                       "started": started, "finished": time.time(), "test": test, "interrupted": False}
+            self._keep(payload)
+            os.unlink(marker)
+            self.log.info("job %s done: %s", job_id, payload["summary"])
+        await self._deliver(payload)
+
+    def _keep(self, payload: dict) -> None:
+        os.makedirs(self.results_dir, mode=0o700, exist_ok=True)
+        proto.write_file_atomic(self._path(self.results_dir, payload["job"]), json.dumps(payload).encode(), 0o600)
+
+    async def _deliver(self, payload: dict) -> None:
+        msg = Message(type=proto.JOB_RESULT, body=payload)
+        try:
+            proto.encode(msg)
+        except proto.ProtocolError:  # too large for one message: keep the verdicts, drop the details
+            for res in payload["results"]:
+                res["changes"] = {"note": "changes too large to send; see the agent's state dir"} if res.get("changes") else {}
+            msg = Message(type=proto.JOB_RESULT, body=payload)
+        if not await self.send(msg):
+            self.log.info("job %s: result kept on disk until the master is back", payload["job"])
+
+    def acknowledged(self, job_id) -> None:
+        if isinstance(job_id, str) and JOB_ID_RE.match(job_id):
+            try:
+                os.unlink(self._path(self.results_dir, job_id))
+            except FileNotFoundError:
+                pass
+
+    def recover_interrupted(self) -> None:
+        """At start: a job whose marker is still there was cut short (power, reboot, kill)."""
+        try:
+            markers = sorted(os.listdir(self.running_dir))
+        except FileNotFoundError:
+            return
+        for name in markers:
+            path = os.path.join(self.running_dir, name)
+            try:
+                with open(path) as fh:
+                    info = json.load(fh)
+                job_id = info["job"]
+            except (OSError, ValueError, KeyError, TypeError):
+                os.unlink(path)
+                continue
+            self.log.warning("job %s was interrupted (the agent stopped while it ran)", job_id)
+            summary = {"ok": 0, "changed": 0, "failed": 0, "not_run": 0, "skipped": 0}
+            self._keep({"job": job_id, "results": [], "summary": summary, "started": info.get("started"),
+                        "finished": time.time(), "test": info.get("test", False), "interrupted": True})
+            os.unlink(path)
+
+    async def deliver_pending(self) -> None:
+        """After (re)connecting: send every result the master has not acknowledged yet."""
+        try:
+            names = sorted(os.listdir(self.results_dir))
+        except FileNotFoundError:
+            return
+        for name in names:
+            try:
+                with open(os.path.join(self.results_dir, name)) as fh:
+                    payload = json.load(fh)
+            except (OSError, ValueError):
+                continue
+            await self._deliver(payload)

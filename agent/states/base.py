@@ -1,0 +1,303 @@
+"""What every state module uses: the context a state runs in, and the result shape.
+
+Result shape (Salt's): ``{"name": str, "result": True|False|None, "changes": dict, "comment": str}``.
+``result`` is True when the system is (now) as asked, False when it could not be made so, and
+None in test mode when something would change (``changes`` then says what).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import difflib
+import grp
+import logging
+import os
+import pwd
+import secrets
+import shutil
+import subprocess
+import time
+from dataclasses import dataclass, field
+
+log = logging.getLogger("piagent.states")
+
+OUTPUT_LIMIT = 64 * 1024  # captured command output kept in a result
+
+
+def result(name: str, result: bool | None = True, changes: dict | None = None, comment: str = "") -> dict:
+    return {"name": name, "result": result, "changes": changes or {}, "comment": comment}
+
+
+class StateError(Exception):
+    """Raised inside a state function for a clean failure: the message becomes the comment."""
+
+
+@dataclass
+class CommandResult:
+    returncode: int
+    stdout: str
+    stderr: str
+
+    @property
+    def ok(self) -> bool:
+        return self.returncode == 0
+
+
+@dataclass
+class StateContext:
+    test: bool = False                 # test mode: report what would change, change nothing
+    state_dir: str = "/var/lib/piagent"
+    watch_changed: bool = False        # a `watch` requisite changed: e.g. service.running restarts
+    env: dict = field(default_factory=dict)
+
+    @property
+    def backup_dir(self) -> str:
+        return os.path.join(self.state_dir, "backup")
+
+    def run(self, argv: list[str] | str, *, shell: bool = False, env: dict | None = None,
+            cwd: str | None = None, timeout: float = 3600, input: str | None = None,
+            runas: str | None = None) -> CommandResult:
+        """Run a command, capturing output; never raises for a non-zero exit."""
+        full_env = dict(os.environ, **self.env)
+        full_env.setdefault("DEBIAN_FRONTEND", "noninteractive")
+        if env:
+            full_env.update({str(k): str(v) for k, v in env.items()})
+        if runas:
+            argv = ["runuser", "-u", runas, "--"] + (["sh", "-c", argv] if shell else list(argv))
+            shell = False
+        try:
+            proc = subprocess.run(argv, shell=shell, env=full_env, cwd=cwd, timeout=timeout, input=input,
+                                  capture_output=True, text=True, errors="replace")
+        except FileNotFoundError as exc:
+            return CommandResult(127, "", f"{exc.filename}: command not found")
+        except subprocess.TimeoutExpired as exc:
+            return CommandResult(124, _clip(exc.stdout), f"timed out after {timeout:g} s")
+        return CommandResult(proc.returncode, _clip(proc.stdout), _clip(proc.stderr))
+
+    def which(self, program: str) -> str | None:
+        return shutil.which(program)
+
+    def backup(self, path: str) -> str | None:
+        """Keep the current version of ``path`` under the agent's state dir before replacing it."""
+        if not os.path.isfile(path):
+            return None
+        stamp = time.strftime("%Y%m%dT%H%M%S")
+        target = os.path.join(self.backup_dir, path.lstrip("/") + f".{stamp}")
+        # Several states may edit one file within a second (host.present per node on /etc/hosts):
+        # each keeps its own backup, so the oldest -- the original -- is never overwritten.
+        serial = 1
+        while os.path.exists(target):
+            serial += 1
+            target = os.path.join(self.backup_dir, path.lstrip("/") + f".{stamp}.{serial}")
+        os.makedirs(os.path.dirname(target), mode=0o700, exist_ok=True)
+        shutil.copy2(path, target)
+        return target
+
+
+def _clip(text: str | bytes | None) -> str:
+    if text is None:
+        return ""
+    if isinstance(text, bytes):
+        text = text.decode(errors="replace")
+    return text if len(text) <= OUTPUT_LIMIT else text[:OUTPUT_LIMIT] + "\n[... output clipped]"
+
+
+def unified_diff(old: str, new: str, path: str) -> str:
+    return "".join(difflib.unified_diff(old.splitlines(True), new.splitlines(True),
+                                        fromfile=f"{path} (current)", tofile=f"{path} (desired)"))
+
+
+# ---------------------------------------------------------------------------------------------
+# Shared helpers for the state modules: files, owners and modes, argument checks, systemd.
+
+# Files are read and written with surrogateescape, so that a byte that is not UTF-8 in a file a
+# state edits (a Latin-1 comment in /etc/fstab) survives the edit unchanged.
+ENCODING, ERRORS = "utf-8", "surrogateescape"
+DEFAULT_FILE_MODE = 0o644
+DIFF_LIMIT = OUTPUT_LIMIT
+_TMP_TAG = ".pimaster-tmp"  # temp files: ".NAME.<random>.pimaster-tmp", ignored by *.conf readers
+
+
+def read_text(path: str) -> str | None:
+    """The file's text, or None when it does not exist. A directory or unreadable file: StateError."""
+    try:
+        with open(path, encoding=ENCODING, errors=ERRORS, newline="") as fh:
+            return fh.read()
+    except FileNotFoundError:
+        return None
+    except IsADirectoryError:
+        raise StateError(f"{path} is a directory, not a file") from None
+    except OSError as exc:
+        raise StateError(f"cannot read {path}: {exc.strerror}") from None
+
+
+def write_file_atomic(path: str, data: bytes | str, mode: int | None = None, uid: int | None = None,
+                      gid: int | None = None) -> None:
+    """Replace ``path`` with ``data`` whole or not at all, even if the process is killed mid-write.
+
+    A temp file in the same directory is written, fsynced, given its mode and owner, renamed over
+    the target, and the directory is fsynced. Mode and owner not given are kept from the existing
+    file (a new file: 0644, owned by the caller). A symlink is followed: its target is replaced.
+    """
+    if isinstance(data, str):
+        data = data.encode(ENCODING, ERRORS)
+    target = os.path.realpath(path)
+    directory, base_name = os.path.split(target)
+    try:
+        current = os.stat(target)
+    except FileNotFoundError:
+        current = None
+    if mode is None:
+        mode = current.st_mode & 0o7777 if current else DEFAULT_FILE_MODE
+    if uid is None and current:
+        uid = current.st_uid
+    if gid is None and current:
+        gid = current.st_gid
+    _remove_stale_temps(directory, base_name)
+    tmp = os.path.join(directory, f".{base_name}.{secrets.token_hex(4)}{_TMP_TAG}")
+    # 0600 until complete: nobody reads a half-written secret through a looser final mode.
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+            st = os.fstat(fh.fileno())
+            # Only what differs: a FAT boot partition refuses any chown/chmod it cannot represent.
+            if (uid is not None and uid != st.st_uid) or (gid is not None and gid != st.st_gid):
+                os.fchown(fh.fileno(), -1 if uid is None else uid, -1 if gid is None else gid)
+            if os.fstat(fh.fileno()).st_mode & 0o7777 != mode:
+                os.fchmod(fh.fileno(), mode)  # after chown, which clears setuid/setgid bits
+        os.replace(tmp, target)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    dir_fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def _remove_stale_temps(directory: str, base_name: str) -> None:
+    """Temp files an earlier write left behind when it was killed before its rename."""
+    prefix = f".{base_name}."
+    with contextlib.suppress(OSError):
+        for entry in os.listdir(directory):
+            if entry.startswith(prefix) and entry.endswith(_TMP_TAG):
+                with contextlib.suppress(OSError):
+                    os.unlink(os.path.join(directory, entry))
+
+
+def diff(old: str, new: str, path: str) -> str:
+    """unified_diff, clipped, and safe to send (bytes that were not UTF-8 shown as U+FFFD)."""
+    if "\0" in old or "\0" in new:
+        return f"Binary file {path} differs\n"
+    text = unified_diff(old, new, path)
+    text = text.encode(ENCODING, ERRORS).decode(ENCODING, "replace")
+    return text if len(text) <= DIFF_LIMIT else text[:DIFF_LIMIT] + "\n[... diff clipped]\n"
+
+
+def update_file(ctx: StateContext, path: str, old: str | None, new: str, *, mode: int | None = None,
+                uid: int | None = None, gid: int | None = None) -> dict:
+    """Make ``path`` hold ``new`` (``old`` is what it holds now, None: missing); the changes made.
+
+    Nothing to do: ``{}``. Otherwise ``{"diff": ...}`` -- in test mode without writing; else after
+    keeping the old version under the state dir (ctx.backup) and replacing the file atomically.
+    """
+    if old == new:
+        return {}
+    changes = {"diff": diff(old or "", new, path)}
+    if not ctx.test:
+        if old is not None:
+            ctx.backup(path)
+        try:
+            write_file_atomic(path, new, mode=mode, uid=uid, gid=gid)
+        except OSError as exc:
+            raise StateError(f"cannot write {path}: {exc.strerror or exc}") from None
+    return changes
+
+
+def parse_mode(mode) -> int | None:
+    """A file mode from a state: "0644", "644", "0o644" or 644 (Salt's reading: octal digits)."""
+    if mode is None:
+        return None
+    if isinstance(mode, bool) or not isinstance(mode, (int, str)):
+        raise StateError(f"mode must be octal digits like \"0644\", not {mode!r}")
+    text = str(mode).strip().lower().removeprefix("0o")
+    if not text or len(text) > 4 or any(c not in "01234567" for c in text):
+        raise StateError(f"mode {mode!r} is not an octal mode like \"0644\"")
+    return int(text, 8)
+
+
+def format_mode(mode: int) -> str:
+    return f"{mode:04o}"
+
+
+def lookup_owner(user=None, group=None) -> tuple[int | None, int | None, list[str]]:
+    """(uid, gid, missing): ids for a user/group name or number; names that do not exist are listed.
+
+    The caller decides: in test mode a missing user may come with a package an earlier state
+    installs (the munge user with munge), in a real run it is a failure.
+    """
+    uid = gid = None
+    missing = []
+    if user is not None:
+        try:
+            uid = int(user) if str(user).isdigit() else pwd.getpwnam(str(user)).pw_uid
+        except KeyError:
+            missing.append(f"user {user!r}")
+    if group is not None:
+        try:
+            gid = int(group) if str(group).isdigit() else grp.getgrnam(str(group)).gr_gid
+        except KeyError:
+            missing.append(f"group {group!r}")
+    return uid, gid, missing
+
+
+def owner_name(uid: int) -> str:
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return str(uid)
+
+
+def group_name(gid: int) -> str:
+    try:
+        return grp.getgrgid(gid).gr_name
+    except KeyError:
+        return str(gid)
+
+
+def absolute_path(name, what: str = "name") -> str:
+    if not isinstance(name, str) or not name.startswith("/"):
+        raise StateError(f"{what} must be an absolute path, not {name!r}")
+    if "\0" in name:
+        raise StateError(f"{what} contains a NUL byte")
+    return os.path.normpath(name)
+
+
+def string_list(value, what: str, allow_empty: bool = True) -> list[str]:
+    """A state argument that may be one string or a list of strings (numbers read as text)."""
+    if value is None:
+        return []
+    items = [value] if isinstance(value, (str, int, float)) and not isinstance(value, bool) else value
+    if not isinstance(items, list) or not all(isinstance(i, (str, int, float)) and not isinstance(i, bool)
+                                              for i in items):
+        raise StateError(f"{what} must be a string or a list of strings, not {value!r}")
+    items = [str(i) for i in items]
+    if not allow_empty and not all(i.strip() for i in items):
+        raise StateError(f"{what} must not contain empty strings")
+    return items
+
+
+def systemd_running() -> bool:
+    """True when systemd is the init system (sd_booted): /run/systemd/system exists."""
+    return os.path.isdir("/run/systemd/system")
+
+
+def output_tail(res: CommandResult, lines: int = 12) -> str:
+    """The last lines a failed command printed, for a comment."""
+    text = (res.stderr.strip() or res.stdout.strip())
+    return "\n".join(text.splitlines()[-lines:])

@@ -1,0 +1,104 @@
+"""cmd: run a shell command, guarded by `creates` (and the engine's `unless`/`onlyif`)."""
+
+from __future__ import annotations
+
+import os
+import pwd
+
+from .base import StateContext, StateError, result, string_list
+
+__states__ = ("run",)
+
+
+def _environment(env) -> dict[str, str]:
+    """Salt accepts a mapping or a list of one-entry mappings."""
+    if env is None:
+        return {}
+    items = env if isinstance(env, list) else [env]
+    merged: dict[str, str] = {}
+    for item in items:
+        if not isinstance(item, dict):
+            raise StateError(f"env must be a mapping of NAME: value, not {env!r}")
+        for key, value in item.items():
+            if not isinstance(key, str) or not key or "=" in key:
+                raise StateError(f"env name {key!r} is not a variable name")
+            merged[key] = "" if value is None else str(value)
+    return merged
+
+
+def run(ctx: StateContext, name: str, creates: str | list | None = None, cwd: str | None = None,
+        env: dict | list | None = None, runas: str | None = None, shell: str = "/bin/sh",
+        timeout: float | None = None, success_retcodes: list | None = None) -> dict:
+    """Run a shell command; its exit status, stdout and stderr go into the result.
+
+    A command always counts as a change when it runs: guard it with ``creates`` (skip when the
+    files exist) or the ``unless``/``onlyif`` every state takes, so that a second run does nothing.
+
+    Arguments:
+      name: the command line, run by ``shell -c`` (default: the state's id).
+      creates: a path, or a list of paths: when all exist the command is not run.
+      cwd: the working directory (default: the home of ``runas``, root's home for root).
+      env: extra environment variables, a mapping (``{PATH: ..., LANG: C}``).
+      runas: a user to run the command as (``runuser``).
+      shell: the shell that runs it, default /bin/sh.
+      timeout: seconds before the command is killed (default: an hour).
+      success_retcodes: exit statuses besides 0 that count as success.
+
+    Example::
+
+        build-tools:
+          cmd.run:
+            - name: make install
+            - cwd: /opt/tool
+            - creates: /usr/local/bin/tool
+            - env:
+                LANG: C
+    """
+    if not isinstance(name, str) or not name.strip():
+        raise StateError("name must be the command to run")
+    created = string_list(creates, "creates", allow_empty=False)
+    for path in created:
+        if not path.startswith("/"):
+            raise StateError(f"creates must be absolute paths, not {path!r}")
+    if created and all(os.path.exists(p) for p in created):
+        return result(name, True, {}, f"skipped: {', '.join(created)} exist{'s' * (len(created) == 1)}")
+    variables = _environment(env)
+    if runas is not None:
+        try:
+            home = pwd.getpwnam(str(runas)).pw_dir
+        except KeyError:
+            if ctx.test:  # a package an earlier state installs may create the user
+                return result(name, None, {"command": name}, f"would run (user {runas!r} does not exist yet)")
+            raise StateError(f"no user {runas!r} on this node") from None
+    else:
+        home = os.path.expanduser("~root")
+    if cwd is not None:
+        if not isinstance(cwd, str) or not cwd.startswith("/"):
+            raise StateError(f"cwd must be an absolute path, not {cwd!r}")
+        if not os.path.isdir(cwd):
+            if ctx.test:
+                return result(name, None, {"command": name}, f"would run in {cwd} (which does not exist yet)")
+            raise StateError(f"cwd {cwd} is not a directory")
+    else:
+        cwd = home if os.path.isdir(home) else "/"
+    if not isinstance(shell, str) or not shell.startswith("/"):
+        raise StateError(f"shell must be an absolute path, not {shell!r}")
+    if not os.access(shell, os.X_OK):
+        raise StateError(f"shell {shell} is not an executable")
+    if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0):
+        raise StateError(f"timeout must be a positive number of seconds, not {timeout!r}")
+    ok_codes = {0}
+    for code in success_retcodes or []:
+        if isinstance(code, bool) or not isinstance(code, int):
+            raise StateError(f"success_retcodes must be a list of numbers, not {success_retcodes!r}")
+        ok_codes.add(code)
+    if ctx.test:
+        return result(name, None, {"command": name}, f"would run: {name}")
+    res = ctx.run([shell, "-c", name], env=variables, cwd=cwd, timeout=timeout or 3600,
+                  runas=None if runas is None else str(runas))
+    changes = {"retcode": res.returncode, "stdout": res.stdout, "stderr": res.stderr}
+    if res.returncode == 124 and res.stderr.startswith("timed out"):
+        return result(name, False, changes, f"command {res.stderr}")
+    if res.returncode not in ok_codes:
+        return result(name, False, changes, f"command failed with exit status {res.returncode}")
+    return result(name, True, changes, f"ran: {name}")

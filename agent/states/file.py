@@ -1,0 +1,504 @@
+"""file: whole files, directories, single lines and marked blocks.
+
+Every write replaces the file atomically (temp file, fsync, rename) after keeping the old version
+under the agent's state dir (``/var/lib/piagent/backup/<path>.<time>``). Test mode shows a
+unified diff of what would change.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import stat
+
+from .base import (StateContext, StateError, absolute_path, format_mode, group_name, lookup_owner, owner_name,
+                   parse_mode, read_text, result, update_file)
+
+__states__ = ("managed", "directory", "absent", "line", "blockreplace")
+
+DIRECTORY_MODE = 0o755
+# Paths file.absent refuses: removing one would wreck the system, never what a state meant.
+PROTECTED = {"/", "/bin", "/boot", "/dev", "/etc", "/home", "/lib", "/proc", "/root", "/run", "/sbin",
+             "/sys", "/usr", "/var", "/boot/firmware"}
+
+
+# ---------------------------------------------------------------------------------------------
+# Owner and mode, shared by managed and directory
+
+def _wanted_owner(ctx: StateContext, user, group, notes: list[str]) -> tuple[int | None, int | None]:
+    uid, gid, missing = lookup_owner(user, group)
+    if missing:
+        if not ctx.test:
+            raise StateError(f"no {' and no '.join(missing)} on this node")
+        # A package an earlier state installs may create it (the munge user comes with munge).
+        notes.append(f"{' and '.join(missing)} does not exist yet")
+    return uid, gid
+
+
+def _owner_mode_changes(st: os.stat_result | None, mode: int | None, uid: int | None, gid: int | None) -> dict:
+    """What differs between the file's (or directory's) mode/owner and the wanted ones."""
+    changes = {}
+    if mode is not None and (st is None or stat.S_IMODE(st.st_mode) != mode):
+        changes["mode"] = format_mode(mode)
+    if uid is not None and (st is None or st.st_uid != uid):
+        changes["user"] = owner_name(uid)
+    if gid is not None and (st is None or st.st_gid != gid):
+        changes["group"] = group_name(gid)
+    return changes
+
+
+def _apply_owner_mode(path: str, mode: int | None, uid: int | None, gid: int | None) -> None:
+    try:
+        if uid is not None or gid is not None:
+            os.chown(path, -1 if uid is None else uid, -1 if gid is None else gid)
+        if mode is not None:
+            os.chmod(path, mode)  # after chown, which clears setuid/setgid
+    except OSError as exc:
+        raise StateError(f"cannot set owner/mode of {path}: {exc.strerror}") from None
+
+
+def _parent_ready(ctx: StateContext, path: str, makedirs: bool, notes: list[str]) -> None:
+    """Make sure the parent directory exists (creating it with makedirs), or explain why not."""
+    parent = os.path.dirname(path)
+    if os.path.isdir(parent):
+        return
+    if os.path.lexists(parent) and not os.path.isdir(parent):
+        raise StateError(f"{parent} exists and is not a directory")
+    if not makedirs:
+        if ctx.test:
+            # An earlier file.directory state in the same run may create it.
+            notes.append(f"parent directory {parent} does not exist yet (makedirs: true would create it)")
+            return
+        raise StateError(f"parent directory {parent} does not exist (makedirs: true creates it)")
+    if ctx.test:
+        notes.append(f"would create parent directory {parent}")
+        return
+    try:
+        os.makedirs(parent, mode=DIRECTORY_MODE, exist_ok=True)
+    except OSError as exc:
+        raise StateError(f"cannot create {parent}: {exc.strerror}") from None
+
+
+def _finish(ctx: StateContext, name: str, changes: dict, done: tuple[str, str], unchanged: str,
+            notes: list[str]) -> dict:
+    """The result; ``done`` is what was changed, as (test mode's "would ..." verb, the past tense)."""
+    if changes:
+        comment = f"would {done[0]}" if ctx.test else done[1]
+    else:
+        comment = unchanged
+    if notes:
+        comment += "; " + "; ".join(notes)
+    return result(name, None if ctx.test and changes else True, changes, comment)
+
+
+def _as_text(value, what: str) -> str:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)
+    raise StateError(f"{what} must be text, not {type(value).__name__}")
+
+
+# ---------------------------------------------------------------------------------------------
+# States
+
+def managed(ctx: StateContext, name: str, contents: str | list | None = None, mode: str | int | None = None,
+            user: str | int | None = None, group: str | int | None = None, makedirs: bool = False,
+            replace: bool = True, contents_newline: bool = True) -> dict:
+    """A file with the given contents, mode and owner.
+
+    The file is replaced atomically (write a temp file, fsync, rename) and its previous version kept
+    under the agent's state dir (``/var/lib/piagent/backup``). Only what differs is changed: the
+    same contents with another mode gets a chmod, not a rewrite. Test mode shows a unified diff.
+
+    Arguments:
+      name: the file's absolute path (default: the state's id). A symlink is followed.
+      contents: the text the file should hold; a list is joined as lines. Without contents (and
+        without source) the file is created empty if missing and only its mode/owner are managed.
+      source: a file next to the state file whose text becomes the contents (the master reads it;
+        ``salt://`` prefixes are accepted and ignored).
+      template: ``jinja`` to render ``source`` with the node's facts first (on the master).
+      mode: octal permissions as a string, e.g. "0644" (quote it: YAML reads 0644 as the number
+        420); a new file defaults to 0644, an existing one keeps its mode.
+      user, group: owner by name or number; an existing file keeps its owner when not given.
+      makedirs: create missing parent directories (0755), default false.
+      replace: false to leave the contents of an existing file alone (create it only), default true.
+      contents_newline: end ``contents`` with a newline if it lacks one, default true (as Salt).
+
+    Example::
+
+        /etc/motd:
+          file.managed:
+            - contents: |
+                Welcome to {{ node.id }}
+            - mode: "0644"
+        /etc/munge/munge.key:
+          file.managed:
+            - source: munge.key
+            - user: munge
+            - group: munge
+            - mode: "0400"
+    """
+    path = absolute_path(name)
+    if contents is not None:
+        if isinstance(contents, list):
+            contents = "\n".join(_as_text(line, "each line of contents") for line in contents)
+        else:
+            contents = _as_text(contents, "contents")
+        if contents_newline and contents and not contents.endswith("\n"):
+            contents += "\n"
+    wanted_mode = parse_mode(mode)
+    notes: list[str] = []
+    uid, gid = _wanted_owner(ctx, user, group, notes)
+    if os.path.isdir(path):
+        raise StateError(f"{path} is a directory")
+    _parent_ready(ctx, path, makedirs, notes)
+    old = read_text(path)
+    if contents is None or (old is not None and not replace):
+        new = old if old is not None else ""
+    else:
+        new = contents
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        st = None
+    owner_mode = _owner_mode_changes(st, wanted_mode, uid, gid)
+    if old is None:
+        changes = update_file(ctx, path, None, new, mode=wanted_mode, uid=uid, gid=gid)
+        changes = {"diff": changes.get("diff", ""), "created": True, **owner_mode}
+        return _finish(ctx, name, changes, (f"create {path}", f"created {path}"), "", notes)
+    changes = update_file(ctx, path, old, new, mode=wanted_mode, uid=uid, gid=gid)
+    if owner_mode and not changes and not ctx.test:
+        _apply_owner_mode(path, wanted_mode, uid, gid)
+    changes.update(owner_mode)
+    what = " and ".join(filter(None, ["contents" if "diff" in changes else "",
+                                      "owner/mode" if owner_mode else ""]))
+    return _finish(ctx, name, changes, (f"update {what} of {path}", f"updated {what} of {path}"),
+                   f"{path} is as wanted", notes)
+
+
+def directory(ctx: StateContext, name: str, user: str | int | None = None, group: str | int | None = None,
+              mode: str | int | None = None, makedirs: bool = False) -> dict:
+    """A directory, with the given mode and owner.
+
+    Arguments:
+      name: the directory's absolute path (default: the state's id).
+      user, group: owner by name or number (kept when not given).
+      mode: octal permissions as a string, e.g. "0755" (a new directory defaults to 0755).
+      makedirs: create missing parent directories too, default false.
+
+    Example::
+
+        /srv/scratch:
+          file.directory:
+            - user: slurm
+            - mode: "1777"
+            - makedirs: true
+    """
+    path = absolute_path(name)
+    wanted_mode = parse_mode(mode)
+    notes: list[str] = []
+    uid, gid = _wanted_owner(ctx, user, group, notes)
+    if os.path.lexists(path) and not os.path.isdir(path):
+        raise StateError(f"{path} exists and is not a directory")
+    if os.path.isdir(path):
+        changes = _owner_mode_changes(os.stat(path), wanted_mode, uid, gid)
+        if changes and not ctx.test:
+            _apply_owner_mode(path, wanted_mode, uid, gid)
+        return _finish(ctx, name, changes, (f"update owner/mode of {path}", f"updated owner/mode of {path}"),
+                       f"{path} is as wanted", notes)
+    _parent_ready(ctx, path, makedirs, notes)
+    changes = {"created": True, **_owner_mode_changes(None, wanted_mode, uid, gid)}
+    if not ctx.test:
+        try:
+            os.mkdir(path, DIRECTORY_MODE)
+        except OSError as exc:
+            raise StateError(f"cannot create {path}: {exc.strerror}") from None
+        # mkdir's mode passes through the umask; set it exactly.
+        _apply_owner_mode(path, DIRECTORY_MODE if wanted_mode is None else wanted_mode, uid, gid)
+    return _finish(ctx, name, changes, (f"create {path}", f"created {path}"), "", notes)
+
+
+def absent(ctx: StateContext, name: str) -> dict:
+    """No file, symlink or directory (removed with everything in it) at the path.
+
+    A removed file's last version is kept under the agent's state dir. System directories such as
+    /, /etc or /usr are refused.
+
+    Arguments:
+      name: the absolute path (default: the state's id).
+
+    Example::
+
+        /etc/apt/sources.list.d/old.list:
+          file.absent
+    """
+    path = absolute_path(name)
+    if path in PROTECTED:
+        raise StateError(f"refusing to remove {path}")
+    if not os.path.lexists(path):
+        return result(name, True, {}, f"{path} is absent")
+    is_dir = os.path.isdir(path) and not os.path.islink(path)
+    changes = {"removed": path}
+    if ctx.test:
+        return result(name, None, changes, f"would remove {'directory ' if is_dir else ''}{path}")
+    try:
+        if is_dir:
+            shutil.rmtree(path)
+        else:
+            if os.path.isfile(path) and not os.path.islink(path):
+                ctx.backup(path)
+            os.unlink(path)
+    except OSError as exc:
+        raise StateError(f"cannot remove {path}: {exc.strerror}") from None
+    return result(name, True, changes, f"removed {path}")
+
+
+# ---------------------------------------------------------------------------------------------
+# file.line
+
+LINE_MODES = {"ensure": "ensure", "present": "ensure", "delete": "delete", "absent": "delete"}
+
+
+def _compile(pattern, what: str):
+    if pattern is None:
+        return None
+    try:
+        return re.compile(_as_text(pattern, what))
+    except re.error as exc:
+        raise StateError(f"{what} {pattern!r} is not a valid regular expression: {exc}") from None
+
+
+def _key_pattern(key: str, separator: str, commented: bool) -> re.Pattern:
+    sep = separator.strip()
+    # "KEY = value" and "KEY=value" are the same setting; a blank separator means whitespace.
+    tail = rf"\s*{re.escape(sep)}" if sep else r"(\s|$)"
+    comment = r"#+\s*" if commented else ""
+    return re.compile(rf"^\s*{comment}{re.escape(key)}{tail}")
+
+
+def _key_value(line: str, key: str, separator: str) -> str:
+    sep = separator.strip()
+    rest = line.strip()[len(key):].lstrip()
+    return (rest[len(sep):] if sep else rest).strip()
+
+
+def line(ctx: StateContext, name: str, content: str | None = None, match: str | None = None,
+         mode: str = "ensure", key: str | None = None, value: str | int | None = None, separator: str = "=",
+         after: str | None = None, before: str | None = None, create: bool = False) -> dict:
+    """One line (or one key=value setting) present in, or deleted from, a file; the rest untouched.
+
+    With ``key``/``value`` the state owns the setting, wherever it is: an existing ``KEY=...`` line
+    gets the new value in place (later duplicates of the key are removed, since they would win);
+    without one, a commented-out ``#KEY=...`` line is replaced in place (it sits next to its
+    documentation); otherwise the line is added. With ``match`` (a regular expression) the state
+    owns the lines matching it the same way. With only ``content`` the exact line is ensured.
+
+    Arguments:
+      name: the file's absolute path.
+      content: the whole line (no newline), for mode ensure; for delete, the exact line to delete.
+      match: a regular expression (Python ``re.search``) for the lines this state owns.
+      mode: ``ensure`` (default; alias ``present``) or ``delete`` (alias ``absent``).
+      key, value, separator: the setting ``KEY<separator>VALUE``, separator ``=`` by default
+        (spaces around it are tolerated when matching); a separator of " " means whitespace, as in
+        sshd_config. For delete, ``key`` alone deletes every setting of the key.
+      after, before: regular expressions; a new line goes after/before the first line matching
+        (default: at the end).
+      create: create the file (0644) if missing, default false.
+
+    Example::
+
+        swapsize:
+          file.line:
+            - name: /etc/dphys-swapfile
+            - key: CONF_SWAPSIZE
+            - value: 0
+        no-root-ssh:
+          file.line:
+            - name: /etc/ssh/sshd_config
+            - key: PermitRootLogin
+            - value: "no"
+            - separator: " "
+    """
+    path = absolute_path(name)
+    op = LINE_MODES.get(mode) if isinstance(mode, str) else None
+    if op is None:
+        raise StateError(f"mode must be ensure or delete (aliases present, absent), not {mode!r}")
+    if key is not None and (content is not None or match is not None):
+        raise StateError("give key (with value) or content/match, not both")
+    if key is not None:
+        key = _as_text(key, "key").strip()
+        if not key or "\n" in key:
+            raise StateError("key must be a non-empty single word")
+        separator = _as_text(separator, "separator")
+        if not separator or "\n" in separator:
+            raise StateError("separator must not be empty")
+        if value is not None:
+            value = _as_text(value, "value")
+            content = f"{key}{separator}{value}"
+        elif op == "ensure":
+            raise StateError("key needs a value for mode ensure")
+    if content is not None:
+        content = _as_text(content, "content")
+        if "\n" in content.rstrip("\n"):
+            raise StateError("content must be a single line (use file.blockreplace for several)")
+        content = content.rstrip("\n")
+    if op == "ensure" and content is None:
+        raise StateError("mode ensure needs content (or key and value)")
+    if op == "delete" and content is None and match is None and key is None:
+        raise StateError("mode delete needs content, match or key")
+    match_re = _compile(match, "match")
+    after_re, before_re = _compile(after, "after"), _compile(before, "before")
+
+    def owned(body: str) -> bool:
+        if match_re is not None:
+            return bool(match_re.search(body))
+        if key is not None:
+            if not _key_pattern(key, separator, False).match(body):
+                return False
+            # Deleting KEY=VALUE deletes only that setting; ensuring replaces any value of KEY.
+            return op == "ensure" or value is None or _key_value(body, key, separator) == value
+        return body.strip() == content.strip()
+
+    notes: list[str] = []
+    old = read_text(path)
+    if old is None:
+        if op == "delete":
+            return result(name, True, {}, f"{path} does not exist: nothing to delete")
+        if not create:
+            if ctx.test:
+                return result(name, None, {"diff": f"{path} does not exist yet\n"},
+                              f"{path} does not exist yet (create: true would create it)")
+            raise StateError(f"{path} does not exist (create: true creates it)")
+        _parent_ready(ctx, path, False, notes)
+    lines = (old or "").splitlines(keepends=True)
+    bodies = [ln.rstrip("\r\n") for ln in lines]
+
+    def eol(i: int) -> str:
+        return lines[i][len(bodies[i]):] or "\n"
+
+    hits = [i for i, body in enumerate(bodies) if owned(body)]
+    new_lines = list(lines)
+    if op == "delete":
+        for i in reversed(hits):
+            del new_lines[i]
+        lines_word = f"{len(hits)} line{'s' * (len(hits) != 1)}"
+        done = (f"delete {lines_word} from {path}", f"deleted {lines_word} from {path}")
+    elif hits and (key is not None or match_re is not None):
+        first = hits[0]
+        new_lines[first] = content + eol(first)
+        for i in reversed(hits[1:]):
+            del new_lines[i]
+        done = (f"set {key or 'the matching line'} in {path}",) * 2
+    elif hits:
+        done = ("", "")  # the exact line is there
+    else:
+        commented = ([i for i, body in enumerate(bodies) if _key_pattern(key, separator, True).match(body)]
+                     if key is not None else [])
+        if commented:
+            new_lines[commented[0]] = content + eol(commented[0])
+        else:
+            at = len(new_lines)
+            for pattern, offset, what in ((after_re, 1, "after"), (before_re, 0, "before")):
+                if pattern is not None:
+                    found = [i for i, body in enumerate(bodies) if pattern.search(body)]
+                    if not found:
+                        raise StateError(f"no line of {path} matches {what}: {pattern.pattern!r}")
+                    at = found[0] + offset
+                    break
+            if at == len(new_lines) and new_lines and not new_lines[-1].endswith("\n"):
+                new_lines[-1] += "\n"
+            new_lines.insert(at, content + "\n")
+        done = (f"add the line to {path}", f"added the line to {path}")
+    changes = update_file(ctx, path, old, "".join(new_lines))
+    return _finish(ctx, name, changes, done, f"{path} is as wanted", notes)
+
+
+# ---------------------------------------------------------------------------------------------
+# file.blockreplace
+
+def blockreplace(ctx: StateContext, name: str, marker_start: str = "#-- start managed zone --",
+                 marker_end: str = "#-- end managed zone --", content: str = "",
+                 append_if_not_found: bool = False, prepend_if_not_found: bool = False) -> dict:
+    """A block of lines between two marker lines, managed as a whole; the rest of the file untouched.
+
+    For files several parties edit: a static address in ``/etc/dhcpcd.conf``, cluster entries in
+    ``/etc/hosts`` or ``/etc/fstab``. The marker lines are kept as they are; everything between them
+    becomes ``content``. A line counts as a marker when it starts with the marker text (after
+    leading blanks).
+
+    Arguments:
+      name: the file's absolute path.
+      marker_start, marker_end: the marker lines (Salt's defaults ``#-- start managed zone --`` and
+        ``#-- end managed zone --``).
+      content: the block's lines (a newline is added at the end if missing); "" empties the block.
+      append_if_not_found / prepend_if_not_found: when the markers are not in the file, add markers
+        and block at its end / start (creating the file if missing). Without either, missing markers
+        are an error (as in Salt).
+
+    Example::
+
+        static-ip:
+          file.blockreplace:
+            - name: /etc/dhcpcd.conf
+            - marker_start: "# BEGIN pimaster static address"
+            - marker_end: "# END pimaster static address"
+            - content: |
+                interface eth0
+                static ip_address=10.0.0.{{ node.index }}/24
+            - append_if_not_found: true
+    """
+    path = absolute_path(name)
+    marker_start = _as_text(marker_start, "marker_start").strip()
+    marker_end = _as_text(marker_end, "marker_end").strip()
+    if not marker_start or not marker_end or "\n" in marker_start + marker_end:
+        raise StateError("marker_start and marker_end must be non-empty single lines")
+    if marker_start.startswith(marker_end) or marker_end.startswith(marker_start):
+        raise StateError("marker_start and marker_end must differ (neither a prefix of the other)")
+    content = _as_text(content if content is not None else "", "content")
+    if content and not content.endswith("\n"):
+        content += "\n"
+    for body in content.splitlines():
+        if body.strip().startswith((marker_start, marker_end)):
+            raise StateError("content must not contain a marker line")
+    if append_if_not_found and prepend_if_not_found:
+        raise StateError("give append_if_not_found or prepend_if_not_found, not both")
+
+    notes: list[str] = []
+    old = read_text(path)
+    if old is None:
+        if not (append_if_not_found or prepend_if_not_found):
+            if ctx.test:
+                return result(name, None, {"diff": f"{path} does not exist yet\n"}, f"{path} does not exist yet")
+            raise StateError(f"{path} does not exist")
+        _parent_ready(ctx, path, False, notes)
+    lines = (old or "").splitlines(keepends=True)
+    starts = [i for i, ln in enumerate(lines) if ln.strip().startswith(marker_start)]
+    ends = [i for i, ln in enumerate(lines) if ln.strip().startswith(marker_end)]
+    if len(starts) > 1 or len(ends) > 1:
+        raise StateError(f"{path} has more than one {marker_start!r} / {marker_end!r} block; "
+                         f"merge them by hand first")
+    if starts and not (ends and ends[0] > starts[0]):
+        raise StateError(f"{path} has {marker_start!r} (line {starts[0] + 1}) without {marker_end!r} after it")
+    if ends and not starts:
+        raise StateError(f"{path} has {marker_end!r} (line {ends[0] + 1}) without {marker_start!r} before it")
+    if starts:
+        start, end = starts[0], ends[0]
+        new_lines = lines[:start + 1] + content.splitlines(keepends=True) + lines[end:]
+        done = (f"replace the block in {path}", f"replaced the block in {path}")
+    else:
+        block = [marker_start + "\n"] + content.splitlines(keepends=True) + [marker_end + "\n"]
+        if append_if_not_found:
+            if lines and not lines[-1].endswith("\n"):
+                lines[-1] += "\n"
+            new_lines = lines + block
+            done = (f"append the block to {path}", f"appended the block to {path}")
+        elif prepend_if_not_found:
+            new_lines = block + lines
+            done = (f"prepend the block to {path}", f"prepended the block to {path}")
+        else:
+            raise StateError(f"markers {marker_start!r} / {marker_end!r} not found in {path} "
+                             f"(append_if_not_found: true adds the block at the end)")
+    changes = update_file(ctx, path, old, "".join(new_lines))
+    return _finish(ctx, name, changes, done, f"{path} is as wanted", notes)

@@ -1,0 +1,293 @@
+"""service: systemd units running or stopped, enabled or disabled at boot.
+
+A unit name without a suffix means ``NAME.service``, as with systemctl. When a unit's file changed
+on disk (systemd says NeedDaemonReload) a ``systemctl daemon-reload`` comes first; a unit file that
+a state just wrote is found by a daemon-reload, too.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+
+from .base import StateContext, StateError, output_tail, result, systemd_running
+
+__states__ = ("running", "dead", "enabled", "disabled")
+
+UNIT_RE = re.compile(r"^[A-Za-z0-9:_.@\\-]+$")
+PROPERTIES = ("Id", "LoadState", "ActiveState", "UnitFileState", "NeedDaemonReload", "CanReload")
+RUNNING = {"active", "reloading"}
+# is-enabled answers for which `systemctl enable` has nothing to do: the unit has no [Install]
+# section (static), is pulled in by another (indirect) or is made by a generator.
+NOT_ENABLEABLE = {"static", "indirect", "generated", "transient"}
+ENABLED = {"enabled", "alias"}
+
+
+UNIT_DIRS = ("/etc/systemd/system", "/run/systemd/system", "/usr/local/lib/systemd/system",
+             "/lib/systemd/system", "/usr/lib/systemd/system")
+UNIT_SUFFIXES = (".service", ".socket", ".timer", ".target", ".mount", ".automount", ".path", ".swap",
+                 ".slice", ".scope", ".device")
+
+
+def unit_file_on_disk(name: str) -> bool:
+    file_name = name if name.endswith(UNIT_SUFFIXES) else name + ".service"
+    prefix, at, rest = file_name.partition("@")
+    candidates = {file_name}
+    if at:  # an instance (getty@tty1.service) comes from its template (getty@.service)
+        candidates.add(prefix + "@" + rest[rest.rfind("."):])
+    return any(os.path.exists(os.path.join(d, c)) for d in UNIT_DIRS for c in candidates)
+
+
+class _Unit:
+    def __init__(self, ctx: StateContext, name: str) -> None:
+        if not isinstance(name, str) or not UNIT_RE.match(name) or name.startswith("-"):
+            raise StateError(f"{name!r} is not a systemd unit name")
+        if not systemd_running():
+            raise StateError("systemd is not running on this node: service states need it")
+        self.ctx, self.name = ctx, name
+        self.daemon_reloaded = False
+        self.refresh()
+        if self.missing and not ctx.test and unit_file_on_disk(name):
+            # A unit file an earlier state wrote is unknown to systemd until a daemon-reload.
+            self.daemon_reload()
+
+    def refresh(self) -> None:
+        res = self.ctx.run(["systemctl", "show", "--property=" + ",".join(PROPERTIES), "--", self.name])
+        if not res.ok:
+            raise StateError(f"systemctl show {self.name} failed: {output_tail(res)}")
+        self.props = dict(line.partition("=")[::2] for line in res.stdout.splitlines() if "=" in line)
+        self.id = self.props.get("Id") or self.name
+
+    def daemon_reload(self) -> None:
+        res = self.ctx.run(["systemctl", "daemon-reload"])
+        if not res.ok:
+            raise StateError(f"systemctl daemon-reload failed: {output_tail(res)}")
+        self.daemon_reloaded = True
+        self.refresh()
+
+    @property
+    def missing(self) -> bool:
+        return self.props.get("LoadState") == "not-found"
+
+    @property
+    def masked(self) -> bool:
+        return self.props.get("LoadState") == "masked"
+
+    @property
+    def active(self) -> bool:
+        return self.props.get("ActiveState") in RUNNING
+
+    @property
+    def enabled_state(self) -> str:
+        res = self.ctx.run(["systemctl", "is-enabled", "--", self.id])
+        return res.stdout.strip().splitlines()[0] if res.stdout.strip() else "unknown"
+
+    def systemctl(self, verb: str) -> None:
+        res = self.ctx.run(["systemctl", verb, "--", self.id], timeout=600)
+        if not res.ok:
+            detail = output_tail(res, 4)
+            journal = self.ctx.run(["journalctl", "--no-pager", "-o", "cat", "-n", "8", "-u", self.id])
+            if journal.ok and journal.stdout.strip():
+                detail += "\njournal:\n" + journal.stdout.strip()
+            raise _Failed(f"systemctl {verb} {self.id} failed: {detail}")
+        self.refresh()
+
+
+class _Failed(Exception):
+    """A systemctl action failed after other changes were made: report them with the failure."""
+
+
+def _reload_if_needed(unit: _Unit, changes: dict) -> None:
+    if unit.props.get("NeedDaemonReload") == "yes":
+        changes["daemon_reload"] = True
+        if not unit.ctx.test:
+            unit.daemon_reload()
+    elif unit.daemon_reloaded:
+        changes["daemon_reload"] = True
+
+
+def _enable(unit: _Unit, enable: bool | None, changes: dict, notes: list[str]) -> None:
+    """Make the unit enabled (True) or disabled (False) at boot; None: leave it."""
+    if enable is None:
+        return
+    if not isinstance(enable, bool):
+        raise StateError(f"enable must be true or false, not {enable!r}")
+    state = unit.enabled_state
+    if enable:
+        if state in ENABLED:
+            return
+        if state in NOT_ENABLEABLE:
+            notes.append(f"{unit.id} is {state}: it cannot be enabled itself")
+            return
+        if state.startswith("masked"):
+            raise StateError(f"{unit.id} is masked (systemctl unmask {unit.id})")
+        changes["enabled"] = True
+        if not unit.ctx.test:
+            unit.systemctl("enable")
+            if unit.enabled_state not in ENABLED:
+                raise _Failed(f"systemctl enable {unit.id} did not enable it (is-enabled: {unit.enabled_state})")
+    else:
+        if state in NOT_ENABLEABLE or state == "disabled" or state.startswith("masked"):
+            return
+        changes["enabled"] = False
+        if not unit.ctx.test:
+            unit.systemctl("disable")
+
+
+def _verdict(unit: _Unit, name: str, changes: dict, notes: list[str], unchanged: str) -> dict:
+    ctx = unit.ctx
+    if changes:
+        steps = _steps(changes)
+        comment = (f"would {', '.join(s[0] for s in steps)}" if ctx.test
+                   else ", ".join(s[1] for s in steps)) + f" {unit.id}"
+    else:
+        comment = unchanged
+    if notes:
+        comment += "; " + "; ".join(notes)
+    return result(name, None if ctx.test and changes else True, changes, comment)
+
+
+def _steps(changes: dict) -> list[tuple[str, str]]:
+    """What the changes did, as ("would" verb, past tense) pairs in the order they happen."""
+    steps = []
+    for key, verb, done in (("daemon_reload", "daemon-reload for", "daemon-reloaded for"),
+                            ("stopped", "stop", "stopped"), ("enabled", "enable", "enabled"),
+                            ("started", "start", "started"), ("restarted", "restart", "restarted"),
+                            ("reloaded", "reload", "reloaded")):
+        if key == "enabled" and key in changes and changes[key] is False:
+            steps.append(("disable", "disabled"))
+        elif changes.get(key):
+            steps.append((verb, done))
+    return steps
+
+
+def running(ctx: StateContext, name: str, enable: bool | None = None, reload: bool = False) -> dict:
+    """A systemd unit running now (started if stopped; restarted when a watched state changed).
+
+    With a ``watch`` requisite (Salt's mod_watch), a change in a watched state -- the unit's config
+    file, its package -- restarts the running unit (or reloads it, with ``reload: true``).
+
+    Arguments:
+      name: the unit (default: the state's id); ``chrony`` means ``chrony.service``.
+      enable: true to also enable it at boot, false to disable it; default: leave as is.
+      reload: on a watched change, ``systemctl reload`` instead of restart (when the unit can).
+
+    Example::
+
+        chrony:
+          service.running:
+            - enable: true
+            - watch:
+              - file: /etc/chrony/chrony.conf
+    """
+    unit = _Unit(ctx, name)
+    changes: dict = {}
+    notes: list[str] = []
+    if unit.missing:
+        if ctx.test:  # an earlier pkg.installed in the same run may bring it
+            changes = {"started": True, **({"enabled": enable} if enable is not None else {})}
+            return result(name, None, changes, f"would start {name} (unit not present yet)")
+        return result(name, False, {}, f"no unit {name} on this node")
+    if unit.masked:
+        raise StateError(f"{unit.id} is masked (systemctl unmask {unit.id})")
+    try:
+        _reload_if_needed(unit, changes)
+        _enable(unit, enable, changes, notes)
+        if not unit.active:
+            changes["started"] = True
+            if not ctx.test:
+                unit.systemctl("start")
+                if not unit.active:
+                    raise _Failed(f"{unit.id} is {unit.props.get('ActiveState')} right after starting")
+        elif ctx.watch_changed:
+            verb = "reload" if reload and unit.props.get("CanReload") == "yes" else "restart"
+            changes[f"{verb}ed"] = True
+            if not ctx.test:
+                unit.systemctl(verb)
+    except _Failed as exc:
+        return result(name, False, changes, str(exc))
+    return _verdict(unit, name, changes, notes, f"{unit.id} is running")
+
+
+def dead(ctx: StateContext, name: str, enable: bool | None = None) -> dict:
+    """A systemd unit stopped now (and, with enable: false, not started at boot either).
+
+    A unit that does not exist counts as dead.
+
+    Arguments:
+      name: the unit (default: the state's id).
+      enable: false to also disable it at boot, true to keep it enabled; default: leave as is.
+
+    Example::
+
+        bluetooth:
+          service.dead:
+            - enable: false
+    """
+    unit = _Unit(ctx, name)
+    if unit.missing:
+        return result(name, True, {}, f"no unit {name} on this node: nothing to stop")
+    changes: dict = {}
+    notes: list[str] = []
+    try:
+        _reload_if_needed(unit, changes)
+        if unit.props.get("ActiveState") in RUNNING | {"activating", "deactivating"}:
+            changes["stopped"] = True
+            if not ctx.test:
+                unit.systemctl("stop")
+        _enable(unit, enable, changes, notes)
+    except _Failed as exc:
+        return result(name, False, changes, str(exc))
+    return _verdict(unit, name, changes, notes, f"{unit.id} is stopped")
+
+
+def enabled(ctx: StateContext, name: str) -> dict:
+    """A systemd unit enabled at boot (systemctl enable); whether it runs now is left alone.
+
+    Arguments:
+      name: the unit (default: the state's id).
+
+    Example::
+
+        ssh:
+          service.enabled
+    """
+    unit = _Unit(ctx, name)
+    if unit.missing:
+        if ctx.test:
+            return result(name, None, {"enabled": True}, f"would enable {name} (unit not present yet)")
+        return result(name, False, {}, f"no unit {name} on this node")
+    changes: dict = {}
+    notes: list[str] = []
+    try:
+        _reload_if_needed(unit, changes)
+        _enable(unit, True, changes, notes)
+    except _Failed as exc:
+        return result(name, False, changes, str(exc))
+    return _verdict(unit, name, changes, notes, f"{unit.id} is enabled")
+
+
+def disabled(ctx: StateContext, name: str) -> dict:
+    """A systemd unit not started at boot (systemctl disable); whether it runs now is left alone.
+
+    A unit that does not exist counts as disabled.
+
+    Arguments:
+      name: the unit (default: the state's id).
+
+    Example::
+
+        apt-daily.timer:
+          service.disabled
+    """
+    unit = _Unit(ctx, name)
+    if unit.missing:
+        return result(name, True, {}, f"no unit {name} on this node: nothing to disable")
+    changes: dict = {}
+    notes: list[str] = []
+    try:
+        _reload_if_needed(unit, changes)
+        _enable(unit, False, changes, notes)
+    except _Failed as exc:
+        return result(name, False, changes, str(exc))
+    return _verdict(unit, name, changes, notes, f"{unit.id} is disabled")

@@ -1,0 +1,164 @@
+"""The cluster inventory: `cluster.yaml` next to the state files (optional).
+
+    cluster:
+      name: picluster
+      subnet: 10.77.0.0/24
+      gateway: 10.77.0.1
+      dns: [10.77.0.1]
+      time_server: node01          # a node id/hostname or an address
+      name_pattern: "node{:02d}"   # for enrolled nodes the inventory does not list
+      first_host: 101              # ...and their addresses, counting up from .101
+      default_roles: [compute]
+    nodes:
+      - id: node01                 # matched by node id,
+        ip: 10.77.0.11
+        roles: [master, controller, nfs-server]
+      - mac: "dc:a6:32:01:02:03"   # or by MAC address, or by Pi serial
+        hostname: node02
+        ip: 10.77.0.12
+        roles: [compute]
+
+Any other key of a node entry (or of `cluster`) is passed to the templates as is. An enrolled node
+that no entry matches gets the next free name and address from the pattern, and keeps them (the
+master stores the assignment).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from dataclasses import dataclass, field
+
+import yaml
+
+from .render import StateFileError
+
+INVENTORY_NAMES = ("cluster.yaml", "cluster.yml")
+MATCH_KEYS = ("id", "mac", "serial")
+
+
+@dataclass
+class Inventory:
+    path: str | None = None
+    cluster: dict = field(default_factory=dict)
+    entries: list[dict] = field(default_factory=list)
+
+    @property
+    def subnet(self) -> ipaddress.IPv4Network | None:
+        value = self.cluster.get("subnet")
+        return ipaddress.ip_network(value, strict=False) if value else None
+
+
+def find_inventory(directory: str) -> str | None:
+    for name in INVENTORY_NAMES:
+        path = os.path.join(directory, name)
+        if os.path.isfile(path):
+            return path
+    return None
+
+
+def load_inventory(directory: str) -> Inventory:
+    path = find_inventory(directory)
+    if path is None:
+        return Inventory()
+    shown = os.path.basename(path)
+    try:
+        with open(path, encoding="utf-8") as fh:
+            data = yaml.safe_load(fh) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        raise StateFileError(shown, mark.line + 1 if mark else None, f"YAML syntax error: {getattr(exc, 'problem', exc)}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise StateFileError(shown, None, f"cannot read: {exc}") from None
+    if not isinstance(data, dict):
+        raise StateFileError(shown, 1, "the inventory is a mapping with `cluster:` and `nodes:`")
+    unknown = set(data) - {"cluster", "nodes"}
+    if unknown:
+        raise StateFileError(shown, None, f"unknown top-level key(s): {', '.join(sorted(map(str, unknown)))}")
+    cluster = data.get("cluster") or {}
+    entries = data.get("nodes") or []
+    if not isinstance(cluster, dict):
+        raise StateFileError(shown, None, "`cluster:` must be a mapping")
+    if isinstance(entries, dict):  # `nodes: {node01: {...}}` reads as id -> entry
+        entries = [dict(v or {}, id=k) for k, v in entries.items()]
+    if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
+        raise StateFileError(shown, None, "`nodes:` must be a list of mappings")
+    inventory = Inventory(path, cluster, entries)
+    try:
+        subnet = inventory.subnet
+    except ValueError as exc:
+        raise StateFileError(shown, None, f"cluster.subnet: {exc}") from None
+    seen_ips: dict[str, int] = {}
+    for number, entry in enumerate(entries, 1):
+        if not any(k in entry for k in MATCH_KEYS):
+            raise StateFileError(shown, None, f"node entry {number} has none of id, mac, serial to match a node by")
+        roles = entry.get("roles", [])
+        if not isinstance(roles, list) or not all(isinstance(r, str) for r in roles):
+            raise StateFileError(shown, None, f"node entry {number}: roles must be a list of names")
+        if "ip" in entry:
+            try:
+                ip = ipaddress.ip_address(str(entry["ip"]))
+            except ValueError:
+                raise StateFileError(shown, None, f"node entry {number}: {entry['ip']!r} is not an IP address") from None
+            if subnet and ip not in subnet:
+                raise StateFileError(shown, None, f"node entry {number}: {ip} is outside the subnet {subnet}")
+            if str(ip) in seen_ips:
+                raise StateFileError(shown, None, f"node entries {seen_ips[str(ip)]} and {number} share the address {ip}")
+            seen_ips[str(ip)] = number
+    return inventory
+
+
+def _matches(entry: dict, node_id: str, facts: dict) -> bool:
+    if "id" in entry and str(entry["id"]) == node_id:
+        return True
+    if "mac" in entry and str(entry["mac"]).lower() in [m.lower() for m in facts.get("macs", [])]:
+        return True
+    return "serial" in entry and facts.get("pi_serial") and str(entry["serial"]).lower() == str(facts["pi_serial"]).lower()
+
+
+def resolve_nodes(inventory: Inventory, nodes: dict[str, dict], assignments: dict[str, dict]) -> tuple[dict[str, dict], dict[str, dict]]:
+    """Each node's entry (hostname, ip, roles, extra keys) and the new name/address assignments made."""
+    resolved: dict[str, dict] = {}
+    new_assignments: dict[str, dict] = {}
+    used_names = {str(e.get("hostname") or e.get("id")) for e in inventory.entries if e.get("hostname") or e.get("id")}
+    used_ips = {str(e["ip"]) for e in inventory.entries if "ip" in e}
+    used_names |= {a["hostname"] for a in assignments.values()}
+    used_ips |= {a["ip"] for a in assignments.values() if a.get("ip")}
+    pattern = str(inventory.cluster.get("name_pattern", "node{:02d}"))
+    subnet = inventory.subnet
+    first_host = int(inventory.cluster.get("first_host", 101))
+    default_roles = list(inventory.cluster.get("default_roles", []))
+    for node_id in sorted(nodes):
+        facts = nodes[node_id]
+        entry = next((e for e in inventory.entries if _matches(e, node_id, facts)), None)
+        if entry is not None:
+            item = {k: v for k, v in entry.items() if k not in ("mac", "serial")}
+            item["id"] = node_id
+            item.setdefault("hostname", str(entry.get("id", node_id)) if "id" in entry else node_id)
+            item.setdefault("roles", [])
+        elif inventory.path is None:
+            item = {"id": node_id, "hostname": facts.get("hostname", node_id), "roles": []}
+        else:
+            assigned = assignments.get(node_id)
+            if assigned is None:
+                number = 1
+                while pattern.format(number) in used_names:
+                    number += 1
+                assigned = {"hostname": pattern.format(number), "ip": None}
+                used_names.add(assigned["hostname"])
+                if subnet is not None:
+                    host = first_host
+                    while str(subnet.network_address + host) in used_ips:
+                        host += 1
+                    assigned["ip"] = str(subnet.network_address + host)
+                    used_ips.add(assigned["ip"])
+                new_assignments[node_id] = assigned
+            item = {"id": node_id, "hostname": assigned["hostname"], "roles": list(default_roles)}
+            if assigned.get("ip"):
+                item["ip"] = assigned["ip"]
+        if not item.get("ip"):
+            ips = [ip for ip in facts.get("ips", []) if ":" not in ip]
+            if ips:
+                item["ip"] = ips[0]
+        resolved[node_id] = item
+    return resolved, new_assignments

@@ -1,0 +1,228 @@
+"""`pimaster apply` on loopback: render, validate, push, converge, report, keep results.
+
+Real master and agent processes; the states touch only files under the test's temp dir.
+"""
+
+import json
+import os
+import signal
+import textwrap
+import time
+
+import pytest
+
+from harness import wait_for
+
+
+@pytest.fixture
+def cluster(master, start_agent):
+    config = master.token_config(uses=5)
+    agents = [start_agent(n, config) for n in ("n1", "n2")]
+    wait_for(lambda: master.up_nodes() == {"n1", "n2"}, what="agents up")
+    return master, agents
+
+
+def write(path, text):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(textwrap.dedent(text).lstrip())
+    return path
+
+
+def apply(master, path, *args, check=False):
+    result = master.cli("apply", str(path), "--json", *args, check=check, timeout=300)
+    return result.returncode, (json.loads(result.stdout) if result.stdout.strip() else None), result
+
+
+def test_apply_converges_and_a_second_run_changes_nothing(tmp, cluster):
+    master, _ = cluster
+    out = tmp / "out"
+    state = write(tmp / "states" / "motd.yaml", f"""
+        {out}/{{{{ node.id }}}}/motd:
+          file.managed:
+            - contents: "hello {{{{ node.id }}}}, one of {{{{ nodes | length }}}}\\n"
+            - makedirs: true
+            - mode: "0640"
+        announce:
+          cmd.run:
+            - name: echo converged > {out}/{{{{ node.id }}}}/announced
+            - onchanges:
+              - file: {out}/{{{{ node.id }}}}/motd
+        """)
+    rc, report, _ = apply(master, state, "--test")
+    assert rc == 0 and report["nodes"]["n1"]["changed"] == 2  # test mode counts what would change
+    assert not (out / "n1").exists()  # ...and changes nothing
+    diff = report["nodes"]["n1"]["states"][0]["changes"].get("diff", "")
+    assert "+hello n1, one of 2" in diff
+
+    rc, report, _ = apply(master, state)
+    assert rc == 0, report
+    for node in ("n1", "n2"):
+        assert report["nodes"][node]["ok"] and report["nodes"][node]["changed"] == 2
+        assert (out / node / "motd").read_text() == f"hello {node}, one of 2\n"
+        assert oct((out / node / "motd").stat().st_mode & 0o777) == "0o640"
+        assert (out / node / "announced").read_text() == "converged\n"
+    (out / "n1" / "announced").unlink()
+
+    rc, report, _ = apply(master, state)
+    assert rc == 0
+    for node in ("n1", "n2"):
+        assert report["nodes"][node]["changed"] == 0, report["nodes"][node]["states"]
+        assert [s["status"] for s in report["nodes"][node]["states"]] == ["ok", "skipped"]
+    assert not (out / "n1" / "announced").exists()  # onchanges: nothing changed, so it did not run
+
+    # The jobs are kept: `pimaster jobs` lists them, `pimaster job ID` shows one again.
+    jobs = master.json("jobs")["jobs"]
+    assert len(jobs) == 3 and jobs[0]["id"] == report["job"]
+    again = master.json("job", report["job"])
+    assert again["nodes"]["n2"]["states"] == report["nodes"]["n2"]["states"]
+
+
+def test_a_failed_state_marks_its_dependants_not_run(tmp, cluster):
+    master, _ = cluster
+    state = write(tmp / "fail.yaml", f"""
+        broken:
+          cmd.run:
+            - name: "echo about to fail; exit 3"
+        depends:
+          cmd.run:
+            - name: touch {tmp}/should-not-exist
+            - require:
+              - cmd: broken
+        independent:
+          cmd.run:
+            - name: touch {tmp}/independent-{{{{ node.id }}}}
+        rescue:
+          cmd.run:
+            - name: touch {tmp}/rescued-{{{{ node.id }}}}
+            - onfail:
+              - cmd: broken
+        """)
+    rc, report, _ = apply(master, state, "--target", "n1")
+    assert rc != 0
+    node = report["nodes"]["n1"]
+    assert list(report["nodes"]) == ["n1"]
+    statuses = {s["id"]: s["status"] for s in node["states"]}
+    assert statuses == {"broken": "failed", "depends": "not_run", "independent": "changed", "rescue": "changed"}
+    assert node["failed"] == 1 and node["not_run"] == 1
+    broken = next(s for s in node["states"] if s["id"] == "broken")
+    assert "about to fail" in json.dumps(broken["changes"])  # output captured in the result
+    assert not (tmp / "should-not-exist").exists() and (tmp / "independent-n1").exists()
+    # The human view names the failure in full.
+    table = master.cli("apply", str(state), "--target", "n1", check=False)
+    assert table.returncode != 0 and "FAILED cmd.run broken" in table.stdout and "fail.yaml:2" in table.stdout
+
+
+BROKEN_FILES = {
+    "yaml-syntax.yaml": ("a:\n  file.managed:\n    - contents: [unclosed\n", "yaml-syntax.yaml:4", "YAML syntax error"),
+    "jinja-syntax.yaml": ("{% if node.id %}\na:\n  cmd.run: []\n", "jinja-syntax.yaml", "template syntax error"),
+    "jinja-undefined.yaml": ("a:\n  cmd.run:\n    - name: echo {{ node.no_such_fact }}\n", "jinja-undefined.yaml:3",
+                             "no_such_fact"),
+    "unknown-function.yaml": ("a:\n  file.manged:\n    - contents: x\n", "unknown-function.yaml:2",
+                              "did you mean 'file.managed'"),
+    "unknown-argument.yaml": ("/tmp/x:\n  file.managed:\n    - contents: x\n    - mdoe: '0644'\n",
+                              "unknown-argument.yaml:2", "did you mean 'mode'"),
+    "missing-argument.yaml": ("pi.example:\n  host.present:\n    - clean: true\n", "missing-argument.yaml:2",
+                              "needs the argument 'ip'"),
+    "bad-requisite.yaml": ("a:\n  cmd.run:\n    - name: 'true'\n    - require:\n      - cmd: b\n",
+                           "bad-requisite.yaml:5", "not a state in this file"),
+    "cycle.yaml": ("a:\n  cmd.run:\n    - require:\n      - cmd: b\nb:\n  cmd.run:\n    - require:\n      - cmd: a\n",
+                   "cycle.yaml", "requisite cycle"),
+    "missing-include.yaml": ("include:\n  - not-there\na:\n  cmd.run: []\n", "missing-include.yaml:2",
+                             "no state file 'not-there'"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(BROKEN_FILES))
+def test_a_broken_state_file_is_refused_with_file_line_and_reason(tmp, cluster, name):
+    master, agents = cluster
+    text, where, reason = BROKEN_FILES[name]
+    path = write(tmp / "states" / name, text)
+    result = master.cli("apply", str(path), check=False)
+    assert result.returncode != 0
+    assert "nothing was sent" in result.stderr and where in result.stderr and reason in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr + result.stdout
+    # Nothing reached a node: no job recorded, no job on any agent.
+    assert master.json("jobs")["jobs"] == []
+    for agent in agents:
+        assert not (agent.state_dir / "jobs").exists() and "job " not in agent.output()
+
+
+def test_results_survive_a_master_restart_mid_job(tmp, cluster):
+    master, _ = cluster
+    state = write(tmp / "slow.yaml", f"""
+        slow:
+          cmd.run:
+            - name: sleep 3; touch {tmp}/slow-done-{{{{ node.id }}}}
+        """)
+    proc = master.cli  # noqa: F841 (readability)
+    import subprocess
+    import sys
+
+    running = subprocess.Popen([master.python, "-m", "pimaster", "apply", str(state), "--json", "--state-dir",
+                                str(master.state_dir)], env=master.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    wait_for(lambda: master.json("jobs")["jobs"], what="the job to start")
+    job_id = master.json("jobs")["jobs"][0]["id"]
+    master.stop(signal.SIGKILL)
+    running.wait(30)
+    assert running.returncode != 0  # the person's command lost its master...
+    master.start()
+    # ...but every node's result still ends up recorded against the job.
+    wait_for(lambda: all(n["status"] == "done" for n in master.json("job", job_id, check=False)["nodes"].values()),
+             timeout=60, what="both results recorded after the restart")
+    report = master.json("job", job_id)
+    assert sorted(report["nodes"]) == ["n1", "n2"] and all(n["ok"] for n in report["nodes"].values())
+    assert (tmp / "slow-done-n1").exists() and (tmp / "slow-done-n2").exists()
+
+
+def test_an_agent_killed_mid_job_reports_it_interrupted(tmp, cluster):
+    master, agents = cluster
+    state = write(tmp / "slow.yaml", """
+        slow:
+          cmd.run:
+            - name: sleep 30
+        """)
+    import subprocess
+
+    running = subprocess.Popen([master.python, "-m", "pimaster", "apply", str(state), "--target", "n1", "--json",
+                                "--state-dir", str(master.state_dir)], env=master.env, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    wait_for(lambda: (agents[0].state_dir / "jobs").exists() and list((agents[0].state_dir / "jobs").iterdir()),
+             what="the job to run on n1")
+    agents[0].kill()
+    agents[0].start()
+    out, _ = running.communicate(timeout=60)
+    report = json.loads(out)
+    assert running.returncode != 0
+    assert report["nodes"]["n1"]["status"] == "interrupted" and not report["nodes"]["n1"]["ok"]
+
+
+def test_inventory_roles_names_and_targets(tmp, cluster):
+    master, _ = cluster
+    write(tmp / "site" / "cluster.yaml", """
+        cluster:
+          name: testcluster
+          subnet: 10.99.0.0/24
+          name_pattern: "pi{:02d}"
+          first_host: 101
+        nodes:
+          - id: n1
+            hostname: head
+            ip: 10.99.0.10
+            roles: [controller]
+        """)
+    state = write(tmp / "site" / "roles.yaml", f"""
+        {tmp}/roles-{{{{ node.id }}}}:
+          file.managed:
+            - contents: |
+                {{{{ node.hostname }}}} {{{{ node.ip }}}} {{{{ node.roles | join(',') }}}} {{{{ cluster.name }}}}
+                {{% for n in nodes %}}{{{{ n.hostname }}}}={{{{ n.ip }}}} {{% endfor %}}
+        """)
+    rc, report, _ = apply(master, state)
+    assert rc == 0, report
+    assert (tmp / "roles-n1").read_text() == "head 10.99.0.10 controller testcluster\nhead=10.99.0.10 pi01=10.99.0.101 \n"
+    assert (tmp / "roles-n2").read_text().startswith("pi01 10.99.0.101  testcluster")
+    rc, report, _ = apply(master, state, "--target", "role:controller")
+    assert rc == 0 and list(report["nodes"]) == ["n1"]
+    # An unlisted node keeps the name and address it was given.
+    rc, _, _ = apply(master, state)
+    assert (tmp / "roles-n2").read_text().startswith("pi01 10.99.0.101")
