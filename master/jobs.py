@@ -26,7 +26,7 @@ class ApplyRefused(Exception):
 def states_dir() -> str | None:
     """Where bare names (`pimaster apply slurm`) are looked up: the installed or the source tree's states/."""
     for candidate in (os.environ.get("PIMASTER_STATES_DIR"), "/usr/share/pimaster/states",
-                      os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "states")):
+                      os.path.join(os.path.dirname(os.path.dirname(os.path.realpath(__file__))), "states")):
         if candidate and os.path.isdir(candidate):
             return candidate
     return None

@@ -36,6 +36,7 @@ ENGINE_ARGS = set(REQUISITES) | set(REQUISITES_IN) | {"unless", "onlyif", "order
 # Arguments the master resolves itself before sending: `source` (+`template`) become `contents`.
 MASTER_ARGS = {"file.managed": {"source", "template"}}
 STATE_SUFFIXES = (".yaml", ".yml", ".sls")
+MODE_ARGS = {"mode", "dir_mode", "file_mode"}
 
 
 class StateFileError(Exception):
@@ -279,6 +280,10 @@ def _parse_state(state_id: str, node, path: str, line: int, errors: list) -> lis
             (arg_key_node, arg_value_node), = item.value
             key = _construct(arg_key_node)
             value = _construct(arg_value_node)
+            if key in MODE_ARGS and isinstance(value, int) and isinstance(arg_value_node, yaml.ScalarNode):
+                # `mode: 0644` is an octal number to YAML 1.1 and `mode: 644` a decimal one; people
+                # mean the digits they wrote either way, so the agent gets those digits.
+                value = arg_value_node.value
             if not isinstance(key, str):
                 errors.append(StateFileError(path, item_line, f"{state_id}: {fun}: argument names are strings"))
                 continue
@@ -493,6 +498,7 @@ def resolve_sources(states: list[State], context: dict, root: str) -> list[State
             else:
                 with open(full, encoding="utf-8") as fh:
                     state.args["contents"] = fh.read()
+            state.args.setdefault("contents_newline", False)  # a source file is copied exactly
         except StateFileError as exc:
             errors.append(exc)
         except (OSError, UnicodeDecodeError) as exc:

@@ -211,7 +211,10 @@ def update_file(ctx: StateContext, path: str, old: str | None, new: str, *, mode
     changes = {"diff": diff(old or "", new, path)}
     if not ctx.test:
         if old is not None:
-            ctx.backup(path)
+            try:
+                ctx.backup(path)
+            except OSError as exc:  # no backup, no change: the old version must stay recoverable
+                raise StateError(f"cannot keep a backup of {path} in {ctx.backup_dir}: {exc.strerror or exc}") from None
         try:
             write_file_atomic(path, new, mode=mode, uid=uid, gid=gid)
         except OSError as exc:

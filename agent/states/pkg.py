@@ -144,8 +144,9 @@ def installed(ctx: StateContext, name: str, pkgs: list | None = None, version: s
       version: the exact Debian version wanted for ``name`` (downgrades allowed).
       hold: true to hold the packages after installing (``apt-mark hold``), false to release a
         hold; default: leave holds alone.
-      refresh: true to always ``apt-get update`` first, false never; default: when the lists are
-        older than a day or a package is not found.
+      refresh: true to ``apt-get update`` before installing even when the lists are fresh, false
+        never to; default: when they are older than a day or a package is not found. Nothing is
+        refreshed when everything is installed already.
 
     Example::
 
