@@ -50,6 +50,8 @@ def run_states(states: list[dict], *, test: bool = False, state_dir: str = "/var
         res.update(id=state.get("id", res["name"]), fun=state["fun"], source=state.get("source"),
                    duration_ms=round((time.monotonic() - started) * 1000, 1))
         res.setdefault("status", _status(res))
+        if state.get("sensitive"):
+            res["sensitive"] = True  # its output goes to the master only, never into kept results
         results.append(res)
         if on_result is not None:
             on_result(index, res)

@@ -27,6 +27,28 @@ def _plain(value):
     return json.loads(json.dumps(value, default=str))
 
 
+def _redact(value, secrets: list[str]):
+    """Replace the job's secret values (the master says which) wherever they appear in results."""
+    secrets = sorted({s for s in secrets if isinstance(s, str) and len(s) >= 6}, key=len, reverse=True)
+    if not secrets:
+        return value
+    if isinstance(value, str):
+        for secret in secrets:
+            value = value.replace(secret, "[secret]")
+        return value
+    if isinstance(value, list):
+        return [_redact(v, secrets) for v in value]
+    if isinstance(value, dict):
+        return {k: _redact(v, secrets) for k, v in value.items()}
+    return value
+
+
+def _without_sensitive(results: list[dict]) -> list[dict]:
+    """What is kept on disk: a sensitive state's output is for the master's eyes only."""
+    return [dict(r, changes={"redacted": "sensitive state"} if r.get("changes") else {}) if r.get("sensitive") else r
+            for r in results]
+
+
 class JobRunner:
     def __init__(self, state_dir: str, send: Callable[[Message], Awaitable[bool]], log: logging.Logger) -> None:
         self.running_dir = os.path.join(state_dir, "jobs")
@@ -43,6 +65,9 @@ class JobRunner:
     def accept(self, body: dict) -> dict:
         """Validate an `apply` request and start it; the answer is the acknowledgement."""
         job_id, states, test = body.get("job"), body.get("states"), body.get("test", False)
+        redact = body.get("redact") or []
+        if not isinstance(redact, list):
+            return {"error": "malformed redact list"}
         if not isinstance(job_id, str) or not JOB_ID_RE.match(job_id):
             return {"error": "malformed job id"}
         if not isinstance(states, list) or not all(isinstance(s, dict) and isinstance(s.get("fun"), str)
@@ -50,12 +75,12 @@ class JobRunner:
             return {"error": "malformed states"}
         if os.path.exists(self._path(self.results_dir, job_id)) or os.path.exists(self._path(self.running_dir, job_id)):
             return {"accepted": True, "job": job_id, "note": "already known"}
-        task = asyncio.ensure_future(self._run(job_id, states, bool(test)))
+        task = asyncio.ensure_future(self._run(job_id, states, bool(test), redact))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return {"accepted": True, "job": job_id}
 
-    async def _run(self, job_id: str, states: list[dict], test: bool) -> None:
+    async def _run(self, job_id: str, states: list[dict], test: bool, redact: list) -> None:
         from .engine import run_states, summarize
 
         async with self._lock:
@@ -67,7 +92,7 @@ class JobRunner:
 
             def on_result(index: int, res: dict) -> None:
                 state = {k: res.get(k) for k in ("id", "fun", "status")}
-                state["comment"] = str(res.get("comment", ""))[:300]
+                state["comment"] = _redact(str(res.get("comment", ""))[:300], redact)
                 loop.call_soon_threadsafe(lambda: asyncio.ensure_future(self.send(Message(
                     type=proto.JOB_PROGRESS, body={"job": job_id, "index": index, "state": state}))))
 
@@ -79,12 +104,13 @@ class JobRunner:
                 self.log.exception("job %s failed", job_id)
                 results = [{"id": "job", "fun": "engine", "name": job_id, "result": False, "changes": {},
                             "comment": f"{type(exc).__name__}: {exc}", "status": "failed"}]
-            payload = {"job": job_id, "results": _plain(results), "summary": summarize(results),
+            results = _redact(_plain(results), redact)
+            payload = {"job": job_id, "results": results, "summary": summarize(results),
                        "started": started, "finished": time.time(), "test": test, "interrupted": False}
-            self._keep(payload)
+            self._keep(dict(payload, results=_without_sensitive(results)))
             os.unlink(marker)
             self.log.info("job %s done: %s", job_id, payload["summary"])
-        await self._deliver(payload)
+        await self._deliver(payload)  # sensitive output, if any, only in this first, live delivery
 
     def _keep(self, payload: dict) -> None:
         os.makedirs(self.results_dir, mode=0o700, exist_ok=True)

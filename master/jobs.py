@@ -16,7 +16,9 @@ import time
 from piagent import protocol as proto
 
 from .inventory import load_inventory, resolve_nodes
-from .render import StateFileError, StateFileErrors, compile_for_node, resolve_state_path
+from .render import (Pending, StateFileError, StateFileErrors, compile_for_node, resolve_state_path,
+                     to_attrdict)
+from .secrets import SecretError, string_leaves
 
 
 class ApplyRefused(Exception):
@@ -51,46 +53,74 @@ def _format_errors(per_node: dict[str, list[StateFileError]]) -> str:
     return "\n".join(lines)
 
 
-def plan(master, file: str, target: str | None, cwd: str | None = None) -> tuple[str, dict[str, list[dict]]]:
-    """The job for every targeted node, or ApplyRefused with every problem found."""
-    spec = file if os.path.isabs(file) or cwd is None else os.path.join(cwd, file)
-    if not os.path.exists(spec) and os.sep not in file:
-        spec = file  # a bare name: a shipped state file
-    try:
-        path = resolve_state_path(spec, states_dir())
-    except StateFileError as exc:
-        raise ApplyRefused(str(exc)) from None
-    root = os.path.dirname(path)
-    try:
-        inventory = load_inventory(root)
-    except StateFileError as exc:
-        raise ApplyRefused(str(exc)) from None
-    nodes = {n["node_id"]: n["facts"] for n in master.store.nodes() if n["node_id"] in master.node_of_key.values()}
-    assignments = master.store.assignments()
-    entries, new_assignments = resolve_nodes(inventory, nodes, assignments)
-    targets = select_targets(entries, target)
-    if not targets:
-        raise ApplyRefused(f"no accepted node matches {target or '*'}")
-    if new_assignments:
-        master.store.add_assignments({n: a for n, a in new_assignments.items() if n in entries})
-    catalogs = master.store.catalogs()
-    fallback: dict = {}
-    for catalog in catalogs.values():
-        fallback.update(catalog)
-    everyone = [dict(nodes[n], **entries[n], facts=nodes[n]) for n in sorted(entries)]
-    jobs: dict[str, list[dict]] = {}
-    errors: dict[str, list[StateFileError]] = {}
-    for node_id in targets:
-        node_ctx = dict(nodes[node_id], **entries[node_id], facts=nodes[node_id])
-        context = {"node": node_ctx, "nodes": everyone, "cluster": inventory.cluster}
-        catalog = catalogs.get(node_id) or fallback
+class Plan:
+    """Everything an apply needs that does not depend on results: file, inventory, nodes, catalogues."""
+
+    def __init__(self, master, file: str, target: str | None, cwd: str | None) -> None:
+        spec = file if os.path.isabs(file) or cwd is None else os.path.join(cwd, file)
+        if not os.path.exists(spec) and os.sep not in file:
+            spec = file  # a bare name: a shipped state file
         try:
-            jobs[node_id] = compile_for_node(path, context, catalog, root)
-        except StateFileErrors as exc:
-            errors[node_id] = exc.errors
-    if errors:
-        raise ApplyRefused(_format_errors(errors))
-    return path, jobs
+            self.path = resolve_state_path(spec, states_dir())
+        except StateFileError as exc:
+            raise ApplyRefused(str(exc)) from None
+        self.root = os.path.dirname(self.path)
+        try:
+            self.inventory = load_inventory(self.root)
+        except StateFileError as exc:
+            raise ApplyRefused(str(exc)) from None
+        self.facts = {n["node_id"]: n["facts"] for n in master.store.nodes()
+                      if n["node_id"] in master.node_of_key.values()}
+        self.entries, new_assignments = resolve_nodes(self.inventory, self.facts, master.store.assignments())
+        self.targets = select_targets(self.entries, target)
+        if not self.targets:
+            raise ApplyRefused(f"no accepted node matches {target or '*'}")
+        if new_assignments:
+            master.store.add_assignments(new_assignments)
+        self.catalogs = master.store.catalogs()
+        self.fallback_catalog: dict = {}
+        for catalog in self.catalogs.values():
+            self.fallback_catalog.update(catalog)
+        self.secrets = master.secrets
+        self.everyone = [self.node_context(n) for n in sorted(self.entries)]
+
+    def node_context(self, node_id: str) -> dict:
+        return dict(self.facts[node_id], **self.entries[node_id], facts=self.facts[node_id])
+
+    def render(self, node_ids: list[str], results) -> tuple[dict, dict, dict, dict]:
+        """Per node: the job and the secret values it carries; the file's `pimaster:` settings; errors."""
+        jobs, carried, errors = {}, {}, {}
+        meta: dict = {}
+        for node_id in node_ids:
+            used: dict[str, str] = {}
+
+            def secret(name, length=64, _used=used):
+                try:
+                    _used[name] = self.secrets.get(name, length)
+                except SecretError as exc:
+                    raise ValueError(str(exc)) from None
+                return _used[name]
+
+            context = {"node": self.node_context(node_id), "nodes": self.everyone,
+                       "cluster": self.inventory.cluster, "results": results, "secret": secret}
+            try:
+                jobs[node_id] = compile_for_node(self.path, context, self.catalogs.get(node_id) or self.fallback_catalog,
+                                                 self.root, meta)
+                carried[node_id] = list(used.values())
+            except StateFileErrors as exc:
+                errors[node_id] = exc.errors
+        return jobs, carried, meta, errors
+
+
+def stage_groups(meta: dict, entries: dict[str, dict], targets: list[str]) -> list[list[str]]:
+    """Nodes per stage: the first stage whose role a node has; nodes with none of them go last."""
+    stages = meta.get("stages") or []
+    groups: list[list[str]] = [[] for _ in stages] + [[]]
+    for node_id in targets:
+        roles = entries[node_id].get("roles", [])
+        index = next((i for i, role in enumerate(stages) if role in roles), len(stages))
+        groups[index].append(node_id)
+    return [g for g in groups if g]
 
 
 def select_targets(entries: dict[str, dict], target: str | None) -> list[str]:
@@ -105,46 +135,82 @@ def select_targets(entries: dict[str, dict], target: str | None) -> list[str]:
 async def apply(master, emit, file: str, target: str | None = None, test: bool = False,
                 timeout: float = 3600.0, ack_timeout: float = 15.0, cwd: str | None = None) -> dict:
     try:
-        path, jobs = await asyncio.to_thread(plan, master, file, target, cwd)
+        plan = await asyncio.to_thread(Plan, master, file, target, cwd)
+        # Every node's file is rendered and checked before anything is sent. Nodes of later stages
+        # see `results` as Pending here and are rendered again once the stages before them ran.
+        jobs, carried, meta, errors = await asyncio.to_thread(plan.render, plan.targets, Pending())
     except ApplyRefused as exc:
         raise master.ControlError("refused, nothing was sent:\n" + str(exc)) from None
+    if errors:
+        raise master.ControlError("refused, nothing was sent:\n" + _format_errors(errors))
+    groups = stage_groups(meta, plan.entries, plan.targets)
     job_id = new_job_id()
-    master.store.create_job(job_id, path, target, test, {n: len(states) for n, states in jobs.items()})
+    master.store.create_job(job_id, plan.path, target, test, {n: len(jobs[n]) for n in plan.targets})
     queue: asyncio.Queue = asyncio.Queue()
     master.job_watchers[job_id] = queue
+    master.job_redactions[job_id] = set()
     started = time.monotonic()
-    outcome: dict[str, dict] = {}
+    deadline = started + timeout
+    results_so_far: dict[str, dict] = {}
     try:
-        emit({"type": "start", "job": job_id, "file": path, "test": test,
-              "nodes": {n: len(states) for n, states in jobs.items()}})
-        bodies = {n: {"job": job_id, "test": test, "states": states} for n, states in jobs.items()}
-        acks = await master.ask(bodies, proto.APPLY, timeout=ack_timeout)
-        waiting = set()
-        for node_id, ack in acks.items():
-            if ack.get("ok") and ack.get("body", {}).get("accepted"):
-                master.store.set_job_node_status(job_id, node_id, "running")
-                waiting.add(node_id)
-            else:
-                error = ack.get("error") or ack.get("body", {}).get("error") or "did not take the job"
-                master.store.set_job_node_status(job_id, node_id, "no_answer")
-                outcome[node_id] = {"status": "no_answer", "error": error}
-                emit({"type": "node", "node": node_id, "status": "no_answer", "error": error})
-        deadline = time.monotonic() + timeout
-        while waiting - set(outcome):
-            try:
-                kind, node_id, body = await asyncio.wait_for(queue.get(), max(0.0, deadline - time.monotonic()))
-            except asyncio.TimeoutError:
-                break
-            if kind == "progress":
-                emit({"type": "progress", "node": node_id, "index": body.get("index"),
-                      "state": body.get("state")})
-            elif kind == "result" and node_id in jobs:
-                outcome[node_id] = body
-                emit({"type": "node", "node": node_id, "status": body["status"], "summary": body.get("summary")})
+        emit({"type": "start", "job": job_id, "file": plan.path, "test": test,
+              "nodes": {n: len(jobs[n]) for n in plan.targets}, "stages": [len(g) for g in groups]})
+        for index, group in enumerate(groups):
+            if index > 0:
+                jobs, carried, _, errors = await asyncio.to_thread(plan.render, group, to_attrdict(results_so_far))
+                for node_id, problems in errors.items():
+                    _refuse_node(master, emit, job_id, node_id, problems)
+                group = [n for n in group if n in jobs]
+            stage_results = await _run_stage(master, emit, job_id, test, group, jobs, carried, queue,
+                                             ack_timeout, deadline)
+            for node_id, raw in stage_results.items():
+                results_so_far[node_id] = {r.get("id"): r for r in raw.get("results", []) if isinstance(r, dict)}
+                for res in raw.get("results", []):
+                    if isinstance(res, dict) and res.get("sensitive"):
+                        master.job_redactions[job_id].update(string_leaves(res.get("changes")))
     finally:
         master.job_watchers.pop(job_id, None)
+        master.job_redactions.pop(job_id, None)
     job = master.store.job(job_id)
     return job_report(job, time.monotonic() - started)
+
+
+async def _run_stage(master, emit, job_id, test, group, jobs, carried, queue, ack_timeout, deadline) -> dict:
+    """Push one stage's jobs and wait for its results (raw, for the next stage's rendering)."""
+    extra = sorted(master.job_redactions.get(job_id, ()))
+    bodies = {n: {"job": job_id, "test": test, "states": jobs[n], "redact": carried[n] + extra} for n in group}
+    acks = await master.ask(bodies, proto.APPLY, timeout=ack_timeout)
+    waiting = set()
+    for node_id, ack in acks.items():
+        if ack.get("ok") and ack.get("body", {}).get("accepted"):
+            master.store.set_job_node_status(job_id, node_id, "running")
+            waiting.add(node_id)
+        else:
+            error = ack.get("error") or ack.get("body", {}).get("error") or "did not take the job"
+            master.store.set_job_node_status(job_id, node_id, "no_answer")
+            emit({"type": "node", "node": node_id, "status": "no_answer", "error": error})
+    raw: dict[str, dict] = {}
+    while waiting - set(raw):
+        try:
+            kind, node_id, body = await asyncio.wait_for(queue.get(), max(0.0, deadline - time.monotonic()))
+        except asyncio.TimeoutError:
+            break
+        if kind == "progress":
+            emit({"type": "progress", "node": node_id, "index": body.get("index"),
+                  "state": master.redact(body.get("state"), job_id)})
+        elif kind == "result" and node_id in waiting:
+            raw[node_id] = body
+            emit({"type": "node", "node": node_id, "status": body["status"], "summary": body.get("summary")})
+    return raw
+
+
+def _refuse_node(master, emit, job_id: str, node_id: str, problems: list[StateFileError]) -> None:
+    """A node of a later stage whose file does not render with the earlier stages' results."""
+    message = "\n".join(map(str, problems))
+    result = {"id": "render", "fun": "pimaster.render", "name": node_id, "result": False, "changes": {},
+              "comment": f"refused, nothing was sent to this node:\n{message}", "status": "failed"}
+    master.store.record_result(job_id, node_id, "done", {"failed": 1}, [master.redact(result, job_id)], None, None)
+    emit({"type": "node", "node": node_id, "status": "done", "summary": {"failed": 1}})
 
 
 def job_report(job: dict, elapsed: float | None = None) -> dict:

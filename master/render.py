@@ -32,7 +32,7 @@ import yaml
 
 REQUISITES = ("require", "watch", "onchanges", "onfail")
 REQUISITES_IN = tuple(f"{r}_in" for r in REQUISITES)
-ENGINE_ARGS = set(REQUISITES) | set(REQUISITES_IN) | {"unless", "onlyif", "order"}
+ENGINE_ARGS = set(REQUISITES) | set(REQUISITES_IN) | {"unless", "onlyif", "order", "sensitive"}
 # Arguments the master resolves itself before sending: `source` (+`template`) become `contents`.
 MASTER_ARGS = {"file.managed": {"source", "template"}}
 STATE_SUFFIXES = (".yaml", ".yml", ".sls")
@@ -76,6 +76,38 @@ class State:
     @property
     def where(self) -> str:
         return f"{self.path}:{self.line}"
+
+
+class Pending:
+    """What `results` holds while the stages before a node's have not run yet (the first rendering,
+    which checks every node's file before anything is sent): any lookup gives another Pending, and
+    it renders as an empty string."""
+
+    def __getattr__(self, name):
+        if name.startswith("__"):
+            raise AttributeError(name)
+        return self
+
+    def __getitem__(self, key):
+        return self
+
+    def __call__(self, *args, **kwargs):
+        return self
+
+    def __iter__(self):
+        return iter(())
+
+    def __len__(self):
+        return 0
+
+    def __bool__(self):
+        return False
+
+    def __str__(self):
+        return ""
+
+    def get(self, key, default=None):
+        return self
 
 
 class AttrDict(dict):
@@ -196,8 +228,22 @@ def _construct(node):
         return None
 
 
-def parse_states(text: str, path: str) -> tuple[list[State], list[tuple[str, int]], list[StateFileError]]:
-    """States in file order, the include list, and the problems found."""
+def _check_meta(value) -> str | None:
+    if not isinstance(value, dict):
+        return "expected a mapping (stages: [...])"
+    unknown = set(value) - {"stages"}
+    if unknown:
+        return f"unknown setting(s) {', '.join(sorted(map(str, unknown)))} (known: stages)"
+    stages = value.get("stages", [])
+    if not isinstance(stages, list) or not all(isinstance(s, str) and s for s in stages):
+        return "stages is a list of role names, applied in that order"
+    return None
+
+
+def parse_states(text: str, path: str, meta: dict | None = None
+                 ) -> tuple[list[State], list[tuple[str, int]], list[StateFileError]]:
+    """States in file order, the include list, and the problems found; `pimaster:` settings go to ``meta``."""
+    meta = {} if meta is None else meta
     errors: list[StateFileError] = []
     try:
         root = yaml.compose(text, Loader=_LOADER)
@@ -218,6 +264,14 @@ def parse_states(text: str, path: str) -> tuple[list[State], list[tuple[str, int
     for key_node, value_node in root.value:
         line = key_node.start_mark.line + 1
         state_id = _construct(key_node)
+        if state_id == "pimaster":  # settings for the apply itself, not a state
+            value = _construct(value_node)
+            problem = _check_meta(value)
+            if problem:
+                errors.append(StateFileError(path, line, f"pimaster: {problem}"))
+            else:
+                meta.update(value)
+            continue
         if state_id == "include":
             value = _construct(value_node)
             if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
@@ -299,6 +353,11 @@ def _parse_state(state_id: str, node, path: str, line: int, errors: list) -> lis
                     state.extra[key] = value
                 else:
                     errors.append(StateFileError(path, item_line, f"{state_id}: {key} takes a command or a list of commands"))
+            elif key == "sensitive":
+                if isinstance(value, bool):
+                    state.extra[key] = value
+                else:
+                    errors.append(StateFileError(path, item_line, f"{state_id}: sensitive is true or false"))
             elif key == "order":
                 if isinstance(value, int) and not isinstance(value, bool) or value in ("first", "last"):
                     state.extra[key] = value
@@ -435,13 +494,14 @@ def _cycle(states, needs, pending) -> str:
 # ---------------------------------------------------------------------------------------------
 # One node's job
 
-def load_file(path: str, context: dict, root: str, stack: tuple = ()) -> tuple[list[State], list[StateFileError]]:
+def load_file(path: str, context: dict, root: str, stack: tuple = (), meta: dict | None = None
+              ) -> tuple[list[State], list[StateFileError]]:
     shown = _display(path, root)
     try:
         text = render_template(path, context, shown)
     except StateFileError as exc:
         return [], [exc]
-    states, includes, errors = parse_states(text, shown)
+    states, includes, errors = parse_states(text, shown, meta)
     for state in states:
         state.file = path
     included: list[State] = []
@@ -454,7 +514,7 @@ def load_file(path: str, context: dict, root: str, stack: tuple = ()) -> tuple[l
             chain = " -> ".join(_display(p, root) for p in stack + (path, target))
             errors.append(StateFileError(shown, line, f"include cycle: {chain}"))
             continue
-        sub_states, sub_errors = load_file(target, context, root, stack + (path,))
+        sub_states, sub_errors = load_file(target, context, root, stack + (path,), meta)
         included += sub_states
         errors += sub_errors
     return included + states, errors
@@ -506,11 +566,15 @@ def resolve_sources(states: list[State], context: dict, root: str) -> list[State
     return errors
 
 
-def compile_for_node(path: str, context: dict, catalog: dict, root: str | None = None) -> list[dict]:
-    """The job for one node: ordered states with requisites as positions. Raises StateFileErrors."""
+def compile_for_node(path: str, context: dict, catalog: dict, root: str | None = None,
+                     meta: dict | None = None) -> list[dict]:
+    """The job for one node: ordered states with requisites as positions. Raises StateFileErrors.
+
+    `pimaster:` settings of the file (e.g. stages) are put into ``meta`` when given.
+    """
     root = root or os.path.dirname(path)
-    context = {k: to_attrdict(v) for k, v in context.items()}
-    states, errors = load_file(path, context, root)
+    context = {k: v if callable(v) or isinstance(v, Pending) else to_attrdict(v) for k, v in context.items()}
+    states, errors = load_file(path, context, root, meta=meta)
     errors += validate(states, catalog)
     errors += resolve_sources(states, context, root)
     deps, requisite_errors = resolve_requisites(states)
@@ -528,7 +592,7 @@ def compile_for_node(path: str, context: dict, catalog: dict, root: str | None =
                  "args": {k: v for k, v in state.args.items() if k != "name"}, "source": state.where}
         for kind in REQUISITES:
             entry[kind] = sorted(position[j] for j in deps[old][kind])
-        for key in ("unless", "onlyif"):
+        for key in ("unless", "onlyif", "sensitive"):
             if key in state.extra:
                 entry[key] = state.extra[key]
         job.append(entry)

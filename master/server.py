@@ -33,6 +33,7 @@ from piagent import protocol as proto
 from piagent.protocol import Message
 
 from . import __version__, sd
+from .secrets import SecretStore, redact
 from .store import Store
 
 log = logging.getLogger("pimaster")
@@ -89,6 +90,7 @@ class Master:
         self._dirty_seen: dict[str, float] = {}
         self.requests: dict[str, tuple[str, asyncio.Future]] = {}
         self.job_watchers: dict[str, asyncio.Queue] = {}
+        self.job_redactions: dict[str, set[str]] = {}  # output of sensitive states, per running job
         self.started = time.time()
         self._tasks: list[asyncio.Task] = []
 
@@ -109,6 +111,7 @@ class Master:
         self.public_key, self.secret_key = proto.load_or_create_keypair(self.state_dir, "master")
         self.fingerprint = proto.fingerprint(self.public_key)
         self.store = Store(os.path.join(self.state_dir, "pimaster.db"))
+        self.secrets = SecretStore(self.state_dir)
         for key in self.store.keys():
             self.key_states[key["public_key"]] = key["state"]
             if key["state"] == proto.ACCEPTED:
@@ -288,7 +291,11 @@ class Master:
             return
         status = "interrupted" if body.get("interrupted") else "done"
         started, finished = body.get("started"), body.get("finished")
-        known = self.store.record_result(job_id, node_id, status, summary, results,
+        # Stored and shown: no secret value, and no output of a sensitive state. The raw result
+        # goes only to a running apply, for rendering its later stages.
+        kept = [dict(r, changes={"redacted": "sensitive state"} if r.get("changes") else {})
+                if isinstance(r, dict) and r.get("sensitive") else r for r in results]
+        known = self.store.record_result(job_id, node_id, status, summary, self.redact(kept, job_id),
                                          started if isinstance(started, (int, float)) else None,
                                          finished if isinstance(finished, (int, float)) else None)
         if not known:
@@ -298,6 +305,12 @@ class Master:
         watcher = self.job_watchers.get(job_id)
         if watcher is not None:
             watcher.put_nowait(("result", node_id, dict(body, status=status)))
+
+    def redact(self, value, job_id: str | None = None):
+        secrets = self.secrets.values()
+        for i, output in enumerate(sorted(self.job_redactions.get(job_id, ()), key=len, reverse=True)):
+            secrets[f"output-{i + 1}"] = output
+        return redact(value, secrets)
 
     def _seen(self, node_id: str) -> None:
         now = time.time()

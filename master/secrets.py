@@ -1,0 +1,107 @@
+"""Secrets: made once on the master, sent only inside the encrypted channel, redacted everywhere else.
+
+A state file asks for one by name from Jinja: `{{ secret('munge.key', 1024) }}`. The value is
+random hex text, created on first use in the master's state dir (`secrets/NAME`, mode 0600) and the
+same for every node and every apply afterwards. Every known secret value is replaced by
+`[secret NAME]` in whatever the master shows or stores (results, job history, events, --json), and
+each agent is told the values its job carries so that it redacts its own logs and kept results.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import secrets as random_source
+
+from piagent.protocol import write_file_atomic
+
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+MIN_REDACT_LENGTH = 6  # shorter strings are too likely to occur by chance to be worth replacing
+
+
+class SecretError(ValueError):
+    pass
+
+
+class SecretStore:
+    def __init__(self, state_dir: str) -> None:
+        self.dir = os.path.join(state_dir, "secrets")
+        self._cache: dict[str, str] = {}
+        self._listed_mtime = None
+
+    def get(self, name: str, length: int = 64) -> str:
+        if not isinstance(name, str) or not NAME_RE.match(name):
+            raise SecretError(f"secret name {name!r}: use letters, digits, '.', '_', '-'")
+        if not isinstance(length, int) or not 16 <= length <= 65536:
+            raise SecretError(f"secret {name!r}: length must be between 16 and 65536 characters")
+        path = os.path.join(self.dir, name)
+        try:
+            with open(path) as fh:
+                value = fh.read().strip()
+        except FileNotFoundError:
+            os.makedirs(self.dir, mode=0o700, exist_ok=True)
+            value = random_source.token_hex((length + 1) // 2)[:length]
+            write_file_atomic(path, value.encode(), 0o600)
+        self._cache[name] = value
+        return value
+
+    def values(self) -> dict[str, str]:
+        """Every secret the master holds (re-read when the directory changes)."""
+        try:
+            mtime = os.stat(self.dir).st_mtime_ns
+        except FileNotFoundError:
+            return dict(self._cache)
+        if mtime != self._listed_mtime:
+            for name in os.listdir(self.dir):
+                if NAME_RE.match(name) and name not in self._cache:
+                    try:
+                        with open(os.path.join(self.dir, name)) as fh:
+                            self._cache[name] = fh.read().strip()
+                    except OSError:
+                        continue
+            self._listed_mtime = mtime
+        return dict(self._cache)
+
+
+def redact(value, secrets: dict[str, str]):
+    """A copy of ``value`` (JSON-like) with every secret value replaced by `[secret NAME]`."""
+    pairs = sorted(((v, n) for n, v in secrets.items() if isinstance(v, str) and len(v) >= MIN_REDACT_LENGTH),
+                   key=lambda p: -len(p[0]))
+    if not pairs:
+        return value
+
+    def walk(item):
+        if isinstance(item, str):
+            for secret, name in pairs:
+                if secret in item:
+                    item = item.replace(secret, f"[secret {name}]")
+            return item
+        if isinstance(item, list):
+            return [walk(i) for i in item]
+        if isinstance(item, dict):
+            return {k: walk(v) for k, v in item.items()}
+        return item
+
+    return walk(value)
+
+
+def string_leaves(value, minimum: int = MIN_REDACT_LENGTH) -> list[str]:
+    """Every string of at least ``minimum`` characters inside ``value`` (what a sensitive state produced)."""
+    found: list[str] = []
+
+    def walk(item):
+        if isinstance(item, str):
+            for line in item.splitlines() or [item]:
+                if len(line.strip()) >= minimum:
+                    found.append(line.strip())
+            if len(item) >= minimum:
+                found.append(item)
+        elif isinstance(item, list):
+            for i in item:
+                walk(i)
+        elif isinstance(item, dict):
+            for v in item.values():
+                walk(v)
+
+    walk(value)
+    return found
