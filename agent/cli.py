@@ -117,6 +117,9 @@ def run(args) -> int:
     from .daemon import Agent, AgentSettings
 
     log = sd.setup_logging("piagent", args.log_level)
+    # States create system files and directories: they get ordinary permissions unless a state
+    # asks otherwise, whatever umask the agent was started with. Secrets are written 0600 explicitly.
+    os.umask(0o022)
     found = None
     try:
         os.makedirs(args.state_dir, mode=0o700, exist_ok=True)

@@ -133,6 +133,16 @@ def network_interfaces(ip_json: str | None) -> list[dict]:
     return interfaces
 
 
+async def virtualization() -> str | None:
+    """What the node runs in, as systemd-detect-virt names it: "none" on bare metal (a Pi),
+    "systemd-nspawn", "docker", "kvm", ... States use it where a container cannot do what a Pi can
+    (a container has no CAP_SYS_TIME, so chrony must not try to set the clock)."""
+    if shutil.which("systemd-detect-virt") is None:
+        return None
+    # It prints "none" and exits 1 on bare metal, which _run reads as a failure.
+    return await _run("systemd-detect-virt") or "none"
+
+
 _static_cache: dict = {}
 
 
@@ -141,6 +151,7 @@ async def gather_facts() -> dict:
     if not _static_cache:
         _static_cache["arch"] = await _run("dpkg", "--print-architecture")
         _static_cache["machine_id"] = (_read("/etc/machine-id") or "").strip() or None
+        _static_cache["virtualization"] = await virtualization()
     interfaces = network_interfaces(await _run("ip", "-j", "addr", "show"))
     facts = {
         "hostname": socket.gethostname(),
@@ -159,6 +170,7 @@ async def gather_facts() -> dict:
         "kernel": platform.release(),
         "boot_dir": boot_config_dir(),
         "systemd": os.path.isdir("/run/systemd/system"),
+        "virtualization": _static_cache["virtualization"],
         "agent_version": __version__,
     }
     # Pi-only and unavailable facts are absent, not null: "not a Pi" is not an error.

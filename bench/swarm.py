@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _paths import use_source_tree  # noqa: E402
+from _common import use_source_tree  # noqa: E402
 
 use_source_tree()
 

@@ -34,7 +34,10 @@ class ControlClient:
                 raise ControlError(f"the master at {self.path} is not running (stale socket)") from None
             except OSError as exc:
                 raise ControlError(f"cannot reach the master at {self.path}: {exc.strerror}") from None
-            sock.sendall(json.dumps({"cmd": cmd, "args": args}).encode() + b"\n")
+            try:
+                sock.sendall(json.dumps({"cmd": cmd, "args": args}).encode() + b"\n")
+            except (BrokenPipeError, ConnectionResetError):
+                pass  # the master may refuse (and close) before reading: its answer is still there
             buffer = bytearray()
             data = b""
             while not data:
