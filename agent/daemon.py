@@ -114,6 +114,7 @@ class Agent:
 
     # ------------------------------------------------------------------ life cycle
     def stop(self) -> None:
+        self.jobs.stopping = True  # a job that ends from now on was cut short: reported interrupted
         self._stop.set()
 
     async def run(self) -> None:

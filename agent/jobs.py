@@ -58,6 +58,9 @@ class JobRunner:
         self.log = log
         self._lock = asyncio.Lock()
         self._tasks: set[asyncio.Task] = set()  # jobs outlive a connection: never cancelled with it
+        # Set when the agent is asked to stop (SIGTERM: reboot, shutdown, `systemctl stop`), whose
+        # signal also reaches the job's commands: a job ending after that was cut short, not done.
+        self.stopping = False
 
     def _path(self, directory: str, job_id: str) -> str:
         return os.path.join(directory, job_id + ".json")
@@ -104,12 +107,15 @@ class JobRunner:
                 self.log.exception("job %s failed", job_id)
                 results = [{"id": "job", "fun": "engine", "name": job_id, "result": False, "changes": {},
                             "comment": f"{type(exc).__name__}: {exc}", "status": "failed"}]
+            # The stop signal reaches the agent before the job's commands, but the loop may see the
+            # job end first: one pass of the loop lets that signal set `stopping` before we judge.
+            await asyncio.sleep(0.01)
             results = _redact(_plain(results), redact)
             payload = {"job": job_id, "results": results, "summary": summarize(results),
-                       "started": started, "finished": time.time(), "test": test, "interrupted": False}
+                       "started": started, "finished": time.time(), "test": test, "interrupted": self.stopping}
             self._keep(dict(payload, results=_without_sensitive(results)))
             os.unlink(marker)
-            self.log.info("job %s done: %s", job_id, payload["summary"])
+            self.log.info("job %s %s: %s", job_id, "interrupted" if self.stopping else "done", payload["summary"])
         await self._deliver(payload)  # sensitive output, if any, only in this first, live delivery
 
     def _keep(self, payload: dict) -> None:

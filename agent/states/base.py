@@ -90,7 +90,18 @@ class StateContext:
             serial += 1
             target = os.path.join(self.backup_dir, path.lstrip("/") + f".{stamp}.{serial}")
         os.makedirs(os.path.dirname(target), mode=0o700, exist_ok=True)
-        shutil.copy2(path, target)
+        # Whole or not at all, like the file itself: an agent killed mid-copy must not leave a
+        # truncated "previous version" for someone to restore (a temp name, synced, then renamed).
+        name = os.path.basename(path)
+        _remove_stale_temps(os.path.dirname(target), name)
+        tmp = os.path.join(os.path.dirname(target), f".{name}.{secrets.token_hex(4)}{_TMP_TAG}")
+        shutil.copy2(path, tmp)
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, target)
         return target
 
 

@@ -134,3 +134,97 @@ class Lab:
             if time.monotonic() > deadline:
                 raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
             time.sleep(interval)
+
+    # -- faults: background commands, links, reboots, memory (test_faults.py, test_soak.py) ----
+    def spawn(self, node: str, *cmd: str) -> subprocess.Popen:
+        """Start CMD inside NODE without waiting for it (text stdout/stderr piped); `reap` stops it."""
+        argv = labmod.exec_argv(labmod.node_leader(self.state.node(node)), list(cmd))
+        return subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True)
+
+    @staticmethod
+    def reap(proc: subprocess.Popen, timeout: float = 10) -> None:
+        """Stop a spawned command, and what it started in the node (nsenter forks into the node's
+        PID namespace, so killing nsenter alone would leave the command running there)."""
+        if proc.poll() is None:
+            tree, todo = [], [proc.pid]
+            while todo:
+                pid = todo.pop()
+                kids = labmod.children(pid)
+                tree += kids
+                todo += kids
+            for pid in reversed(tree):
+                try:
+                    os.kill(pid, 9)
+                except ProcessLookupError:
+                    pass
+            try:
+                proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        for stream in (proc.stdout, proc.stderr):
+            if stream is not None:
+                stream.close()
+
+    def write_file(self, node: str, path: str, text: str) -> None:
+        self.exec(node, "sh", "-c", 'cat > "$0"', path, input=text)
+
+    def link(self, node: str, up: bool) -> None:
+        """Take NODE's eth0 down or up inside its network namespace (`ip -n`): nothing on the host
+        touches the lab network, the node just loses (or gets back) its cable."""
+        subprocess.run(["ip", "-n", self.state.node(node).netns, "link", "set", "eth0", "up" if up else "down"],
+                       check=True, capture_output=True, timeout=30)
+
+    def addresses(self, node: str) -> list[str]:
+        """NODE's IPv4 addresses on eth0 (empty while the link is down or being configured)."""
+        out = self.exec(node, "ip", "-j", "-4", "addr", "show", "dev", "eth0", check=False).stdout
+        try:
+            return [a["local"] for link in json.loads(out or "[]") for a in link.get("addr_info", [])]
+        except (ValueError, KeyError, TypeError):
+            return []
+
+    def leader(self, node: str) -> int | None:
+        """Host pid of NODE's PID 1 (None while it is down, e.g. rebooting): changes on a reboot."""
+        return labmod.leader_pid(self.state.node(node))
+
+    def booted(self, node: str) -> bool:
+        """NODE is up and systemd has finished starting it (running or degraded)."""
+        if self.leader(node) is None:
+            return False
+        try:
+            state = self.exec(node, "systemctl", "is-system-running", check=False, timeout=30).stdout.strip()
+        except (labmod.LabError, subprocess.TimeoutExpired):
+            return False
+        return state in ("running", "degraded")
+
+    def main_pid(self, node: str, unit: str) -> int:
+        out = self.exec(node, "systemctl", "show", "-p", "MainPID", "--value", unit, check=False).stdout.strip()
+        return int(out) if out.isdigit() else 0
+
+    def rss_kb(self, node: str, pid: int) -> int:
+        """Resident memory of process PID in NODE (/proc/PID/status VmRSS), in kB."""
+        status = self.exec(node, "cat", f"/proc/{pid}/status").stdout
+        for line in status.splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+        raise AssertionError(f"no VmRSS for pid {pid} in {node}")
+
+    def job(self, job_id: str) -> dict | None:
+        """`pimaster job ID --json`, or None while the master does not answer (restarting)."""
+        result = self.pimaster("job", job_id, "--json", check=False)
+        try:
+            return json.loads(result.stdout)
+        except ValueError:
+            return None
+
+    def job_ids(self) -> list[str]:
+        result = self.pimaster("jobs", "--json", check=False)
+        try:
+            return [j["id"] for j in json.loads(result.stdout)["jobs"]]
+        except (ValueError, KeyError, TypeError):
+            return []
+
+    def all_up(self, nodes: list[str] | None = None, timeout: float = 3) -> bool:
+        answers = self.ping(timeout)
+        return all(answers.get(n) for n in (nodes or self.nodes))
