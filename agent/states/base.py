@@ -12,6 +12,7 @@ import difflib
 import grp
 import logging
 import os
+import re
 import pwd
 import secrets
 import shutil
@@ -102,7 +103,22 @@ class StateContext:
         finally:
             os.close(fd)
         os.replace(tmp, target)
+        self._prune_backups(os.path.dirname(target), name)
         return target
+
+    KEEP_BACKUPS = 10
+
+    def _prune_backups(self, directory: str, name: str) -> None:
+        """Keep the oldest version (the file as it was before pimaster) and the newest few: an SD
+        card must not fill up with old copies of a file that every apply rewrites."""
+        pattern = re.compile(re.escape(name) + r"\.\d{8}T\d{6}(\.\d+)?$")
+        kept = sorted((os.path.getmtime(os.path.join(directory, f)), f) for f in os.listdir(directory)
+                      if pattern.match(f))
+        for _, old in kept[1:-(self.KEEP_BACKUPS - 1)]:
+            try:
+                os.unlink(os.path.join(directory, old))
+            except OSError:
+                pass
 
 
 def _clip(text: str | bytes | None) -> str:

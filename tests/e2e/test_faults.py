@@ -133,6 +133,7 @@ def test_agent_killed_while_replacing_a_large_file_leaves_old_or_new(request, tm
         seen = _sha(target)
         outcome = "old" if seen == versions[old] else "new" if seen == versions[new] else "partial"
         outcomes[outcome] += 1
+        assert outcome != "partial", f"round {round_}: killed mid-job, {target} is neither version ({outcomes})"
         temps_after_kill.append(len(temp_files()))
         agent.start()  # the agent comes back (systemd would restart it) and reports what it knows
         report = finish(proc)
