@@ -110,6 +110,10 @@ def test_agent_killed_while_replacing_a_large_file_leaves_old_or_new(request, tm
     proc = start_apply("B")
     wait_for(job_running, timeout=60, interval=0.002, what="the job to start on n1")
     began = time.monotonic()
+    wait_for(lambda: temp_files() or not job_running(), timeout=60, interval=0.002, what="the write to start")
+    writing = time.monotonic()
+    wait_for(lambda: not temp_files(), timeout=60, interval=0.002, what="the write to end")
+    write_s = time.monotonic() - writing
     wait_for(lambda: not job_running(), timeout=60, interval=0.002, what="the job to finish")
     job_s = time.monotonic() - began
     report = finish(proc)
@@ -118,15 +122,24 @@ def test_agent_killed_while_replacing_a_large_file_leaves_old_or_new(request, tm
     outcomes = {"old": 0, "new": 0, "partial": 0}
     statuses: dict[str, int] = {}
     temps_after_kill = []
+    killed_mid_write = 0
     mismatch = []
     started = time.monotonic()
     rng = random.Random(0xF00D)
     for round_ in range(KILL_ROUNDS):
         old = by_hash[_sha(target)]
         new = "B" if old == "A" else "A"
+        stale = set(temp_files())  # left by the last round's kill, until this round's write removes it
         proc = start_apply(new)
         wait_for(job_running, timeout=60, interval=0.002, what=f"round {round_}: the job to start on n1")
-        time.sleep(rng.uniform(0, job_s * 1.1))  # a random moment of the job (a few land just after it)
+        if round_ % 2:
+            # A random moment of the job (a few land just after it) ...
+            time.sleep(rng.uniform(0, job_s * 1.1))
+        else:
+            # ... or of the write itself, once its temp file is there: the moment that matters most.
+            wait_for(lambda: set(temp_files()) - stale or not job_running(), timeout=60, interval=0.001,
+                     what=f"round {round_}: the write to start")
+            time.sleep(rng.uniform(0, write_s * 1.1))
         agent.proc.send_signal(signal.SIGKILL)
         agent.proc.wait()
         agent.log.close()
@@ -135,6 +148,7 @@ def test_agent_killed_while_replacing_a_large_file_leaves_old_or_new(request, tm
         outcomes[outcome] += 1
         assert outcome != "partial", f"round {round_}: killed mid-job, {target} is neither version ({outcomes})"
         temps_after_kill.append(len(temp_files()))
+        killed_mid_write += bool(set(temp_files()) - stale)  # this round's write was cut short
         agent.start()  # the agent comes back (systemd would restart it) and reports what it knows
         report = finish(proc)
         status = report["nodes"]["n1"]["status"]
@@ -161,12 +175,13 @@ def test_agent_killed_while_replacing_a_large_file_leaves_old_or_new(request, tm
     partial_backups = sum(1 for p in backups if _sha(p) not in by_hash)
     backup_temps = [p for p in (agent.state_dir / "backup").rglob("*") if p.name.endswith(TMP_TAG)]
     figures("agent SIGKILL during file replacement", rounds=KILL_ROUNDS, file_mb=BIG_FILE_MB,
-            job_s=round(job_s, 2), outcomes=outcomes, job_status=statuses,
-            temp_files_after_kills_max=max(temps_after_kill), temp_files_after_kills_total=sum(temps_after_kill),
+            job_s=round(job_s, 2), write_s=round(write_s, 3), outcomes=outcomes, job_status=statuses,
+            killed_mid_write=killed_mid_write, temp_files_after_kills_max=max(temps_after_kill),
             temp_files_after_next_write=temps_final, backups_kept=len(backups), backup_mb=round(backup_mb, 1),
             backups_partial=partial_backups, backup_temp_files_after_next_write=len(backup_temps),
             loop_s=round(kill_loop_s, 1))
     assert outcomes["partial"] == 0, outcomes
+    assert killed_mid_write >= 5, "too few kills landed in the write itself to prove anything"
     assert sum(statuses.values()) == KILL_ROUNDS and set(statuses) <= {"done", "interrupted"}, statuses
     assert mismatch == [], f"jobs reported done without the new file: {mismatch}"
     assert max(temps_after_kill) <= 1 and temps_final == 0
