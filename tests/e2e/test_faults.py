@@ -132,14 +132,16 @@ def test_agent_killed_while_replacing_a_large_file_leaves_old_or_new(request, tm
         stale = set(temp_files())  # left by the last round's kill, until this round's write removes it
         proc = start_apply(new)
         wait_for(job_running, timeout=60, interval=0.002, what=f"round {round_}: the job to start on n1")
-        if round_ % 2:
+        if round_ % 3 == 0:
             # A random moment of the job (a few land just after it) ...
             time.sleep(rng.uniform(0, job_s * 1.1))
         else:
-            # ... or of the write itself, once its temp file is there: the moment that matters most.
+            # ... or of the write itself, once its temp file is there: the moment that matters most
+            # (at once, or a random moment of a write's usual length later).
             wait_for(lambda: set(temp_files()) - stale or not job_running(), timeout=60, interval=0.001,
                      what=f"round {round_}: the write to start")
-            time.sleep(rng.uniform(0, write_s * 1.1))
+            if round_ % 3 == 1:
+                time.sleep(rng.uniform(0, write_s * 1.1))
         agent.proc.send_signal(signal.SIGKILL)
         agent.proc.wait()
         agent.log.close()
