@@ -250,6 +250,11 @@ def write_file_atomic(path: str, data: bytes, mode: int = 0o644) -> None:
         except FileNotFoundError:
             pass
         raise
+    fsync_directory(directory)
+
+
+def fsync_directory(directory: str) -> None:
+    """Make a rename in ``directory`` durable: without it a power cut may undo the replace."""
     dir_fd = os.open(directory, os.O_RDONLY)
     try:
         os.fsync(dir_fd)

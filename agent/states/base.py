@@ -20,6 +20,8 @@ import subprocess
 import time
 from dataclasses import dataclass, field
 
+from ..protocol import fsync_directory
+
 log = logging.getLogger("piagent.states")
 
 OUTPUT_LIMIT = 64 * 1024  # captured command output kept in a result
@@ -200,11 +202,7 @@ def write_file_atomic(path: str, data: bytes | str, mode: int | None = None, uid
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
-    dir_fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    fsync_directory(directory)
 
 
 def _remove_stale_temps(directory: str, base_name: str) -> None:
