@@ -30,6 +30,7 @@ from zmq.utils.monitor import parse_monitor_message
 from . import facts as facts_mod
 from . import protocol as proto
 from .jobs import JobRunner
+from .netchange import NetworkGuard
 from .protocol import Message
 
 log = logging.getLogger("piagent")
@@ -110,6 +111,9 @@ class Agent:
         self._unacked = 0
         self._warned_once: set[str] = set()
         self.jobs = JobRunner(settings.state_dir, self._send_if_accepted, self.log)
+        self.network = NetworkGuard(settings.state_dir, self.log, self.reconnect)
+        self._reconnect = asyncio.Event()
+        self._session_started = 0.0       # monotonic, when the current connection was made
         self._catalog: dict | None = None
 
     # ------------------------------------------------------------------ life cycle
@@ -117,8 +121,20 @@ class Agent:
         self.jobs.stopping = True  # a job that ends from now on was cut short: reported interrupted
         self._stop.set()
 
+    def reconnect(self) -> None:
+        """Drop the connection and connect afresh (after the node's address changed)."""
+        self._reconnect.set()
+
+    async def health(self) -> dict:
+        body = await self.health_source()
+        note = self.network.note()
+        if note:
+            body["network_rollback"] = note
+        return body
+
     async def run(self) -> None:
         self.jobs.recover_interrupted()
+        self.network.at_start()
         attempt = 0
         while not self._stop.is_set():
             established = False
@@ -139,12 +155,15 @@ class Agent:
             self.accepted.clear()
             if established:
                 attempt = 0
+            if self._reconnect.is_set():  # the network setting changed: try again at once
+                self._reconnect.clear()
+                attempt = 0
             delay = backoff_delay(attempt)
             attempt += 1
-            try:
-                await asyncio.wait_for(self._stop.wait(), delay)
-            except asyncio.TimeoutError:
-                pass
+            waits = [asyncio.ensure_future(self._stop.wait()), asyncio.ensure_future(self._reconnect.wait())]
+            await asyncio.wait(waits, timeout=delay, return_when=asyncio.FIRST_COMPLETED)
+            for waiting in waits:
+                waiting.cancel()
 
     def _note_failure(self, reason: str, attempt: int) -> None:
         level = logging.WARNING if attempt == 0 or reason not in self._warned_once else logging.INFO
@@ -229,6 +248,8 @@ class Agent:
         monitor = sock.get_monitor_socket()
         established = False
         self._sock = sock
+        self._reconnect.clear()
+        self._session_started = time.monotonic()
         try:
             sock.connect(f"tcp://{address}:{self.settings.master_port}")
             await self._wait_handshake(monitor)
@@ -267,14 +288,17 @@ class Agent:
         poller.register(sock, zmq.POLLIN)
         poller.register(monitor, zmq.POLLIN)
         stop_wait = asyncio.ensure_future(self._stop.wait())
+        reconnect_wait = asyncio.ensure_future(self._reconnect.wait())
         next_beat = time.monotonic() + self._beat_interval()
         try:
             while not self._stop.is_set():
                 timeout_ms = max(0.0, next_beat - time.monotonic()) * 1000
                 polling = asyncio.ensure_future(poller.poll(timeout_ms))
-                await asyncio.wait({polling, stop_wait}, return_when=asyncio.FIRST_COMPLETED)
-                if not polling.done():  # asked to stop
+                await asyncio.wait({polling, stop_wait, reconnect_wait}, return_when=asyncio.FIRST_COMPLETED)
+                if not polling.done():  # asked to stop, or to reconnect
                     polling.cancel()
+                    if reconnect_wait.done():
+                        self.log.info("reconnecting to the master (the network setting changed)")
                     return
                 events = dict(polling.result())
                 if monitor in events:
@@ -297,6 +321,7 @@ class Agent:
                     next_beat = time.monotonic() + self._beat_interval()
         finally:
             stop_wait.cancel()
+            reconnect_wait.cancel()
 
     def _beat_interval(self) -> float:
         return HEARTBEAT_INTERVAL_S if self.status == "accepted" else PENDING_RETRY_S
@@ -393,6 +418,7 @@ class Agent:
             return
         if msg.type == proto.JOB_RESULT_ACK:
             self.jobs.acknowledged(msg.body.get("job"))
+            self.network.maybe_activate(self.jobs.has_pending())
             return
         if self.status != "accepted":
             self.log.warning("dropped a %s request: not accepted yet", msg.type)
@@ -420,6 +446,9 @@ class Agent:
             self.status = "accepted"
             self._unacked = 0
             self.accepted.set()
+            self.network.on_accepted(self._session_started)
+            if newly_accepted:
+                self.network.maybe_activate(self.jobs.has_pending())
             if newly_accepted:
                 # Results that could not be delivered before (link lost, master restarted).
                 asyncio.ensure_future(self.jobs.deliver_pending())
@@ -449,7 +478,7 @@ class Agent:
     async def _handle_request(self, msg: Message) -> None:
         try:
             if msg.type == proto.PING:
-                body = await self.health_source()
+                body = await self.health()
             elif msg.type == proto.FACTS:
                 body = await self.facts_source()
             elif msg.type == proto.APPLY:

@@ -174,3 +174,13 @@ class JobRunner:
             except (OSError, ValueError):
                 continue
             await self._deliver(payload)
+
+    def has_pending(self) -> bool:
+        """A job running, or a result the master has not acknowledged yet."""
+        for directory in (self.running_dir, self.results_dir):
+            try:
+                if any(name.endswith(".json") for name in os.listdir(directory)):
+                    return True
+            except FileNotFoundError:
+                pass
+        return self._lock.locked()

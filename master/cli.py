@@ -186,6 +186,14 @@ def _duration(seconds: float | None) -> str:
     return f"{days}d{hours:02d}h" if days else f"{hours}h{rest // 60:02d}m"
 
 
+def _ping_note(node: dict) -> str | tuple[str, str]:
+    rollback = node.get("network_rollback")
+    if not isinstance(rollback, dict):
+        return ""
+    moved = ", ".join(f"{c.get('interface')} {c.get('address')}" for c in rollback.get("changes", []))
+    return (f"network change ({moved}) rolled back {_ago(rollback.get('time'))}: {rollback.get('reason', '')}", "yellow")
+
+
 # ---------------------------------------------------------------------------------------------
 def cmd_ping(client: ControlClient, args) -> int:
     result = client.call("ping", target=args.target, timeout=args.timeout, timeout_extra=args.timeout + 10)
@@ -204,7 +212,7 @@ def cmd_ping(client: ControlClient, args) -> int:
                 " ".join(f"{x:.2f}" for x in n.get("load", [])[:1]) or "-",
                 f"{n['temp_c']:.1f}°C" if "temp_c" in n else "-", flags,
                 f"{n['clock_offset_ms']:+.1f} ms" if "clock_offset_ms" in n else "-",
-                f"{n['disk_root_used_pct']:.0f}%" if "disk_root_used_pct" in n else "-", ""])
+                f"{n['disk_root_used_pct']:.0f}%" if "disk_root_used_pct" in n else "-", _ping_note(n)])
         _table(None, ["NODE", "STATE", "RTT", "UPTIME", "LOAD", "TEMP", "THROTTLING", "CLOCK", "DISK /", "NOTE"], rows)
         down = sum(1 for n in nodes if not n["ok"])
         print(f"{len(nodes) - down} up, {down} down")

@@ -44,6 +44,18 @@ CONTROL_LINE_LIMIT = 1024 * 1024
 LAST_SEEN_FLUSH_S = 30.0
 
 
+
+def _rollback_note(note) -> dict | None:
+    """An agent's note that it rolled a network change back, checked and bounded for `ping`."""
+    if not isinstance(note, dict):
+        return None
+    changes = [{"interface": str(c.get("interface"))[:32], "address": str(c.get("address"))[:64]}
+               for c in (note.get("changes") or [])[:8] if isinstance(c, dict)] \
+        if isinstance(note.get("changes"), list) else []
+    when = note.get("time")
+    return {"time": when if isinstance(when, (int, float)) else None,
+            "reason": str(note.get("reason", ""))[:300], "changes": changes}
+
 class ControlError(Exception):
     """A control request that cannot be done: the message goes back to the user as is."""
 
@@ -458,6 +470,9 @@ class Master:
                           "disk_root_used_pct", "disk_root_free_mb"):
                 if field in body:
                     row[field] = body[field]
+            rollback = _rollback_note(body.get("network_rollback"))
+            if rollback:
+                row["network_rollback"] = rollback
             agent_time = body.get("time")
             if isinstance(agent_time, (int, float)) and "sent_wall" in answer:
                 midpoint = answer["sent_wall"] + answer["rtt_s"] / 2

@@ -1,0 +1,239 @@
+"""network: a fixed IPv4 address, set through whatever manages the node's network.
+
+Raspberry Pi OS bookworm uses NetworkManager, bullseye dhcpcd, and many minimal images (and the
+`pimaster lab` nodes) systemd-networkd; the state finds which one runs and speaks its language.
+
+An address change is never put in effect in the middle of a job: it could cut the agent off before
+it reports. The new setting is written (staged), the job's result goes to the master from the old
+address, and only then does the agent put the change in effect and reconnect. If the master does
+not accept the agent from the new setting within ``confirm_timeout``, the agent restores the old
+one by itself (see piagent.netchange).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+
+from .. import netchange
+from .base import StateContext, StateError, read_text, result, string_list, systemd_running, update_file
+
+__states__ = ("static",)
+
+BACKENDS = ("networkmanager", "dhcpcd", "networkd")
+# The unit that tells which backend runs (`systemctl is-active`), in order of preference: a
+# bookworm image may still have dhcpcd installed but inactive.
+BACKEND_UNITS = {"networkmanager": "NetworkManager", "dhcpcd": "dhcpcd", "networkd": "systemd-networkd"}
+NETWORKD_DIR = "/etc/systemd/network"
+DHCPCD_CONF = "/etc/dhcpcd.conf"
+IFACE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:@-]{0,14}$")
+MANAGED = "managed by pimaster (network.static)"
+
+
+def _desired(name, address, gateway, dns) -> tuple[str, ipaddress.IPv4Interface, str | None, list[str]]:
+    if not isinstance(name, str) or not IFACE_RE.match(name):
+        raise StateError(f"name must be a network interface, like eth0 (got {name!r})")
+    if not isinstance(address, str) or "/" not in address:
+        raise StateError(f"address must be an IPv4 address with its prefix length, like 10.0.0.12/24 (got {address!r})")
+    try:
+        iface = ipaddress.IPv4Interface(address)
+    except ValueError as exc:
+        raise StateError(f"address: {exc}") from None
+    if iface.network.prefixlen < 32 and iface.ip in (iface.network.network_address, iface.network.broadcast_address):
+        raise StateError(f"address: {iface.ip} is the network's own or broadcast address")
+    gw = None
+    if gateway not in (None, ""):
+        try:
+            gw = str(ipaddress.IPv4Address(str(gateway)))
+        except ValueError:
+            raise StateError(f"gateway: {gateway!r} is not an IPv4 address") from None
+        if ipaddress.IPv4Address(gw) not in iface.network:
+            raise StateError(f"gateway {gw} is outside {iface.network}: the node could not reach it")
+    servers = []
+    for server in string_list(dns, "dns"):
+        try:
+            servers.append(str(ipaddress.ip_address(server)))
+        except ValueError:
+            raise StateError(f"dns: {server!r} is not an IP address") from None
+    return name, iface, gw, servers
+
+
+def _active(ctx: StateContext, unit: str) -> bool:
+    return ctx.run(["systemctl", "is-active", "--quiet", unit]).ok
+
+
+def _backend(ctx: StateContext, backend: str) -> str:
+    if backend != "auto":
+        if backend not in BACKENDS:
+            raise StateError(f"backend must be auto or one of {', '.join(BACKENDS)} (got {backend!r})")
+        return backend
+    if not systemd_running():
+        raise StateError("cannot tell what manages the network without systemd; give backend:")
+    for name, unit in BACKEND_UNITS.items():
+        if _active(ctx, unit):
+            return name
+    raise StateError("none of NetworkManager, dhcpcd or systemd-networkd is running on this node: "
+                     "pimaster cannot set a fixed address here")
+
+
+# -------------------------------------------------------------------------------- systemd-networkd
+def _networkd_file(iface: str) -> str:
+    # networkd uses the first file (in name order) whose [Match] fits, so 00- wins over the
+    # image's own; the others stay as they are, inert for this interface.
+    return f"{NETWORKD_DIR}/00-pimaster-{iface}.network"
+
+
+def _networkd_text(iface: str, address: ipaddress.IPv4Interface, gateway: str | None, dns: list[str]) -> str:
+    lines = [f"# {iface}'s fixed address, {MANAGED}: edits here are overwritten.",
+             "[Match]", f"Name={iface}", "", "[Network]", f"Address={address.with_prefixlen}"]
+    if gateway:
+        lines.append(f"Gateway={gateway}")
+    lines += [f"DNS={server}" for server in dns]
+    return "\n".join(lines) + "\n"
+
+
+# -------------------------------------------------------------------------------- dhcpcd
+def _dhcpcd_block(iface: str, address: ipaddress.IPv4Interface, gateway: str | None, dns: list[str]) -> str:
+    lines = [f"# {iface}: begin, {MANAGED}", f"interface {iface}", f"static ip_address={address.with_prefixlen}"]
+    if gateway:
+        lines.append(f"static routers={gateway}")
+    if dns:
+        lines.append(f"static domain_name_servers={' '.join(dns)}")
+    lines.append(f"# {iface}: end")
+    return "\n".join(lines) + "\n"
+
+
+def _dhcpcd_text(old: str, iface: str, block: str) -> str:
+    """dhcpcd.conf with this interface's managed block replaced (or appended)."""
+    lines = old.splitlines(keepends=True)
+    begin = next((i for i, ln in enumerate(lines) if ln.startswith(f"# {iface}: begin, {MANAGED}")), None)
+    if begin is not None:
+        end = next((i for i in range(begin, len(lines)) if lines[i].startswith(f"# {iface}: end")), len(lines) - 1)
+        return "".join(lines[:begin]) + block + "".join(lines[end + 1:])
+    # A stanza of the person's own for this interface would fight ours: refuse rather than guess.
+    if any(ln.split() == ["interface", iface] for ln in lines):
+        raise StateError(f"{DHCPCD_CONF} already has its own `interface {iface}` block; remove it (or the "
+                         f"state) so that only one setting applies")
+    text = "".join(lines)
+    if text and not text.endswith("\n"):
+        text += "\n"
+    return text + ("\n" if text else "") + block
+
+
+# -------------------------------------------------------------------------------- NetworkManager
+def _nm_connection(ctx: StateContext, iface: str) -> str:
+    res = ctx.run(["nmcli", "-g", "GENERAL.CONNECTION", "device", "show", iface])
+    connection = res.stdout.strip() if res.ok else ""
+    if not connection:
+        raise StateError(f"NetworkManager has no active connection on {iface}: "
+                         f"{res.stderr.strip() or 'activate one first (nmcli device connect ' + iface + ')'}")
+    return connection
+
+
+def _nm_settings(ctx: StateContext, connection: str) -> dict[str, str]:
+    res = ctx.run(["nmcli", "-t", "-f", "ipv4.method,ipv4.addresses,ipv4.gateway,ipv4.dns",
+                   "connection", "show", connection])
+    if not res.ok:
+        raise StateError(f"cannot read NetworkManager connection {connection!r}: {res.stderr.strip()}")
+    settings = {}
+    for line in res.stdout.splitlines():
+        key, _, value = line.partition(":")
+        settings[key.strip()] = value.replace("\\:", ":").strip()
+    return {key: "" if settings.get(key, "") in ("--", "") else settings[key]
+            for key in ("ipv4.method", "ipv4.addresses", "ipv4.gateway", "ipv4.dns")}
+
+
+def _nm_args(settings: dict[str, str]) -> list[str]:
+    return [arg for key, value in settings.items() for arg in (key, value)]
+
+
+# -------------------------------------------------------------------------------- the state
+def static(ctx: StateContext, name: str, address: str, gateway: str | None = None, dns: list | str | None = None,
+           backend: str = "auto", confirm_timeout: float = netchange.DEFAULT_CONFIRM_S) -> dict:
+    """A fixed IPv4 address (with gateway and DNS servers) on one interface, kept after reboots.
+
+    The change is written at once but put in effect only after this job's result has reached the
+    master; the agent then reconnects from the new address. If the master does not accept it from
+    there within ``confirm_timeout`` seconds, the agent restores the previous setting by itself
+    (and `pimaster ping` shows a note). A second run with the same values changes nothing.
+
+    Arguments:
+      name: the interface, e.g. eth0 (default: the state's id).
+      address: the address with its prefix length, e.g. 10.0.0.12/24.
+      gateway: the default gateway (optional; leave it out on an isolated cluster network).
+      dns: DNS servers, a list of addresses (optional).
+      backend: auto (default: whichever runs of NetworkManager, dhcpcd, systemd-networkd) or one
+        of networkmanager (bookworm), dhcpcd (bullseye), networkd.
+      confirm_timeout: seconds the new setting has to reach the master before it is rolled back,
+        default 60 (at least 10).
+
+    Example::
+
+        eth0:
+          network.static:
+            - address: {{ node.ip }}/24
+            - gateway: 10.0.0.1
+            - dns: [10.0.0.1]
+    """
+    iface, want, gateway, servers = _desired(name, address, gateway, dns)
+    try:
+        confirm_s = float(confirm_timeout)
+    except (TypeError, ValueError):
+        raise StateError(f"confirm_timeout must be a number of seconds (got {confirm_timeout!r})") from None
+    kind = _backend(ctx, backend)
+    live = netchange.live_addresses(iface)
+    if live is None:
+        raise StateError(f"this node has no network interface {iface!r}")
+    staged = netchange.staged_change(ctx.state_dir, iface)
+    pending_note = (f"; a change to {staged['address']} waits to take effect" if staged and
+                    staged["address"] != want.with_prefixlen else "")
+
+    restore: dict[str, str | None] = {}
+    undo: list[list[str]] = []
+    changes: dict = {}
+    if kind == "networkd":
+        path = _networkd_file(iface)
+        old = read_text(path)
+        new = _networkd_text(iface, want, gateway, servers)
+        apply_cmds = [["networkctl", "reload"], ["networkctl", "reconfigure", iface]]
+        if old != new:
+            restore[path] = old
+            changes.update(update_file(ctx, path, old, new, mode=0o644))
+    elif kind == "dhcpcd":
+        old = read_text(DHCPCD_CONF)
+        new = _dhcpcd_text(old or "", iface, _dhcpcd_block(iface, want, gateway, servers))
+        apply_cmds = [["systemctl", "restart", "dhcpcd"]]
+        if old != new:
+            restore[DHCPCD_CONF] = old
+            changes.update(update_file(ctx, DHCPCD_CONF, old, new))
+    else:
+        connection = _nm_connection(ctx, iface)
+        current = _nm_settings(ctx, connection)
+        wanted = {"ipv4.method": "manual", "ipv4.addresses": want.with_prefixlen,
+                  "ipv4.gateway": gateway or "", "ipv4.dns": ",".join(servers)}
+        apply_cmds = [["nmcli", "connection", "up", connection]]
+        differs = {k: {"old": current[k], "new": v} for k, v in wanted.items()
+                   if [s.strip() for s in current[k].split(",") if s.strip()] != [s for s in v.split(",") if s]}
+        if differs:
+            changes[f"nm:{connection}"] = differs
+            undo = [["nmcli", "connection", "modify", connection, *_nm_args(current)]]
+            if not ctx.test:
+                res = ctx.run(["nmcli", "connection", "modify", connection, *_nm_args(wanted)])
+                if not res.ok:
+                    raise StateError(f"nmcli could not change {connection!r}: {res.stderr.strip()}")
+
+    in_effect = want.with_prefixlen in live
+    if not changes and in_effect:
+        return result(name, True, {}, f"{iface} has {want.with_prefixlen} ({kind}){pending_note}")
+    if not changes and staged and staged["address"] == want.with_prefixlen:
+        return result(name, True, {}, f"{iface} {want.with_prefixlen} is written and waits to take effect "
+                                      f"after a job result reaches the master")
+    changes["address"] = {"old": ", ".join(live) or "none", "new": want.with_prefixlen}
+    if ctx.test:
+        return result(name, None, changes, f"would set {iface} to {want.with_prefixlen} ({kind})")
+    netchange.stage(ctx.state_dir, {"interface": iface, "address": want.with_prefixlen, "backend": kind,
+                                    "restore": restore, "apply": apply_cmds, "undo": undo}, confirm_s)
+    return result(name, True, changes,
+                  f"{iface} set to {want.with_prefixlen} ({kind}); it takes effect once this result reaches the "
+                  f"master, and goes back to {', '.join(live) or 'the old setting'} unless the master is "
+                  f"reachable from the new address within {max(10.0, confirm_s):.0f} s")
