@@ -34,6 +34,7 @@ PENDING_FILE = "network-pending.json"
 ROLLBACK_NOTE_FILE = "network-rollback.json"
 DEFAULT_CONFIRM_S = 60.0
 COMMAND_TIMEOUT_S = 60
+LIVE_TIMEOUT_S = 30.0   # how long a new address may take to appear (dhcpcd's ARP probe: ~5 s)
 
 STAGED = "staged"    # written, not in effect: waiting for the master to have every result
 ACTIVE = "active"    # in effect: waiting for the master to accept the agent from it
@@ -173,11 +174,25 @@ class NetworkGuard:
         record["activated"] = time.time()
         _save(self.path, record)
         failed = await asyncio.to_thread(self._run_all, [cmd for c in record["changes"] for cmd in c["apply"]])
+        if not failed:
+            failed = await self._wait_live(record["changes"])
         if failed:
             await self._rollback(record, f"putting it in effect failed: {failed}")
             return
         self._start_window(record)
         self.reconnect()
+
+    async def _wait_live(self, changes: list[dict]) -> str:
+        """Wait until every new address is on its interface (dhcpcd probes it first, for seconds)."""
+        deadline = time.monotonic() + LIVE_TIMEOUT_S
+        while True:
+            missing = [c for c in changes if c["address"] not in (live_addresses(c["interface"]) or [])]
+            if not missing:
+                return ""
+            if time.monotonic() > deadline:
+                return ", ".join(f"{c['address']} did not appear on {c['interface']}" for c in missing) + \
+                    f" within {LIVE_TIMEOUT_S:.0f} s"
+            await asyncio.sleep(0.5)
 
     def _start_window(self, record: dict) -> None:
         self.activated_at = time.monotonic()

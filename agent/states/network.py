@@ -104,16 +104,22 @@ def _dhcpcd_block(iface: str, address: ipaddress.IPv4Interface, gateway: str | N
 
 
 def _dhcpcd_text(old: str, iface: str, block: str) -> str:
-    """dhcpcd.conf with this interface's managed block replaced (or appended)."""
+    """dhcpcd.conf with this interface's settings replaced by the managed block.
+
+    The block replaces an earlier managed one, else the file's own `interface IFACE` stanza (the
+    seed guide appends one by hand: two stanzas would fight), else it is appended. A stanza runs
+    until the next `interface` or `ssid` line.
+    """
     lines = old.splitlines(keepends=True)
     begin = next((i for i, ln in enumerate(lines) if ln.startswith(f"# {iface}: begin, {MANAGED}")), None)
     if begin is not None:
         end = next((i for i in range(begin, len(lines)) if lines[i].startswith(f"# {iface}: end")), len(lines) - 1)
         return "".join(lines[:begin]) + block + "".join(lines[end + 1:])
-    # A stanza of the person's own for this interface would fight ours: refuse rather than guess.
-    if any(ln.split() == ["interface", iface] for ln in lines):
-        raise StateError(f"{DHCPCD_CONF} already has its own `interface {iface}` block; remove it (or the "
-                         f"state) so that only one setting applies")
+    start = next((i for i, ln in enumerate(lines) if ln.split() == ["interface", iface]), None)
+    if start is not None:
+        end = next((i for i in range(start + 1, len(lines)) if lines[i].split()[:1] in (["interface"], ["ssid"])),
+                   len(lines))
+        return "".join(lines[:start]) + block + "".join(lines[end:])
     text = "".join(lines)
     if text and not text.endswith("\n"):
         text += "\n"
@@ -121,18 +127,20 @@ def _dhcpcd_text(old: str, iface: str, block: str) -> str:
 
 
 # -------------------------------------------------------------------------------- NetworkManager
-def _nm_connection(ctx: StateContext, iface: str) -> str:
-    res = ctx.run(["nmcli", "-g", "GENERAL.CONNECTION", "device", "show", iface])
-    connection = res.stdout.strip() if res.ok else ""
-    if not connection:
-        raise StateError(f"NetworkManager has no active connection on {iface}: "
-                         f"{res.stderr.strip() or 'activate one first (nmcli device connect ' + iface + ')'}")
-    return connection
+def _nm_connection(ctx: StateContext, iface: str) -> tuple[str, str]:
+    """The UUID and name of the connection active on ``iface`` (names need not be unique)."""
+    res = ctx.run(["nmcli", "-t", "-f", "UUID,DEVICE,NAME", "connection", "show", "--active"])
+    for line in res.stdout.splitlines() if res.ok else []:
+        uuid, device, name = (line.split(":", 2) + ["", ""])[:3]
+        if device == iface:
+            return uuid, name.replace("\\:", ":")
+    raise StateError(f"NetworkManager has no active connection on {iface}: "
+                     f"{res.stderr.strip() or 'activate one first (nmcli device connect ' + iface + ')'}")
 
 
 def _nm_settings(ctx: StateContext, connection: str) -> dict[str, str]:
     res = ctx.run(["nmcli", "-t", "-f", "ipv4.method,ipv4.addresses,ipv4.gateway,ipv4.dns",
-                   "connection", "show", connection])
+                   "connection", "show", "uuid", connection])
     if not res.ok:
         raise StateError(f"cannot read NetworkManager connection {connection!r}: {res.stderr.strip()}")
     settings = {}
@@ -202,25 +210,28 @@ def static(ctx: StateContext, name: str, address: str, gateway: str | None = Non
     elif kind == "dhcpcd":
         old = read_text(DHCPCD_CONF)
         new = _dhcpcd_text(old or "", iface, _dhcpcd_block(iface, want, gateway, servers))
-        apply_cmds = [["systemctl", "restart", "dhcpcd"]]
+        # dhcpcd leaves addresses it did not add (and, with Raspberry Pi OS's `persistent`, its
+        # own) when it stops: flush them, or the node would answer on both addresses.
+        apply_cmds = [["systemctl", "stop", "dhcpcd"], ["ip", "-4", "addr", "flush", "dev", iface],
+                      ["systemctl", "start", "dhcpcd"]]
         if old != new:
             restore[DHCPCD_CONF] = old
             changes.update(update_file(ctx, DHCPCD_CONF, old, new))
     else:
-        connection = _nm_connection(ctx, iface)
+        connection, label = _nm_connection(ctx, iface)
         current = _nm_settings(ctx, connection)
         wanted = {"ipv4.method": "manual", "ipv4.addresses": want.with_prefixlen,
                   "ipv4.gateway": gateway or "", "ipv4.dns": ",".join(servers)}
-        apply_cmds = [["nmcli", "connection", "up", connection]]
+        apply_cmds = [["nmcli", "connection", "up", "uuid", connection]]
         differs = {k: {"old": current[k], "new": v} for k, v in wanted.items()
                    if [s.strip() for s in current[k].split(",") if s.strip()] != [s for s in v.split(",") if s]}
         if differs:
-            changes[f"nm:{connection}"] = differs
-            undo = [["nmcli", "connection", "modify", connection, *_nm_args(current)]]
+            changes[f"NetworkManager connection {label}"] = differs
+            undo = [["nmcli", "connection", "modify", "uuid", connection, *_nm_args(current)]]
             if not ctx.test:
-                res = ctx.run(["nmcli", "connection", "modify", connection, *_nm_args(wanted)])
+                res = ctx.run(["nmcli", "connection", "modify", "uuid", connection, *_nm_args(wanted)])
                 if not res.ok:
-                    raise StateError(f"nmcli could not change {connection!r}: {res.stderr.strip()}")
+                    raise StateError(f"nmcli could not change {label!r}: {res.stderr.strip()}")
 
     in_effect = want.with_prefixlen in live
     if not changes and in_effect:

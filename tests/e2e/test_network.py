@@ -167,3 +167,100 @@ def test_an_address_cutting_the_node_off_is_rolled_back_also_across_an_agent_res
     assert changed(again) == {node: []}
     assert ping_entry(lab, node).get("network_rollback")
     sh(lab, node, "rm -f /var/lib/piagent/network-rollback.json")
+
+
+# ---------------------------------------------------------------------------------------------
+# The network managers of Raspberry Pi OS: NetworkManager (bookworm) and dhcpcd (bullseye), each
+# installed on a lab node in place of systemd-networkd, set up the way those images (and the seed
+# guide, for dhcpcd) leave them.
+
+NM_NODE, DHCPCD_NODE = "node02", "node03"
+MOVES = """
+eth0:
+  network.static:
+    - address: {{ '10.77.0.22' if node.id == 'node02' else '10.77.0.23' }}/24
+    - gateway: 10.77.0.1
+    - dns: [10.77.0.1]
+    - confirm_timeout: 15
+"""
+NM_STRANDED = """
+eth0:
+  network.static:
+    - address: 10.77.9.22/24
+    - gateway: 10.77.9.1
+    - confirm_timeout: 15
+"""
+
+
+def use_network_manager(lab: Lab, node: str) -> None:
+    """As on bookworm: NetworkManager owns eth0 through one connection, "Wired connection 1"."""
+    sh(lab, node, "apt-get install -y -q network-manager >/dev/null && "
+                  "systemctl disable --now systemd-networkd.service systemd-networkd.socket 2>/dev/null; "
+                  "for c in $(nmcli -g UUID connection show); do nmcli connection delete uuid $c >/dev/null; done; "
+                  f"nmcli connection add type ethernet ifname eth0 con-name 'Wired connection 1' "
+                  f"ipv4.method manual ipv4.addresses {lab.ip(node)}/24 >/dev/null", timeout=300)
+
+
+def use_dhcpcd(lab: Lab, node: str) -> None:
+    """As on bullseye, with the seed guide's hand-made stanza for eth0 at the end of dhcpcd.conf."""
+    sh(lab, node, "apt-get install -y -q dhcpcd >/dev/null && "
+                  "systemctl disable --now systemd-networkd.service systemd-networkd.socket 2>/dev/null; "
+                  # Lab only: nspawn nodes have no udev, and dhcpcd ignores interfaces udev has not
+                  # announced unless told not to use it.
+                  "sed -i '1i nodev' /etc/dhcpcd.conf && "
+                  f"printf 'interface eth0\\nstatic ip_address={lab.ip(node)}/24\\n' >> /etc/dhcpcd.conf && "
+                  "systemctl restart dhcpcd", timeout=300)
+
+
+def back_to_networkd(lab: Lab, node: str, package: str) -> None:
+    sh(lab, node, f"apt-get purge -y -q {package} >/dev/null; ip -4 addr flush dev eth0; "
+                  "systemctl enable --now systemd-networkd.service systemd-networkd.socket 2>/dev/null; "
+                  "networkctl reconfigure eth0", timeout=300)
+    lab.wait_for(lambda: lab.addresses(node) == [lab.ip(node)], f"{node}'s lab address again", 60)
+
+
+def nm_ipv4(lab: Lab, node: str) -> dict[str, str]:
+    out = sh(lab, node, "nmcli -t -f ipv4.method,ipv4.addresses,ipv4.gateway,ipv4.dns connection show "
+                        "'Wired connection 1'")
+    return dict(line.split(":", 1) for line in out.splitlines() if ":" in line)
+
+
+def test_network_static_through_networkmanager_and_dhcpcd_as_on_bookworm_and_bullseye(lab):
+    try:
+        use_network_manager(lab, NM_NODE)
+        use_dhcpcd(lab, DHCPCD_NODE)
+        for node in (NM_NODE, DHCPCD_NODE):
+            lab.wait_for(lambda n=node: lab.addresses(n) == [lab.ip(n)], f"{node} set up", 60)
+            lab.exec(node, "systemctl", "restart", "piagent")   # reconnect over the new manager
+        lab.wait_for(lambda: lab.all_up([NM_NODE, DHCPCD_NODE]), "both nodes answering", 60)
+        lab.write_file(MASTER, "/root/moves.yaml", MOVES)
+        report, _, _ = apply(lab, "/root/moves.yaml", "--target", "node0[23]")
+        assert {n: [s["status"] for s in i["states"]] for n, i in report["nodes"].items()} == \
+            {NM_NODE: ["changed"], DHCPCD_NODE: ["changed"]}
+        assert "(networkmanager)" in report["nodes"][NM_NODE]["states"][0]["comment"]
+        assert "(dhcpcd)" in report["nodes"][DHCPCD_NODE]["states"][0]["comment"]
+        wait_settled(lab, [NM_NODE, DHCPCD_NODE])
+        assert lab.addresses(NM_NODE) == ["10.77.0.22"] and lab.addresses(DHCPCD_NODE) == ["10.77.0.23"]
+        assert nm_ipv4(lab, NM_NODE) == {"ipv4.method": "manual", "ipv4.addresses": "10.77.0.22/24",
+                                         "ipv4.gateway": "10.77.0.1", "ipv4.dns": "10.77.0.1"}
+        conf = sh(lab, DHCPCD_NODE, "cat /etc/dhcpcd.conf")
+        stanzas = [ln for ln in conf.splitlines() if ln.split() == ["interface", "eth0"]]
+        assert len(stanzas) == 1 and "static ip_address=10.77.0.23/24" in conf, conf  # the guide's one taken over
+        again, _, _ = apply(lab, "/root/moves.yaml", "--target", "node0[23]")
+        assert changed(again) == {NM_NODE: [], DHCPCD_NODE: []}
+
+        # A connection NetworkManager keeps is rolled back through nmcli, not by restoring files.
+        lab.write_file(MASTER, "/root/nm-strand.yaml", NM_STRANDED)
+        apply(lab, "/root/nm-strand.yaml", "--target", NM_NODE)
+        lab.wait_for(lambda: "10.77.9.22" in lab.addresses(NM_NODE), "the stranding address in effect", 30)
+        lab.wait_for(lambda: lab.addresses(NM_NODE) == ["10.77.0.22"], "the rollback", 90)
+        lab.wait_for(lambda: lab.all_up([NM_NODE]), f"{NM_NODE} answering again", 60)
+        assert nm_ipv4(lab, NM_NODE)["ipv4.addresses"] == "10.77.0.22/24"
+        assert ping_entry(lab, NM_NODE).get("network_rollback")
+    finally:
+        back_to_networkd(lab, NM_NODE, "network-manager")
+        back_to_networkd(lab, DHCPCD_NODE, "dhcpcd")
+        for node in (NM_NODE, DHCPCD_NODE):
+            sh(lab, node, "rm -f /var/lib/piagent/network-rollback.json /var/lib/piagent/network-pending.json")
+            lab.exec(node, "systemctl", "restart", "piagent")
+        lab.wait_for(lambda: lab.all_up(), "every node answering", 90)
