@@ -84,6 +84,7 @@ NODE_PACKAGES = [
     "munge", "slurmd", "slurmctld", "slurm-client",
     "chrony", "ntpsec-ntpdate", "nfs-kernel-server", "nfs-common",
     "dphys-swapfile",  # swap.off's lab test: Raspberry Pi OS's swap file service
+    "containerd",      # kubeadm.yaml: the container runtime (bookworm's 1.6)
 ]
 
 # In the node: the repo (read-only) and import-package links, and wrappers on PATH.
