@@ -179,7 +179,7 @@ async def _run_stage(master, emit, job_id, test, group, jobs, carried, queue, ac
     """Push one stage's jobs and wait for its results (raw, for the next stage's rendering)."""
     extra = sorted(master.job_redactions.get(job_id, ()))
     bodies = {n: {"job": job_id, "test": test, "states": jobs[n], "redact": carried[n] + extra} for n in group}
-    acks = await master.ask(bodies, proto.APPLY, timeout=ack_timeout)
+    acks = await master.ask_following(bodies, proto.APPLY, timeout=ack_timeout)
     waiting = set()
     for node_id, ack in acks.items():
         if ack.get("ok") and ack.get("body", {}).get("accepted"):

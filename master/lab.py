@@ -85,6 +85,7 @@ NODE_PACKAGES = [
     "chrony", "ntpsec-ntpdate", "nfs-kernel-server", "nfs-common",
     "dphys-swapfile",  # swap.off's lab test: Raspberry Pi OS's swap file service
     "containerd",      # kubeadm.yaml: the container runtime (bookworm's 1.6)
+    "network-manager", "dhcpcd",   # network.static's lab test: the managers of bookworm and bullseye
 ]
 
 # In the node: the repo (read-only) and import-package links, and wrappers on PATH.

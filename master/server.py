@@ -45,6 +45,11 @@ LAST_SEEN_FLUSH_S = 30.0
 
 
 
+# An agent seen this recently and not connected now is probably reconnecting (its address just
+# changed): an apply waits for it instead of reporting it down at once.
+RECONNECT_GRACE_S = 30.0
+FOLLOW_POLL_S = 0.25
+
 def _rollback_note(note) -> dict | None:
     """An agent's note that it rolled a network change back, checked and bounded for `ping`."""
     if not isinstance(note, dict):
@@ -331,11 +336,19 @@ class Master:
 
     def _send(self, ident: bytes, msg: Message) -> bool:
         try:
-            self.router.send_multipart([ident, proto.encode(msg)], flags=zmq.NOBLOCK)
-            return True
-        except zmq.ZMQError as exc:  # EHOSTUNREACH (gone) or EAGAIN (its queue is full)
-            log.debug("cannot send %s: %s", msg.type, exc)
+            # An asyncio socket reports a failed non-blocking send in the future it returns.
+            sending = self.router.send_multipart([ident, proto.encode(msg)], flags=zmq.NOBLOCK)
+        except zmq.ZMQError as exc:
+            sending = None
+            failure = exc
+        else:
+            failure = sending.exception() if sending.done() and not sending.cancelled() else None
+            if not sending.done():
+                sending.add_done_callback(lambda f: f.cancelled() or f.exception())
+        if failure is not None:  # EHOSTUNREACH (gone) or EAGAIN (its queue is full)
+            log.debug("cannot send %s: %s", msg.type, failure)
             return False
+        return True
 
     def _on_enroll(self, ident: bytes, key: str, msg: Message) -> None:
         node_id = msg.body.get("id")
@@ -442,13 +455,65 @@ class Master:
                 results[node_id] = {"ok": False, "error": f"no answer within {timeout:g} s"}
                 continue
             answer, received = future.result()
-            rtt = received - mono
-            if answer.type == proto.REFUSED:
-                results[node_id] = {"ok": False, "error": f"refused: {answer.body.get('reason')}",
-                                    "rtt_ms": round(rtt * 1000, 2)}
-                continue
-            results[node_id] = {"ok": "error" not in answer.body, "rtt_ms": round(rtt * 1000, 2),
-                                "body": answer.body, "sent_wall": wall, "rtt_s": rtt}
+            results[node_id] = self._answer_row(answer, received - mono, wall)
+        return results
+
+    @staticmethod
+    def _answer_row(answer: Message, rtt: float, sent_wall: float) -> dict:
+        if answer.type == proto.REFUSED:
+            return {"ok": False, "error": f"refused: {answer.body.get('reason')}", "rtt_ms": round(rtt * 1000, 2)}
+        return {"ok": "error" not in answer.body, "rtt_ms": round(rtt * 1000, 2),
+                "body": answer.body, "sent_wall": sent_wall, "rtt_s": rtt}
+
+    async def ask_following(self, bodies: dict[str, dict], type_: str, timeout: float) -> dict[str, dict]:
+        """Like ``ask``, for requests an agent takes once however often it gets them (an apply: the
+        agent knows the job id). A node that reconnects meanwhile -- its address just changed, its
+        link flapped -- gets the request again on its new connection, and a node seen within the
+        last RECONNECT_GRACE_S that is not connected right now is waited for, up to ``timeout``."""
+        loop = asyncio.get_running_loop()
+        deadline = time.monotonic() + timeout
+        sent: dict[str, tuple[bytes, str, float, float, asyncio.Future]] = {}
+        results: dict[str, dict] = {}
+        for node_id in bodies:
+            if node_id not in self.routes and time.time() - self.last_seen.get(node_id, 0) > RECONNECT_GRACE_S:
+                results[node_id] = {"ok": False, "error": "not connected"}
+        try:
+            while True:
+                for node_id, body in bodies.items():
+                    route, prior = self.routes.get(node_id), sent.get(node_id)
+                    if node_id in results or route is None or (prior and prior[0] == route[0]):
+                        continue
+                    if prior:  # reconnected since: the old connection's request is lost with it
+                        self.requests.pop(prior[1], None)
+                        prior[4].cancel()
+                    msg = proto.request(type_, body, ttl_s=timeout)
+                    future = loop.create_future()
+                    self.requests[msg.id] = (node_id, future)
+                    if self._send(route[0], msg):
+                        sent[node_id] = (route[0], msg.id, time.time(), time.monotonic(), future)
+                    else:
+                        del self.requests[msg.id]
+                for node_id, (_, msg_id, wall, mono, future) in sent.items():
+                    if node_id not in results and future.done() and not future.cancelled():
+                        answer, received = future.result()
+                        results[node_id] = self._answer_row(answer, received - mono, wall)
+                remaining = deadline - time.monotonic()
+                if len(results) == len(bodies) or remaining <= 0:
+                    break
+                open_ = [s[4] for n, s in sent.items() if n not in results and not s[4].done()]
+                if open_:
+                    await asyncio.wait(open_, timeout=min(FOLLOW_POLL_S, remaining))
+                else:
+                    await asyncio.sleep(min(FOLLOW_POLL_S, remaining))
+        finally:
+            for node_id, (_, msg_id, _, _, future) in sent.items():
+                self.requests.pop(msg_id, None)
+                if not future.done():
+                    future.cancel()
+        for node_id in bodies:
+            if node_id not in results:
+                results[node_id] = {"ok": False, "error": f"no answer within {timeout:g} s" if node_id in sent
+                                    else f"not connected within {timeout:g} s"}
         return results
 
     def _targets(self, target: str | None) -> list[str]:

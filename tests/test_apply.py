@@ -226,3 +226,26 @@ def test_inventory_roles_names_and_targets(tmp, cluster):
     # An unlisted node keeps the name and address it was given.
     rc, _, _ = apply(master, state)
     assert (tmp / "roles-n2").read_text().startswith("pi01 10.99.0.101")
+
+
+def test_an_apply_reaches_an_agent_that_is_reconnecting_right_then(tmp, cluster):
+    """A node whose connection is being replaced (its address just changed, its link flapped, its
+    agent restarted) gets the job on its new connection instead of being reported without answer."""
+    master, agents = cluster
+    state = write(tmp / "touch.yaml", f"""
+        {tmp}/{{{{ node.id }}}}.touched:
+          file.managed:
+            - contents: here
+        """)
+    agents[0].kill()   # the master still has the old connection's route: a request sent there is lost
+    import subprocess
+
+    running = subprocess.Popen([master.python, "-m", "pimaster", "apply", str(state), "--json",
+                                "--state-dir", str(master.state_dir)], env=master.env, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    time.sleep(2)
+    agents[0].start()
+    out, err = running.communicate(timeout=60)
+    report = json.loads(out)
+    assert {n: i["status"] for n, i in report["nodes"].items()} == {"n1": "done", "n2": "done"}, err
+    assert (tmp / "n1.touched").read_text().strip() == "here"
