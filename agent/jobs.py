@@ -20,6 +20,7 @@ from . import protocol as proto
 from .protocol import Message
 
 JOB_ID_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+ACCEPTED_MEMORY = 256   # job ids remembered after their files are gone (far more than a master resends)
 
 
 def _plain(value):
@@ -61,6 +62,7 @@ class JobRunner:
         # Set when the agent is asked to stop (SIGTERM: reboot, shutdown, `systemctl stop`), whose
         # signal also reaches the job's commands: a job ending after that was cut short, not done.
         self.stopping = False
+        self._accepted: dict[str, None] = {}  # recent job ids, oldest first (an ordered set)
 
     def _path(self, directory: str, job_id: str) -> str:
         return os.path.join(directory, job_id + ".json")
@@ -76,8 +78,14 @@ class JobRunner:
         if not isinstance(states, list) or not all(isinstance(s, dict) and isinstance(s.get("fun"), str)
                                                     for s in states):
             return {"error": "malformed states"}
-        if os.path.exists(self._path(self.results_dir, job_id)) or os.path.exists(self._path(self.running_dir, job_id)):
+        if job_id in self._accepted or os.path.exists(self._path(self.results_dir, job_id)) \
+                or os.path.exists(self._path(self.running_dir, job_id)):
+            # The master may send a job again (the agent reconnected while it was handed out):
+            # queued, running, done or delivered, a job id runs once.
             return {"accepted": True, "job": job_id, "note": "already known"}
+        self._accepted[job_id] = None
+        while len(self._accepted) > ACCEPTED_MEMORY:
+            self._accepted.pop(next(iter(self._accepted)))
         task = asyncio.ensure_future(self._run(job_id, states, bool(test), redact))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)

@@ -29,6 +29,7 @@ import time
 from typing import Callable
 
 from . import protocol as proto
+from .states.base import write_file_atomic
 
 PENDING_FILE = "network-pending.json"
 ROLLBACK_NOTE_FILE = "network-rollback.json"
@@ -40,7 +41,18 @@ STAGED = "staged"    # written, not in effect: waiting for the master to have ev
 ACTIVE = "active"    # in effect: waiting for the master to accept the agent from it
 
 
+def _valid(record) -> bool:
+    """A record this agent can act on (anything else is dropped, loudly, never half-used)."""
+    if not isinstance(record, dict) or record.get("status") not in (STAGED, ACTIVE):
+        return False
+    changes = record.get("changes")
+    return isinstance(changes, list) and bool(changes) and all(
+        isinstance(c, dict) and isinstance(c.get("interface"), str) and isinstance(c.get("address"), str)
+        and isinstance(c.get("restore"), dict) and isinstance(c.get("apply"), list) for c in changes)
+
+
 def _load(path: str) -> dict | None:
+    """The record; None when there is none; {"status": "corrupt"} when it cannot be used."""
     try:
         with open(path) as fh:
             record = json.load(fh)
@@ -48,11 +60,15 @@ def _load(path: str) -> dict | None:
         return None
     except (OSError, ValueError):
         return {"status": "corrupt"}
-    return record if isinstance(record, dict) else {"status": "corrupt"}
+    return record if _valid(record) else {"status": "corrupt"}
 
 
 def _save(path: str, record: dict) -> None:
     proto.write_file_atomic(path, json.dumps(record, indent=1).encode(), 0o600)
+
+
+def describe(changes: list[dict]) -> str:
+    return ", ".join(f"{c['interface']} {c['address']}" for c in changes)
 
 
 def stage(state_dir: str, change: dict, confirm_s: float) -> None:
@@ -85,12 +101,16 @@ def staged_change(state_dir: str, interface: str) -> dict | None:
     record = _load(os.path.join(state_dir, PENDING_FILE))
     if not record or record.get("status") not in (STAGED, ACTIVE):
         return None
-    return next((c for c in record.get("changes", []) if c.get("interface") == interface), None)
+    return next((c for c in record["changes"] if c["interface"] == interface), None)
 
 
 def live_addresses(interface: str) -> list[str] | None:
     """``["10.77.0.12/24", ...]`` on the interface now (IPv4), or None when it does not exist."""
-    proc = subprocess.run(["ip", "-j", "-4", "addr", "show", "dev", interface], capture_output=True, text=True)
+    try:
+        proc = subprocess.run(["ip", "-j", "-4", "addr", "show", "dev", interface], capture_output=True, text=True,
+                              timeout=COMMAND_TIMEOUT_S)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
     if proc.returncode != 0:
         return None
     try:
@@ -101,6 +121,10 @@ def live_addresses(interface: str) -> list[str] | None:
             if "local" in a and "prefixlen" in a]
 
 
+def _all_live(changes: list[dict]) -> bool:
+    return all(c["address"] in (live_addresses(c["interface"]) or []) for c in changes)
+
+
 class NetworkGuard:
     """The agent's side: put staged changes in effect, and confirm or roll them back."""
 
@@ -109,9 +133,10 @@ class NetworkGuard:
         self.note_path = os.path.join(state_dir, ROLLBACK_NOTE_FILE)
         self.log = log
         self.reconnect = reconnect    # makes the agent drop its connection and connect afresh
-        self.activated_at: float | None = None   # monotonic, while a change waits for confirmation
+        self.window_from: float | None = None   # monotonic: a connection made after it can confirm
         self._busy = False
         self._watchdog: asyncio.Task | None = None
+        self._tasks: set[asyncio.Task] = set()
 
     def note(self) -> dict | None:
         """The last rollback, for `pimaster ping`."""
@@ -121,21 +146,40 @@ class NetworkGuard:
         except (OSError, ValueError):
             return None
 
+    def _spawn(self, coro) -> asyncio.Task:
+        task = asyncio.ensure_future(self._guarded(coro))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    async def _guarded(self, coro) -> None:
+        try:
+            await coro
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # never let the guard die silently with a change unconfirmed
+            self.log.exception("the network guard failed; rolling back whatever is pending")
+            record = _load(self.path)
+            if record and record.get("status") != "corrupt":
+                try:
+                    await self._rollback("the agent hit an error while guarding the change")
+                except Exception:
+                    self.log.exception("the rollback failed too")
+
     def at_start(self) -> None:
-        """A change in effect when the agent stopped (or put in effect by a reboot): a fresh window."""
+        """A pending change when the agent starts gets a fresh window, whatever its state: a boot
+        may have put a staged change in effect (or be about to, once networkd or dhcpcd is up), and
+        a change whose master never answers must not stay."""
         record = _load(self.path)
         if record is None:
             return
         if record.get("status") == "corrupt":
-            self.log.error("unreadable %s: no network change to confirm or roll back", self.path)
+            self.log.error("unusable %s: no network change to confirm or roll back; removed", self.path)
             os.unlink(self.path)
             return
-        in_effect = record["status"] == ACTIVE or all(
-            c.get("address") in (live_addresses(c["interface"]) or []) for c in record["changes"])
-        if in_effect:
-            self.log.warning("a network change is in effect but not confirmed yet; rolling it back unless "
-                             "the master accepts this agent within %.0f s", record["confirm_s"])
-            self._start_window(record)
+        self.log.warning("a network change (%s) is not confirmed yet; rolling it back unless the master "
+                         "accepts this agent within %.0f s", describe(record["changes"]), record["confirm_s"])
+        self._start_window(record)
 
     def maybe_activate(self, results_pending: bool) -> None:
         """Called when the master acknowledges a result or accepts the agent."""
@@ -144,32 +188,34 @@ class NetworkGuard:
         record = _load(self.path)
         if record and record.get("status") == STAGED:
             self._busy = True
-            task = asyncio.ensure_future(self._activate(record))
+            task = self._spawn(self._activate(record))
             task.add_done_callback(lambda _t: setattr(self, "_busy", False))
 
     def on_accepted(self, session_started: float) -> None:
         """The master accepted the agent on a connection made at ``session_started`` (monotonic)."""
-        if self.activated_at is None or session_started < self.activated_at:
+        if self.window_from is None or session_started < self.window_from:
             return
         record = _load(self.path)
-        self.activated_at = None
-        if self._watchdog is not None:
-            self._watchdog.cancel()
-            self._watchdog = None
-        if record and record.get("status") == ACTIVE:
+        self._stop_window()
+        if not record or record.get("status") == "corrupt":
+            return
+        if _all_live(record["changes"]):
             os.unlink(self.path)
-            for path in (self.note_path,):
-                try:
-                    os.unlink(path)
-                except FileNotFoundError:
-                    pass
+            try:
+                os.unlink(self.note_path)
+            except FileNotFoundError:
+                pass
             self.log.info("network change confirmed: the master accepted this agent from %s",
-                          ", ".join(f"{c['interface']} {c['address']}" for c in record["changes"]))
+                          describe(record["changes"]))
+        elif record["status"] == ACTIVE:
+            # Accepted, but not from the new setting (the old address survived, another link):
+            # the change did not take.
+            self._spawn(self._rollback("the master accepted this agent, but the new address is not in effect"))
+        # A staged change not in effect yet stays staged: maybe_activate puts it in effect.
 
     async def _activate(self, record: dict) -> None:
-        what = ", ".join(f"{c['interface']} {c['address']}" for c in record["changes"])
         self.log.warning("putting the network change in effect (%s); rolling it back unless the master "
-                         "accepts this agent within %.0f s", what, record["confirm_s"])
+                         "accepts this agent within %.0f s", describe(record["changes"]), record["confirm_s"])
         record["status"] = ACTIVE
         record["activated"] = time.time()
         _save(self.path, record)
@@ -177,7 +223,7 @@ class NetworkGuard:
         if not failed:
             failed = await self._wait_live(record["changes"])
         if failed:
-            await self._rollback(record, f"putting it in effect failed: {failed}")
+            await self._rollback(f"putting it in effect failed: {failed}")
             return
         self._start_window(record)
         self.reconnect()
@@ -195,42 +241,55 @@ class NetworkGuard:
             await asyncio.sleep(0.5)
 
     def _start_window(self, record: dict) -> None:
-        self.activated_at = time.monotonic()
+        self._stop_window()
+        self.window_from = time.monotonic()
+        self._watchdog = self._spawn(self._expire(float(record["confirm_s"])))
+
+    def _stop_window(self) -> None:
+        self.window_from = None
         if self._watchdog is not None:
             self._watchdog.cancel()
-        self._watchdog = asyncio.ensure_future(self._expire(record, float(record["confirm_s"])))
+            self._watchdog = None
 
-    async def _expire(self, record: dict, confirm_s: float) -> None:
+    async def _expire(self, confirm_s: float) -> None:
         await asyncio.sleep(confirm_s)
         self._watchdog = None
-        if self.activated_at is None:
+        if self.window_from is None:
             return
-        self.activated_at = None
-        await self._rollback(record, f"the master did not accept this agent within {confirm_s:.0f} s")
+        self.window_from = None
+        await self._rollback(f"the master did not accept this agent within {confirm_s:.0f} s")
 
-    async def _rollback(self, record: dict, reason: str) -> None:
-        what = ", ".join(f"{c['interface']} {c['address']}" for c in record["changes"])
-        self.log.critical("ROLLING BACK the network change (%s): %s", what, reason)
+    async def _rollback(self, reason: str) -> None:
+        # From the file, not from memory: a change staged meanwhile for another interface is
+        # undone with the rest rather than left written and unguarded.
+        record = _load(self.path)
+        if not record or record.get("status") == "corrupt":
+            return
+        self._stop_window()
+        self.log.critical("ROLLING BACK the network change (%s): %s", describe(record["changes"]), reason)
         errors = []
         for change in record["changes"]:
             for path, old in change["restore"].items():
                 try:
                     if old is None:
                         os.unlink(path)
-                    else:
-                        proto.write_file_atomic(path, old.encode("utf-8", "surrogateescape"), 0o644)
+                    else:  # keeps the file's mode and owner, writes through a symlink
+                        write_file_atomic(path, old)
                 except FileNotFoundError:
                     pass
                 except OSError as exc:
                     errors.append(f"{path}: {exc.strerror}")
+        # Every command, even after one fails: a half-done rollback (dhcpcd stopped, the connection
+        # not brought up) is the worst place to stop.
         commands = [cmd for c in record["changes"] for cmd in c.get("undo", []) + c["apply"]]
-        failed = await asyncio.to_thread(self._run_all, commands)
-        if failed:
-            errors.append(failed)
+        errors += await asyncio.to_thread(self._run_all, commands, True) or []
         note = {"time": time.time(), "changes": [{"interface": c["interface"], "address": c["address"]}
                                                   for c in record["changes"]],
                 "reason": reason, "errors": errors}
-        _save(self.note_path, note)
+        try:
+            _save(self.note_path, note)
+        except OSError as exc:
+            errors.append(f"{self.note_path}: {exc.strerror}")
         try:
             os.unlink(self.path)
         except FileNotFoundError:
@@ -241,13 +300,19 @@ class NetworkGuard:
             self.log.warning("network rolled back to the previous setting")
         self.reconnect()
 
-    def _run_all(self, commands: list[list[str]]) -> str:
-        """Run each command; the first failure's description, or '' when all succeeded."""
+    def _run_all(self, commands: list[list[str]], best_effort: bool = False):
+        """Run the commands in order. Stops at the first failure and returns its description ('' when
+        all succeeded); with ``best_effort`` runs them all and returns the list of failures."""
+        failures = []
         for argv in commands:
             try:
                 proc = subprocess.run(argv, capture_output=True, text=True, timeout=COMMAND_TIMEOUT_S)
+                failure = "" if proc.returncode == 0 else \
+                    f"{' '.join(argv)} exited {proc.returncode}: {(proc.stderr or proc.stdout).strip()[-300:]}"
             except (OSError, subprocess.TimeoutExpired) as exc:
-                return f"{' '.join(argv)}: {exc}"
-            if proc.returncode != 0:
-                return f"{' '.join(argv)} exited {proc.returncode}: {(proc.stderr or proc.stdout).strip()[-300:]}"
-        return ""
+                failure = f"{' '.join(argv)}: {exc}"
+            if failure:
+                if not best_effort:
+                    return failure
+                failures.append(failure)
+        return failures if best_effort else ""

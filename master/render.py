@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import difflib
 import functools
+import ipaddress
 import os
 from dataclasses import dataclass, field
 
@@ -135,7 +136,17 @@ def jinja_env(base_dir: str) -> jinja2.Environment:
     env = jinja2.Environment(loader=jinja2.FileSystemLoader(base_dir), undefined=jinja2.StrictUndefined,
                              keep_trailing_newline=True, autoescape=False, auto_reload=True)
     env.filters["yaml"] = lambda v: yaml.safe_dump(v, default_flow_style=True).strip()
+    env.tests["in_network"] = in_network
     return env
+
+
+def in_network(address, network) -> bool:
+    """Jinja test: `'10.0.0.5/24' is in_network('10.0.0.0/24')` (a prefix on the address is ignored;
+    anything that is not an address or a network is simply not in it)."""
+    try:
+        return ipaddress.ip_interface(str(address)).ip in ipaddress.ip_network(str(network), strict=False)
+    except ValueError:
+        return False
 
 
 def _display(path: str, root: str) -> str:

@@ -42,13 +42,11 @@ ZAP_ENDPOINT = "inproc://zeromq.zap.01"
 ZAP_DOMAIN = b"pimaster"
 CONTROL_LINE_LIMIT = 1024 * 1024
 LAST_SEEN_FLUSH_S = 30.0
-
-
-
 # An agent seen this recently and not connected now is probably reconnecting (its address just
 # changed): an apply waits for it instead of reporting it down at once.
 RECONNECT_GRACE_S = 30.0
 FOLLOW_POLL_S = 0.25
+
 
 def _rollback_note(note) -> dict | None:
     """An agent's note that it rolled a network change back, checked and bounded for `ping`."""
@@ -60,6 +58,7 @@ def _rollback_note(note) -> dict | None:
     when = note.get("time")
     return {"time": when if isinstance(when, (int, float)) else None,
             "reason": str(note.get("reason", ""))[:300], "changes": changes}
+
 
 class ControlError(Exception):
     """A control request that cannot be done: the message goes back to the user as is."""
@@ -467,36 +466,47 @@ class Master:
 
     async def ask_following(self, bodies: dict[str, dict], type_: str, timeout: float) -> dict[str, dict]:
         """Like ``ask``, for requests an agent takes once however often it gets them (an apply: the
-        agent knows the job id). A node that reconnects meanwhile -- its address just changed, its
-        link flapped -- gets the request again on its new connection, and a node seen within the
-        last RECONNECT_GRACE_S that is not connected right now is waited for, up to ``timeout``."""
+        agent remembers the job id). A node that reconnects meanwhile -- its address just changed,
+        its link flapped -- gets the request again on its new connection; a node not connected
+        now but seen within RECONNECT_GRACE_S is waited for, up to ``timeout``."""
         loop = asyncio.get_running_loop()
         deadline = time.monotonic() + timeout
         sent: dict[str, tuple[bytes, str, float, float, asyncio.Future]] = {}
+        tried: dict[str, bytes] = {}      # the connection each node was last sent to (or tried)
         results: dict[str, dict] = {}
-        for node_id in bodies:
-            if node_id not in self.routes and time.time() - self.last_seen.get(node_id, 0) > RECONNECT_GRACE_S:
-                results[node_id] = {"ok": False, "error": "not connected"}
+
+        def gone(node_id: str) -> bool:
+            return time.time() - self.last_seen.get(node_id, 0) > RECONNECT_GRACE_S
+
         try:
             while True:
-                for node_id, body in bodies.items():
-                    route, prior = self.routes.get(node_id), sent.get(node_id)
-                    if node_id in results or route is None or (prior and prior[0] == route[0]):
-                        continue
-                    if prior:  # reconnected since: the old connection's request is lost with it
-                        self.requests.pop(prior[1], None)
-                        prior[4].cancel()
-                    msg = proto.request(type_, body, ttl_s=timeout)
-                    future = loop.create_future()
-                    self.requests[msg.id] = (node_id, future)
-                    if self._send(route[0], msg):
-                        sent[node_id] = (route[0], msg.id, time.time(), time.monotonic(), future)
-                    else:
-                        del self.requests[msg.id]
+                # Answers first: one that came back on the old connection still counts.
                 for node_id, (_, msg_id, wall, mono, future) in sent.items():
                     if node_id not in results and future.done() and not future.cancelled():
                         answer, received = future.result()
                         results[node_id] = self._answer_row(answer, received - mono, wall)
+                for node_id, body in bodies.items():
+                    route = self.routes.get(node_id)
+                    if node_id in results:
+                        continue
+                    if route is None or tried.get(node_id) == route[0]:
+                        if node_id not in sent and gone(node_id):
+                            results[node_id] = {"ok": False, "error": "not connected"}
+                        continue
+                    tried[node_id] = route[0]
+                    msg = proto.request(type_, body, ttl_s=timeout)
+                    future = loop.create_future()
+                    self.requests[msg.id] = (node_id, future)
+                    if self._send(route[0], msg):
+                        prior = sent.get(node_id)
+                        if prior:  # that connection is gone, and the request with it
+                            self.requests.pop(prior[1], None)
+                            prior[4].cancel()
+                        sent[node_id] = (route[0], msg.id, time.time(), time.monotonic(), future)
+                    else:
+                        del self.requests[msg.id]
+                        if node_id not in sent and gone(node_id):
+                            results[node_id] = {"ok": False, "error": "not connected"}
                 remaining = deadline - time.monotonic()
                 if len(results) == len(bodies) or remaining <= 0:
                     break

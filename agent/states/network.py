@@ -111,15 +111,25 @@ def _dhcpcd_text(old: str, iface: str, block: str) -> str:
     until the next `interface` or `ssid` line.
     """
     lines = old.splitlines(keepends=True)
+
+    def words(line: str) -> list[str]:
+        return line.split("#", 1)[0].split()
+
+    def stanza_end(start: int) -> int:
+        end = next((i for i in range(start + 1, len(lines)) if words(lines[i])[:1] in (["interface"], ["ssid"])
+                    or lines[i].startswith("# ") and f": begin, {MANAGED}" in lines[i]), len(lines))
+        while end > start + 1 and not lines[end - 1].strip():  # blank lines before the next stanza stay
+            end -= 1
+        return end
+
     begin = next((i for i, ln in enumerate(lines) if ln.startswith(f"# {iface}: begin, {MANAGED}")), None)
     if begin is not None:
-        end = next((i for i in range(begin, len(lines)) if lines[i].startswith(f"# {iface}: end")), len(lines) - 1)
-        return "".join(lines[:begin]) + block + "".join(lines[end + 1:])
-    start = next((i for i, ln in enumerate(lines) if ln.split() == ["interface", iface]), None)
+        # Up to its end marker; without one (edited by hand), up to the next stanza.
+        end = next((i + 1 for i in range(begin, len(lines)) if lines[i].startswith(f"# {iface}: end")), None)
+        return "".join(lines[:begin]) + block + "".join(lines[end if end is not None else stanza_end(begin + 1):])
+    start = next((i for i, ln in enumerate(lines) if words(ln) == ["interface", iface]), None)
     if start is not None:
-        end = next((i for i in range(start + 1, len(lines)) if lines[i].split()[:1] in (["interface"], ["ssid"])),
-                   len(lines))
-        return "".join(lines[:start]) + block + "".join(lines[end:])
+        return "".join(lines[:start]) + block + "".join(lines[stanza_end(start):])
     text = "".join(lines)
     if text and not text.endswith("\n"):
         text += "\n"
@@ -244,7 +254,8 @@ def static(ctx: StateContext, name: str, address: str, gateway: str | None = Non
         return result(name, None, changes, f"would set {iface} to {want.with_prefixlen} ({kind})")
     netchange.stage(ctx.state_dir, {"interface": iface, "address": want.with_prefixlen, "backend": kind,
                                     "restore": restore, "apply": apply_cmds, "undo": undo}, confirm_s)
+    no_route = "" if gateway else f"; no gateway given: the node will reach only {want.network}"
     return result(name, True, changes,
                   f"{iface} set to {want.with_prefixlen} ({kind}); it takes effect once this result reaches the "
                   f"master, and goes back to {', '.join(live) or 'the old setting'} unless the master is "
-                  f"reachable from the new address within {max(10.0, confirm_s):.0f} s")
+                  f"reachable from the new address within {max(10.0, confirm_s):.0f} s{no_route}")
