@@ -1,0 +1,90 @@
+"""A job id runs once on an agent, however often the master sends it.
+
+The master sends an apply again when the agent reconnects while the job is handed out (a moved
+address, a flapping link), and the first copy may have arrived after all. Here the test plays the
+master (a CURVE ROUTER with its own keys, as the real one) to a real agent process, and sends the
+same job while it is queued, while it runs and after its result was acknowledged: the command
+runs once.
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import zmq
+
+from harness import Agent, free_port_pair
+from piagent import protocol as proto
+from piagent.protocol import Message
+
+
+@pytest.fixture
+def agent_and_master(tmp):
+    ctx = zmq.Context()
+    port = free_port_pair()
+    public, secret = zmq.curve_keypair()
+    router = ctx.socket(zmq.ROUTER)
+    router.linger = 0
+    router.curve_server = True
+    router.curve_publickey, router.curve_secretkey = public, secret
+    router.bind(f"tcp://127.0.0.1:{port}")
+    announce = ctx.socket(zmq.ROUTER)
+    announce.linger = 0
+    announce.bind(f"tcp://127.0.0.1:{port + 1}")
+    agent = Agent(tmp, "n1", proto.render_config(f"127.0.0.1:{port}", proto.fingerprint(public), None)).start()
+    try:
+        assert announce.poll(30000), agent.output()
+        ident, _ = announce.recv_multipart()
+        announce.send_multipart([ident, proto.encode(Message(type=proto.MASTER_KEY, body={"key": public.decode()}))])
+        assert router.poll(30000), agent.output()
+        ident, data = router.recv_multipart()
+        enroll = proto.decode(data, proto.AGENT_TO_MASTER)
+        router.send_multipart([ident, proto.encode(Message(type=proto.ENROLLED, reply_to=enroll.id,
+                                                           body={"status": "accepted", "time": time.time()}))])
+        yield agent, router, ident
+    finally:
+        agent.stop()
+        ctx.destroy(linger=0)
+
+
+def receive(router, want, timeout: float = 30) -> Message:
+    """The next message from the agent for which want(msg) holds (heartbeats and the rest skipped)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if router.poll(500):
+            _, data = router.recv_multipart()
+            msg = proto.decode(data, proto.AGENT_TO_MASTER)
+            if want(msg):
+                return msg
+    raise AssertionError("the agent did not send the message waited for")
+
+
+def send_apply(router, ident, job_id: str, states: list[dict]) -> dict:
+    request = proto.request(proto.APPLY, {"job": job_id, "states": states, "test": False, "redact": []})
+    router.send_multipart([ident, proto.encode(request)])
+    return receive(router, lambda m: m.reply_to == request.id).body
+
+
+def test_a_job_sent_again_while_queued_running_or_done_runs_once(tmp, agent_and_master):
+    agent, router, ident = agent_and_master
+    runs = tmp / "runs"
+    slow = [{"id": "slow", "fun": "cmd.run", "name": f"echo slow >> {runs}; sleep 2", "args": {}}]
+    counted = [{"id": "count", "fun": "cmd.run", "name": f"echo counted >> {runs}", "args": {}}]
+
+    assert send_apply(router, ident, "job-slow", slow).get("accepted")
+    assert send_apply(router, ident, "job-count", counted) == {"accepted": True, "job": "job-count"}
+    # Again, while job-slow runs and job-count waits its turn (no file of its own yet).
+    assert send_apply(router, ident, "job-slow", slow).get("note") == "already known"
+    assert send_apply(router, ident, "job-count", counted).get("note") == "already known"
+
+    for _ in range(2):  # both results, each acknowledged as the master does
+        result = receive(router, lambda m: m.type == proto.JOB_RESULT)
+        router.send_multipart([ident, proto.encode(Message(type=proto.JOB_RESULT_ACK,
+                                                           body={"job": result.body["job"]}))])
+    time.sleep(0.5)
+    # And after the acknowledgement removed every trace of it on disk.
+    assert not any((agent.state_dir / "results").iterdir())
+    assert send_apply(router, ident, "job-count", counted).get("note") == "already known"
+    time.sleep(1)
+    assert runs.read_text().splitlines() == ["slow", "counted"]
