@@ -43,7 +43,8 @@ ACTIVE = "active"    # in effect: waiting for the master to accept the agent fro
 
 def _valid(record) -> bool:
     """A record this agent can act on (anything else is dropped, loudly, never half-used)."""
-    if not isinstance(record, dict) or record.get("status") not in (STAGED, ACTIVE):
+    if not isinstance(record, dict) or record.get("status") not in (STAGED, ACTIVE) \
+            or not isinstance(record.get("confirm_s"), (int, float)):
         return False
     changes = record.get("changes")
     return isinstance(changes, list) and bool(changes) and all(
