@@ -9,6 +9,7 @@ run instead of silently falling back to the venv.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -193,3 +194,40 @@ class Agent(Process):
         from piagent.protocol import fingerprint
 
         return fingerprint((self.state_dir / "agent.pub").read_bytes().strip())
+
+
+@contextlib.contextmanager
+def agent_with_standin_master(tmp: Path, node_id: str = "n1"):
+    """A real agent process whose master is the test itself: a CURVE ROUTER with its own key pair
+    that announces its key, accepts the agent's enrollment and then sends whatever the test wants
+    (fuzzed frames, the same job twice). Yields (agent, router, the agent's routing id)."""
+    import zmq
+
+    from piagent import protocol as proto
+    from piagent.protocol import Message
+
+    ctx = zmq.Context()
+    port = free_port_pair()
+    public, secret = zmq.curve_keypair()
+    router = ctx.socket(zmq.ROUTER)
+    router.linger = 0
+    router.curve_server = True
+    router.curve_publickey, router.curve_secretkey = public, secret
+    router.bind(f"tcp://127.0.0.1:{port}")
+    announce = ctx.socket(zmq.ROUTER)
+    announce.linger = 0
+    announce.bind(f"tcp://127.0.0.1:{port + 1}")
+    agent = Agent(tmp, node_id, proto.render_config(f"127.0.0.1:{port}", proto.fingerprint(public), None)).start()
+    try:
+        assert announce.poll(30000), agent.output()
+        ident, _ = announce.recv_multipart()
+        announce.send_multipart([ident, proto.encode(Message(type=proto.MASTER_KEY, body={"key": public.decode()}))])
+        assert router.poll(30000), agent.output()
+        ident, data = router.recv_multipart()
+        enroll = proto.decode(data, proto.AGENT_TO_MASTER)
+        router.send_multipart([ident, proto.encode(Message(type=proto.ENROLLED, reply_to=enroll.id,
+                                                           body={"status": "accepted", "time": time.time()}))])
+        yield agent, router, ident
+    finally:
+        agent.stop()
+        ctx.destroy(linger=0)

@@ -24,7 +24,7 @@ import zmq
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from harness import Agent, Master, free_port_pair, wait_for
+from harness import Agent, Master, agent_with_standin_master, wait_for
 from piagent import protocol as proto
 from piagent.protocol import Message
 
@@ -240,32 +240,8 @@ def test_master_still_answers_after_the_control_fuzz(live):
 
 @pytest.fixture(scope="module")
 def agent_under_fuzz():
-    tmp = Path(tempfile.mkdtemp(prefix="pm-fuzz-agent-", dir="/tmp"))
-    ctx = zmq.Context()
-    port = free_port_pair()
-    public, secret = zmq.curve_keypair()
-    router = ctx.socket(zmq.ROUTER)
-    router.linger = 0
-    router.curve_server = True
-    router.curve_publickey, router.curve_secretkey = public, secret
-    router.bind(f"tcp://127.0.0.1:{port}")
-    announce = ctx.socket(zmq.ROUTER)
-    announce.linger = 0
-    announce.bind(f"tcp://127.0.0.1:{port + 1}")
-    agent = Agent(tmp, "n1", proto.render_config(f"127.0.0.1:{port}", proto.fingerprint(public), None)).start()
-    try:
-        assert announce.poll(30000), agent.output()
-        ident, _ = announce.recv_multipart()
-        announce.send_multipart([ident, proto.encode(Message(type=proto.MASTER_KEY, body={"key": public.decode()}))])
-        assert router.poll(30000), agent.output()
-        ident, data = router.recv_multipart()
-        enroll = proto.decode(data, proto.AGENT_TO_MASTER)
-        router.send_multipart([ident, proto.encode(Message(type=proto.ENROLLED, reply_to=enroll.id,
-                                                           body={"status": "accepted", "time": time.time()}))])
-        yield agent, router, ident
-    finally:
-        agent.stop()
-        ctx.destroy(linger=0)
+    with agent_with_standin_master(Path(tempfile.mkdtemp(prefix="pm-fuzz-agent-", dir="/tmp"))) as parts:
+        yield parts
 
 
 def _drain_router(router) -> None:

@@ -12,40 +12,16 @@ from __future__ import annotations
 import time
 
 import pytest
-import zmq
 
-from harness import Agent, free_port_pair
+from harness import agent_with_standin_master
 from piagent import protocol as proto
 from piagent.protocol import Message
 
 
 @pytest.fixture
 def agent_and_master(tmp):
-    ctx = zmq.Context()
-    port = free_port_pair()
-    public, secret = zmq.curve_keypair()
-    router = ctx.socket(zmq.ROUTER)
-    router.linger = 0
-    router.curve_server = True
-    router.curve_publickey, router.curve_secretkey = public, secret
-    router.bind(f"tcp://127.0.0.1:{port}")
-    announce = ctx.socket(zmq.ROUTER)
-    announce.linger = 0
-    announce.bind(f"tcp://127.0.0.1:{port + 1}")
-    agent = Agent(tmp, "n1", proto.render_config(f"127.0.0.1:{port}", proto.fingerprint(public), None)).start()
-    try:
-        assert announce.poll(30000), agent.output()
-        ident, _ = announce.recv_multipart()
-        announce.send_multipart([ident, proto.encode(Message(type=proto.MASTER_KEY, body={"key": public.decode()}))])
-        assert router.poll(30000), agent.output()
-        ident, data = router.recv_multipart()
-        enroll = proto.decode(data, proto.AGENT_TO_MASTER)
-        router.send_multipart([ident, proto.encode(Message(type=proto.ENROLLED, reply_to=enroll.id,
-                                                           body={"status": "accepted", "time": time.time()}))])
-        yield agent, router, ident
-    finally:
-        agent.stop()
-        ctx.destroy(linger=0)
+    with agent_with_standin_master(tmp) as parts:
+        yield parts
 
 
 def receive(router, want, timeout: float = 30) -> Message:
