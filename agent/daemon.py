@@ -449,7 +449,6 @@ class Agent:
             self.network.on_accepted(self._session_started)
             if newly_accepted:
                 self.network.maybe_activate(self.jobs.has_pending())
-            if newly_accepted:
                 # Results that could not be delivered before (link lost, master restarted).
                 asyncio.ensure_future(self.jobs.deliver_pending())
             if newly_accepted and self.on_accepted is not None:

@@ -34,6 +34,7 @@ from .states.base import write_file_atomic
 PENDING_FILE = "network-pending.json"
 ROLLBACK_NOTE_FILE = "network-rollback.json"
 DEFAULT_CONFIRM_S = 60.0
+MIN_CONFIRM_S = 10.0    # shorter, and a slow boot or a dhcpcd probe would roll back a good change
 COMMAND_TIMEOUT_S = 60
 LIVE_TIMEOUT_S = 30.0   # how long a new address may take to appear (dhcpcd's ARP probe: ~5 s)
 
@@ -92,7 +93,7 @@ def stage(state_dir: str, change: dict, confirm_s: float) -> None:
         change = dict(change, restore=earlier["restore"], undo=earlier.get("undo", []))
     kept[change["interface"]] = change
     record.update(status=STAGED, changes=list(kept.values()), staged=time.time(),
-                  confirm_s=max(10.0, float(confirm_s)))
+                  confirm_s=max(MIN_CONFIRM_S, float(confirm_s)))
     os.makedirs(state_dir, exist_ok=True)
     _save(path, record)
 

@@ -338,7 +338,6 @@ class Master:
             # An asyncio socket reports a failed non-blocking send in the future it returns.
             sending = self.router.send_multipart([ident, proto.encode(msg)], flags=zmq.NOBLOCK)
         except zmq.ZMQError as exc:
-            sending = None
             failure = exc
         else:
             failure = sending.exception() if sending.done() and not sending.cancelled() else None

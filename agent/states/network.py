@@ -258,4 +258,4 @@ def static(ctx: StateContext, name: str, address: str, gateway: str | None = Non
     return result(name, True, changes,
                   f"{iface} set to {want.with_prefixlen} ({kind}); it takes effect once this result reaches the "
                   f"master, and goes back to {', '.join(live) or 'the old setting'} unless the master is "
-                  f"reachable from the new address within {max(10.0, confirm_s):.0f} s{no_route}")
+                  f"reachable from the new address within {max(netchange.MIN_CONFIRM_S, confirm_s):.0f} s{no_route}")
