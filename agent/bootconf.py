@@ -13,7 +13,9 @@ goes next to it. `piagent run` without --config calls discover(), which:
    may boot with a clock behind the laptop that wrote the card;
 3. runs on /etc/piagent/piagent.conf; with no config anywhere, on the defaults: the master at
    pimaster.local:4510 (mDNS, which Raspberry Pi OS resolves), no token (the key waits as pending
-   for a person), no fingerprint (the master's key is trusted on first contact).
+   for a person), no fingerprint: unless `piagent trust` pinned one, the master's key is trusted on
+   first contact (see daemon.Agent._check_master_key), so on a shared LAN whoever answers
+   pimaster.local first gets the node.
 
 The token stays in /etc/piagent (root only) until the master accepts the agent; then
 forget_token() removes it from there and from the boot partition, which any card reader can read.
@@ -211,7 +213,8 @@ def discover(state_dir: str, boot_dirs: tuple[str, ...] | list[str] = DEFAULT_BO
         return Discovered(config, "etc", etc_path, state_dir, boot_path)
 
     log.warning("no %s in %s or %s: looking for the master at %s:%d and waiting there as pending "
-                "until a person accepts this node (pimaster keys accept)", CONFIG_NAME,
+                "until a person accepts this node (pimaster keys accept); unless `piagent trust` pinned "
+                "the master, the first key seen there is trusted", CONFIG_NAME,
                 ", ".join(boot_dirs), etc_dir, DEFAULT_MASTER_HOST, DEFAULT_PORT)
     return Discovered(AgentConfig(master_host=DEFAULT_MASTER_HOST, master_port=DEFAULT_PORT),
                       "default", etc_path, state_dir, None)

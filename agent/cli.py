@@ -13,6 +13,7 @@ import sys
 from . import __version__
 
 DEFAULT_STATE_DIR = "/var/lib/piagent"
+DEFAULT_CONFIG = "/etc/piagent/piagent.conf"
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -33,6 +34,17 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--log-level", default="INFO")
     fp = sub.add_parser("fingerprint", help="print this agent's key fingerprint (compare with `pimaster keys list`)")
     fp.add_argument("--state-dir", default=os.environ.get("PIAGENT_STATE_DIR", DEFAULT_STATE_DIR))
+    trust = sub.add_parser(
+        "trust", help="pin the master's key fingerprint, or show what this agent trusts and why",
+        description="Without a fingerprint in piagent.conf the agent trusts the first master that answers "
+                    "at its address, and anyone on the LAN who answers first gets root on this node. "
+                    "`piagent trust FINGERPRINT` pins the master instead (compare with `pimaster keys "
+                    "fingerprint` on the master); restart the agent afterwards. Without FINGERPRINT: show "
+                    "what is pinned or trusted now, and by what.")
+    trust.add_argument("fingerprint", nargs="?", help="sha256:<64 hex digits>, as `pimaster keys fingerprint` prints it")
+    trust.add_argument("--state-dir", default=os.environ.get("PIAGENT_STATE_DIR", DEFAULT_STATE_DIR),
+                       help=f"the agent's state dir (default {DEFAULT_STATE_DIR})")
+    trust.add_argument("--config", help=f"the agent's piagent.conf, whose fingerprint must agree (default {DEFAULT_CONFIG})")
     sub.add_parser("facts", help="print the facts this agent reports, as JSON")
     state = sub.add_parser("state", help="run one state on this node now, like a line of a state file",
                            description="Example: piagent state file.managed name=/etc/motd contents='hello' --test")
@@ -113,7 +125,7 @@ def _node_id(args, config, state_dir: str) -> str:
 
 def run(args) -> int:
     from . import protocol, sd
-    from .config import ConfigError, load_config
+    from .config import ConfigError, cached_master_fingerprint, load_config, pinned_fingerprint
     from .daemon import Agent, AgentSettings
 
     log = sd.setup_logging("piagent", args.log_level)
@@ -133,6 +145,7 @@ def run(args) -> int:
             found = discover(args.state_dir, args.boot_dir or DEFAULT_BOOT_DIRS, args.etc_dir)
             config = found.config
         node_id = _node_id(args, config, args.state_dir)
+        pinned, pinned_by = pinned_fingerprint(config, args.state_dir)
     except (ConfigError, OSError) as exc:
         print(f"piagent: {exc}", file=sys.stderr)
         return 2
@@ -144,7 +157,7 @@ def run(args) -> int:
     public, secret = protocol.load_or_create_keypair(args.state_dir, "agent")
     settings = AgentSettings(node_id=node_id, master_host=config.master_host, master_port=config.master_port,
                              state_dir=args.state_dir, public_key=public, secret_key=secret,
-                             fingerprint=config.fingerprint, token=config.token)
+                             fingerprint=pinned, fingerprint_source=pinned_by, token=config.token)
     import platform
 
     import msgpack
@@ -153,6 +166,12 @@ def run(args) -> int:
              __version__, node_id, protocol.fingerprint(public), config.master_host, config.master_port,
              platform.python_version(), zmq.__version__, zmq.zmq_version(),
              ".".join(map(str, msgpack.version)))
+    first_contact = None if pinned else cached_master_fingerprint(args.state_dir)
+    if pinned:
+        log.info("the master is pinned to %s by %s", pinned, pinned_by)
+    elif first_contact:
+        log.info("the master is not pinned: trusting %s, the key it presented at first contact "
+                 "(see `piagent trust`)", first_contact)
 
     async def main() -> None:
         on_accepted = None
@@ -190,10 +209,99 @@ def run(args) -> int:
     return 0
 
 
+def _read_config_for_trust(args):
+    """The config `piagent trust` compares with: --config, else /etc/piagent's if there is one."""
+    from .config import ConfigError, load_config
+
+    path = args.config or DEFAULT_CONFIG
+    if not args.config and not os.path.exists(path):
+        return None
+    try:
+        return load_config(path)
+    except ConfigError as exc:
+        if args.config:
+            raise
+        print(f"piagent: note: {exc}; comparing with the state dir only", file=sys.stderr)
+        return None
+
+
+def trust(args) -> int:
+    from .bootconf import DEFAULT_MASTER_HOST
+    from .config import (MASTER_KEY_CACHE, TRUST_FILE, ConfigError, cached_master_fingerprint,
+                         read_trusted_fingerprint, validate_fingerprint, write_trusted_fingerprint)
+    from .protocol import DEFAULT_PORT
+
+    state_dir = args.state_dir
+    trust_path = os.path.join(state_dir, TRUST_FILE)
+    cache_path = os.path.join(state_dir, MASTER_KEY_CACHE)
+    try:
+        wanted = validate_fingerprint(args.fingerprint) if args.fingerprint is not None else None
+        config = _read_config_for_trust(args)
+    except ConfigError as exc:
+        print(f"piagent: {exc}", file=sys.stderr)
+        return 2
+    config_fp = config.fingerprint if config else None
+    config_path = config.path if config else None
+    cached = cached_master_fingerprint(state_dir)
+
+    if wanted is not None:
+        if config_fp and config_fp != wanted:
+            print(f"piagent: {config_path} pins the master to {config_fp}; pinning {wanted} as well would stop "
+                  "the agent from starting (the two must agree). Change the fingerprint in the config instead.",
+                  file=sys.stderr)
+            return 1
+        try:
+            write_trusted_fingerprint(state_dir, wanted)
+        except OSError as exc:
+            print(f"piagent: cannot write {trust_path}: {exc.strerror or exc}", file=sys.stderr)
+            return 1
+        print(f"pinned the master to {wanted} ({trust_path})")
+        if cached and cached != wanted:
+            print(f"NOTE: this agent has been talking to a master with another key, {cached} (cached in "
+                  f"{cache_path}); once restarted it refuses that master.")
+        elif cached:
+            print("It is the master this agent already talks to.")
+        print("Restart the agent to use it: systemctl restart piagent")
+        return 0
+
+    try:
+        trusted = read_trusted_fingerprint(state_dir)
+    except ConfigError as exc:
+        print(f"piagent: {exc}", file=sys.stderr)
+        return 1
+    if config_fp and trusted and config_fp != trusted:
+        print(f"CONFLICT: {config_path} pins the master to {config_fp}, `piagent trust` ({trust_path}) to "
+              f"{trusted}: the agent refuses to start until they agree.")
+        return 1
+    if config_fp:
+        print(f"pinned by {config_path}: {config_fp}")
+        if trusted:
+            print(f"  (and by `piagent trust`, {trust_path}: the same)")
+    elif trusted:
+        print(f"pinned by `piagent trust` ({trust_path}): {trusted}")
+    elif cached:
+        print(f"trusted on first contact, not pinned: {cached} (cached in {cache_path}).\n"
+              "Whoever answered first at the master's address controls this node. If that is what "
+              "`pimaster keys fingerprint` prints on the master, pin it: piagent trust FINGERPRINT")
+        return 0
+    else:
+        where = f"{config.master_host}:{config.master_port}" if config else f"{DEFAULT_MASTER_HOST}:{DEFAULT_PORT}"
+        print(f"nothing yet: no pin, and no master contacted. The agent will trust the first master key it "
+              f"sees at {where}: whoever answers there first gets this node. Pin the master: "
+              "piagent trust FINGERPRINT (from `pimaster keys fingerprint` on the master)")
+        return 0
+    pinned = config_fp or trusted
+    if cached and cached != pinned:
+        print(f"NOTE: the master last contacted presented {cached}: not the pinned key, so the agent refuses it.")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "run":
         return run(args)
+    if args.command == "trust":
+        return trust(args)
     if args.command == "fingerprint":
         from .protocol import fingerprint
 

@@ -3,7 +3,8 @@
 One asyncio task per agent. Connection life cycle::
 
     resolve master name -> fetch the master's public key from the key-announce port
-    -> check it against the pinned fingerprint (or the key seen first) -> CURVE DEALER connect
+    -> check it against the pinned fingerprint (piagent.conf or `piagent trust`), or with no pin
+       against the key seen first (trust on first use, logged as a WARNING) -> CURVE DEALER connect
     -> wait for the handshake -> send `enroll` -> serve requests until the link drops
     -> back off (exponential, jittered, capped at 30 s) -> start over, re-resolving the name.
 
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import os
 import random
 import socket
@@ -29,6 +31,7 @@ from zmq.utils.monitor import parse_monitor_message
 
 from . import facts as facts_mod
 from . import protocol as proto
+from .config import MASTER_KEY_CACHE
 from .jobs import JobRunner
 from .netchange import NetworkGuard
 from .protocol import Message
@@ -75,6 +78,7 @@ class AgentSettings:
     secret_key: bytes
     fingerprint: str | None = None  # pinned master fingerprint
     token: str | None = None
+    fingerprint_source: str | None = None  # what pinned it, for messages: the config's path or `piagent trust`
 
     @property
     def key_port(self) -> int:
@@ -141,13 +145,11 @@ class Agent:
             try:
                 address = await self._resolve()
                 master_key = await self._fetch_master_key(address)
-                self._check_master_key(master_key)
+                self._check_master_key(master_key, address)
                 established = await self._session(address, master_key)
             except MasterKeyMismatch as exc:
                 # Loud on purpose: this is either an attack or a reinstalled master.
-                self.log.critical("REFUSING the master: %s. If the master was reinstalled on purpose, "
-                                  "put its new fingerprint (pimaster keys fingerprint) into the agent's "
-                                  "config and restart the agent.", exc)
+                self.log.critical("REFUSING the master: %s", exc)
                 attempt = max(attempt, 8)
             except (LinkFailed, OSError, zmq.ZMQError) as exc:
                 self._note_failure(str(exc), attempt)
@@ -191,7 +193,8 @@ class Agent:
 
     async def _fetch_master_key(self, address: str) -> bytes:
         sock = self._new_socket(zmq.DEALER)
-        sock.maxmsgsize = 64 * 1024
+        # Plaintext and unauthenticated: whoever answers here gets no more than an enrollment's worth.
+        sock.maxmsgsize = proto.MAX_UNAUTHENTICATED_BYTES
         try:
             sock.connect(f"tcp://{address}:{self.settings.key_port}")
             await sock.send(proto.encode(Message(type=proto.MASTER_KEY)))
@@ -201,7 +204,7 @@ class Agent:
         finally:
             sock.close(0)
         try:
-            msg = proto.decode(frames[-1], frozenset({proto.MASTER_KEY}))
+            msg = proto.decode(frames[-1], frozenset({proto.MASTER_KEY}), max_bytes=proto.MAX_UNAUTHENTICATED_BYTES)
         except proto.ProtocolError as exc:
             raise LinkFailed(f"malformed key announcement: {exc}") from None
         key = msg.body.get("key")
@@ -209,29 +212,41 @@ class Agent:
             raise LinkFailed("key announcement without a valid key")
         return key.encode() if isinstance(key, str) else key
 
-    def _check_master_key(self, key: bytes) -> None:
+    def _check_master_key(self, key: bytes, address: str | None = None) -> None:
+        """Raise MasterKeyMismatch unless ``key`` is the master's: the pinned one, or with no pin the
+        one seen first (cached in master.pub; the first time, trusted with a WARNING)."""
         seen = proto.fingerprint(key)
-        cache = os.path.join(self.settings.state_dir, "master.pub")
+        cache = os.path.join(self.settings.state_dir, MASTER_KEY_CACHE)
+        where = f"{self.settings.master_host}:{self.settings.master_port}"
+        if address and address.strip("[]") != self.settings.master_host:
+            where += f" ({address})"
+        try:
+            with open(cache, "rb") as fh:
+                known = fh.read().strip()
+        except FileNotFoundError:
+            known = b""
         pinned = self.settings.fingerprint
         if pinned:
             if seen != pinned:
-                raise MasterKeyMismatch(f"the master at {self.settings.master_host} presents key {seen}, "
-                                        f"but this agent is pinned to {pinned}")
-        else:
-            try:
-                with open(cache, "rb") as fh:
-                    known = fh.read().strip()
-            except FileNotFoundError:
-                known = b""
-            if known and known != key:
-                raise MasterKeyMismatch(f"the master's key changed from {proto.fingerprint(known)} "
-                                        f"(trusted at first contact) to {seen}")
-        try:
-            with open(cache, "rb") as fh:
-                current = fh.read().strip()
-        except FileNotFoundError:
-            current = b""
-        if current != key:
+                source = self.settings.fingerprint_source or "its config"
+                fix = ("run `piagent trust` with the fingerprint that `pimaster keys fingerprint` prints on it"
+                       if source.startswith("`piagent trust`") else
+                       f"put the fingerprint that `pimaster keys fingerprint` prints on it into {source}")
+                raise MasterKeyMismatch(f"the master at {where} presents key {seen}, but this agent is pinned "
+                                        f"to {pinned} by {source}. If the master was reinstalled on purpose, "
+                                        f"{fix} and restart the agent")
+        elif known and known != key:
+            raise MasterKeyMismatch(f"the master's key changed from {proto.fingerprint(known)} (trusted at first "
+                                    f"contact) to {seen}, at {where}. If the master was reinstalled on purpose, "
+                                    "run `piagent trust` with the fingerprint that `pimaster keys fingerprint` "
+                                    "prints on it and restart the agent")
+        elif not known:
+            self.log.warning("TRUSTING the master at %s on first contact: nothing pins it (no fingerprint in "
+                             "piagent.conf, no `piagent trust`), so its key %s is now this agent's master key. "
+                             "Whoever answered first at %s now controls this node; pin the master with "
+                             "`piagent trust FINGERPRINT` or a fingerprint in piagent.conf (compare with "
+                             "`pimaster keys fingerprint` on the master).", where, seen, where)
+        if known != key:
             proto.write_file_atomic(cache, key + b"\n", 0o644)
 
     # ------------------------------------------------------------------ one connection
@@ -433,7 +448,8 @@ class Agent:
     def _on_status(self, msg: Message) -> None:
         master_time = msg.body.get("time")
         sent = self._sent_at.pop(msg.reply_to or "", None)
-        if isinstance(master_time, (int, float)) and sent is not None:
+        # Only a real clock reading: NaN or infinity would make every request look fresh or expired.
+        if proto._is_number(master_time) and math.isfinite(master_time) and sent is not None:
             self.master_clock.update(float(master_time), time.monotonic() - sent)
         if msg.type == proto.HEARTBEAT_ACK:
             self._unacked = 0

@@ -19,8 +19,37 @@ from typing import Awaitable, Callable
 from . import protocol as proto
 from .protocol import Message
 
-JOB_ID_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+# \A...\Z, not ^...$ ("$" matches before a trailing newline): a job id names files in the state dir.
+JOB_ID_RE = re.compile(r"\A[A-Za-z0-9._-]{1,64}\Z")
 ACCEPTED_MEMORY = 256   # job ids remembered after their files are gone (far more than a master resends)
+
+
+REQUISITE_KEYS = ("require", "watch", "onchanges", "onfail")
+
+
+def _state_problem(state) -> str | None:
+    """What is wrong with one state of an `apply` request, None if its shape is what the engine
+    expects (what the master's renderer sends). Values inside `args` are the state module's to judge."""
+    if not isinstance(state, dict):
+        return "not a map"
+    if not isinstance(state.get("fun"), str):
+        return "no function name"
+    for key in ("id", "name", "source"):
+        if state.get(key) is not None and not isinstance(state[key], str):
+            return f"{key} is not text"
+    args = state.get("args")
+    if args is not None and not (isinstance(args, dict) and all(isinstance(k, str) for k in args)):
+        return "args is not a map of names"
+    for key in REQUISITE_KEYS:
+        refs = state.get(key)
+        if refs is not None and not (isinstance(refs, list) and all(isinstance(i, int) for i in refs)):
+            return f"{key} is not a list of positions"
+    for key in ("unless", "onlyif"):
+        commands = state.get(key)
+        if commands is not None and not isinstance(commands, str) and \
+                not (isinstance(commands, list) and all(isinstance(c, str) for c in commands)):
+            return f"{key} is not a command or a list of commands"
+    return None
 
 
 def _plain(value):
@@ -69,15 +98,14 @@ class JobRunner:
 
     def accept(self, body: dict) -> dict:
         """Validate an `apply` request and start it; the answer is the acknowledgement."""
-        job_id, states, test = body.get("job"), body.get("states"), body.get("test", False)
+        problem = self._problem(body)
+        if problem:
+            # One line, never a traceback: what the master sent is wrong, not this agent.
+            job_id = body.get("job")
+            self.log.warning("refused a job%s: %s", f" {job_id[:64]!r}" if isinstance(job_id, str) else "", problem)
+            return {"error": problem}
+        job_id, states, test = body["job"], body["states"], body.get("test", False)
         redact = body.get("redact") or []
-        if not isinstance(redact, list):
-            return {"error": "malformed redact list"}
-        if not isinstance(job_id, str) or not JOB_ID_RE.match(job_id):
-            return {"error": "malformed job id"}
-        if not isinstance(states, list) or not all(isinstance(s, dict) and isinstance(s.get("fun"), str)
-                                                    for s in states):
-            return {"error": "malformed states"}
         if job_id in self._accepted or os.path.exists(self._path(self.results_dir, job_id)) \
                 or os.path.exists(self._path(self.running_dir, job_id)):
             # The master may send a job again (the agent reconnected while it was handed out):
@@ -90,6 +118,22 @@ class JobRunner:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return {"accepted": True, "job": job_id}
+
+    @staticmethod
+    def _problem(body: dict) -> str | None:
+        job_id, states = body.get("job"), body.get("states")
+        redact = body.get("redact") or []
+        if not isinstance(redact, list):
+            return "malformed redact list"
+        if not isinstance(job_id, str) or not JOB_ID_RE.fullmatch(job_id):
+            return "malformed job id"
+        if not isinstance(states, list):
+            return "malformed states"
+        for index, state in enumerate(states):
+            problem = _state_problem(state)
+            if problem:
+                return f"malformed states: state {index}: {problem}"
+        return None
 
     async def _run(self, job_id: str, states: list[dict], test: bool, redact: list) -> None:
         from .engine import run_states, summarize
@@ -133,16 +177,20 @@ class JobRunner:
     async def _deliver(self, payload: dict) -> None:
         msg = Message(type=proto.JOB_RESULT, body=payload)
         try:
-            proto.encode(msg)
+            # What the master will take, not only what encodes: decode() also bounds arrays and maps,
+            # and a result it refuses would be resent, and refused, at every reconnect.
+            proto.decode(proto.encode(msg), frozenset({proto.JOB_RESULT}), max_bytes=proto.MAX_AGENT_MESSAGE_BYTES)
         except proto.ProtocolError:  # too large for one message: keep the verdicts, drop the details
             for res in payload["results"]:
                 res["changes"] = {"note": "changes too large to send; see the agent's state dir"} if res.get("changes") else {}
+                if len(res.get("comment") or "") > 4096:
+                    res["comment"] = res["comment"][:4096] + "\n[cut: see the agent's state dir]"
             msg = Message(type=proto.JOB_RESULT, body=payload)
         if not await self.send(msg):
             self.log.info("job %s: result kept on disk until the master is back", payload["job"])
 
     def acknowledged(self, job_id) -> None:
-        if isinstance(job_id, str) and JOB_ID_RE.match(job_id):
+        if isinstance(job_id, str) and JOB_ID_RE.fullmatch(job_id):
             try:
                 os.unlink(self._path(self.results_dir, job_id))
             except FileNotFoundError:

@@ -39,6 +39,20 @@ DEFAULT_PORT = 4510
 # Large enough for a state file with a few big files in it, small enough that a hostile peer
 # cannot make a Pi Zero allocate its whole memory for one frame.
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+# What the master decodes from a key it has not accepted (an enrollment is a few KiB): anyone on
+# the LAN can send these, so each costs the master at most this much before it is refused.
+MAX_UNAUTHENTICATED_BYTES = 64 * 1024
+# What the master takes from an accepted agent in one message (a job's results are the largest:
+# the agent sends them without their changes when they would not fit). A frame of short strings
+# unpacks to ~20 times its size, so this, not MAX_MESSAGE_BYTES, bounds what a compromised Pi can
+# make the master allocate per message.
+MAX_AGENT_MESSAGE_BYTES = 4 * 1024 * 1024
+# Bounds on what one frame may unpack into, enforced by msgpack while it unpacks. A byte of
+# msgpack can be a whole empty map (~64 bytes of Python objects, plus a pointer in its parent),
+# so the frame size alone does not bound memory: 16 MiB of empty maps would be ~1.1 GB.
+MAX_CONTAINER_LEN = 16384     # elements of one array, entries of one map (a header claiming
+                              # that many makes msgpack reserve room at once, even in a tiny frame)
+MAX_CONTAINERS = 200_000      # arrays and maps in one message, all levels together
 MAX_ID_LENGTH = 64
 # A request may not claim to stay valid for longer than this: it bounds the replay cache.
 MAX_REQUEST_TTL_S = 24 * 3600
@@ -109,27 +123,56 @@ def _no_ext(code: int, data: bytes) -> Any:
     raise ProtocolError(f"msgpack extension type {code} is not allowed")
 
 
-def decode(data: bytes, allowed: frozenset[str]) -> Message:
-    """Decode one frame. Raises ProtocolError (never anything else) for any malformed input."""
+def _container_budget(limit: int):
+    """A msgpack object_hook/list_hook that refuses the message at its ``limit``+1-th container.
+
+    msgpack calls the hook as each array or map is completed, innermost first, so at any moment
+    at most the containers still open (msgpack nests at most 1024 deep) have not been counted.
+    """
+    left = limit
+
+    def spend(container):
+        nonlocal left
+        left -= 1
+        if left < 0:
+            raise ProtocolError(f"more than {limit} arrays and maps in one message")
+        return container
+
+    return spend
+
+
+def decode(data: bytes, allowed: frozenset[str], *, max_bytes: int = MAX_MESSAGE_BYTES) -> Message:
+    """Decode one frame. Raises ProtocolError (never anything else) for any malformed input.
+
+    ``max_bytes``: a larger frame is refused before anything is unpacked (for keys it has not
+    accepted, the master is to pass MAX_UNAUTHENTICATED_BYTES). Within it, no string or binary may be
+    longer, no array or map have more than MAX_CONTAINER_LEN entries, and the message may hold
+    no more than MAX_CONTAINERS arrays and maps; msgpack extension types (timestamps included) are
+    refused.
+    """
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise ProtocolError("frame is not bytes")
-    if len(data) > MAX_MESSAGE_BYTES:
-        raise ProtocolError(f"frame of {len(data)} bytes exceeds the limit")
+    size = data.nbytes if isinstance(data, memoryview) else len(data)
+    if size > max_bytes:
+        raise ProtocolError(f"frame of {size} bytes exceeds the {max_bytes}-byte limit")
+    budget = _container_budget(MAX_CONTAINERS)
     try:
-        raw = msgpack.unpackb(bytes(data), raw=False, strict_map_key=True, ext_hook=_no_ext,
-                              max_bin_len=MAX_MESSAGE_BYTES, max_str_len=MAX_MESSAGE_BYTES)
+        raw = msgpack.unpackb(data, raw=False, strict_map_key=True, ext_hook=_no_ext, max_ext_len=0,
+                              max_bin_len=max_bytes, max_str_len=max_bytes,
+                              max_array_len=MAX_CONTAINER_LEN, max_map_len=MAX_CONTAINER_LEN,
+                              object_hook=budget, list_hook=budget)
     except ProtocolError:
         raise
-    except Exception as exc:  # msgpack raises many types (ExtraData, ValueError, TypeError, ...)
+    except Exception as exc:  # msgpack raises many types (ExtraData, ValueError, StackError, MemoryError, ...)
         raise ProtocolError(f"not a msgpack message: {type(exc).__name__}") from None
     if not isinstance(raw, dict):
         raise ProtocolError("envelope is not a map")
     version = raw.get("v")
     if version != VERSION:
-        raise ProtocolError(f"unsupported protocol version {version!r} (this side speaks {VERSION})")
+        raise ProtocolError(f"unsupported protocol version {_brief(version)} (this side speaks {VERSION})")
     type_ = raw.get("type")
     if not isinstance(type_, str) or type_ not in allowed:
-        raise ProtocolError(f"message type {str(type_)[:40]!r} is not accepted here")
+        raise ProtocolError(f"message type {_brief(type_)} is not accepted here")
     msg_id = raw.get("id")
     if not isinstance(msg_id, str) or not 0 < len(msg_id) <= MAX_ID_LENGTH:
         raise ProtocolError("missing or malformed message id")
@@ -149,6 +192,15 @@ def decode(data: bytes, allowed: frozenset[str]) -> Message:
         raise ProtocolError("a request must carry an expiry")
     return Message(type=type_, body=body, id=msg_id, ts=float(ts),
                    exp=None if exp is None else float(exp), reply_to=reply_to, v=version)
+
+
+def _brief(value: Any) -> str:
+    """A peer's value for a log line: a short repr, whatever its size (a str may be 16 MiB long)."""
+    if isinstance(value, (str, bytes)):
+        return repr(value[:40]) + ("..." if len(value) > 40 else "")
+    if value is None or isinstance(value, (bool, int, float)):
+        return repr(value)
+    return f"<{type(value).__name__}>"
 
 
 def _is_number(value: Any) -> bool:
@@ -288,7 +340,9 @@ def load_or_create_keypair(directory: str, name: str) -> tuple[bytes, bytes]:
 # Enrollment contract: node ids, master addresses and the piagent.conf the master writes
 
 CONFIG_SECTION = "piagent"
-NODE_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
+# \A...\Z, not ^...$: "$" also matches before a trailing newline, so "node01\n" would pass a
+# .match(). With these anchors .match() and .search() are as strict as .fullmatch().
+NODE_ID_RE = re.compile(r"\A[A-Za-z0-9][A-Za-z0-9._-]{0,62}\Z")
 
 
 class ConfigError(ValueError):

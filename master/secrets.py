@@ -15,7 +15,8 @@ import secrets as random_source
 
 from piagent.protocol import write_file_atomic
 
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+# \A...\Z, not ^...$ ("$" matches before a trailing newline): a name is a file name in secrets/.
+NAME_RE = re.compile(r"\A[A-Za-z0-9][A-Za-z0-9._-]{0,63}\Z")
 MIN_REDACT_LENGTH = 6  # shorter strings are too likely to occur by chance to be worth replacing
 
 

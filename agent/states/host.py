@@ -18,8 +18,8 @@ HOSTS_FILE = "/etc/hosts"
 HOSTNAME_FILE = "/etc/hostname"
 # Debian and Raspberry Pi OS name the host on this address when it has no fixed one.
 LOOPBACK_HOST_IP = "127.0.1.1"
-LABEL_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
-HOSTS_NAME_RE = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9_.-]*[A-Za-z0-9])?$")
+LABEL_RE = re.compile(r"\A[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\Z")
+HOSTS_NAME_RE = re.compile(r"\A[A-Za-z0-9]([A-Za-z0-9_.-]*[A-Za-z0-9])?\Z")
 
 
 def _check_hostname(name) -> str:

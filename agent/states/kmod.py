@@ -11,7 +11,7 @@ __states__ = ("loaded",)
 
 MODULES_LOAD_FILE = "/etc/modules-load.d/pimaster.conf"
 HEADER = "# Kernel modules loaded at boot, managed by pimaster (kmod.loaded).\n"
-MODULE_RE = re.compile(r"^[A-Za-z0-9_-]+$")
+MODULE_RE = re.compile(r"\A[A-Za-z0-9_-]+\Z")
 
 
 def _canonical(module: str) -> str:

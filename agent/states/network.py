@@ -26,7 +26,7 @@ BACKENDS = ("networkmanager", "dhcpcd", "networkd")
 BACKEND_UNITS = {"networkmanager": "NetworkManager", "dhcpcd": "dhcpcd", "networkd": "systemd-networkd"}
 NETWORKD_DIR = "/etc/systemd/network"
 DHCPCD_CONF = "/etc/dhcpcd.conf"
-IFACE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:@-]{0,14}$")
+IFACE_RE = re.compile(r"\A[A-Za-z0-9][A-Za-z0-9_.:@-]{0,14}\Z")
 MANAGED = "managed by pimaster (network.static)"
 
 

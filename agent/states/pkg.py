@@ -26,8 +26,8 @@ APT_OPTIONS = ["-y", "-q",
 APT_TIMEOUT_S = 3600
 NOT_FOUND_RE = re.compile(r"Unable to locate package|has no installation candidate|"
                           r"Version '[^']*' for '[^']*' was not found|Couldn't find any package")
-PACKAGE_RE = re.compile(r"^[a-z0-9][a-z0-9+.-]*(:[a-z0-9-]+)?$")
-VERSION_RE = re.compile(r"^[A-Za-z0-9.+~:-]+$")
+PACKAGE_RE = re.compile(r"\A[a-z0-9][a-z0-9+.-]*(:[a-z0-9-]+)?\Z")
+VERSION_RE = re.compile(r"\A[A-Za-z0-9.+~:-]+\Z")
 # dpkg's status field: these count as "on the system" (removing them makes sense).
 PRESENT_STATUSES = {"installed", "half-configured", "unpacked", "half-installed", "triggers-awaited",
                     "triggers-pending"}

@@ -14,7 +14,7 @@ from .base import StateContext, StateError, output_tail, result, systemd_running
 
 __states__ = ("running", "dead", "enabled", "disabled")
 
-UNIT_RE = re.compile(r"^[A-Za-z0-9:_.@\\-]+$")
+UNIT_RE = re.compile(r"\A[A-Za-z0-9:_.@\\-]+\Z")
 PROPERTIES = ("Id", "LoadState", "ActiveState", "UnitFileState", "NeedDaemonReload", "CanReload")
 RUNNING = {"active", "reloading"}
 # is-enabled answers for which `systemctl enable` has nothing to do: the unit has no [Install]

@@ -11,7 +11,7 @@ __states__ = ("present",)
 
 DEFAULT_CONFIG = "/etc/sysctl.d/99-pimaster.conf"
 CONFIG_HEADER = "# Kernel settings managed by pimaster (sysctl.present); edits here are overwritten.\n"
-KEY_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.:@/+-]*$")
+KEY_RE = re.compile(r"\A[A-Za-z0-9_][A-Za-z0-9_.:@/+-]*\Z")
 
 
 def _proc_path(key: str) -> str:
