@@ -51,12 +51,19 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--listen", default="0.0.0.0:4510", help="address and port agents connect to (default 0.0.0.0:4510)")
     serve.add_argument("--key-port", type=int, help="plaintext key-announce port (default: listen port + 1)")
     serve.add_argument("--log-level", default="INFO")
+    serve.add_argument("--max-pending", type=int, default=256,
+                       help="keys that may wait for a person at once; new keys past it are not stored (default 256)")
 
     token = sub.add_parser("token", help="enrollment tokens").add_subparsers(dest="action", required=True)
     create = token.add_parser("create", parents=[common, as_json], help="create a token and print a piagent.conf")
-    create.add_argument("--ttl", type=parse_duration, default=parse_duration("24h"), help="valid for (default 24h)")
+    create.add_argument("--ttl", type=parse_duration, default=parse_duration("24h"),
+                        help="valid for (default 24h, at most 30d)")
     create.add_argument("--uses", type=int, default=1, help="how many nodes it may enroll (default 1)")
     create.add_argument("--address", help="HOST[:PORT] the agents connect to (default: this host's name and port)")
+    create.add_argument("--ids", metavar="GLOB", help="enroll only node ids matching GLOB (e.g. 'node*'); default any")
+    token.add_parser("list", parents=[common, as_json], help="tokens: id, expiry, uses left, bound ids (never the token)")
+    revoke = token.add_parser("revoke", parents=[common, as_json], help="make a token unusable at once")
+    revoke.add_argument("token_id", metavar="ID", help="the token's id (from `pimaster token list`)")
 
     keys = sub.add_parser("keys", help="agent keys: list, accept, reject, delete, fingerprint")
     keys_sub = keys.add_subparsers(dest="action", required=True)
@@ -131,7 +138,10 @@ def _serve(args) -> int:
     except ConfigError as exc:
         print(f"pimaster: --listen: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    return serve(args.state_dir, host, port, args.key_port)
+    if args.max_pending < 1:
+        print("pimaster: --max-pending must be at least 1", file=sys.stderr)
+        return EXIT_USAGE
+    return serve(args.state_dir, host, port, args.key_port, args.max_pending)
 
 
 def _print_json(data) -> None:
@@ -257,11 +267,11 @@ def cmd_keys_list(client: ControlClient, args) -> int:
     rows = [[k["id"], (k["state"], colour[k["state"]]), k["fingerprint"],
              ", ".join(k["ips"][:2]) or "-", _ago(k["created"])] for k in result["keys"]]
     _table(f"master {result['master']}", ["NODE", "STATE", "FINGERPRINT", "IP", "FIRST SEEN"], rows)
-    denied = {k["id"] for k in result["keys"] if k["state"] == "denied"}
-    for node in sorted(denied):
-        print(f"{node}: a second key claims this id (re-flashed Pi?). Compare the fingerprints with "
-              f"`piagent fingerprint` on the node, then `pimaster keys accept --replace {node}` or "
-              f"`pimaster keys reject {node} --fingerprint ...`.")
+    for key in sorted((k for k in result["keys"] if k["state"] == "denied"), key=lambda k: k["id"]):
+        node = key["id"]
+        print(f"{node}: a second key claims this id (re-flashed Pi?). Compare the fingerprint with "
+              f"`piagent fingerprint` on the node, then `pimaster keys accept --replace {node} --fingerprint "
+              f"{key['fingerprint']}` or `pimaster keys reject {node} --fingerprint {key['fingerprint']}`.")
     return EXIT_OK
 
 
@@ -303,11 +313,37 @@ def cmd_keys_fingerprint(client: ControlClient, args) -> int:
 
 
 def cmd_token_create(client: ControlClient, args) -> int:
-    result = client.call("token.create", ttl_s=args.ttl, uses=args.uses, address=args.address)
+    result = client.call("token.create", ttl_s=args.ttl, uses=args.uses, address=args.address, ids=args.ids)
     if args.json:
         _print_json(result)
     else:
         sys.stdout.write(result["config"])
+    return EXIT_OK
+
+
+def cmd_token_list(client: ControlClient, args) -> int:
+    tokens = client.call("token.list")["tokens"]
+    if args.json:
+        _print_json({"tokens": tokens})
+        return EXIT_OK
+    now = time.time()
+    rows = []
+    for t in tokens:
+        expired = t["expires"] < now
+        left = _duration(t["expires"] - now) if not expired else "expired"
+        rows.append([t["id"], _ago(t["created"]), (left, "red" if expired else ""),
+                     (f"{t['uses_left']}/{t['uses_total']}", "red" if t["uses_left"] <= 0 else ""),
+                     t["ids"] or "*", t["address"]])
+    _table(None, ["ID", "CREATED", "EXPIRES IN", "USES LEFT", "IDS", "ADDRESS"], rows)
+    return EXIT_OK
+
+
+def cmd_token_revoke(client: ControlClient, args) -> int:
+    result = client.call("token.revoke", token_id=args.token_id)
+    if args.json:
+        _print_json(result)
+    else:
+        print(f"revoked {result['revoked']}")
     return EXIT_OK
 
 
@@ -368,4 +404,6 @@ COMMANDS = {
     ("keys", "delete"): _keys_action("delete"),
     ("keys", "fingerprint"): cmd_keys_fingerprint,
     ("token", "create"): cmd_token_create,
+    ("token", "list"): cmd_token_list,
+    ("token", "revoke"): cmd_token_revoke,
 }

@@ -21,6 +21,11 @@
 Any other key of a node entry (or of `cluster`) is passed to the templates as is. An enrolled node
 that no entry matches gets the next free name and address from the pattern, and keeps them (the
 master stores the assignment).
+
+A node matches an entry's `mac`/`serial` by what it reported when its key was accepted (its
+identity), never by what it reports now: root on one Pi must not be able to claim the
+controller's entry, roles and secrets by reporting the controller's MAC. Two nodes matching one
+entry is an error naming both.
 """
 
 from __future__ import annotations
@@ -108,16 +113,34 @@ def load_inventory(directory: str) -> Inventory:
     return inventory
 
 
-def _matches(entry: dict, node_id: str, facts: dict) -> bool:
+def _matches(entry: dict, node_id: str, identity: dict) -> bool:
     if "id" in entry and str(entry["id"]) == node_id:
         return True
-    if "mac" in entry and str(entry["mac"]).lower() in [m.lower() for m in facts.get("macs", [])]:
+    if "mac" in entry and str(entry["mac"]).lower() in [m.lower() for m in identity.get("macs", [])]:
         return True
-    return "serial" in entry and facts.get("pi_serial") and str(entry["serial"]).lower() == str(facts["pi_serial"]).lower()
+    return bool("serial" in entry and identity.get("pi_serial")
+                and str(entry["serial"]).lower() == str(identity["pi_serial"]).lower())
 
 
-def resolve_nodes(inventory: Inventory, nodes: dict[str, dict], assignments: dict[str, dict]) -> tuple[dict[str, dict], dict[str, dict]]:
-    """Each node's entry (hostname, ip, roles, extra keys) and the new name/address assignments made."""
+def _describe(entry: dict) -> str:
+    return ", ".join(f"{k} {entry[k]}" for k in MATCH_KEYS if k in entry)
+
+
+def resolve_nodes(inventory: Inventory, nodes: dict[str, dict], assignments: dict[str, dict],
+                  identities: dict[str, dict] | None = None) -> tuple[dict[str, dict], dict[str, dict]]:
+    """Each node's entry (hostname, ip, roles, extra keys) and the new name/address assignments made.
+
+    ``nodes``: node id -> facts; ``identities``: node id -> what it matches `mac`/`serial` by
+    (recorded when its key was accepted; a node without one matches by id only).
+    Raises StateFileError when one entry matches two nodes."""
+    identities = identities or {}
+    shown = os.path.basename(inventory.path) if inventory.path else "cluster.yaml"
+    for number, entry in enumerate(inventory.entries, 1):
+        claimants = [n for n in sorted(nodes) if _matches(entry, n, identities.get(n, {}))]
+        if len(claimants) > 1:
+            raise StateFileError(shown, None, f"node entry {number} ({_describe(entry)}) matches "
+                                 f"{' and '.join(claimants)}: one of them is not the Pi you meant "
+                                 "(`pimaster keys list`; reject the wrong key, or match by id)")
     resolved: dict[str, dict] = {}
     new_assignments: dict[str, dict] = {}
     used_names = {str(e.get("hostname") or e.get("id")) for e in inventory.entries if e.get("hostname") or e.get("id")}
@@ -130,7 +153,7 @@ def resolve_nodes(inventory: Inventory, nodes: dict[str, dict], assignments: dic
     default_roles = list(inventory.cluster.get("default_roles", []))
     for node_id in sorted(nodes):
         facts = nodes[node_id]
-        entry = next((e for e in inventory.entries if _matches(e, node_id, facts)), None)
+        entry = next((e for e in inventory.entries if _matches(e, node_id, identities.get(node_id, {}))), None)
         if entry is not None:
             item = {k: v for k, v in entry.items() if k not in ("mac", "serial")}
             item["id"] = node_id

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import asyncio
 import fnmatch
+import functools
 import os
 import secrets
 import time
 
 from piagent import protocol as proto
 
+from .facts import missing_facts
 from .inventory import load_inventory, resolve_nodes
 from .render import (Pending, StateFileError, StateFileErrors, compile_for_node, resolve_state_path,
                      to_attrdict)
@@ -53,6 +55,37 @@ def _format_errors(per_node: dict[str, list[StateFileError]]) -> str:
     return "\n".join(lines)
 
 
+class JobWatch:
+    """What a running apply listens to: results and progress from the job's own nodes only,
+    with room for progress bounded (a node can send any number of progress messages)."""
+
+    MAX_PROGRESS = 1000
+
+    def __init__(self, nodes) -> None:
+        self.nodes = set(nodes)
+        self.queue: asyncio.Queue = asyncio.Queue()
+        self.progress_queued = 0
+
+    def progress(self, node_id: str, body: dict) -> bool:
+        if node_id not in self.nodes or self.progress_queued >= self.MAX_PROGRESS:
+            return False
+        self.progress_queued += 1
+        self.queue.put_nowait(("progress", node_id, body))
+        return True
+
+    def result(self, node_id: str, body: dict) -> bool:
+        if node_id not in self.nodes:
+            return False
+        self.queue.put_nowait(("result", node_id, body))
+        return True
+
+    async def get(self, timeout: float):
+        item = await asyncio.wait_for(self.queue.get(), timeout)
+        if item[0] == "progress":
+            self.progress_queued -= 1
+        return item
+
+
 class Plan:
     """Everything an apply needs that does not depend on results: file, inventory, nodes, catalogues."""
 
@@ -71,27 +104,50 @@ class Plan:
             raise ApplyRefused(str(exc)) from None
         self.facts = {n["node_id"]: n["facts"] for n in master.store.nodes()
                       if n["node_id"] in master.node_of_key.values()}
-        self.entries, new_assignments = resolve_nodes(self.inventory, self.facts, master.store.assignments())
+        try:
+            self.entries, new_assignments = resolve_nodes(self.inventory, self.facts, master.store.assignments(),
+                                                          master.store.identities())
+        except StateFileError as exc:
+            raise ApplyRefused(str(exc)) from None
         self.targets = select_targets(self.entries, target)
         if not self.targets:
             raise ApplyRefused(f"no accepted node matches {target or '*'}")
         if new_assignments:
             master.store.add_assignments(new_assignments)
         self.catalogs = master.store.catalogs()
-        self.fallback_catalog: dict = {}
-        for catalog in self.catalogs.values():
-            self.fallback_catalog.update(catalog)
+        self.forbidden = (master.state_dir,)
         self.secrets = master.secrets
-        self.everyone = [self.node_context(n) for n in sorted(self.entries)]
+        # A node whose agent has not reported the facts state files read of every node (or
+        # reported them malformed: they were refused) is left out of `nodes`, and its own job
+        # fails; the others' jobs go ahead.
+        self.unfit = {n: missing for n in self.entries if (missing := missing_facts(self.facts[n]))}
+        self.everyone = [self.node_context(n) for n in sorted(self.entries) if n not in self.unfit]
+
+    @functools.cached_property
+    def fallback_catalog(self) -> dict:
+        """For a node whose agent never sent its catalogue: the state functions of the agent
+        installed beside this master, never another node's (which that node chose)."""
+        from piagent.states import catalog
+
+        return catalog()
 
     def node_context(self, node_id: str) -> dict:
+        # The inventory's keys win over facts of the same name; facts are only the schema's.
         return dict(self.facts[node_id], **self.entries[node_id], facts=self.facts[node_id])
+
+    def unfit_errors(self, node_id: str) -> list[StateFileError]:
+        missing = ", ".join(self.unfit[node_id])
+        return [StateFileError(os.path.basename(self.path), None,
+                               f"{node_id} has not reported the facts state files need ({missing}): its agent "
+                               "sent none or they were refused (see the master's log)")]
 
     def render(self, node_ids: list[str], results) -> tuple[dict, dict, dict, dict]:
         """Per node: the job and the secret values it carries; the file's `pimaster:` settings; errors."""
         jobs, carried, errors = {}, {}, {}
         meta: dict = {}
         for node_id in node_ids:
+            if node_id in self.unfit:
+                continue
             used: dict[str, str] = {}
 
             def secret(name, length=64, _used=used):
@@ -105,7 +161,7 @@ class Plan:
                        "cluster": self.inventory.cluster, "results": results, "secret": secret}
             try:
                 jobs[node_id] = compile_for_node(self.path, context, self.catalogs.get(node_id) or self.fallback_catalog,
-                                                 self.root, meta)
+                                                 self.root, meta, forbidden=self.forbidden)
                 carried[node_id] = list(used.values())
             except StateFileErrors as exc:
                 errors[node_id] = exc.errors
@@ -145,23 +201,26 @@ async def apply(master, emit, file: str, target: str | None = None, test: bool =
         raise master.ControlError("refused, nothing was sent:\n" + _format_errors(errors))
     groups = stage_groups(meta, plan.entries, plan.targets)
     job_id = new_job_id()
-    master.store.create_job(job_id, plan.path, target, test, {n: len(jobs[n]) for n in plan.targets})
-    queue: asyncio.Queue = asyncio.Queue()
-    master.job_watchers[job_id] = queue
+    master.store.create_job(job_id, plan.path, target, test, {n: len(jobs.get(n, ())) for n in plan.targets})
+    watch = JobWatch(plan.targets)
+    master.job_watchers[job_id] = watch
     master.job_redactions[job_id] = set()
     started = time.monotonic()
     deadline = started + timeout
     results_so_far: dict[str, dict] = {}
     try:
         emit({"type": "start", "job": job_id, "file": plan.path, "test": test,
-              "nodes": {n: len(jobs[n]) for n in plan.targets}, "stages": [len(g) for g in groups]})
+              "nodes": {n: len(jobs.get(n, ())) for n in plan.targets}, "stages": [len(g) for g in groups]})
+        for node_id in plan.targets:
+            if node_id in plan.unfit:
+                _refuse_node(master, emit, job_id, node_id, plan.unfit_errors(node_id))
         for index, group in enumerate(groups):
             if index > 0:
                 jobs, carried, _, errors = await asyncio.to_thread(plan.render, group, to_attrdict(results_so_far))
                 for node_id, problems in errors.items():
                     _refuse_node(master, emit, job_id, node_id, problems)
-                group = [n for n in group if n in jobs]
-            stage_results = await _run_stage(master, emit, job_id, test, group, jobs, carried, queue,
+            group = [n for n in group if n in jobs]
+            stage_results = await _run_stage(master, emit, job_id, test, group, jobs, carried, watch,
                                              ack_timeout, deadline)
             for node_id, raw in stage_results.items():
                 results_so_far[node_id] = {r.get("id"): r for r in raw.get("results", []) if isinstance(r, dict)}
@@ -175,10 +234,33 @@ async def apply(master, emit, file: str, target: str | None = None, test: bool =
     return job_report(job, time.monotonic() - started)
 
 
-async def _run_stage(master, emit, job_id, test, group, jobs, carried, queue, ack_timeout, deadline) -> dict:
+def _strings_used(candidates, job: list[dict]) -> list[str]:
+    """Those of ``candidates`` that occur in a string of ``job`` (what the job itself carries)."""
+    leaves: list[str] = []
+
+    def walk(item):
+        if isinstance(item, str):
+            leaves.append(item)
+        elif isinstance(item, list):
+            for i in item:
+                walk(i)
+        elif isinstance(item, dict):
+            for v in item.values():
+                walk(v)
+
+    walk(job)
+    return [c for c in candidates if any(c in leaf for leaf in leaves)]
+
+
+async def _run_stage(master, emit, job_id, test, group, jobs, carried, watch, ack_timeout, deadline) -> dict:
     """Push one stage's jobs and wait for its results (raw, for the next stage's rendering)."""
+    if not group:
+        return {}
+    # Earlier stages' sensitive output: a node gets, to redact from what it reports, only the
+    # strings its own job carries, never what was meant for other nodes.
     extra = sorted(master.job_redactions.get(job_id, ()))
-    bodies = {n: {"job": job_id, "test": test, "states": jobs[n], "redact": carried[n] + extra} for n in group}
+    bodies = {n: {"job": job_id, "test": test, "states": jobs[n],
+                  "redact": carried[n] + _strings_used(extra, jobs[n])} for n in group}
     acks = await master.ask_following(bodies, proto.APPLY, timeout=ack_timeout)
     waiting = set()
     for node_id, ack in acks.items():
@@ -192,13 +274,13 @@ async def _run_stage(master, emit, job_id, test, group, jobs, carried, queue, ac
     raw: dict[str, dict] = {}
     while waiting - set(raw):
         try:
-            kind, node_id, body = await asyncio.wait_for(queue.get(), max(0.0, deadline - time.monotonic()))
+            kind, node_id, body = await watch.get(max(0.0, deadline - time.monotonic()))
         except asyncio.TimeoutError:
             break
         if kind == "progress":
             emit({"type": "progress", "node": node_id, "index": body.get("index"),
                   "state": master.redact(body.get("state"), job_id)})
-        elif kind == "result" and node_id in waiting:
+        elif kind == "result" and node_id in waiting and node_id not in raw:
             raw[node_id] = body
             emit({"type": "node", "node": node_id, "status": body["status"], "summary": body.get("summary")})
     return raw

@@ -19,6 +19,7 @@ import fcntl
 import fnmatch
 import json
 import logging
+import math
 import os
 import secrets
 import socket
@@ -33,8 +34,11 @@ from piagent import protocol as proto
 from piagent.protocol import Message
 
 from . import __version__, sd
+from .facts import check_catalog, check_facts
+from .results import check_health, check_job_result, check_progress
 from .secrets import SecretStore, redact
-from .store import Store
+from .sessions import SessionGuard
+from .store import Store, identity_of
 
 log = logging.getLogger("pimaster")
 
@@ -46,6 +50,11 @@ LAST_SEEN_FLUSH_S = 30.0
 # changed): an apply waits for it instead of reporting it down at once.
 RECONNECT_GRACE_S = 30.0
 FOLLOW_POLL_S = 0.25
+# Keys waiting for a person: beyond this many, new keys are not even stored (an enrollment flood).
+MAX_PENDING_KEYS = 256
+# The longest a token may live (`token create --ttl`): a leaked piagent.conf expires.
+MAX_TOKEN_TTL_S = 30 * 86400
+SESSION_SWEEP_S = 5.0
 
 
 def _rollback_note(note) -> dict | None:
@@ -56,7 +65,7 @@ def _rollback_note(note) -> dict | None:
                for c in (note.get("changes") or [])[:8] if isinstance(c, dict)] \
         if isinstance(note.get("changes"), list) else []
     when = note.get("time")
-    return {"time": when if isinstance(when, (int, float)) else None,
+    return {"time": when if isinstance(when, (int, float)) and math.isfinite(when) else None,
             "reason": str(note.get("reason", ""))[:300], "changes": changes}
 
 
@@ -65,38 +74,60 @@ class ControlError(Exception):
 
 
 class DropLog:
-    """Logs dropped messages without letting a flood of garbage flood the journal."""
+    """Logs dropped messages without letting a flood of garbage flood the journal: at most
+    ``per_minute`` lines a minute in all, and ``per_peer`` about any one key or address."""
 
-    def __init__(self, per_minute: int = 20) -> None:
+    MAX_PEERS = 4096  # remembered peers; past that the per-peer counts start again
+
+    def __init__(self, per_minute: int = 20, per_peer: int = 3) -> None:
         self.per_minute = per_minute
+        self.per_peer = per_peer
         self.window = 0.0
         self.logged = 0
         self.suppressed = 0
         self.total = 0
+        self.by_peer: dict[str, int] = {}
 
-    def drop(self, reason: str, *args) -> None:
+    def drop(self, reason: str, *args, peer: str | None = None) -> None:
         self.total += 1
+        if self.allowed(peer):
+            log.warning("dropped message: " + reason, *args)
+
+    def allowed(self, peer: str | None = None) -> bool:
+        """Whether one more line may be logged now (about ``peer``); counts it if so."""
         now = time.monotonic()
         if now - self.window > 60:
             if self.suppressed:
                 log.warning("%d more dropped messages were not logged in the last minute", self.suppressed)
             self.window, self.logged, self.suppressed = now, 0, 0
+            self.by_peer.clear()
+        if peer is not None:
+            if len(self.by_peer) >= self.MAX_PEERS:
+                self.by_peer.clear()
+            seen = self.by_peer.get(peer, 0)
+            self.by_peer[peer] = seen + 1
+            if seen >= self.per_peer:
+                self.suppressed += 1
+                return False
         if self.logged < self.per_minute:
             self.logged += 1
-            log.warning("dropped message: " + reason, *args)
-        else:
-            self.suppressed += 1
+            return True
+        self.suppressed += 1
+        return False
 
 
 class Master:
     def __init__(self, state_dir: str, listen_host: str = "0.0.0.0", port: int = proto.DEFAULT_PORT,
-                 key_port: int | None = None) -> None:
+                 key_port: int | None = None, max_pending: int = MAX_PENDING_KEYS) -> None:
         self.state_dir = os.path.abspath(state_dir)
         self.listen_host = listen_host
         self.port = port
         self.key_port = key_port or port + 1
+        self.max_pending = max_pending
         self.control_path = os.path.join(self.state_dir, "control.sock")
         self.drops = DropLog()
+        self.sessions = SessionGuard()
+        self.refused_keys = 0  # new keys not stored because too many wait already
         # In memory, rebuilt from the store at start; the store stays the truth.
         self.key_states: dict[str, str] = {}            # public key -> state
         self.node_of_key: dict[str, str] = {}           # accepted public key -> node id
@@ -105,7 +136,7 @@ class Master:
         self.last_seen: dict[str, float] = {}
         self._dirty_seen: dict[str, float] = {}
         self.requests: dict[str, tuple[str, asyncio.Future]] = {}
-        self.job_watchers: dict[str, asyncio.Queue] = {}
+        self.job_watchers: dict = {}                     # job id -> jobs.JobWatch of a running apply
         self.job_redactions: dict[str, set[str]] = {}  # output of sensitive states, per running job
         self.started = time.time()
         self._tasks: list[asyncio.Task] = []
@@ -145,7 +176,8 @@ class Master:
         self.router = self.ctx.socket(zmq.ROUTER)
         self.router.linger = 0
         self.router.router_mandatory = True   # sending to a vanished agent fails loudly, not silently
-        self.router.maxmsgsize = proto.MAX_MESSAGE_BYTES
+        # libzmq buffers a whole message per connection before the master sees who sent it.
+        self.router.maxmsgsize = proto.MAX_AGENT_MESSAGE_BYTES
         self.router.heartbeat_ivl = 5000
         self.router.heartbeat_timeout = 15000
         self.router.sndhwm = 10000
@@ -156,6 +188,9 @@ class Master:
         self.router.zap_domain = ZAP_DOMAIN
         self.router.ipv6 = ":" in self.listen_host
         self.router.bind(f"tcp://{self._bind_host()}:{self.port}")
+
+        self.monitor = self.router.get_monitor_socket(
+            zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED | zmq.EVENT_CLOSED)
 
         self.announce = self.ctx.socket(zmq.ROUTER)
         self.announce.linger = 0
@@ -173,7 +208,8 @@ class Master:
             os.umask(old_umask)
         os.chmod(self.control_path, 0o600)
 
-        for coro in (self._zap_loop(), self._router_loop(), self._announce_loop(), self._flush_loop()):
+        for coro in (self._zap_loop(), self._router_loop(), self._announce_loop(), self._flush_loop(),
+                     self._monitor_loop(), self._sweep_loop()):
             self._tasks.append(asyncio.ensure_future(coro))
         watchdog = sd.watchdog_interval_s()
         if watchdog:
@@ -195,7 +231,8 @@ class Master:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._flush_last_seen()
-        for sock in (self.router, self.announce, self.zap):
+        self.router.disable_monitor()
+        for sock in (self.monitor, self.router, self.announce, self.zap):
             sock.close(0)
         self.ctx.term()
         self.store.close()
@@ -242,14 +279,33 @@ class Master:
             except zmq.ZMQError:
                 pass  # the asker left; nothing to do
 
+    # ------------------------------------------------------------------ unauthenticated connections
+    async def _monitor_loop(self) -> None:
+        from zmq.utils.monitor import parse_monitor_message
+
+        while True:
+            event = parse_monitor_message(await self.monitor.recv_multipart())
+            if event["event"] == zmq.EVENT_ACCEPTED:
+                self.sessions.opened(int(event["value"]))
+            else:
+                self.sessions.gone(int(event["value"]))
+
+    async def _sweep_loop(self) -> None:
+        while True:
+            await asyncio.sleep(SESSION_SWEEP_S)
+            self.sessions.sweep()
+
     # ------------------------------------------------------------------ agent messages
     async def _router_loop(self) -> None:
         while True:
             frames = await self.router.recv_multipart(copy=False)
             try:
                 self._on_agent_frames(frames)
-            except Exception:  # one bad message must never take the daemon down
-                log.exception("error while handling an agent message")
+            except Exception as exc:  # one bad message must never take the daemon down
+                # One line, no traceback: what a peer sent must not be able to fill the journal.
+                if self.drops.allowed("internal"):
+                    log.error("error while handling an agent message: %s: %s", type(exc).__name__, str(exc)[:200])
+                log.debug("error while handling an agent message", exc_info=True)
 
     def _on_agent_frames(self, frames: list) -> None:
         if len(frames) != 2:
@@ -260,21 +316,30 @@ class Master:
             key = payload.get("User-Id")
         except zmq.ZMQError:
             key = ""
+        try:
+            source_fd = payload.get(zmq.SRCFD)
+        except zmq.ZMQError:
+            source_fd = None
         state = self.key_states.get(key)
-        allowed = proto.AGENT_TO_MASTER if state == proto.ACCEPTED else proto.UNAUTHENTICATED_ALLOWED
+        self.sessions.message(source_fd, state == proto.ACCEPTED)
+        who = self.node_of_key.get(key) or (proto.fingerprint(key) if key else "unknown peer")
         if state in (proto.REJECTED, proto.DENIED):
             if state == proto.DENIED:
                 self.pending_routes[key] = ident
-            self.drops.drop("from a %s key %s", state, proto.fingerprint(key) if key else "?")
+            self.drops.drop("from a %s key %s", state, who, peer=key)
             return
+        if state == proto.ACCEPTED:
+            allowed, limit = proto.AGENT_TO_MASTER, proto.MAX_AGENT_MESSAGE_BYTES
+        else:  # not accepted: only an enrollment, and small, checked before anything is decoded
+            allowed, limit = proto.UNAUTHENTICATED_ALLOWED, proto.MAX_UNAUTHENTICATED_BYTES
         try:
-            msg = proto.decode(payload.bytes, allowed)
+            msg = proto.decode(payload.bytes, allowed, max_bytes=limit)
         except proto.ProtocolError as exc:
-            who = self.node_of_key.get(key) or (proto.fingerprint(key) if key else "unknown peer")
-            self.drops.drop("from %s: %s", who, exc)
+            self.drops.drop("from %s (%s): %s", who, self._peer_address(payload), exc, peer=key or "?")
             return
         if msg.type == proto.ENROLL:
-            self._on_enroll(ident, key, msg)
+            self._on_enroll(ident, key, msg, self._peer_address(payload))
+            self.sessions.message(source_fd, self.key_states.get(key) == proto.ACCEPTED)
             return
         node_id = self.node_of_key[key]
         self._seen(node_id)
@@ -283,44 +348,46 @@ class Master:
         if msg.type == proto.HEARTBEAT:
             self._send(ident, Message(type=proto.HEARTBEAT_ACK, reply_to=msg.id, body={"time": time.time()}))
         elif msg.type == proto.JOB_PROGRESS:
-            watcher = self.job_watchers.get(str(msg.body.get("job")))
-            if watcher is not None:
-                watcher.put_nowait(("progress", node_id, msg.body))
+            watcher = self.job_watchers.get(str(msg.body.get("job"))[:proto.MAX_ID_LENGTH])
+            progress = check_progress(msg.body)
+            if watcher is None or progress is None or not watcher.progress(node_id, progress):
+                self.drops.drop("progress from %s for a job it is not running", node_id, peer=key)
         elif msg.type == proto.JOB_RESULT:
             self._on_job_result(ident, node_id, msg)
         elif msg.type in (proto.RESULT, proto.REFUSED):
             waiting = self.requests.get(msg.reply_to or "")
             if waiting is None or waiting[0] != node_id:
-                self.drops.drop("unexpected reply from %s", node_id)
+                self.drops.drop("unexpected reply from %s", node_id, peer=key)
                 return
             future = waiting[1]
             if not future.done():
                 future.set_result((msg, time.monotonic()))
 
     def _on_job_result(self, ident: bytes, node_id: str, msg: Message) -> None:
-        body = msg.body
-        job_id = body.get("job")
-        results = body.get("results")
-        summary = body.get("summary")
-        if not isinstance(job_id, str) or not isinstance(results, list) or not isinstance(summary, dict):
-            self.drops.drop("malformed job result from %s", node_id)
+        job_id = msg.body.get("job")
+        states = self.store.job_node_states(job_id, node_id) if isinstance(job_id, str) else None
+        result = check_job_result(msg.body, states) if states is not None else None
+        if result is None:
+            if isinstance(job_id, str) and states is None:
+                self.drops.drop("result from %s for job %r, which is not its: acknowledged and dropped",
+                                node_id, job_id[:40], peer=node_id)
+            else:
+                self.drops.drop("malformed job result from %s", node_id, peer=node_id)
+            if isinstance(job_id, str) and len(job_id) <= proto.MAX_ID_LENGTH:
+                # So that the agent forgets it: it can never be recorded.
+                self._send(ident, Message(type=proto.JOB_RESULT_ACK, reply_to=msg.id, body={"job": job_id}))
             return
-        status = "interrupted" if body.get("interrupted") else "done"
-        started, finished = body.get("started"), body.get("finished")
+        results = result["results"]
         # Stored and shown: no secret value, and no output of a sensitive state. The raw result
         # goes only to a running apply, for rendering its later stages.
         kept = [dict(r, changes={"redacted": "sensitive state"} if r.get("changes") else {})
-                if isinstance(r, dict) and r.get("sensitive") else r for r in results]
-        known = self.store.record_result(job_id, node_id, status, summary, self.redact(kept, job_id),
-                                         started if isinstance(started, (int, float)) else None,
-                                         finished if isinstance(finished, (int, float)) else None)
-        if not known:
-            log.warning("result for unknown job %s from %s: acknowledged and dropped", job_id[:40], node_id)
-        # Acknowledge either way, so that the agent forgets it: it is recorded, or can never be.
+                if r.get("sensitive") else r for r in results]
+        self.store.record_result(job_id, node_id, result["status"], result["summary"], self.redact(kept, job_id),
+                                 result["started"], result["finished"])
         self._send(ident, Message(type=proto.JOB_RESULT_ACK, reply_to=msg.id, body={"job": job_id}))
         watcher = self.job_watchers.get(job_id)
         if watcher is not None:
-            watcher.put_nowait(("result", node_id, dict(body, status=status)))
+            watcher.result(node_id, result)
 
     def redact(self, value, job_id: str | None = None):
         secrets = self.secrets.values()
@@ -348,58 +415,78 @@ class Master:
             return False
         return True
 
-    def _on_enroll(self, ident: bytes, key: str, msg: Message) -> None:
+    @staticmethod
+    def _peer_address(payload) -> str:
+        try:
+            return payload.get("Peer-Address") or "?"
+        except zmq.ZMQError:
+            return "?"
+
+    def _on_enroll(self, ident: bytes, key: str, msg: Message, address: str = "?") -> None:
         node_id = msg.body.get("id")
-        facts = msg.body.get("facts")
         token = msg.body.get("token")
-        if not isinstance(node_id, str) or not proto.NODE_ID_RE.match(node_id):
-            self.drops.drop("enroll with a malformed node id %r", str(node_id)[:70])
+        fp = proto.fingerprint(key)
+        if not isinstance(node_id, str) or not proto.NODE_ID_RE.fullmatch(node_id):
+            self.drops.drop("enroll from %s (key %s) with a malformed node id %r", address, fp,
+                            str(node_id)[:70], peer=key)
             return
-        if not isinstance(facts, dict):
-            facts = {}
+        facts, problems = check_facts(msg.body.get("facts"))
+        if problems and self.drops.allowed(key):
+            log.warning("node %r (key %s, from %s): refused facts: %s", node_id, fp, address,
+                        "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5 else ""))
         if token is not None and not isinstance(token, str):
             token = None
-        fp = proto.fingerprint(key)
         record = self.store.key_by_public(key)
         if record is not None and record["node_id"] != node_id:
-            self.drops.drop("key %s is enrolled as %r but claims to be %r", fp, record["node_id"], node_id)
+            self.drops.drop("key %s is enrolled as %r but claims to be %r", fp, record["node_id"], node_id, peer=key)
             return
         if record is None:
             holder = self.store.accepted_key(node_id)
             if holder is not None:
                 state = proto.DENIED
-                log.warning("node %r: a second key %s claims an id held by accepted key %s: denied. If the "
-                            "Pi was re-flashed: pimaster keys accept --replace %s", node_id, fp,
-                            holder["fingerprint"], node_id)
+                if self.drops.allowed(key):
+                    log.warning("node %r: a second key %s, from %s, claims an id held by accepted key %s: "
+                                "denied. If the Pi was re-flashed: pimaster keys accept --replace %s "
+                                "--fingerprint %s", node_id, fp, address, holder["fingerprint"], node_id, fp)
             else:
                 state = proto.PENDING
+            if self.store.count_keys(state) >= self.max_pending:
+                # An enrollment flood: a new key is not even stored. Keys already waiting, and
+                # every accepted node, are untouched.
+                self.refused_keys += 1
+                self.drops.drop("new key %s from %s (%r) not stored: %d keys wait already (the limit)",
+                                fp, address, node_id, self.max_pending, peer=address)
+                return
             record = self.store.add_key(node_id, key, fp, state, facts)
             self.key_states[key] = state
             if state == proto.DENIED:
                 self.pending_routes[key] = ident
                 return
         if record["state"] == proto.PENDING and token:
-            ok, why = self.store.consume_token(token)
+            ok, why = self.store.consume_token(token, node_id)
             if ok:
                 self._accept(record, facts)
-                log.info("node %r enrolled by token, key %s", node_id, fp)
-            else:
-                log.warning("node %r (key %s) presented a token that does not enroll: %s; it waits as "
-                            "pending", node_id, fp, why)
+                log.info("node %r enrolled by token, key %s, from %s", node_id, fp, address)
+            elif self.drops.allowed(key):
+                log.warning("node %r (key %s, from %s) presented a token that does not enroll: %s; it waits "
+                            "as pending", node_id, fp, address, why)
         record = self.store.key_by_public(key)
         if record["state"] == proto.ACCEPTED:
             self.routes[node_id] = (ident, key)
             self.pending_routes.pop(key, None)
             self.store.upsert_node(node_id, facts, time.time())
-            catalog = msg.body.get("catalog")
-            if isinstance(catalog, dict):
+            catalog, problem = check_catalog(msg.body.get("catalog"))
+            if catalog is not None:
                 self.store.set_catalog(node_id, catalog)
+            elif self.drops.allowed(key):
+                log.warning("node %r: catalogue refused: %s", node_id, problem)
             self._seen(node_id)
             self._send(ident, Message(type=proto.ENROLLED, reply_to=msg.id,
                                       body={"status": proto.ACCEPTED, "time": time.time(), "id": node_id}))
         elif record["state"] == proto.PENDING:
-            if key not in self.pending_routes:
-                log.info("node %r waits as pending with key %s (pimaster keys accept %s)", node_id, fp, node_id)
+            if key not in self.pending_routes and self.drops.allowed(address):
+                log.info("node %r waits as pending with key %s, from %s (pimaster keys accept %s)",
+                         node_id, fp, address, node_id)
             self.pending_routes[key] = ident
             self.store.update_key_facts(record["id"], facts)
             self._send(ident, Message(type=proto.ENROLLED, reply_to=msg.id,
@@ -411,10 +498,12 @@ class Master:
             old = self.store.accepted_key(node_id)
             if old is not None and old["public_key"] != key:
                 self._forget_key(old["public_key"])
-        self.store.set_key_state(record["id"], proto.ACCEPTED, replace_accepted=replace)
+        facts = facts if facts is not None else record["facts"]
+        self.store.set_key_state(record["id"], proto.ACCEPTED, replace_accepted=replace,
+                                 identity=identity_of(facts))
         self.key_states[key] = proto.ACCEPTED
         self.node_of_key[key] = node_id
-        self.store.upsert_node(node_id, facts if facts is not None else record["facts"], time.time())
+        self.store.upsert_node(node_id, facts, time.time())
 
     def _forget_key(self, key: str) -> None:
         self.key_states.pop(key, None)
@@ -459,7 +548,8 @@ class Master:
     @staticmethod
     def _answer_row(answer: Message, rtt: float, sent_wall: float) -> dict:
         if answer.type == proto.REFUSED:
-            return {"ok": False, "error": f"refused: {answer.body.get('reason')}", "rtt_ms": round(rtt * 1000, 2)}
+            return {"ok": False, "error": f"refused: {str(answer.body.get('reason'))[:200]}",
+                    "rtt_ms": round(rtt * 1000, 2)}
         return {"ok": "error" not in answer.body, "rtt_ms": round(rtt * 1000, 2),
                 "body": answer.body, "sent_wall": sent_wall, "rtt_s": rtt}
 
@@ -540,15 +630,13 @@ class Master:
             body = answer.get("body") or {}
             if answer.get("error"):
                 row["error"] = answer["error"]
-            for field in ("uptime_s", "load", "temp_c", "throttled", "throttled_flags",
-                          "disk_root_used_pct", "disk_root_free_mb"):
-                if field in body:
-                    row[field] = body[field]
+            health = check_health(body)
+            agent_time = health.pop("time", None)
+            row.update(health)
             rollback = _rollback_note(body.get("network_rollback"))
             if rollback:
                 row["network_rollback"] = rollback
-            agent_time = body.get("time")
-            if isinstance(agent_time, (int, float)) and "sent_wall" in answer:
+            if agent_time is not None and "sent_wall" in answer:
                 midpoint = answer["sent_wall"] + answer["rtt_s"] / 2
                 row["clock_offset_ms"] = round((agent_time - midpoint) * 1000, 2)
             row["last_seen"] = self.last_seen.get(node_id)
@@ -647,7 +735,10 @@ class Master:
                 "key_port": self.key_port, "listen": self.listen_host, "pid": os.getpid(),
                 "started": self.started, "connected": len(self.routes),
                 "accepted": len(self.node_of_key), "pending": len(self.pending_routes),
-                "dropped_messages": self.drops.total, "hostname": socket.gethostname()}
+                "dropped_messages": self.drops.total, "hostname": socket.gethostname(),
+                "unauthenticated_connections": self.sessions.untrusted(),
+                "closed_connections": self.sessions.closed, "refused_keys": self.refused_keys,
+                "max_pending": self.max_pending}
 
     async def cmd_ping(self, target: str | None = None, timeout: float = 5.0) -> dict:
         timeout = float(timeout)
@@ -694,6 +785,10 @@ class Master:
                               replace: bool = False, include_rejected: bool = False,
                               all: bool = False) -> dict:
         states = {proto.PENDING}
+        if replace and not fingerprint:
+            # Replacing hands the node's id, roles and secrets to another key: say which one.
+            raise ControlError("--replace needs --fingerprint: compare it with `piagent fingerprint` on the "
+                               "node (`pimaster keys list` shows the waiting key's)")
         if replace:
             states.add(proto.DENIED)
         if include_rejected:
@@ -702,7 +797,8 @@ class Master:
         if not candidates:
             hint = ""
             if node and any(k["state"] == proto.DENIED for k in self.store.keys(node)):
-                hint = f" ({node} has a denied key: `pimaster keys accept --replace {node}` replaces its accepted key)"
+                hint = (f" ({node} has a denied key: `pimaster keys accept --replace {node} --fingerprint FP` "
+                        "replaces its accepted key)")
             elif node and any(k["state"] == proto.REJECTED for k in self.store.keys(node)):
                 hint = f" ({node} has a rejected key: add --include-rejected)"
             raise ControlError(f"no key to accept for {node or 'any node'}{hint}")
@@ -768,12 +864,15 @@ class Master:
             raise ControlError(f"no key for {node}")
         return {"keys": [{"id": k["node_id"], "state": k["state"], "fingerprint": k["fingerprint"]} for k in keys]}
 
-    async def cmd_token_create(self, ttl_s: float = 86400, uses: int = 1, address: str | None = None) -> dict:
+    async def cmd_token_create(self, ttl_s: float = 86400, uses: int = 1, address: str | None = None,
+                               ids: str | None = None) -> dict:
         ttl_s, uses = float(ttl_s), int(uses)
-        if not 0 < ttl_s <= 366 * 86400:
-            raise ControlError("--ttl must be between 1 second and a year")
+        if not 0 < ttl_s <= MAX_TOKEN_TTL_S:
+            raise ControlError(f"--ttl must be between 1 second and {MAX_TOKEN_TTL_S // 86400} days")
         if not 0 < uses <= 100000:
             raise ControlError("--uses must be between 1 and 100000")
+        if ids is not None and (not isinstance(ids, str) or not ids or len(ids) > 128 or not ids.isprintable()):
+            raise ControlError("--ids takes a glob on node ids, e.g. 'node*'")
         if address:
             try:
                 host, port = proto.parse_address(address, self.port)
@@ -783,14 +882,24 @@ class Master:
             host, port = socket.gethostname(), self.port
         master = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
         token = secrets.token_urlsafe(24)
-        expires = self.store.add_token(token, ttl_s, uses, master)
-        stamp = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(expires))
+        record = self.store.add_token(token, ttl_s, uses, master, ids)
+        stamp = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(record["expires"]))
+        bound = f" with ids matching {ids}" if ids else ""
         config = proto.render_config(master, self.fingerprint, token, comment=(
             "piagent.conf: put this file on each SD card's boot partition.\n"
-            f"The token enrolls up to {uses} node(s) until {stamp}; keep it secret."))
-        log.info("enrollment token created: %d use(s), expires %s", uses, stamp)
+            f"The token enrolls up to {uses} node(s){bound} until {stamp}; keep it secret."))
+        log.info("enrollment token %s created: %d use(s)%s, expires %s", record["id"], uses, bound, stamp)
         return {"config": config, "address": master, "token": token, "fingerprint": self.fingerprint,
-                "expires": expires, "uses": uses}
+                "expires": record["expires"], "uses": uses, "id": record["id"], "ids": ids}
+
+    async def cmd_token_list(self) -> dict:
+        return {"tokens": self.store.tokens()}
+
+    async def cmd_token_revoke(self, token_id: str) -> dict:
+        if not isinstance(token_id, str) or not self.store.revoke_token(token_id):
+            raise ControlError(f"no token {str(token_id)[:40]!r} (see `pimaster token list`)")
+        log.info("enrollment token %s revoked", token_id)
+        return {"revoked": token_id}
 
 
 STREAMING_COMMANDS = {"apply"}
@@ -807,10 +916,13 @@ CONTROL_COMMANDS = {
     "keys.delete": Master.cmd_keys_delete,
     "keys.fingerprint": Master.cmd_keys_fingerprint,
     "token.create": Master.cmd_token_create,
+    "token.list": Master.cmd_token_list,
+    "token.revoke": Master.cmd_token_revoke,
 }
 
 
-def serve(state_dir: str, listen_host: str, port: int, key_port: int | None) -> int:
+def serve(state_dir: str, listen_host: str, port: int, key_port: int | None,
+          max_pending: int = MAX_PENDING_KEYS) -> int:
     import signal
 
     import resource
@@ -823,7 +935,7 @@ def serve(state_dir: str, listen_host: str, port: int, key_port: int | None) -> 
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
     async def main() -> None:
-        master = Master(state_dir, listen_host, port, key_port)
+        master = Master(state_dir, listen_host, port, key_port, max_pending)
         await master.start()
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()

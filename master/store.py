@@ -7,9 +7,11 @@ Tokens are stored only as SHA-256 hashes: the token itself is shown once, when i
 
 from __future__ import annotations
 
+import fnmatch
 import hashlib
 import json
 import os
+import secrets
 import sqlite3
 import time
 
@@ -22,7 +24,10 @@ CREATE TABLE IF NOT EXISTS keys (
     state       TEXT NOT NULL CHECK (state IN ('pending', 'accepted', 'rejected', 'denied')),
     created     REAL NOT NULL,
     updated     REAL NOT NULL,
-    facts       TEXT NOT NULL DEFAULT '{}'
+    facts       TEXT NOT NULL DEFAULT '{}',
+    -- What inventory entries may match this key by (MACs, Pi serial): the facts it had when it was
+    -- accepted, never what it reports later (root on a Pi must not claim another node's entry).
+    identity    TEXT
 );
 CREATE INDEX IF NOT EXISTS keys_node ON keys (node_id);
 -- At most one accepted key per node id: a second key for the same id is 'denied'.
@@ -33,7 +38,9 @@ CREATE TABLE IF NOT EXISTS tokens (
     expires     REAL NOT NULL,
     uses_total  INTEGER NOT NULL,
     uses_left   INTEGER NOT NULL,
-    address     TEXT NOT NULL
+    address     TEXT NOT NULL,
+    id          TEXT,            -- public name (`pimaster token list/revoke`), never the token
+    ids         TEXT             -- glob the enrolled node ids must match; NULL: any
 );
 CREATE TABLE IF NOT EXISTS nodes (
     node_id     TEXT PRIMARY KEY,
@@ -74,6 +81,20 @@ def token_hash(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
 
+def dumps(value) -> str:
+    """JSON for a column: NaN and infinities are refused (SQLite's JSON functions choke on them,
+    which would break `pimaster jobs` for everyone)."""
+    return json.dumps(value, allow_nan=False)
+
+
+def identity_of(facts: dict) -> dict:
+    """What inventory entries match a node by, taken from its facts at the moment it is accepted."""
+    identity = {"macs": [m for m in facts.get("macs", []) if isinstance(m, str)]}
+    if isinstance(facts.get("pi_serial"), str):
+        identity["pi_serial"] = facts["pi_serial"]
+    return identity
+
+
 class Store:
     def __init__(self, path: str) -> None:
         new = not os.path.exists(path)
@@ -92,6 +113,19 @@ class Store:
         columns = {r["name"] for r in self.db.execute("PRAGMA table_info(nodes)")}
         if "catalog" not in columns:  # databases made before jobs existed
             self.db.execute("ALTER TABLE nodes ADD COLUMN catalog TEXT NOT NULL DEFAULT '{}'")
+        columns = {r["name"] for r in self.db.execute("PRAGMA table_info(keys)")}
+        if "identity" not in columns:
+            self.db.execute("ALTER TABLE keys ADD COLUMN identity TEXT")
+        # Keys accepted before identities were kept: the facts they have now are all there is.
+        for row in self.db.execute("SELECT id, facts FROM keys WHERE state = 'accepted' AND identity IS NULL").fetchall():
+            self.db.execute("UPDATE keys SET identity = ? WHERE id = ?",
+                            (dumps(identity_of(json.loads(row["facts"] or "{}"))), row["id"]))
+        columns = {r["name"] for r in self.db.execute("PRAGMA table_info(tokens)")}
+        for column in ("id", "ids"):
+            if column not in columns:
+                self.db.execute(f"ALTER TABLE tokens ADD COLUMN {column} TEXT")
+        for row in self.db.execute("SELECT token_hash FROM tokens WHERE id IS NULL").fetchall():
+            self.db.execute("UPDATE tokens SET id = ? WHERE token_hash = ?", (secrets.token_hex(4), row["token_hash"]))
 
     def close(self) -> None:
         self.db.close()
@@ -101,7 +135,16 @@ class Store:
     def _key_row(row: sqlite3.Row) -> dict:
         item = dict(row)
         item["facts"] = json.loads(item["facts"] or "{}")
+        item["identity"] = json.loads(item["identity"]) if item.get("identity") else None
         return item
+
+    def count_keys(self, state: str) -> int:
+        return self.db.execute("SELECT COUNT(*) FROM keys WHERE state = ?", (state,)).fetchone()[0]
+
+    def identities(self) -> dict[str, dict]:
+        """Accepted node id -> the identity recorded when its key was accepted."""
+        return {r["node_id"]: json.loads(r["identity"]) if r["identity"] else {"macs": []}
+                for r in self.db.execute("SELECT node_id, identity FROM keys WHERE state = 'accepted'")}
 
     def keys(self, node_id: str | None = None) -> list[dict]:
         if node_id is None:
@@ -124,56 +167,67 @@ class Store:
         self.db.execute(
             "INSERT INTO keys (node_id, public_key, fingerprint, state, created, updated, facts) "
             "VALUES (?, ?, ?, ?, ?, ?, ?)",
-            (node_id, public_key, fingerprint, state, now, now, json.dumps(facts)))
+            (node_id, public_key, fingerprint, state, now, now, dumps(facts)))
         return self.key_by_public(public_key)
 
-    def set_key_state(self, key_id: int, state: str, replace_accepted: bool = False) -> None:
-        """Change one key's state; with replace_accepted, the node's accepted key goes in the same transaction."""
+    def set_key_state(self, key_id: int, state: str, replace_accepted: bool = False,
+                      identity: dict | None = None) -> None:
+        """Change one key's state; with replace_accepted, the node's accepted key goes in the same
+        transaction. Accepting records ``identity`` (see identity_of) for inventory matching."""
         with self.transaction():
             if replace_accepted:
                 self.db.execute(
                     "DELETE FROM keys WHERE state = 'accepted' AND id != ? AND node_id = "
                     "(SELECT node_id FROM keys WHERE id = ?)", (key_id, key_id))
-            self.db.execute("UPDATE keys SET state = ?, updated = ? WHERE id = ?", (state, time.time(), key_id))
+            self.db.execute("UPDATE keys SET state = ?, updated = ?, identity = COALESCE(?, identity) WHERE id = ?",
+                            (state, time.time(), dumps(identity) if identity is not None else None, key_id))
 
     def update_key_facts(self, key_id: int, facts: dict) -> None:
-        self.db.execute("UPDATE keys SET facts = ? WHERE id = ?", (json.dumps(facts), key_id))
+        self.db.execute("UPDATE keys SET facts = ? WHERE id = ?", (dumps(facts), key_id))
 
     def delete_key(self, key_id: int) -> None:
         self.db.execute("DELETE FROM keys WHERE id = ?", (key_id,))
 
     # ------------------------------------------------------------------ tokens
-    def add_token(self, token: str, ttl_s: float, uses: int, address: str) -> float:
+    def add_token(self, token: str, ttl_s: float, uses: int, address: str, ids: str | None = None) -> dict:
+        """Store a new token (its hash only); returns its public record (see tokens())."""
         now = time.time()
-        expires = now + ttl_s
-        self.db.execute("INSERT INTO tokens VALUES (?, ?, ?, ?, ?, ?)",
-                        (token_hash(token), now, expires, uses, uses, address))
-        return expires
+        token_id = secrets.token_hex(4)
+        self.db.execute("INSERT INTO tokens (token_hash, created, expires, uses_total, uses_left, address, id, ids) "
+                        "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                        (token_hash(token), now, now + ttl_s, uses, uses, address, token_id, ids))
+        return next(t for t in self.tokens() if t["id"] == token_id)
 
-    def consume_token(self, token: str) -> tuple[bool, str]:
-        """Use one enrollment of ``token`` if it is valid: (True, "") or (False, why not)."""
+    def consume_token(self, token: str, node_id: str) -> tuple[bool, str]:
+        """Use one enrollment of ``token`` for ``node_id`` if it is valid: (True, "") or (False, why not)."""
         digest = token_hash(token)
         with self.transaction():
             row = self.db.execute("SELECT * FROM tokens WHERE token_hash = ?", (digest,)).fetchone()
             if row is None:
-                return False, "unknown token"
+                return False, "unknown or revoked token"
             if row["expires"] < time.time():
-                return False, "token expired"
+                return False, f"token {row['id']} expired"
             if row["uses_left"] <= 0:
-                return False, "token used up"
+                return False, f"token {row['id']} used up"
+            if row["ids"] is not None and not fnmatch.fnmatchcase(node_id, row["ids"]):
+                return False, f"token {row['id']} enrolls only ids matching {row['ids']!r}"
             self.db.execute("UPDATE tokens SET uses_left = uses_left - 1 WHERE token_hash = ?", (digest,))
         return True, ""
 
     def tokens(self) -> list[dict]:
-        return [dict(r) for r in self.db.execute("SELECT created, expires, uses_total, uses_left, address "
+        """Every token's public record: id, created, expires, uses_total, uses_left, ids, address."""
+        return [dict(r) for r in self.db.execute("SELECT id, created, expires, uses_total, uses_left, ids, address "
                                                  "FROM tokens ORDER BY created")]
+
+    def revoke_token(self, token_id: str) -> bool:
+        return self.db.execute("DELETE FROM tokens WHERE id = ?", (token_id,)).rowcount == 1
 
     # ------------------------------------------------------------------ nodes
     def upsert_node(self, node_id: str, facts: dict, seen: float) -> None:
         self.db.execute(
             "INSERT INTO nodes (node_id, facts, enrolled, last_seen) VALUES (?, ?, ?, ?) "
             "ON CONFLICT (node_id) DO UPDATE SET facts = excluded.facts, last_seen = excluded.last_seen",
-            (node_id, json.dumps(facts), seen, seen))
+            (node_id, dumps(facts), seen, seen))
 
     def touch_nodes(self, seen: dict[str, float]) -> None:
         with self.transaction():
@@ -192,7 +246,7 @@ class Store:
         return out
 
     def set_catalog(self, node_id: str, catalog: dict) -> None:
-        self.db.execute("UPDATE nodes SET catalog = ? WHERE node_id = ?", (json.dumps(catalog), node_id))
+        self.db.execute("UPDATE nodes SET catalog = ? WHERE node_id = ?", (dumps(catalog), node_id))
 
     def catalogs(self) -> dict[str, dict]:
         return {r["node_id"]: json.loads(r["catalog"] or "{}")
@@ -216,6 +270,12 @@ class Store:
             self.db.executemany("INSERT INTO job_nodes (job_id, node_id, status, states, started) VALUES (?, ?, 'sent', ?, ?)",
                                 [(job_id, n, count, now) for n, count in states.items()])
 
+    def job_node_states(self, job_id: str, node_id: str) -> int | None:
+        """How many states the job sent this node; None when the node is not in that job."""
+        row = self.db.execute("SELECT states FROM job_nodes WHERE job_id = ? AND node_id = ?",
+                              (job_id, node_id)).fetchone()
+        return row["states"] if row else None
+
     def set_job_node_status(self, job_id: str, node_id: str, status: str) -> None:
         self.db.execute("UPDATE job_nodes SET status = ? WHERE job_id = ? AND node_id = ? AND status NOT IN "
                         "('done', 'interrupted')", (status, job_id, node_id))
@@ -226,7 +286,7 @@ class Store:
         cur = self.db.execute(
             "UPDATE job_nodes SET status = ?, summary = ?, results = ?, started = COALESCE(?, started), "
             "finished = ? WHERE job_id = ? AND node_id = ?",
-            (status, json.dumps(summary), json.dumps(results), started, finished or time.time(), job_id, node_id))
+            (status, dumps(summary), dumps(results), started, finished or time.time(), job_id, node_id))
         return cur.rowcount == 1
 
     def jobs(self, limit: int = 50) -> list[dict]:

@@ -179,7 +179,11 @@ def test_reflashed_pi_is_denied_until_replaced(tmp, master, start_agent):
     refused = master.cli("keys", "accept", "n1", check=False)
     assert refused.returncode != 0 and "--replace" in refused.stderr
     old.kill()
-    master.cli("keys", "accept", "--replace", "n1")
+    # Replacing hands the id to another key: the person names which one.
+    unnamed = master.cli("keys", "accept", "--replace", "n1", check=False)
+    assert unnamed.returncode != 0 and "--fingerprint" in unnamed.stderr
+    assert sorted(master.key_state("n1")) == ["accepted", "denied"]
+    master.cli("keys", "accept", "--replace", "n1", "--fingerprint", new.fingerprint())
     assert master.key_state("n1") == ["accepted"]
     wait_for(lambda: master.up_nodes() == {"n1"}, timeout=15, what="the new key answers as n1")
     keys = master.json("keys", "list")["keys"]

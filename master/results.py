@@ -1,0 +1,131 @@
+"""What the master keeps of a job's results and progress: checked shapes, bounded sizes.
+
+An accepted agent is still attacker-controlled (root on one Pi). What it reports about a job is
+stored and shown to everyone (`pimaster job`, `jobs`, the live view), so it is checked here
+first: the known fields of Salt's result shape with their types, strings and data bounded,
+numbers finite, and the summary counted by the master from the results rather than believed.
+A result that does not fit is replaced by a failed one saying so, never stored as sent.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any
+
+STATUSES = ("ok", "changed", "failed", "not_run", "skipped")
+MAX_COMMENT = 64 * 1024
+MAX_CHANGES_BYTES = 256 * 1024
+MAX_FIELD = 4096
+
+
+def _finite(value: Any) -> float | None:
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+        return value
+    return None
+
+
+def _text(value: Any, limit: int) -> str | None:
+    return value[:limit] if isinstance(value, str) else None
+
+
+def _changes(value: Any) -> Any:
+    """Plain JSON data within MAX_CHANGES_BYTES, or a note saying why it was not kept."""
+    if value is None:
+        return {}
+    try:
+        size = len(json.dumps(value, allow_nan=False))
+    except (TypeError, ValueError, RecursionError):
+        return {"refused": "the agent reported changes that are not plain data"}
+    if size > MAX_CHANGES_BYTES:
+        return {"refused": f"the agent reported {size} bytes of changes (at most {MAX_CHANGES_BYTES} are kept)"}
+    return value
+
+
+def check_state_result(raw: Any) -> dict:
+    """One state's result in the shape every view reads."""
+    if not isinstance(raw, dict):
+        return {"id": "?", "fun": "?", "name": "?", "result": False, "changes": {}, "status": "failed",
+                "comment": "the agent reported a malformed result"}
+    result = raw.get("result")
+    out = {
+        "id": _text(raw.get("id"), MAX_FIELD) or "?",
+        "fun": _text(raw.get("fun"), 128) or "?",
+        "name": _text(raw.get("name"), MAX_FIELD) or "?",
+        "result": result if result in (True, False, None) else False,
+        "changes": _changes(raw.get("changes")),
+        "comment": _text(raw.get("comment"), MAX_COMMENT) or "",
+    }
+    status = raw.get("status")
+    out["status"] = status if status in STATUSES else ("failed" if out["result"] is False else
+                                                      "changed" if out["changes"] else "ok")
+    if out["result"] is False:
+        out["status"] = "failed" if out["status"] not in ("not_run", "skipped") else out["status"]
+    source = _text(raw.get("source"), MAX_FIELD)
+    if source is not None:
+        out["source"] = source
+    duration = _finite(raw.get("duration_ms"))
+    if duration is not None:
+        out["duration_ms"] = duration
+    if raw.get("sensitive") is True:
+        out["sensitive"] = True
+    return out
+
+
+def summarize(results: list[dict]) -> dict:
+    counts = {status: 0 for status in STATUSES}
+    for res in results:
+        counts[res["status"]] += 1
+    return counts
+
+
+def check_job_result(body: dict, states: int) -> dict | None:
+    """A job_result message's body checked against the job (``states``: how many states it sent
+    this node), or None when it is not a job result at all."""
+    results = body.get("results")
+    if not isinstance(results, list) or len(results) > states:
+        return None
+    checked = [check_state_result(r) for r in results]
+    return {"results": checked, "summary": summarize(checked),
+            "status": "interrupted" if body.get("interrupted") is True else "done",
+            "started": _finite(body.get("started")), "finished": _finite(body.get("finished"))}
+
+
+def check_progress(body: dict) -> dict | None:
+    """A job_progress message's body: {job, index, state}, or None."""
+    index = body.get("index")
+    if not isinstance(index, int) or isinstance(index, bool) or not 0 <= index < 1_000_000:
+        return None
+    state = check_state_result(body.get("state"))
+    return {"job": body.get("job"), "index": index,
+            "state": {"id": state["id"], "fun": state["fun"], "status": state["status"],
+                      "comment": state["comment"][:300]}}
+
+
+THROTTLED_RE_CHARS = set("0123456789abcdefx")
+
+
+def check_health(body: dict) -> dict:
+    """The health fields of a ping answer that have the right shape (see piagent.facts.health);
+    anything else is left out, so one node cannot break `pimaster ping` for everyone."""
+    out: dict = {}
+    for name, low, high in (("uptime_s", 0, 1e10), ("temp_c", -100, 200), ("disk_root_used_pct", 0, 100),
+                            ("time", 0, 1e11)):
+        value = _finite(body.get(name))
+        if value is not None and low <= value <= high:
+            out[name] = value
+    free = body.get("disk_root_free_mb")
+    if isinstance(free, int) and not isinstance(free, bool) and 0 <= free < 1 << 40:
+        out["disk_root_free_mb"] = free
+    load = body.get("load")
+    if isinstance(load, list) and len(load) == 3 and all(_finite(x) is not None and 0 <= x < 1e6 for x in load):
+        out["load"] = load
+    throttled = body.get("throttled")
+    if isinstance(throttled, str) and 2 < len(throttled) <= 10 and throttled.startswith("0x") \
+            and set(throttled) <= THROTTLED_RE_CHARS:
+        out["throttled"] = throttled
+        flags = body.get("throttled_flags")
+        if isinstance(flags, list) and len(flags) <= 32 and all(isinstance(f, str) and f.replace("-", "").isalpha()
+                                                               and len(f) <= 64 for f in flags):
+            out["throttled_flags"] = flags
+    return out

@@ -1,0 +1,132 @@
+"""Bounding what unauthenticated peers cost the master in connections (file descriptors).
+
+CURVE lets any key complete a handshake (an unknown agent must be able to enroll), and libzmq
+keeps an idle connection open for as long as the peer answers its heartbeats, so without this
+anyone on the LAN could hold one descriptor per random key for ever. libzmq has no call to drop
+one peer of a ROUTER socket, so the master watches its socket's connections through a monitor
+socket (each accepted connection's descriptor) and every message's source descriptor (ZMQ_SRCFD),
+and shuts down, at the TCP level, connections that have not shown an accepted key:
+
+- a connection that sent nothing within ``silent_s`` (a real agent enrolls at once);
+- beyond ``per_address`` such connections from one source address, the oldest first;
+- beyond ``total`` such connections in all, the oldest first.
+
+Connections younger than ``young_s`` are spared by the last two rules (a boot storm of agents,
+or a test swarm on one address, is still enrolling then) until there are ``HARD_FACTOR`` times
+the limit: a peer that reconnects as fast as it is cut off still holds a bounded number.
+
+A connection counts as trusted from the moment a message from an accepted key arrives on it, so
+a cluster's own agents are never touched. A pending agent cut off this way reconnects and
+enrolls again by itself. Peers past the limits are logged once per sweep, not per connection.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import time
+from dataclasses import dataclass
+
+log = logging.getLogger("pimaster")
+
+
+@dataclass
+class Connection:
+    peer: tuple | None
+    since: float
+    spoke: bool = False       # a message arrived on it (an enrollment, say)
+    trusted: bool = False     # ... from a key the master has accepted
+
+
+def _peer_of(fd: int) -> tuple | None:
+    try:
+        sock = socket.socket(fileno=fd)
+    except OSError:  # closed (and perhaps reused) since
+        return None
+    try:
+        return sock.getpeername()
+    except OSError:
+        return None
+    finally:
+        sock.detach()  # the descriptor stays libzmq's
+
+
+class SessionGuard:
+    HARD_FACTOR = 4
+
+    def __init__(self, per_address: int = 128, total: int = 1024, silent_s: float = 30.0,
+                 young_s: float = 10.0) -> None:
+        self.per_address = per_address
+        self.total = total
+        self.silent_s = silent_s
+        # Connections younger than this are never cut for being too many: a cluster's boot storm
+        # (hundreds of agents at once) is still enrolling then.
+        self.young_s = young_s
+        self.connections: dict[int, Connection] = {}
+        self.closed = 0
+
+    def opened(self, fd: int) -> None:
+        self.connections[fd] = Connection(_peer_of(fd), time.monotonic())
+
+    def gone(self, fd: int) -> None:
+        self.connections.pop(fd, None)
+
+    def message(self, fd: int | None, trusted: bool) -> None:
+        conn = self.connections.get(fd) if fd is not None else None
+        if conn is not None:
+            conn.spoke = True
+            conn.trusted = trusted
+
+    def untrusted(self) -> int:
+        return sum(1 for c in self.connections.values() if not c.trusted)
+
+    def sweep(self, now: float | None = None) -> list[int]:
+        """Shut down the connections past the limits; returns their descriptors."""
+        now = time.monotonic() if now is None else now
+        untrusted = sorted(((fd, c) for fd, c in self.connections.items() if not c.trusted),
+                           key=lambda item: item[1].since)
+        doomed: dict[int, str] = {}
+        by_address: dict[str, list[int]] = {}
+        for fd, conn in untrusted:
+            if not conn.spoke and now - conn.since > self.silent_s:
+                doomed[fd] = "silent"
+            elif conn.peer is not None:
+                by_address.setdefault(conn.peer[0], []).append(fd)
+        for address, fds in by_address.items():
+            self._cut(fds, self.per_address, now, doomed, f"over {self.per_address} from {address}")
+        self._cut([fd for fd, _ in untrusted if fd not in doomed], self.total, now, doomed,
+                  f"over {self.total} in all")
+        for fd in doomed:
+            self._shut(fd)
+        if doomed:
+            reasons: dict[str, int] = {}
+            for why in doomed.values():
+                reasons[why] = reasons.get(why, 0) + 1
+            log.warning("closed %d connection(s) that showed no accepted key: %s", len(doomed),
+                        ", ".join(f"{n} {why}" for why, n in sorted(reasons.items())))
+        return list(doomed)
+
+    def _cut(self, fds: list[int], limit: int, now: float, doomed: dict, why: str) -> None:
+        """Mark the oldest of ``fds`` (oldest first) past ``limit``, sparing young ones up to the hard limit."""
+        over = len(fds) - limit
+        hard_over = len(fds) - self.HARD_FACTOR * limit
+        for position, fd in enumerate(fds[:max(0, over)]):
+            if position < hard_over or now - self.connections[fd].since > self.young_s:
+                doomed[fd] = why
+
+    def _shut(self, fd: int) -> None:
+        conn = self.connections.pop(fd)
+        try:
+            sock = socket.socket(fileno=fd)
+        except OSError:
+            return
+        try:
+            # The descriptor may have been closed and reused since the monitor told us about it:
+            # only the same peer is cut.
+            if conn.peer is not None and sock.getpeername() == conn.peer:
+                sock.shutdown(socket.SHUT_RDWR)
+                self.closed += 1
+        except OSError:
+            pass
+        finally:
+            sock.detach()
