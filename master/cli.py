@@ -76,7 +76,7 @@ def _parser() -> argparse.ArgumentParser:
         action.add_argument("--all", action="store_true", help=f"{name} every matching key")
         if name == "accept":
             action.add_argument("--replace", action="store_true",
-                                help="accept a denied key (re-flashed Pi) and drop the node's old key")
+                                help="with --fingerprint: accept that denied key (re-flashed Pi) and drop the node's old key")
             action.add_argument("--include-rejected", action="store_true", help="also accept rejected keys")
     fp = keys_sub.add_parser("fingerprint", parents=[common, as_json], help="the master's fingerprint, or a node's")
     fp.add_argument("node", nargs="?")

@@ -65,6 +65,7 @@ class JobWatch:
         self.nodes = set(nodes)
         self.queue: asyncio.Queue = asyncio.Queue()
         self.progress_queued = 0
+        self.reported: set[str] = set()
 
     def progress(self, node_id: str, body: dict) -> bool:
         if node_id not in self.nodes or self.progress_queued >= self.MAX_PROGRESS:
@@ -74,8 +75,10 @@ class JobWatch:
         return True
 
     def result(self, node_id: str, body: dict) -> bool:
-        if node_id not in self.nodes:
+        """The first result of each of the job's nodes (an agent resends until acknowledged)."""
+        if node_id not in self.nodes or node_id in self.reported:
             return False
+        self.reported.add(node_id)
         self.queue.put_nowait(("result", node_id, body))
         return True
 
@@ -151,6 +154,7 @@ class Plan:
             used: dict[str, str] = {}
 
             def secret(name, length=64, _used=used):
+                name = str(name)  # a literal name is state text (a str subclass): a plain name here
                 try:
                     _used[name] = self.secrets.get(name, length)
                 except SecretError as exc:

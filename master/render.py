@@ -62,6 +62,7 @@ import shlex
 from dataclasses import dataclass, field
 
 import jinja2
+import jinja2.compiler
 import jinja2.filters
 import jinja2.runtime
 import yaml
@@ -271,10 +272,14 @@ class _Values:
         match = _TOKEN.fullmatch(text)
         return self._index(match) if match else None
 
-    def substitute(self, text: str, below: int | None = None) -> str:
+    def substitute(self, text: str, below: int | None = None, dedent: int = 0) -> str:
         """``text`` with each token replaced by its value as Jinja prints it. Template text made
         into a plain string (`'%s' % caller()`) carries tokens into values: those are replaced
-        too, and only by earlier values, so this ends."""
+        too, and only by earlier values, so this ends.
+
+        ``dedent``: the indentation of the block scalar (`|`, `>`) the tokens stand in. A value
+        whose later lines all carry it was indented for that block (Salt's `{{ text | indent(8) }}`),
+        and YAML would have taken it off them: so it is here. Any other value goes in as it is."""
         if self.nonce not in text:
             return text
 
@@ -282,7 +287,12 @@ class _Values:
             index = self._index(match)
             if index is None or (below is not None and index >= below):
                 return match.group(0)
-            return self.substitute(str(self.items[index]), index)
+            value = self.substitute(str(self.items[index]), index)
+            if dedent and "\n" in value:
+                first, *rest = value.split("\n")
+                if all(line.startswith(" " * dedent) or not line.strip() for line in rest):
+                    value = "\n".join([first] + [line[dedent:] for line in rest])
+            return value
         return _TOKEN.sub(printed, text)
 
 
@@ -368,6 +378,19 @@ class _StateTemplate(jinja2.Template):
             values.modules[self] = module
 
 
+class _StateCodeGenerator(jinja2.compiler.CodeGenerator):
+    """String literals the state file writes itself (`', '`, `'default'`) are template text, as
+    its lines are: `{{ ', ' if not loop.last }}` is a YAML separator, not a value. (`Markup` is
+    the state text class in compiled state files, see _StateTemplate.)"""
+
+    def visit_Const(self, node, frame) -> None:
+        value = node.as_const(frame.eval_ctx)
+        if isinstance(value, str):  # also what Jinja folded from literals at compile time
+            self.write(f"Markup({str(value)!r})")
+        else:
+            super().visit_Const(node, frame)
+
+
 def _yaml_text(value) -> str:
     return yaml.safe_dump(_plain(value), default_flow_style=True).strip()
 
@@ -421,8 +444,20 @@ def quote(value) -> str:
     return shlex.quote(str(value))
 
 
+class _Environment(jinja2.Environment):
+    """Template names are plain strings: a literal name in a state file is state text (see
+    _StateCodeGenerator), which Jinja would otherwise write into compiled code as it is."""
+
+    def get_template(self, name, parent=None, globals=None):
+        return super().get_template(str(name) if isinstance(name, str) else name, parent, globals)
+
+    def select_template(self, names, parent=None, globals=None):
+        names = [str(n) if isinstance(n, str) else n for n in names] if not isinstance(names, jinja2.Undefined) else names
+        return super().select_template(names, parent, globals)
+
+
 def _environment(searchpath: str, tree: _Tree, state: bool) -> jinja2.Environment:
-    env = jinja2.Environment(loader=_TreeLoader(searchpath, tree), undefined=jinja2.StrictUndefined,
+    env = _Environment(loader=_TreeLoader(searchpath, tree), undefined=jinja2.StrictUndefined,
                              keep_trailing_newline=True, auto_reload=True,
                              autoescape=state, finalize=_finalize if state else None)
     env.tests["in_network"] = in_network
@@ -432,6 +467,7 @@ def _environment(searchpath: str, tree: _Tree, state: bool) -> jinja2.Environmen
         env.filters["json"] = env.filters["tojson"]
         return env
     env.template_class = _StateTemplate
+    env.code_generator_class = _StateCodeGenerator
     env.filters.update({
         "tojson": _tojson, "json": _tojson, "yaml": lambda v: _Flow(_yaml_text(v), v),
         "escape": _Text.escape, "e": _Text.escape, "forceescape": lambda v: _Text.escape(str(v)),
@@ -620,22 +656,31 @@ class _FillError(Exception):
         self.line, self.reason = line, reason
 
 
-def _fill(node, values: _Values, done: dict, key: bool = False):
+def _block_indent(lines: list[str], indicator_line: int) -> int:
+    """The indentation of a block scalar's content: that of its first line with text."""
+    for line in lines[indicator_line + 1:]:
+        if line.strip():
+            return len(line) - len(line.lstrip(" "))
+    return 0
+
+
+def _fill(node, values: _Values, done: dict, lines: list[str], key: bool = False):
     """The composed node with every value token replaced (see the module docstring); a value
-    standing alone as a plain scalar becomes a node of its own type, as one value."""
+    standing alone as a plain scalar becomes a node of its own type, as one value. ``lines``:
+    the rendered text, for the indentation of block scalars."""
     if isinstance(node, yaml.ScalarNode):
-        return _fill_scalar(node, values, key)
+        return _fill_scalar(node, values, key, lines)
     if id(node) in done:  # an alias, or a node inside itself
         return done[id(node)]
     done[id(node)] = node
     if isinstance(node, yaml.SequenceNode):
-        node.value = [_fill(item, values, done) for item in node.value]
+        node.value = [_fill(item, values, done, lines) for item in node.value]
     elif isinstance(node, yaml.MappingNode):
-        node.value = [(_fill(k, values, done, key=True), _fill(v, values, done)) for k, v in node.value]
+        node.value = [(_fill(k, values, done, lines, key=True), _fill(v, values, done, lines)) for k, v in node.value]
     return node
 
 
-def _fill_scalar(node, values: _Values, key: bool):
+def _fill_scalar(node, values: _Values, key: bool, lines: list[str]):
     if not values.traced(node.value):
         return node
     start, end = node.start_mark, node.end_mark
@@ -646,7 +691,8 @@ def _fill_scalar(node, values: _Values, key: bool):
     try:
         if alone and not key:
             return _value_node(_plain(values.items[index], values), start, end)
-        text = values.substitute(node.value)
+        block = node.style in ("|", ">")
+        text = values.substitute(node.value, dedent=_block_indent(lines, start.line) if block else 0)
     except jinja2.UndefinedError as exc:
         raise _FillError(start.line + 1, f"undefined in template: {exc.message}") from None
     except (TypeError, ValueError, AttributeError, KeyError) as exc:
@@ -689,7 +735,7 @@ def parse_states(text: str, path: str, meta: dict | None = None, values: _Values
         return [], [], [StateFileError(path, mark.line + 1 if mark else None, reason)]
     if root is not None and values is not None:
         try:
-            root = _fill(root, values, {})
+            root = _fill(root, values, {}, text.splitlines())
         except _FillError as exc:
             return [], [], [StateFileError(path, exc.line, exc.reason)]
     if root is None:

@@ -20,6 +20,7 @@ import fnmatch
 import json
 import logging
 import math
+import re
 import os
 import secrets
 import socket
@@ -55,6 +56,8 @@ MAX_PENDING_KEYS = 256
 # The longest a token may live (`token create --ttl`): a leaked piagent.conf expires.
 MAX_TOKEN_TTL_S = 30 * 86400
 SESSION_SWEEP_S = 5.0
+# `token create --ids`: one glob over what node ids may hold (a comma list would match nothing).
+TOKEN_IDS_RE = re.compile(r"[A-Za-z0-9._*?\[\]!-]{1,128}")
 
 
 def _rollback_note(note) -> dict | None:
@@ -503,6 +506,10 @@ class Master:
                                  identity=identity_of(facts))
         self.key_states[key] = proto.ACCEPTED
         self.node_of_key[key] = node_id
+        # Other keys still waiting for this id now claim an id another key holds: denied, which
+        # `keys list` explains, rather than pending keys that can never be accepted as such.
+        for other in self.store.deny_pending(node_id):
+            self.key_states[other] = proto.DENIED
         self.store.upsert_node(node_id, facts, time.time())
 
     def _forget_key(self, key: str) -> None:
@@ -796,7 +803,9 @@ class Master:
         candidates = self._pick_keys(node, fingerprint, states, all)
         if not candidates:
             hint = ""
-            if node and any(k["state"] == proto.DENIED for k in self.store.keys(node)):
+            if fingerprint and node and self._pick_keys(node, None, states, all):
+                hint = f" (none with the fingerprint {fingerprint}: `pimaster keys list` shows the waiting keys')"
+            elif node and any(k["state"] == proto.DENIED for k in self.store.keys(node)):
                 hint = (f" ({node} has a denied key: `pimaster keys accept --replace {node} --fingerprint FP` "
                         "replaces its accepted key)")
             elif node and any(k["state"] == proto.REJECTED for k in self.store.keys(node)):
@@ -809,10 +818,16 @@ class Master:
         if ambiguous:
             lines = [f"{n}: {', '.join(k['fingerprint'] for k in ks)}" for n, ks in ambiguous.items()]
             raise ControlError("more than one key waits for " + "; ".join(lines) + ": choose with --fingerprint")
+        # Checked for every key before any is accepted: `--all` does all or nothing.
+        for node_id, (key,) in by_node.items():
+            holder = self.store.accepted_key(node_id)
+            if holder is not None and holder["id"] != key["id"] and not replace:
+                raise ControlError(f"{node_id} already has an accepted key ({holder['fingerprint']}); the waiting "
+                                   f"one is {key['fingerprint']}: `pimaster keys accept --replace {node_id} "
+                                   f"--fingerprint {key['fingerprint']}` replaces it, `pimaster keys reject "
+                                   f"{node_id} --fingerprint {key['fingerprint']}` refuses it")
         accepted = []
         for node_id, (key,) in by_node.items():
-            if key["state"] == proto.DENIED and not replace:
-                raise ControlError(f"{node_id} already has an accepted key; --replace to replace it")
             self._accept(key, replace=replace)
             ident = self.pending_routes.pop(key["public_key"], None)
             if ident is not None:  # the agent is connected and waiting: tell it now
@@ -871,8 +886,9 @@ class Master:
             raise ControlError(f"--ttl must be between 1 second and {MAX_TOKEN_TTL_S // 86400} days")
         if not 0 < uses <= 100000:
             raise ControlError("--uses must be between 1 and 100000")
-        if ids is not None and (not isinstance(ids, str) or not ids or len(ids) > 128 or not ids.isprintable()):
-            raise ControlError("--ids takes a glob on node ids, e.g. 'node*'")
+        if ids is not None and (not isinstance(ids, str) or not TOKEN_IDS_RE.fullmatch(ids)):
+            raise ControlError("--ids takes one glob on node ids, e.g. 'node*' or 'node0[1-4]' (node ids are "
+                               "letters, digits, '.', '_' and '-')")
         if address:
             try:
                 host, port = proto.parse_address(address, self.port)
@@ -887,7 +903,8 @@ class Master:
         bound = f" with ids matching {ids}" if ids else ""
         config = proto.render_config(master, self.fingerprint, token, comment=(
             "piagent.conf: put this file on each SD card's boot partition.\n"
-            f"The token enrolls up to {uses} node(s){bound} until {stamp}; keep it secret."))
+            f"The token enrolls up to {uses} node(s){bound} until {stamp}; keep it secret.\n"
+            f"Its id is {record['id']} (pimaster token list, pimaster token revoke {record['id']})."))
         log.info("enrollment token %s created: %d use(s)%s, expires %s", record["id"], uses, bound, stamp)
         return {"config": config, "address": master, "token": token, "fingerprint": self.fingerprint,
                 "expires": record["expires"], "uses": uses, "id": record["id"], "ids": ids}

@@ -182,6 +182,14 @@ class Store:
             self.db.execute("UPDATE keys SET state = ?, updated = ?, identity = COALESCE(?, identity) WHERE id = ?",
                             (state, time.time(), dumps(identity) if identity is not None else None, key_id))
 
+    def deny_pending(self, node_id: str) -> list[str]:
+        """Every pending key of ``node_id`` becomes denied (its id is held); their public keys."""
+        keys = [r["public_key"] for r in self.db.execute(
+            "SELECT public_key FROM keys WHERE node_id = ? AND state = 'pending'", (node_id,))]
+        self.db.execute("UPDATE keys SET state = 'denied', updated = ? WHERE node_id = ? AND state = 'pending'",
+                        (time.time(), node_id))
+        return keys
+
     def update_key_facts(self, key_id: int, facts: dict) -> None:
         self.db.execute("UPDATE keys SET facts = ? WHERE id = ?", (dumps(facts), key_id))
 

@@ -261,3 +261,22 @@ def test_a_deleted_key_enrolls_again_as_pending(master, start_agent):
     # The connected agent is told and comes back as pending at once (a person decides again).
     wait_for(lambda: master.key_state("n1") == ["pending"], timeout=10, what="n1 pending again")
     assert "deleted this agent's key" in agent.output()
+
+
+def test_a_stranger_waiting_under_an_id_cannot_jam_keys_accept(tmp, master, start_agent):
+    # Anyone on the LAN can make a key wait as pending under a node's id before the real node
+    # enrolls with its token. That key is then denied (and explained), and accepting every other
+    # waiting key still works.
+    stranger = start_agent("n7", master.token_config(token=False), state_name="n7-stranger")
+    wait_for(lambda: master.key_state("n7") == ["pending"], what="the stranger pending as n7")
+    start_agent("n7", master.token_config(uses=1))
+    start_agent("n8", master.token_config(token=False))
+    wait_for(lambda: sorted(master.key_state("n7")) == ["accepted", "denied"], what="the stranger's key denied")
+    wait_for(lambda: master.key_state("n8") == ["pending"], what="n8 pending")
+    accepted = master.json("keys", "accept", "--all")["accepted"]
+    assert [k["id"] for k in accepted] == ["n8"]
+    assert sorted(master.key_state("n7")) == ["accepted", "denied"]
+    refused = master.cli("keys", "accept", "--replace", "n7", "--fingerprint", "sha256:" + "0" * 64, check=False)
+    assert refused.returncode != 0 and "none with the fingerprint" in refused.stderr
+    assert stranger.fingerprint() in master.cli("keys", "list").stdout
+    assert "Traceback" not in master.output()

@@ -166,18 +166,34 @@ def test_tojson_gives_one_structured_value_and_strings_in_it_stay_data(tmp_path)
 
 
 @pytest.mark.parametrize("value, expected", [
-    ("60", 60), ('"60"', "60"), ("'true'", "true"), ("true", True), ("none", None), ("1.5", 1.5),
-    ("[1, 'a']", [1, "a"]), ("{'k': (1, 2)}", {"k": [1, 2]}), ("'0644'", "0644"), ("'  padded '", "  padded "),
+    (60, 60), ("60", "60"), ("true", "true"), (True, True), (None, None), (1.5, 1.5),
+    ([1, "a"], [1, "a"]), ({"k": (1, 2)}, {"k": [1, 2]}), ("0644", "0644"), ("  padded ", "  padded "),
 ])
 def test_a_value_alone_keeps_its_own_type(tmp_path, value, expected):
-    job = compile_text(tmp_path, f"""
+    job = compile_text(tmp_path, """
         a:
           cmd.run:
             - name: x
-            - env: {{{{ {value} }}}}
-        """)
+            - env: {{ v }}
+        """, {"v": value})
     assert job[0]["args"]["env"] == expected
     assert type(job[0]["args"]["env"]) is type(expected)
+
+
+def test_string_literals_the_file_writes_are_template_text_as_in_salt(tmp_path):
+    job = compile_text(tmp_path, """
+        a:
+          cmd.run:
+            - name: {{ 'echo' }}
+            - env: {{ "60" }}
+            - cwd: {{ 'true' }}
+            - success_retcodes: [{% for x in servers %}{{ x }}{{ ', ' if not loop.last }}{% endfor %}]
+            - creates: [{{ servers | join(', ') }}]
+        """, {"servers": ["1.1.1.1", "8.8.8.8\nevil: x"]})
+    args = job[0]["args"]
+    assert job[0]["name"] == "echo" and args["env"] == 60 and args["cwd"] is True
+    # The separators are the file's; each item stays one value, whatever it holds.
+    assert args["success_retcodes"] == args["creates"] == ["1.1.1.1", "8.8.8.8\nevil: x"]
 
 
 def test_a_value_in_text_is_printed_into_one_string(tmp_path):
@@ -475,3 +491,16 @@ def test_the_shipped_states_compile_to_the_same_jobs_as_with_plain_jinja(tmp_pat
                     assert new == old, (name, node_id, state_file)
                     compared += 1
     assert compared == 160
+
+
+def test_salt_indent_of_a_value_in_a_block_scalar_gives_what_salt_gives(tmp_path):
+    job = compile_text(tmp_path, """
+        /tmp/f:
+          file.managed:
+            - contents: |
+                # managed
+                {{ lines | join('\\n') | indent(8) }}
+                {{ evil }}
+        """, {"lines": ["line one", "line two", "  line three"], "evil": EVIL})
+    assert job[0]["args"]["contents"] == f"# managed\nline one\nline two\n  line three\n{EVIL}\n"
+    assert [s["id"] for s in job] == ["/tmp/f"]
