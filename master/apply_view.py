@@ -34,6 +34,8 @@ class LiveApply:
         self.live.__exit__(*exc)
 
     def _render(self):
+        from rich.markup import escape
+
         from rich.console import Group
         from rich.table import Table
 
@@ -45,8 +47,9 @@ class LiveApply:
         for node in shown[:LIVE_ROWS]:
             info = self.nodes[node]
             last = info.get("last") or {}
+            # The state's id is the node's to report: never rich markup.
             text = f"[{STATUS_STYLE.get(last.get('status'), 'white')}]{last.get('status', '')}[/] " \
-                   f"{last.get('fun', '')} {last.get('id', '')}" if last else "[dim]waiting[/]"
+                   f"{escape(str(last.get('fun', '')))} {escape(str(last.get('id', '')))}" if last else "[dim]waiting[/]"
             if info["status"] != "running":
                 text = f"[{STATUS_STYLE.get(info['status'], 'white')}]{info['status']}[/]"
             table.add_row(node, f"{info['done']}/{info['total']}", text)

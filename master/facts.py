@@ -75,9 +75,13 @@ def _boolean(value: Any) -> bool:
     return value
 
 
+# ipaddress takes any text after '%' as an IPv6 scope; a scope here is an interface name.
+IP_TEXT_RE = re.compile(r"[0-9A-Fa-f:.]{2,45}(%[A-Za-z0-9_.@-]{1,15})?(/[0-9]{1,3})?")
+
+
 def _ip(value: Any) -> str:
     try:
-        if not isinstance(value, str) or len(value) > 64:
+        if not isinstance(value, str) or not IP_TEXT_RE.fullmatch(value) or "/" in value:
             raise ValueError
         return str(ipaddress.ip_address(value))
     except ValueError:
@@ -86,7 +90,7 @@ def _ip(value: Any) -> str:
 
 def _ip_interface(value: Any) -> str:
     try:
-        if not isinstance(value, str) or len(value) > 64 or "/" not in value:
+        if not isinstance(value, str) or not IP_TEXT_RE.fullmatch(value) or "/" not in value:
             raise ValueError
         return str(ipaddress.ip_interface(value))
     except ValueError:

@@ -146,6 +146,11 @@ def resolve_nodes(inventory: Inventory, nodes: dict[str, dict], assignments: dic
     used_names = {str(e.get("hostname") or e.get("id")) for e in inventory.entries if e.get("hostname") or e.get("id")}
     used_ips = {str(e["ip"]) for e in inventory.entries if "ip" in e}
     used_names |= {a["hostname"] for a in assignments.values()}
+    used_names |= set(nodes)  # a name given to one node must not be another node's id
+    # Without an inventory entry saying otherwise, a node's hostname and address come from its own
+    # facts: one that another node reports too (or that is another node's id) names neither.
+    reported_names = [str(f.get("hostname")) for f in nodes.values() if f.get("hostname")]
+    reported_ips = [ip for f in nodes.values() for ip in set(f.get("ips", []))]
     used_ips |= {a["ip"] for a in assignments.values() if a.get("ip")}
     pattern = str(inventory.cluster.get("name_pattern", "node{:02d}"))
     subnet = inventory.subnet
@@ -160,12 +165,15 @@ def resolve_nodes(inventory: Inventory, nodes: dict[str, dict], assignments: dic
             item.setdefault("hostname", str(entry.get("id", node_id)) if "id" in entry else node_id)
             item.setdefault("roles", [])
         elif inventory.path is None:
-            item = {"id": node_id, "hostname": facts.get("hostname", node_id), "roles": []}
+            hostname = facts.get("hostname", node_id)
+            if hostname != node_id and (reported_names.count(hostname) > 1 or hostname in nodes):
+                hostname = node_id
+            item = {"id": node_id, "hostname": hostname, "roles": []}
         else:
             assigned = assignments.get(node_id)
             if assigned is None:
                 number = 1
-                while pattern.format(number) in used_names:
+                while pattern.format(number) in used_names - {node_id}:
                     number += 1
                 assigned = {"hostname": pattern.format(number), "ip": None}
                 used_names.add(assigned["hostname"])
@@ -180,7 +188,8 @@ def resolve_nodes(inventory: Inventory, nodes: dict[str, dict], assignments: dic
             if assigned.get("ip"):
                 item["ip"] = assigned["ip"]
         if not item.get("ip"):
-            ips = [ip for ip in facts.get("ips", []) if ":" not in ip]
+            ips = [ip for ip in facts.get("ips", []) if ":" not in ip and reported_ips.count(ip) == 1
+                   and ip not in used_ips]
             if ips:
                 item["ip"] = ips[0]
         resolved[node_id] = item

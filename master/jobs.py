@@ -23,6 +23,11 @@ from .render import (Pending, StateFileError, StateFileErrors, compile_for_node,
 from .secrets import SecretError, string_leaves
 
 
+# What one node's sensitive states may add to the strings redacted from others' results.
+MAX_SENSITIVE_STRINGS = 256
+MAX_SENSITIVE_LENGTH = 4096
+
+
 class ApplyRefused(Exception):
     """The state file does not render or validate: nothing was sent."""
 
@@ -123,7 +128,9 @@ class Plan:
         # A node whose agent has not reported the facts state files read of every node (or
         # reported them malformed: they were refused) is left out of `nodes`, and its own job
         # fails; the others' jobs go ahead.
-        self.unfit = {n: missing for n in self.entries if (missing := missing_facts(self.facts[n]))}
+        self.unfit = {n: [f"has not reported the facts state files need ({', '.join(missing)}): its agent "
+                          "sent none or they were refused (see the master's log)"]
+                      for n in self.entries if (missing := missing_facts(self.facts[n]))}
         self.everyone = [self.node_context(n) for n in sorted(self.entries) if n not in self.unfit]
 
     @functools.cached_property
@@ -139,10 +146,8 @@ class Plan:
         return dict(self.facts[node_id], **self.entries[node_id], facts=self.facts[node_id])
 
     def unfit_errors(self, node_id: str) -> list[StateFileError]:
-        missing = ", ".join(self.unfit[node_id])
-        return [StateFileError(os.path.basename(self.path), None,
-                               f"{node_id} has not reported the facts state files need ({missing}): its agent "
-                               "sent none or they were refused (see the master's log)")]
+        return [StateFileError(os.path.basename(self.path), None, f"{node_id}: {reason}")
+                for reason in self.unfit[node_id]]
 
     def render(self, node_ids: list[str], results) -> tuple[dict, dict, dict, dict]:
         """Per node: the job and the secret values it carries; the file's `pimaster:` settings; errors."""
@@ -163,13 +168,29 @@ class Plan:
 
             context = {"node": self.node_context(node_id), "nodes": self.everyone,
                        "cluster": self.inventory.cluster, "results": results, "secret": secret}
+            own_catalog = self.catalogs.get(node_id)
             try:
-                jobs[node_id] = compile_for_node(self.path, context, self.catalogs.get(node_id) or self.fallback_catalog,
+                jobs[node_id] = compile_for_node(self.path, context, own_catalog or self.fallback_catalog,
                                                  self.root, meta, forbidden=self.forbidden)
                 carried[node_id] = list(used.values())
             except StateFileErrors as exc:
-                errors[node_id] = exc.errors
+                if own_catalog and self._valid_elsewhere(context, meta):
+                    # The file is fine; this node's agent lacks what it uses (an older piagent, or
+                    # a catalogue it chose): its own job fails, the others' go ahead.
+                    self.unfit[node_id] = [f"its agent's state functions refuse this file: {exc.errors[0].reason} "
+                                           "(upgrade piagent on it)"]
+                else:
+                    errors[node_id] = exc.errors
         return jobs, carried, meta, errors
+
+    def _valid_elsewhere(self, context: dict, meta: dict) -> bool:
+        """Whether the file compiles for this node with the state functions of the agent beside
+        this master."""
+        try:
+            compile_for_node(self.path, context, self.fallback_catalog, self.root, dict(meta), forbidden=self.forbidden)
+        except StateFileErrors:
+            return False
+        return True
 
 
 def stage_groups(meta: dict, entries: dict[str, dict], targets: list[str]) -> list[list[str]]:
@@ -208,7 +229,8 @@ async def apply(master, emit, file: str, target: str | None = None, test: bool =
     master.store.create_job(job_id, plan.path, target, test, {n: len(jobs.get(n, ())) for n in plan.targets})
     watch = JobWatch(plan.targets)
     master.job_watchers[job_id] = watch
-    master.job_redactions[job_id] = set()
+    master.job_redactions[job_id] = {}
+    sensitive_outputs: set[str] = set()
     started = time.monotonic()
     deadline = started + timeout
     results_so_far: dict[str, dict] = {}
@@ -220,17 +242,21 @@ async def apply(master, emit, file: str, target: str | None = None, test: bool =
                 _refuse_node(master, emit, job_id, node_id, plan.unfit_errors(node_id))
         for index, group in enumerate(groups):
             if index > 0:
+                unfit_before = set(plan.unfit)
                 jobs, carried, _, errors = await asyncio.to_thread(plan.render, group, to_attrdict(results_so_far))
                 for node_id, problems in errors.items():
                     _refuse_node(master, emit, job_id, node_id, problems)
+                for node_id in set(plan.unfit) - unfit_before:
+                    _refuse_node(master, emit, job_id, node_id, plan.unfit_errors(node_id))
             group = [n for n in group if n in jobs]
             stage_results = await _run_stage(master, emit, job_id, test, group, jobs, carried, watch,
-                                             ack_timeout, deadline)
+                                             ack_timeout, deadline, sensitive_outputs)
             for node_id, raw in stage_results.items():
                 results_so_far[node_id] = {r.get("id"): r for r in raw.get("results", []) if isinstance(r, dict)}
-                for res in raw.get("results", []):
-                    if isinstance(res, dict) and res.get("sensitive"):
-                        master.job_redactions[job_id].update(string_leaves(res.get("changes")))
+                outputs = [s for res in raw.get("results", []) if isinstance(res, dict) and res.get("sensitive")
+                           for s in string_leaves(res.get("changes"))]
+                # Bounded: a node decides how much its sensitive states print.
+                sensitive_outputs.update(s for s in outputs[:MAX_SENSITIVE_STRINGS] if len(s) <= MAX_SENSITIVE_LENGTH)
     finally:
         master.job_watchers.pop(job_id, None)
         master.job_redactions.pop(job_id, None)
@@ -256,15 +282,19 @@ def _strings_used(candidates, job: list[dict]) -> list[str]:
     return [c for c in candidates if any(c in leaf for leaf in leaves)]
 
 
-async def _run_stage(master, emit, job_id, test, group, jobs, carried, watch, ack_timeout, deadline) -> dict:
+async def _run_stage(master, emit, job_id, test, group, jobs, carried, watch, ack_timeout, deadline,
+                     sensitive_outputs) -> dict:
     """Push one stage's jobs and wait for its results (raw, for the next stage's rendering)."""
     if not group:
         return {}
     # Earlier stages' sensitive output: a node gets, to redact from what it reports, only the
-    # strings its own job carries, never what was meant for other nodes.
-    extra = sorted(master.job_redactions.get(job_id, ()))
+    # strings its own job carries, never what was meant for other nodes; and the master redacts
+    # only those from what that node reports (another node's output cannot rewrite its results).
+    extra = sorted(sensitive_outputs)
+    for n in group:
+        master.job_redactions[job_id][n] = _strings_used(extra, jobs[n])
     bodies = {n: {"job": job_id, "test": test, "states": jobs[n],
-                  "redact": carried[n] + _strings_used(extra, jobs[n])} for n in group}
+                  "redact": carried[n] + master.job_redactions[job_id][n]} for n in group}
     acks = await master.ask_following(bodies, proto.APPLY, timeout=ack_timeout)
     waiting = set()
     for node_id, ack in acks.items():
@@ -283,7 +313,7 @@ async def _run_stage(master, emit, job_id, test, group, jobs, carried, watch, ac
             break
         if kind == "progress":
             emit({"type": "progress", "node": node_id, "index": body.get("index"),
-                  "state": master.redact(body.get("state"), job_id)})
+                  "state": master.redact(body.get("state"), job_id, node_id)})
         elif kind == "result" and node_id in waiting and node_id not in raw:
             raw[node_id] = body
             emit({"type": "node", "node": node_id, "status": body["status"], "summary": body.get("summary")})
@@ -295,7 +325,7 @@ def _refuse_node(master, emit, job_id: str, node_id: str, problems: list[StateFi
     message = "\n".join(map(str, problems))
     result = {"id": "render", "fun": "pimaster.render", "name": node_id, "result": False, "changes": {},
               "comment": f"refused, nothing was sent to this node:\n{message}", "status": "failed"}
-    master.store.record_result(job_id, node_id, "done", {"failed": 1}, [master.redact(result, job_id)], None, None)
+    master.store.record_result(job_id, node_id, "done", {"failed": 1}, [master.redact(result, job_id, node_id)], None, None)
     emit({"type": "node", "node": node_id, "status": "done", "summary": {"failed": 1}})
 
 

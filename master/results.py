@@ -11,35 +11,55 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from typing import Any
 
 STATUSES = ("ok", "changed", "failed", "not_run", "skipped")
 MAX_COMMENT = 64 * 1024
 MAX_CHANGES_BYTES = 256 * 1024
 MAX_FIELD = 4096
+# Shown on the person's terminal: no control characters but line breaks and tabs (an escape
+# sequence could rewrite what the terminal shows), no bidirectional overrides.
+CONTROL_RE = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
+STATE_FUN_RE = re.compile(r"[a-z][a-z0-9_]{0,31}\.[a-z][a-z0-9_]{0,63}")
+MAX_TIME = 1e11  # seconds since 1970: any real timestamp is far below
 
 
-def _finite(value: Any) -> float | None:
-    if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+def _finite(value: Any, low: float = -math.inf, high: float = math.inf) -> float | None:
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) \
+            and low <= value <= high:
         return value
     return None
 
 
 def _text(value: Any, limit: int) -> str | None:
-    return value[:limit] if isinstance(value, str) else None
+    return CONTROL_RE.sub("?", value[:limit]) if isinstance(value, str) else None
+
+
+def _clean(value: Any) -> Any:
+    """``value`` with every string in it (keys too) free of control characters."""
+    if isinstance(value, str):
+        return CONTROL_RE.sub("?", value)
+    if isinstance(value, list):
+        return [_clean(v) for v in value]
+    if isinstance(value, dict):
+        return {_clean(k): _clean(v) for k, v in value.items()}
+    return value
 
 
 def _changes(value: Any) -> Any:
-    """Plain JSON data within MAX_CHANGES_BYTES, or a note saying why it was not kept."""
+    """A map of plain JSON data within MAX_CHANGES_BYTES (Salt's shape), or one saying why not."""
     if value is None:
         return {}
+    if not isinstance(value, dict):
+        return {"refused": "the agent reported changes that are not a map"}
     try:
         size = len(json.dumps(value, allow_nan=False))
     except (TypeError, ValueError, RecursionError):
         return {"refused": "the agent reported changes that are not plain data"}
     if size > MAX_CHANGES_BYTES:
         return {"refused": f"the agent reported {size} bytes of changes (at most {MAX_CHANGES_BYTES} are kept)"}
-    return value
+    return _clean(value)
 
 
 def check_state_result(raw: Any) -> dict:
@@ -50,7 +70,7 @@ def check_state_result(raw: Any) -> dict:
     result = raw.get("result")
     out = {
         "id": _text(raw.get("id"), MAX_FIELD) or "?",
-        "fun": _text(raw.get("fun"), 128) or "?",
+        "fun": raw["fun"] if isinstance(raw.get("fun"), str) and STATE_FUN_RE.fullmatch(raw["fun"]) else "?",
         "name": _text(raw.get("name"), MAX_FIELD) or "?",
         "result": result if result in (True, False, None) else False,
         "changes": _changes(raw.get("changes")),
@@ -64,7 +84,7 @@ def check_state_result(raw: Any) -> dict:
     source = _text(raw.get("source"), MAX_FIELD)
     if source is not None:
         out["source"] = source
-    duration = _finite(raw.get("duration_ms"))
+    duration = _finite(raw.get("duration_ms"), 0, 1e10)
     if duration is not None:
         out["duration_ms"] = duration
     if raw.get("sensitive") is True:
@@ -88,7 +108,7 @@ def check_job_result(body: dict, states: int) -> dict | None:
     checked = [check_state_result(r) for r in results]
     return {"results": checked, "summary": summarize(checked),
             "status": "interrupted" if body.get("interrupted") is True else "done",
-            "started": _finite(body.get("started")), "finished": _finite(body.get("finished"))}
+            "started": _finite(body.get("started"), 0, MAX_TIME), "finished": _finite(body.get("finished"), 0, MAX_TIME)}
 
 
 def check_progress(body: dict) -> dict | None:

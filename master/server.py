@@ -36,9 +36,9 @@ from piagent.protocol import Message
 
 from . import __version__, sd
 from .facts import check_catalog, check_facts
-from .results import check_health, check_job_result, check_progress
+from .results import CONTROL_RE, check_health, check_job_result, check_progress
 from .secrets import SecretStore, redact
-from .sessions import SessionGuard
+from .sessions import RateBudget, SessionGuard
 from .store import Store, identity_of
 
 log = logging.getLogger("pimaster")
@@ -56,6 +56,7 @@ MAX_PENDING_KEYS = 256
 # The longest a token may live (`token create --ttl`): a leaked piagent.conf expires.
 MAX_TOKEN_TTL_S = 30 * 86400
 SESSION_SWEEP_S = 5.0
+ROUTER_YIELD_EVERY = 32
 # `token create --ids`: one glob over what node ids may hold (a comma list would match nothing).
 TOKEN_IDS_RE = re.compile(r"[A-Za-z0-9._*?\[\]!-]{1,128}")
 
@@ -64,12 +65,13 @@ def _rollback_note(note) -> dict | None:
     """An agent's note that it rolled a network change back, checked and bounded for `ping`."""
     if not isinstance(note, dict):
         return None
-    changes = [{"interface": str(c.get("interface"))[:32], "address": str(c.get("address"))[:64]}
+    changes = [{"interface": CONTROL_RE.sub("?", str(c.get("interface"))[:32]),
+                "address": CONTROL_RE.sub("?", str(c.get("address"))[:64])}
                for c in (note.get("changes") or [])[:8] if isinstance(c, dict)] \
         if isinstance(note.get("changes"), list) else []
     when = note.get("time")
     return {"time": when if isinstance(when, (int, float)) and math.isfinite(when) else None,
-            "reason": str(note.get("reason", ""))[:300], "changes": changes}
+            "reason": CONTROL_RE.sub("?", str(note.get("reason", ""))[:300]), "changes": changes}
 
 
 class ControlError(Exception):
@@ -130,6 +132,11 @@ class Master:
         self.control_path = os.path.join(self.state_dir, "control.sock")
         self.drops = DropLog()
         self.sessions = SessionGuard()
+        # Messages a second: an agent sends a few (more while a job runs: one per state); a key
+        # not accepted sends an enrollment every 10 s; a boot storm enrolls a whole cluster at once.
+        self.agent_budget = RateBudget(rate=200, burst=2000)
+        self.stranger_budget = RateBudget(rate=2, burst=10)
+        self.address_budget = RateBudget(rate=100, burst=1000)
         self.refused_keys = 0  # new keys not stored because too many wait already
         # In memory, rebuilt from the store at start; the store stays the truth.
         self.key_states: dict[str, str] = {}            # public key -> state
@@ -140,7 +147,7 @@ class Master:
         self._dirty_seen: dict[str, float] = {}
         self.requests: dict[str, tuple[str, asyncio.Future]] = {}
         self.job_watchers: dict = {}                     # job id -> jobs.JobWatch of a running apply
-        self.job_redactions: dict[str, set[str]] = {}  # output of sensitive states, per running job
+        self.job_redactions: dict[str, dict[str, list[str]]] = {}  # job -> node -> sensitive output its job carries
         self.started = time.time()
         self._tasks: list[asyncio.Task] = []
 
@@ -184,7 +191,9 @@ class Master:
         self.router.heartbeat_ivl = 5000
         self.router.heartbeat_timeout = 15000
         self.router.sndhwm = 10000
-        self.router.rcvhwm = 10000
+        # Per connection: what libzmq may hold for the master to read (each up to maxmsgsize). More
+        # only lets a fast sender cost memory; TCP holds back the rest.
+        self.router.rcvhwm = 64
         self.router.curve_server = True
         self.router.curve_secretkey = self.secret_key
         self.router.curve_publickey = self.public_key
@@ -300,8 +309,14 @@ class Master:
 
     # ------------------------------------------------------------------ agent messages
     async def _router_loop(self) -> None:
+        handled = 0
         while True:
             frames = await self.router.recv_multipart(copy=False)
+            handled += 1
+            if handled % ROUTER_YIELD_EVERY == 0:
+                # A receive that finds a message waiting does not give up the loop: without this,
+                # a flood of messages would starve ping, applies and the control socket.
+                await asyncio.sleep(0)
             try:
                 self._on_agent_frames(frames)
             except Exception as exc:  # one bad message must never take the daemon down
@@ -324,26 +339,39 @@ class Master:
         except zmq.ZMQError:
             source_fd = None
         state = self.key_states.get(key)
-        self.sessions.message(source_fd, state == proto.ACCEPTED)
-        who = self.node_of_key.get(key) or (proto.fingerprint(key) if key else "unknown peer")
+        accepted = state == proto.ACCEPTED
+        # Within its budget, or dropped before anything is decoded (see sessions.RateBudget).
+        if accepted:
+            within = self.agent_budget.take(key)
+        else:
+            within = self.stranger_budget.take(key or "?") and self.address_budget.take(self._peer_address(payload))
+        if not within:
+            self.drops.total += 1
+            return
         if state in (proto.REJECTED, proto.DENIED):
             if state == proto.DENIED:
                 self.pending_routes[key] = ident
-            self.drops.drop("from a %s key %s", state, who, peer=key)
+            else:
+                self.sessions.cut(source_fd)
+            self.drops.drop("from a %s key %s", state, proto.fingerprint(key) if key else "?", peer=key)
             return
-        if state == proto.ACCEPTED:
+        if accepted:
             allowed, limit = proto.AGENT_TO_MASTER, proto.MAX_AGENT_MESSAGE_BYTES
         else:  # not accepted: only an enrollment, and small, checked before anything is decoded
             allowed, limit = proto.UNAUTHENTICATED_ALLOWED, proto.MAX_UNAUTHENTICATED_BYTES
         try:
             msg = proto.decode(payload.bytes, allowed, max_bytes=limit)
         except proto.ProtocolError as exc:
+            who = self.node_of_key.get(key) or (proto.fingerprint(key) if key else "unknown peer")
             self.drops.drop("from %s (%s): %s", who, self._peer_address(payload), exc, peer=key or "?")
+            if not accepted:  # a stranger sending what it may not: its connection goes
+                self.sessions.cut(source_fd)
             return
         if msg.type == proto.ENROLL:
             self._on_enroll(ident, key, msg, self._peer_address(payload))
-            self.sessions.message(source_fd, self.key_states.get(key) == proto.ACCEPTED)
+            self.sessions.message(source_fd, self.key_states.get(key) == proto.ACCEPTED, key)
             return
+        self.sessions.message(source_fd, True, key)
         node_id = self.node_of_key[key]
         self._seen(node_id)
         if self.routes.get(node_id, (None,))[0] != ident:
@@ -385,16 +413,19 @@ class Master:
         # goes only to a running apply, for rendering its later stages.
         kept = [dict(r, changes={"redacted": "sensitive state"} if r.get("changes") else {})
                 if r.get("sensitive") else r for r in results]
-        self.store.record_result(job_id, node_id, result["status"], result["summary"], self.redact(kept, job_id),
+        self.store.record_result(job_id, node_id, result["status"], result["summary"], self.redact(kept, job_id, node_id),
                                  result["started"], result["finished"])
         self._send(ident, Message(type=proto.JOB_RESULT_ACK, reply_to=msg.id, body={"job": job_id}))
         watcher = self.job_watchers.get(job_id)
         if watcher is not None:
             watcher.result(node_id, result)
 
-    def redact(self, value, job_id: str | None = None):
+    def redact(self, value, job_id: str | None = None, node_id: str | None = None):
+        """``value`` without any secret, nor the sensitive output of earlier stages that this
+        node's job carried (the strings it was told to redact)."""
         secrets = self.secrets.values()
-        for i, output in enumerate(sorted(self.job_redactions.get(job_id, ()), key=len, reverse=True)):
+        carried = self.job_redactions.get(job_id, {}).get(node_id, ())
+        for i, output in enumerate(sorted(carried, key=len, reverse=True)):
             secrets[f"output-{i + 1}"] = output
         return redact(value, secrets)
 
@@ -555,7 +586,7 @@ class Master:
     @staticmethod
     def _answer_row(answer: Message, rtt: float, sent_wall: float) -> dict:
         if answer.type == proto.REFUSED:
-            return {"ok": False, "error": f"refused: {str(answer.body.get('reason'))[:200]}",
+            return {"ok": False, "error": f"refused: {CONTROL_RE.sub('?', str(answer.body.get('reason'))[:200])}",
                     "rtt_ms": round(rtt * 1000, 2)}
         return {"ok": "error" not in answer.body, "rtt_ms": round(rtt * 1000, 2),
                 "body": answer.body, "sent_wall": sent_wall, "rtt_s": rtt}
@@ -745,6 +776,8 @@ class Master:
                 "dropped_messages": self.drops.total, "hostname": socket.gethostname(),
                 "unauthenticated_connections": self.sessions.untrusted(),
                 "closed_connections": self.sessions.closed, "refused_keys": self.refused_keys,
+                "rate_limited_messages": self.agent_budget.refused + self.stranger_budget.refused
+                + self.address_budget.refused,
                 "max_pending": self.max_pending}
 
     async def cmd_ping(self, target: str | None = None, timeout: float = 5.0) -> dict:
@@ -778,12 +811,13 @@ class Master:
         return {"master": self.fingerprint, "keys": keys}
 
     def _pick_keys(self, node: str | None, fingerprint: str | None, states: set[str], all_: bool = False) -> list[dict]:
+        """Keys in ``states`` matching the node glob and the fingerprint, each when given; --all
+        says that more than one may match, never that the others are ignored."""
         keys = [k for k in self.store.keys() if k["state"] in states]
-        if all_:
-            return keys
-        if not node:
+        if not node and not all_:
             raise ControlError("name a node (or use --all)")
-        keys = [k for k in keys if fnmatch.fnmatchcase(k["node_id"], node)]
+        if node:
+            keys = [k for k in keys if fnmatch.fnmatchcase(k["node_id"], node)]
         if fingerprint:
             keys = [k for k in keys if k["fingerprint"] == fingerprint.lower()]
         return keys

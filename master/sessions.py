@@ -34,8 +34,37 @@ log = logging.getLogger("pimaster")
 class Connection:
     peer: tuple | None
     since: float
-    spoke: bool = False       # a message arrived on it (an enrollment, say)
+    spoke: bool = False       # a well-formed message arrived on it (an enrollment, say)
     trusted: bool = False     # ... from a key the master has accepted
+    key: str | None = None
+
+
+class RateBudget:
+    """Messages per second a peer (a key, or an address) may cost the master: a token bucket
+    each, refilled at ``rate`` up to ``burst``. A peer over its budget has its messages dropped
+    before they are decoded, so one peer cannot take the event loop from everyone else."""
+
+    MAX_PEERS = 8192
+
+    def __init__(self, rate: float, burst: float) -> None:
+        self.rate, self.burst = rate, burst
+        self.buckets: dict[str, tuple[float, float]] = {}  # peer -> (tokens, when)
+        self.refused = 0
+
+    def take(self, peer: str, now: float | None = None) -> bool:
+        now = time.monotonic() if now is None else now
+        tokens, when = self.buckets.get(peer, (self.burst, now))
+        tokens = min(self.burst, tokens + (now - when) * self.rate)
+        if len(self.buckets) >= self.MAX_PEERS and peer not in self.buckets:
+            # Full: forget those whose buckets have refilled (they cost nothing to recreate).
+            self.buckets = {p: b for p, b in self.buckets.items()
+                            if b[0] + (now - b[1]) * self.rate < self.burst}
+        if tokens < 1:
+            self.buckets[peer] = (tokens, now)
+            self.refused += 1
+            return False
+        self.buckets[peer] = (tokens - 1, now)
+        return True
 
 
 def _peer_of(fd: int) -> tuple | None:
@@ -71,11 +100,25 @@ class SessionGuard:
     def gone(self, fd: int) -> None:
         self.connections.pop(fd, None)
 
-    def message(self, fd: int | None, trusted: bool) -> None:
+    def message(self, fd: int | None, trusted: bool, key: str | None = None) -> None:
+        """A well-formed message arrived on ``fd`` from ``key``. An accepted key keeps one
+        connection: the one it spoke on last (an agent that reconnects leaves the old one dead)."""
         conn = self.connections.get(fd) if fd is not None else None
-        if conn is not None:
-            conn.spoke = True
-            conn.trusted = trusted
+        if conn is None:
+            return
+        conn.spoke = True
+        conn.trusted = trusted
+        conn.key = key
+        if trusted and key:
+            for other_fd, other in list(self.connections.items()):
+                if other_fd != fd and other.trusted and other.key == key:
+                    self._shut(other_fd)
+
+    def cut(self, fd: int | None) -> None:
+        """Shut down the connection a message came on (a stranger that sent what only an
+        accepted key may send, or too much)."""
+        if fd is not None and fd in self.connections and not self.connections[fd].trusted:
+            self._shut(fd)
 
     def untrusted(self) -> int:
         return sum(1 for c in self.connections.values() if not c.trusted)

@@ -13,6 +13,7 @@ import json
 import os
 import secrets
 import sqlite3
+import threading
 import time
 
 SCHEMA = """
@@ -290,10 +291,11 @@ class Store:
 
     def record_result(self, job_id: str, node_id: str, status: str, summary: dict, results: list,
                       started: float | None, finished: float | None) -> bool:
-        """Store one node's result; False if the job/node pair is unknown."""
+        """Store one node's result; False if the job/node pair is unknown or already has one (a
+        node cannot rewrite what it reported)."""
         cur = self.db.execute(
             "UPDATE job_nodes SET status = ?, summary = ?, results = ?, started = COALESCE(?, started), "
-            "finished = ? WHERE job_id = ? AND node_id = ?",
+            "finished = ? WHERE job_id = ? AND node_id = ? AND status NOT IN ('done', 'interrupted')",
             (status, dumps(summary), dumps(results), started, finished or time.time(), job_id, node_id))
         return cur.rowcount == 1
 
@@ -324,13 +326,25 @@ class Store:
 
 
 class _Transaction:
+    # One connection serves the event loop and the apply's rendering thread: one transaction at a
+    # time on it (SQLite refuses a BEGIN inside another).
+    lock = threading.RLock()
+
     def __init__(self, db: sqlite3.Connection) -> None:
         self.db = db
 
     def __enter__(self):
-        self.db.execute("BEGIN IMMEDIATE")
+        self.lock.acquire()
+        try:
+            self.db.execute("BEGIN IMMEDIATE")
+        except BaseException:
+            self.lock.release()
+            raise
         return self.db
 
     def __exit__(self, exc_type, exc, tb):
-        self.db.execute("COMMIT" if exc_type is None else "ROLLBACK")
+        try:
+            self.db.execute("COMMIT" if exc_type is None else "ROLLBACK")
+        finally:
+            self.lock.release()
         return False

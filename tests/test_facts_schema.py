@@ -77,3 +77,14 @@ def test_health_of_a_real_agent_passes_and_garbage_is_left_out():
                "throttled_flags": ["under-voltage"], "disk_root_used_pct": 1e300, "disk_root_free_mb": -1,
                "time": float("inf")}
     assert check_health(garbage) == {}
+
+
+def test_addresses_with_odd_scopes_and_results_with_escape_sequences_are_refused_or_cleaned():
+    kept, problems = check_facts({"ips": ["fe80::1%eth0", "fe80::1%\n\x1b[1A\x1b[2Kgood01 ok", "10.0.0.1"]})
+    assert kept["ips"] == ["fe80::1%eth0", "10.0.0.1"]
+    checked = check_job_result({"results": [{"id": "a\x1b[2J", "fun": "cmd.run [/x]", "name": "n",
+                                             "result": False, "changes": ["a list"], "comment": "\x1b]0;x\x07ok"}],
+                                "started": -1e308, "finished": 1e308}, states=1)
+    state = checked["results"][0]
+    assert state["id"] == "a?[2J" and state["fun"] == "?" and state["comment"] == "?]0;x?ok"
+    assert "refused" in state["changes"] and checked["started"] is None and checked["finished"] is None

@@ -963,6 +963,127 @@ def test_one_noisy_key_gets_a_few_log_lines_and_no_tracebacks(tmp, master, hosti
 
 
 # ---------------------------------------------------------------------------------------------
+# 13-18: found by attacking the hardened master (a review as a root-compromised Pi)
+
+def test_a_message_flood_does_not_starve_the_master(tmp, master, start_agent, hostile):
+    f = Findings("message flood starves the master")
+    start_agent("good01", master.token_config(uses=2))
+    honest_up(master)
+    beat = {"type": "heartbeat", "body": {}, "repeat": 200_000}
+    hostile("stranger01", no_enroll=True, send=[beat])
+    hostile("flooder01", facts=pi_facts("flooder01", "dc:a6:32:66:66:02", "10.0.0.67"),
+            token=token_of(master.token_config(uses=1)), send=[beat])
+    time.sleep(3)  # both floods under way
+    waits = []
+    for _ in range(5):
+        started = time.monotonic()
+        rc, data = master.ping("good01", timeout=5)
+        waits.append(time.monotonic() - started)
+        f.check(rc == 0 and [n["ok"] for n in data.get("nodes", [])] == [True],
+                f"`pimaster ping good01` failed during the flood: {data}")
+    status = master.json("status")
+    FIGURES["ping_s_under_flood"] = round(max(waits), 2)
+    print(f"ping during two floods of 200,000 messages: slowest {max(waits):.2f} s; "
+          f"rate-limited {status['rate_limited_messages']} messages")
+    f.check(status["rate_limited_messages"] > 0, "no message was rate-limited")
+    f.verdict(master)
+
+
+def test_one_key_holds_one_connection(tmp, master, hostile):
+    f = Findings("one key, many connections")
+    import zmq
+
+    node = hostile("multi01", facts=pi_facts("multi01", "dc:a6:32:66:66:03", "10.0.0.68"),
+                   token=token_of(master.token_config(uses=1)))
+    assert node.wait_answer(10) == "accepted", node.output()
+    secret = node.key.read_bytes().strip()
+    public = zmq.curve_public(secret)
+    server_key = (master.state_dir / "master.pub").read_bytes().strip()
+    before = open_fds(master.proc.pid)
+    ctx = zmq.Context()
+    try:
+        socks = []
+        for _ in range(200):
+            sock = ctx.socket(zmq.DEALER)
+            sock.linger = 0
+            sock.reconnect_ivl = -1
+            sock.curve_serverkey, sock.curve_publickey, sock.curve_secretkey = server_key, public, secret
+            sock.connect(f"tcp://{master.address}")
+            socks.append(sock)
+        from piagent import protocol as proto
+        for sock in socks:
+            sock.send(proto.encode(proto.Message(type=proto.HEARTBEAT)))
+        peak = open_fds(master.proc.pid)
+        settled = wait_for(lambda: (n := open_fds(master.proc.pid)) < before + 20 and n, 30,
+                           what="the master to keep one connection per key")
+        print(f"200 connections on one accepted key: master fds {before} -> {peak} -> {settled}")
+        f.check(settled < before + 20, f"the master holds {settled - before} more descriptors")
+    finally:
+        ctx.destroy(linger=0)
+    f.verdict(master)
+
+
+def test_one_nodes_catalogue_fails_only_its_own_job(tmp, master, start_agent, hostile):
+    f = Findings("one catalogue refuses every apply")
+    config = master.token_config(uses=3)
+    start_agent("good01", config)
+    honest_up(master)
+    odd = tmp / "catalog.json"
+    odd.write_text(json.dumps({"x.y": {"args": []}}))
+    bad = hostile("hostile01", facts=pi_facts("hostile01", "dc:a6:32:66:66:04", "10.0.0.69"), token=token_of(config))
+    assert bad.wait_answer(10) == "accepted", bad.output()
+    bad.command({"type": "enroll", "body": {"id": "hostile01", "catalog": {"x.y": {"args": []}},
+                                            "facts": pi_facts("hostile01", "dc:a6:32:66:66:04", "10.0.0.69")}})
+    time.sleep(1)
+    state = write(tmp / "site6" / "hello.yaml", f"""
+        {tmp}/hello-{{{{ node.id }}}}:
+          file.managed:
+            - contents: hi
+        """)
+    result, report = apply_json(master, str(state))
+    print("apply:", outcome(result, report))
+    f.check(report is not None, f"the apply was refused for everyone: {result.stderr.strip()[:300]}")
+    if report:
+        f.check(report["nodes"]["good01"]["ok"], "good01's job did not succeed")
+        f.check(not report["nodes"]["hostile01"]["ok"], "hostile01's job succeeded with a catalogue without file.managed")
+        f.check((tmp / "hello-good01").exists(), "good01's file was not written")
+    f.verdict(master)
+
+
+def test_keys_all_with_a_fingerprint_takes_only_that_key(tmp, master, hostile):
+    f = Findings("--all ignores --fingerprint")
+    a = hostile("wait01", facts=pi_facts("wait01", "dc:a6:32:66:66:05", "10.0.0.70"))
+    b = hostile("wait02", facts=pi_facts("wait02", "dc:a6:32:66:66:06", "10.0.0.71"))
+    for node in (a, b):
+        assert node.wait_answer(10) == "pending", node.output()
+    accepted = master.json("keys", "accept", "--all", "--fingerprint", a.fingerprint())["accepted"]
+    f.check([k["id"] for k in accepted] == ["wait01"], f"accepted {accepted}")
+    f.check(master.key_state("wait02") == ["pending"], "wait02 was accepted too")
+    f.verdict(master)
+
+
+def test_a_node_cannot_rewrite_its_reported_results(tmp, master, hostile):
+    f = Findings("a node rewrites its past results")
+    node = hostile("hostile01", facts=pi_facts("hostile01", "dc:a6:32:66:66:07", "10.0.0.72"),
+                   token=token_of(master.token_config(uses=1)))
+    assert node.wait_answer(10) == "accepted", node.output()
+    state = write(tmp / "site7" / "x.yaml", """
+        x:
+          cmd.run:
+            - name: "true"
+        """)
+    result, report = apply_json(master, str(state))
+    f.check(report is not None and report["nodes"]["hostile01"]["ok"], f"control: {outcome(result, report)}")
+    job_id = report["job"] if report else None
+    node.command({"type": "job_result", "body": {"job": job_id, "summary": {}, "results": [
+        {"id": "x", "fun": "cmd.run", "name": "true", "result": False, "changes": {}, "comment": "rewritten"}]}})
+    time.sleep(1.5)
+    again = master.json("job", job_id, check=False) if job_id else {}
+    f.check("rewritten" not in json.dumps(again), "the job now shows the result sent afterwards")
+    f.verdict(master)
+
+
+# ---------------------------------------------------------------------------------------------
 
 def test_zz_summary():
     tried = len(ATTACKS)
