@@ -20,7 +20,7 @@ from .facts import missing_facts
 from .inventory import load_inventory, resolve_nodes
 from .render import (Pending, StateFileError, StateFileErrors, compile_for_node, resolve_state_path,
                      to_attrdict)
-from .secrets import SecretError, string_leaves
+from .secrets import SecretError, string_leaves, strings_in
 
 
 # What one node's sensitive states may add to the strings redacted from others' results.
@@ -266,19 +266,7 @@ async def apply(master, emit, file: str, target: str | None = None, test: bool =
 
 def _strings_used(candidates, job: list[dict]) -> list[str]:
     """Those of ``candidates`` that occur in a string of ``job`` (what the job itself carries)."""
-    leaves: list[str] = []
-
-    def walk(item):
-        if isinstance(item, str):
-            leaves.append(item)
-        elif isinstance(item, list):
-            for i in item:
-                walk(i)
-        elif isinstance(item, dict):
-            for v in item.values():
-                walk(v)
-
-    walk(job)
+    leaves = list(strings_in(job))
     return [c for c in candidates if any(c in leaf for leaf in leaves)]
 
 

@@ -86,23 +86,24 @@ def redact(value, secrets: dict[str, str]):
     return walk(value)
 
 
+def strings_in(value):
+    """Every string inside ``value`` (JSON-like: items of lists, values of maps), depth first."""
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, list):
+        for item in value:
+            yield from strings_in(item)
+    elif isinstance(value, dict):
+        for item in value.values():
+            yield from strings_in(item)
+
+
 def string_leaves(value, minimum: int = MIN_REDACT_LENGTH) -> list[str]:
-    """Every string of at least ``minimum`` characters inside ``value`` (what a sensitive state produced)."""
+    """Every string of at least ``minimum`` characters inside ``value`` (what a sensitive state
+    produced), and each of its lines of that length."""
     found: list[str] = []
-
-    def walk(item):
-        if isinstance(item, str):
-            for line in item.splitlines() or [item]:
-                if len(line.strip()) >= minimum:
-                    found.append(line.strip())
-            if len(item) >= minimum:
-                found.append(item)
-        elif isinstance(item, list):
-            for i in item:
-                walk(i)
-        elif isinstance(item, dict):
-            for v in item.values():
-                walk(v)
-
-    walk(value)
+    for item in strings_in(value):
+        found += [line.strip() for line in item.splitlines() or [item] if len(line.strip()) >= minimum]
+        if len(item) >= minimum:
+            found.append(item)
     return found

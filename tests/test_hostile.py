@@ -1028,8 +1028,6 @@ def test_one_nodes_catalogue_fails_only_its_own_job(tmp, master, start_agent, ho
     config = master.token_config(uses=3)
     start_agent("good01", config)
     honest_up(master)
-    odd = tmp / "catalog.json"
-    odd.write_text(json.dumps({"x.y": {"args": []}}))
     bad = hostile("hostile01", facts=pi_facts("hostile01", "dc:a6:32:66:66:04", "10.0.0.69"), token=token_of(config))
     assert bad.wait_answer(10) == "accepted", bad.output()
     bad.command({"type": "enroll", "body": {"id": "hostile01", "catalog": {"x.y": {"args": []}},
