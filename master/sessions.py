@@ -92,13 +92,20 @@ class SessionGuard:
         # (hundreds of agents at once) is still enrolling then.
         self.young_s = young_s
         self.connections: dict[int, Connection] = {}
+        self.fd_of_key: dict[str, int] = {}  # accepted key -> the connection it spoke on last
         self.closed = 0
 
     def opened(self, fd: int) -> None:
         self.connections[fd] = Connection(_peer_of(fd), time.monotonic())
 
     def gone(self, fd: int) -> None:
-        self.connections.pop(fd, None)
+        self._forget(fd)
+
+    def _forget(self, fd: int) -> Connection | None:
+        conn = self.connections.pop(fd, None)
+        if conn is not None and conn.key and self.fd_of_key.get(conn.key) == fd:
+            del self.fd_of_key[conn.key]
+        return conn
 
     def message(self, fd: int | None, trusted: bool, key: str | None = None) -> None:
         """A well-formed message arrived on ``fd`` from ``key``. An accepted key keeps one
@@ -110,9 +117,12 @@ class SessionGuard:
         conn.trusted = trusted
         conn.key = key
         if trusted and key:
-            for other_fd, other in list(self.connections.items()):
-                if other_fd != fd and other.trusted and other.key == key:
-                    self._shut(other_fd)
+            last = self.fd_of_key.get(key)
+            if last != fd:
+                self.fd_of_key[key] = fd
+                other = self.connections.get(last) if last is not None else None
+                if other is not None and other.trusted and other.key == key:
+                    self._shut(last)
 
     def cut(self, fd: int | None) -> None:
         """Shut down the connection a message came on (a stranger that sent what only an
@@ -158,7 +168,9 @@ class SessionGuard:
                 doomed[fd] = why
 
     def _shut(self, fd: int) -> None:
-        conn = self.connections.pop(fd)
+        conn = self._forget(fd)
+        if conn is None:
+            return
         try:
             sock = socket.socket(fileno=fd)
         except OSError:
