@@ -150,7 +150,7 @@ class Hostile(Process):
                 path.write_text(json.dumps(value))
                 argv += [flag, str(path)]
         if token:
-            argv += ["--token", token]
+            argv.append(f"--token={token}")  # one word: a token may begin with a dash
         if no_enroll:
             argv.append("--no-enroll")
         env = dict(os.environ, PYTHONPATH=source_path(tmp), PYTHONUNBUFFERED="1")
