@@ -237,17 +237,16 @@ async def apply(master, emit, file: str, target: str | None = None, test: bool =
     try:
         emit({"type": "start", "job": job_id, "file": plan.path, "test": test,
               "nodes": {n: len(jobs.get(n, ())) for n in plan.targets}, "stages": [len(g) for g in groups]})
-        for node_id in plan.targets:
-            if node_id in plan.unfit:
-                _refuse_node(master, emit, job_id, node_id, plan.unfit_errors(node_id))
+        refused: set[str] = set()
         for index, group in enumerate(groups):
             if index > 0:
-                unfit_before = set(plan.unfit)
                 jobs, carried, _, errors = await asyncio.to_thread(plan.render, group, to_attrdict(results_so_far))
                 for node_id, problems in errors.items():
                     _refuse_node(master, emit, job_id, node_id, problems)
-                for node_id in set(plan.unfit) - unfit_before:
-                    _refuse_node(master, emit, job_id, node_id, plan.unfit_errors(node_id))
+            # Nodes whose facts or catalogue do not fit (found before, or by this rendering).
+            for node_id in sorted((plan.unfit.keys() & set(plan.targets)) - refused):
+                _refuse_node(master, emit, job_id, node_id, plan.unfit_errors(node_id))
+                refused.add(node_id)
             group = [n for n in group if n in jobs]
             stage_results = await _run_stage(master, emit, job_id, test, group, jobs, carried, watch,
                                              ack_timeout, deadline, sensitive_outputs)

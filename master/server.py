@@ -341,10 +341,13 @@ class Master:
         state = self.key_states.get(key)
         accepted = state == proto.ACCEPTED
         # Within its budget, or dropped before anything is decoded (see sessions.RateBudget).
+        # The peer's address is looked up once, and only where it is used: not for the hot path of
+        # accepted agents' replies.
+        address = None if accepted else self._peer_address(payload)
         if accepted:
             within = self.agent_budget.take(key)
         else:
-            within = self.stranger_budget.take(key or "?") and self.address_budget.take(self._peer_address(payload))
+            within = self.stranger_budget.take(key or "?") and self.address_budget.take(address)
         if not within:
             self.drops.total += 1
             return
@@ -363,12 +366,12 @@ class Master:
             msg = proto.decode(payload.bytes, allowed, max_bytes=limit)
         except proto.ProtocolError as exc:
             who = self.node_of_key.get(key) or (proto.fingerprint(key) if key else "unknown peer")
-            self.drops.drop("from %s (%s): %s", who, self._peer_address(payload), exc, peer=key or "?")
+            self.drops.drop("from %s (%s): %s", who, address or self._peer_address(payload), exc, peer=key or "?")
             if not accepted:  # a stranger sending what it may not: its connection goes
                 self.sessions.cut(source_fd)
             return
         if msg.type == proto.ENROLL:
-            self._on_enroll(ident, key, msg, self._peer_address(payload))
+            self._on_enroll(ident, key, msg, address or self._peer_address(payload))
             self.sessions.message(source_fd, self.key_states.get(key) == proto.ACCEPTED, key)
             return
         self.sessions.message(source_fd, True, key)
