@@ -28,16 +28,16 @@ an ERROR in the journal says to remove the token by hand. A file is replaced who
 from __future__ import annotations
 
 import configparser
-import contextlib
 import hashlib
 import logging
 import os
 import re
-import secrets
 from dataclasses import dataclass
 
 from .config import AgentConfig, ConfigError, parse_config
-from .protocol import CONFIG_SECTION, DEFAULT_PORT, parse_address, write_file_atomic
+from .config import CONFIG_SECTION, parse_address
+from .fileio import write_atomic
+from .protocol import DEFAULT_PORT
 
 log = logging.getLogger("piagent")
 
@@ -151,7 +151,7 @@ def _applied_digest(state_dir: str) -> str:
 
 
 def _record_applied(state_dir: str, data: bytes) -> None:
-    write_file_atomic(os.path.join(state_dir, APPLIED_RECORD), (digest(data) + "\n").encode(), 0o600)
+    write_atomic(os.path.join(state_dir, APPLIED_RECORD), (digest(data) + "\n").encode(), 0o600)
 
 
 def find_boot_file(boot_dirs: tuple[str, ...] | list[str]) -> str | None:
@@ -199,7 +199,7 @@ def discover(state_dir: str, boot_dirs: tuple[str, ...] | list[str] = DEFAULT_BO
             settings = merge(etc_settings, boot_settings)
             try:
                 os.makedirs(etc_dir, mode=0o700, exist_ok=True)
-                write_file_atomic(etc_path, render(settings, boot_path).encode(), 0o600)
+                write_atomic(etc_path, render(settings, boot_path).encode(), 0o600)
                 _record_applied(state_dir, boot_data)
             except OSError as exc:
                 raise ConfigError(f"cannot write {etc_path}: {exc.strerror or exc}") from None
@@ -221,29 +221,6 @@ def discover(state_dir: str, boot_dirs: tuple[str, ...] | list[str] = DEFAULT_BO
 
 
 # ------------------------------------------------------------------------------------- after enrollment
-def _replace_on_boot_partition(path: str, data: bytes) -> None:
-    """write_file_atomic for a FAT file system: no chmod (FAT has no modes), same rename."""
-    directory = os.path.dirname(os.path.abspath(path))
-    tmp = os.path.join(directory, f".{os.path.basename(path)}.{secrets.token_hex(4)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    with contextlib.suppress(OSError):  # not every file system lets a directory be fsynced
-        dir_fd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-
-
 def _forget_in_etc(etc_path: str) -> None:
     data = _read(etc_path)
     if data is None:
@@ -251,7 +228,7 @@ def _forget_in_etc(etc_path: str) -> None:
     text = _decode(data, etc_path)
     stripped = without_token(text)
     if stripped != text:
-        write_file_atomic(etc_path, stripped.encode(), 0o600)
+        write_atomic(etc_path, stripped.encode(), 0o600)
         log.info("removed the join token from %s: this node is enrolled", etc_path)
 
 
@@ -269,7 +246,7 @@ def _forget_on_boot_partition(boot_path: str, state_dir: str) -> None:
         return
     new = stripped.encode()
     try:
-        _replace_on_boot_partition(boot_path, new)
+        write_atomic(boot_path, new)  # FAT: its mode and owner kept, so none is set
         _record_applied(state_dir, new)
         log.info("removed the join token from %s (anyone with a card reader could read it there)", boot_path)
         return

@@ -117,14 +117,14 @@ def _node_id(args, config, state_dir: str) -> str:
     except FileNotFoundError:
         stored = ""
     if stored != chosen:
-        from .protocol import write_file_atomic
+        from .fileio import write_atomic
 
-        write_file_atomic(path, chosen.encode() + b"\n", 0o644)
+        write_atomic(path, chosen.encode() + b"\n", 0o644)
     return chosen
 
 
 def run(args) -> int:
-    from . import protocol, sd
+    from . import keys, sd
     from .config import ConfigError, cached_master_fingerprint, load_config, pinned_fingerprint
     from .daemon import Agent, AgentSettings
 
@@ -154,7 +154,7 @@ def run(args) -> int:
     if not zmq.has("curve"):
         print("piagent: this libzmq was built without CURVE support; install Debian's libzmq5", file=sys.stderr)
         return 2
-    public, secret = protocol.load_or_create_keypair(args.state_dir, "agent")
+    public, secret = keys.load_or_create_keypair(args.state_dir, "agent")
     settings = AgentSettings(node_id=node_id, master_host=config.master_host, master_port=config.master_port,
                              state_dir=args.state_dir, public_key=public, secret_key=secret,
                              fingerprint=pinned, fingerprint_source=pinned_by, token=config.token)
@@ -163,7 +163,7 @@ def run(args) -> int:
     import msgpack
 
     log.info("piagent %s starting as %r, key %s, master %s:%d (python %s, pyzmq %s, libzmq %s, msgpack %s)",
-             __version__, node_id, protocol.fingerprint(public), config.master_host, config.master_port,
+             __version__, node_id, keys.fingerprint(public), config.master_host, config.master_port,
              platform.python_version(), zmq.__version__, zmq.zmq_version(),
              ".".join(map(str, msgpack.version)))
     first_contact = None if pinned else cached_master_fingerprint(args.state_dir)
@@ -303,7 +303,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "trust":
         return trust(args)
     if args.command == "fingerprint":
-        from .protocol import fingerprint
+        from .keys import fingerprint
 
         try:
             with open(os.path.join(args.state_dir, "agent.pub"), "rb") as fh:

@@ -21,9 +21,50 @@ import os
 import re
 from dataclasses import dataclass
 
-from .protocol import CONFIG_SECTION as SECTION
-from .protocol import DEFAULT_PORT, write_file_atomic
-from .protocol import NODE_ID_RE, ConfigError, parse_address  # noqa: F401 (re-exported)
+from .fileio import write_atomic
+from .protocol import DEFAULT_PORT
+
+# The enrollment contract, shared with the master (which writes this file with render_config).
+CONFIG_SECTION = "piagent"
+# \A...\Z, not ^...$: "$" also matches before a trailing newline, so "node01\n" would pass a
+# .match(). With these anchors .match() and .search() are as strict as .fullmatch().
+NODE_ID_RE = re.compile(r"\A[A-Za-z0-9][A-Za-z0-9._-]{0,62}\Z")
+
+
+class ConfigError(ValueError):
+    """A bad setting in piagent.conf or a bad address."""
+
+
+def parse_address(text: str, default_port: int = DEFAULT_PORT) -> tuple[str, int]:
+    """`host`, `host:port`, `[v6]:port` -> (host, port)."""
+    text = text.strip()
+    if not text:
+        raise ConfigError("empty master address")
+    if text.startswith("["):
+        host, _, rest = text[1:].partition("]")
+        port_text = rest[1:] if rest.startswith(":") else ""
+    elif text.count(":") == 1:
+        host, _, port_text = text.partition(":")
+    else:
+        host, port_text = text, ""
+    if not host:
+        raise ConfigError(f"no host in master address {text!r}")
+    if port_text:
+        if not port_text.isdigit() or not 0 < int(port_text) < 65535:
+            raise ConfigError(f"bad port in master address {text!r}")
+        return host, int(port_text)
+    return host, default_port
+
+
+def render_config(master: str, fingerprint: str, token: str | None, comment: str = "") -> str:
+    lines = [f"# {line}" for line in comment.splitlines()] if comment else []
+    lines += [f"[{CONFIG_SECTION}]", f"master = {master}", f"fingerprint = {fingerprint}"]
+    if token:
+        lines.append(f"token = {token}")
+    return "\n".join(lines) + "\n"
+
+
+SECTION = CONFIG_SECTION
 
 # Full-match patterns (\A...\Z): "$" would let a trailing newline through a .match().
 FINGERPRINT_RE = re.compile(r"\Asha256:[0-9a-f]{64}\Z")
@@ -126,7 +167,7 @@ def write_trusted_fingerprint(state_dir: str, fingerprint: str) -> str:
     fingerprint = validate_fingerprint(fingerprint)
     os.makedirs(state_dir, mode=0o700, exist_ok=True)
     path = os.path.join(state_dir, TRUST_FILE)
-    write_file_atomic(path, (fingerprint + "\n").encode(), 0o644)
+    write_atomic(path, (fingerprint + "\n").encode(), 0o644)
     return path
 
 
@@ -151,7 +192,7 @@ def pinned_fingerprint(config: AgentConfig, state_dir: str) -> tuple[str | None,
 
 def cached_master_fingerprint(state_dir: str) -> str | None:
     """The fingerprint of the master key the agent last connected to (master.pub), if any."""
-    from .protocol import fingerprint, is_public_key
+    from .keys import fingerprint, is_public_key
 
     try:
         with open(os.path.join(state_dir, MASTER_KEY_CACHE), "rb") as fh:

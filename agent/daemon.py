@@ -31,6 +31,8 @@ from zmq.utils.monitor import parse_monitor_message
 
 from . import facts as facts_mod
 from . import protocol as proto
+from . import keys
+from . import fileio
 from .config import MASTER_KEY_CACHE
 from .jobs import JobRunner
 from .netchange import NetworkGuard
@@ -208,14 +210,14 @@ class Agent:
         except proto.ProtocolError as exc:
             raise LinkFailed(f"malformed key announcement: {exc}") from None
         key = msg.body.get("key")
-        if not proto.is_public_key(key):
+        if not keys.is_public_key(key):
             raise LinkFailed("key announcement without a valid key")
         return key.encode() if isinstance(key, str) else key
 
     def _check_master_key(self, key: bytes, address: str | None = None) -> None:
         """Raise MasterKeyMismatch unless ``key`` is the master's: the pinned one, or with no pin the
         one seen first (cached in master.pub; the first time, trusted with a WARNING)."""
-        seen = proto.fingerprint(key)
+        seen = keys.fingerprint(key)
         cache = os.path.join(self.settings.state_dir, MASTER_KEY_CACHE)
         where = f"{self.settings.master_host}:{self.settings.master_port}"
         if address and address.strip("[]") != self.settings.master_host:
@@ -236,7 +238,7 @@ class Agent:
                                         f"to {pinned} by {source}. If the master was reinstalled on purpose, "
                                         f"{fix} and restart the agent")
         elif known and known != key:
-            raise MasterKeyMismatch(f"the master's key changed from {proto.fingerprint(known)} (trusted at first "
+            raise MasterKeyMismatch(f"the master's key changed from {keys.fingerprint(known)} (trusted at first "
                                     f"contact) to {seen}, at {where}. If the master was reinstalled on purpose, "
                                     "run `piagent trust` with the fingerprint that `pimaster keys fingerprint` "
                                     "prints on it and restart the agent")
@@ -247,7 +249,7 @@ class Agent:
                              "`piagent trust FINGERPRINT` or a fingerprint in piagent.conf (compare with "
                              "`pimaster keys fingerprint` on the master).", where, seen, where)
         if known != key:
-            proto.write_file_atomic(cache, key + b"\n", 0o644)
+            fileio.write_atomic(cache, key + b"\n", 0o644)
 
     # ------------------------------------------------------------------ one connection
     async def _session(self, address: str, master_key: bytes) -> bool:
@@ -407,7 +409,7 @@ class Agent:
         except ValueError:
             self.log.error("could not list this agent's state functions (python3 -m piagent.states failed)")
             return {}
-        proto.write_file_atomic(cache, json.dumps({"signature": signature, "catalog": catalog}).encode(), 0o644)
+        fileio.write_atomic(cache, json.dumps({"signature": signature, "catalog": catalog}).encode(), 0o644)
         return catalog
 
     async def _send_enroll(self) -> None:
@@ -449,7 +451,7 @@ class Agent:
         master_time = msg.body.get("time")
         sent = self._sent_at.pop(msg.reply_to or "", None)
         # Only a real clock reading: NaN or infinity would make every request look fresh or expired.
-        if proto._is_number(master_time) and math.isfinite(master_time) and sent is not None:
+        if proto.is_number(master_time) and math.isfinite(master_time) and sent is not None:
             self.master_clock.update(float(master_time), time.monotonic() - sent)
         if msg.type == proto.HEARTBEAT_ACK:
             self._unacked = 0
@@ -481,7 +483,7 @@ class Agent:
             if self.status != "pending":
                 self.log.warning("waiting for a person to accept this agent's key on the master "
                                  "(pimaster keys accept %s); this agent's fingerprint is %s",
-                                 self.settings.node_id, proto.fingerprint(self.settings.public_key))
+                                 self.settings.node_id, keys.fingerprint(self.settings.public_key))
             self.status = "pending"
             self.accepted.clear()
 

@@ -17,6 +17,8 @@ import time
 from typing import Awaitable, Callable
 
 from . import protocol as proto
+
+from . import fileio
 from .protocol import Message
 
 # \A...\Z, not ^...$ ("$" matches before a trailing newline): a job id names files in the state dir.
@@ -142,7 +144,7 @@ class JobRunner:
             os.makedirs(self.running_dir, mode=0o700, exist_ok=True)
             started = time.time()
             marker = self._path(self.running_dir, job_id)
-            proto.write_file_atomic(marker, json.dumps({"job": job_id, "started": started, "test": test}).encode(), 0o600)
+            fileio.write_atomic(marker, json.dumps({"job": job_id, "started": started, "test": test}).encode(), 0o600)
             loop = asyncio.get_running_loop()
 
             def on_result(index: int, res: dict) -> None:
@@ -172,7 +174,7 @@ class JobRunner:
 
     def _keep(self, payload: dict) -> None:
         os.makedirs(self.results_dir, mode=0o700, exist_ok=True)
-        proto.write_file_atomic(self._path(self.results_dir, payload["job"]), json.dumps(payload).encode(), 0o600)
+        fileio.write_atomic(self._path(self.results_dir, payload["job"]), json.dumps(payload).encode(), 0o600)
 
     async def _deliver(self, payload: dict) -> None:
         msg = Message(type=proto.JOB_RESULT, body=payload)

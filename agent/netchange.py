@@ -28,8 +28,7 @@ import subprocess
 import time
 from typing import Callable
 
-from . import protocol as proto
-from .states.base import write_file_atomic
+from . import fileio
 
 PENDING_FILE = "network-pending.json"
 ROLLBACK_NOTE_FILE = "network-rollback.json"
@@ -66,7 +65,7 @@ def _load(path: str) -> dict | None:
 
 
 def _save(path: str, record: dict) -> None:
-    proto.write_file_atomic(path, json.dumps(record, indent=1).encode(), 0o600)
+    fileio.write_atomic(path, json.dumps(record, indent=1).encode(), 0o600)
 
 
 def describe(changes: list[dict]) -> str:
@@ -276,7 +275,7 @@ class NetworkGuard:
                     if old is None:
                         os.unlink(path)
                     else:  # keeps the file's mode and owner, writes through a symlink
-                        write_file_atomic(path, old)
+                        fileio.write_atomic(path, old)
                 except FileNotFoundError:
                     pass
                 except OSError as exc:

@@ -14,6 +14,9 @@ Every message on the wire is one ZeroMQ frame holding a msgpack map::
 - ``reply_to``: the request id a reply answers.
 - ``body``: a map whose fields depend on ``type``.
 
+Keys and fingerprints live in ``keys.py``; the piagent.conf format (node ids, master addresses)
+in ``config.py``.
+
 Transport: CURVE on the control port (default 4510) and a plaintext "key announce" endpoint on
 the port after it (4511) that returns only the master's public key, so an agent can check it
 against the fingerprint it was given before any key exchange.
@@ -24,9 +27,6 @@ Only the standard library, pyzmq and msgpack are used here (bookworm: pyzmq 24, 
 
 from __future__ import annotations
 
-import hashlib
-import os
-import re
 import secrets
 import time
 from dataclasses import dataclass, field
@@ -177,10 +177,10 @@ def decode(data: bytes, allowed: frozenset[str], *, max_bytes: int = MAX_MESSAGE
     if not isinstance(msg_id, str) or not 0 < len(msg_id) <= MAX_ID_LENGTH:
         raise ProtocolError("missing or malformed message id")
     ts = raw.get("ts")
-    if not _is_number(ts):
+    if not is_number(ts):
         raise ProtocolError("missing or malformed timestamp")
     exp = raw.get("exp")
-    if exp is not None and not _is_number(exp):
+    if exp is not None and not is_number(exp):
         raise ProtocolError("malformed expiry")
     reply_to = raw.get("reply_to")
     if reply_to is not None and (not isinstance(reply_to, str) or len(reply_to) > MAX_ID_LENGTH):
@@ -203,7 +203,7 @@ def _brief(value: Any) -> str:
     return f"<{type(value).__name__}>"
 
 
-def _is_number(value: Any) -> bool:
+def is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and value == value
 
 
@@ -254,125 +254,3 @@ class MasterClock:
         if self._master_time is None:
             return time.time()
         return self._master_time + (time.monotonic() - self._anchor)
-
-
-# ---------------------------------------------------------------------------------------------
-# Keys and fingerprints (CURVE keys are Z85 text, 40 characters)
-
-def fingerprint(public_key: bytes | str) -> str:
-    """The public fingerprint people compare: ``sha256:`` and the hex digest of the raw key."""
-    from zmq.utils import z85
-
-    if isinstance(public_key, str):
-        public_key = public_key.encode()
-    if len(public_key) != 40:
-        raise ValueError("a CURVE public key is 40 Z85 characters")
-    return "sha256:" + hashlib.sha256(z85.decode(public_key)).hexdigest()
-
-
-def is_public_key(value: Any) -> bool:
-    if isinstance(value, str):
-        value = value.encode()
-    if not isinstance(value, bytes) or len(value) != 40:
-        return False
-    try:
-        from zmq.utils import z85
-
-        z85.decode(value)
-    except Exception:
-        return False
-    return True
-
-
-def write_file_atomic(path: str, data: bytes, mode: int = 0o644) -> None:
-    """Replace ``path`` with ``data`` atomically: write a temp file, fsync, rename, fsync the dir."""
-    directory = os.path.dirname(os.path.abspath(path))
-    tmp = os.path.join(directory, f".{os.path.basename(path)}.{secrets.token_hex(4)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    fsync_directory(directory)
-
-
-def fsync_directory(directory: str) -> None:
-    """Make a rename in ``directory`` durable: without it a power cut may undo the replace."""
-    dir_fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-
-
-def load_or_create_keypair(directory: str, name: str) -> tuple[bytes, bytes]:
-    """Load ``name.pub``/``name.key`` from ``directory``, creating them (secret key 0600) on first use."""
-    import zmq
-
-    pub_path = os.path.join(directory, f"{name}.pub")
-    key_path = os.path.join(directory, f"{name}.key")
-    os.makedirs(directory, mode=0o700, exist_ok=True)
-    if os.path.exists(key_path):
-        with open(key_path, "rb") as fh:
-            secret = fh.read().strip()
-        public = zmq.curve_public(secret)
-        if os.stat(key_path).st_mode & 0o077:
-            os.chmod(key_path, 0o600)  # someone loosened it: a secret key stays owner-only
-        if not os.path.exists(pub_path):
-            write_file_atomic(pub_path, public + b"\n", 0o644)
-        return public, secret
-    public, secret = zmq.curve_keypair()
-    write_file_atomic(key_path, secret + b"\n", 0o600)
-    write_file_atomic(pub_path, public + b"\n", 0o644)
-    return public, secret
-
-
-# ---------------------------------------------------------------------------------------------
-# Enrollment contract: node ids, master addresses and the piagent.conf the master writes
-
-CONFIG_SECTION = "piagent"
-# \A...\Z, not ^...$: "$" also matches before a trailing newline, so "node01\n" would pass a
-# .match(). With these anchors .match() and .search() are as strict as .fullmatch().
-NODE_ID_RE = re.compile(r"\A[A-Za-z0-9][A-Za-z0-9._-]{0,62}\Z")
-
-
-class ConfigError(ValueError):
-    """A bad setting in piagent.conf or a bad address."""
-
-
-def parse_address(text: str, default_port: int = DEFAULT_PORT) -> tuple[str, int]:
-    """`host`, `host:port`, `[v6]:port` -> (host, port)."""
-    text = text.strip()
-    if not text:
-        raise ConfigError("empty master address")
-    if text.startswith("["):
-        host, _, rest = text[1:].partition("]")
-        port_text = rest[1:] if rest.startswith(":") else ""
-    elif text.count(":") == 1:
-        host, _, port_text = text.partition(":")
-    else:
-        host, port_text = text, ""
-    if not host:
-        raise ConfigError(f"no host in master address {text!r}")
-    if port_text:
-        if not port_text.isdigit() or not 0 < int(port_text) < 65535:
-            raise ConfigError(f"bad port in master address {text!r}")
-        return host, int(port_text)
-    return host, default_port
-
-
-def render_config(master: str, fingerprint: str, token: str | None, comment: str = "") -> str:
-    lines = [f"# {line}" for line in comment.splitlines()] if comment else []
-    lines += [f"[{CONFIG_SECTION}]", f"master = {master}", f"fingerprint = {fingerprint}"]
-    if token:
-        lines.append(f"token = {token}")
-    return "\n".join(lines) + "\n"

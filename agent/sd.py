@@ -1,4 +1,4 @@
-"""systemd integration: sd_notify and journald logging, used when available.
+"""systemd integration for master and agent: sd_notify and journald logging, used when available.
 
 python3-systemd is used when installed; without it, READY/WATCHDOG still reach systemd through
 the $NOTIFY_SOCKET datagram protocol (a few lines, documented in sd_notify(3)), and logs go to

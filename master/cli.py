@@ -127,12 +127,12 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _serve(args) -> int:
-    from piagent.protocol import ConfigError, parse_address
+    from piagent.config import ConfigError, parse_address
 
-    from . import sd
+    from piagent import sd
     from .server import serve
 
-    sd.setup_logging(args.log_level)
+    sd.setup_logging("pimaster", args.log_level)
     try:
         host, port = parse_address(args.listen)
     except ConfigError as exc:
@@ -294,7 +294,7 @@ def _keys_action(name: str):
 def cmd_keys_fingerprint(client: ControlClient, args) -> int:
     if not args.node:
         try:  # the master's own key is readable without a running master
-            from piagent.protocol import fingerprint
+            from piagent.keys import fingerprint
 
             with open(os.path.join(args.state_dir, "master.pub"), "rb") as fh:
                 result = {"master": fingerprint(fh.read().strip())}

@@ -13,7 +13,7 @@ import os
 import re
 import secrets as random_source
 
-from piagent.protocol import write_file_atomic
+from piagent.fileio import write_atomic
 
 # \A...\Z, not ^...$ ("$" matches before a trailing newline): a name is a file name in secrets/.
 NAME_RE = re.compile(r"\A[A-Za-z0-9][A-Za-z0-9._-]{0,63}\Z")
@@ -42,7 +42,7 @@ class SecretStore:
         except FileNotFoundError:
             os.makedirs(self.dir, mode=0o700, exist_ok=True)
             value = random_source.token_hex((length + 1) // 2)[:length]
-            write_file_atomic(path, value.encode(), 0o600)
+            write_atomic(path, value.encode(), 0o600)
         self._cache[name] = value
         return value
 

@@ -32,9 +32,14 @@ import zmq.asyncio
 from zmq.utils import z85
 
 from piagent import protocol as proto
+
+from piagent import keys
+
+from piagent import config as pconfig
+from piagent import sd
 from piagent.protocol import Message
 
-from . import __version__, sd
+from . import __version__
 from .facts import check_catalog, check_facts
 from .results import CONTROL_RE, check_health, check_job_result, check_progress
 from .secrets import SecretStore, redact
@@ -165,8 +170,8 @@ class Master:
 
     async def start(self) -> None:
         self._prepare_state_dir()
-        self.public_key, self.secret_key = proto.load_or_create_keypair(self.state_dir, "master")
-        self.fingerprint = proto.fingerprint(self.public_key)
+        self.public_key, self.secret_key = keys.load_or_create_keypair(self.state_dir, "master")
+        self.fingerprint = keys.fingerprint(self.public_key)
         self.store = Store(os.path.join(self.state_dir, "pimaster.db"))
         self.secrets = SecretStore(self.state_dir)
         for key in self.store.keys():
@@ -275,7 +280,7 @@ class Master:
                 # `keys accept --replace` reaches the waiting agent at once.
                 if self.key_states.get(key) == proto.REJECTED:
                     self.drops.drop("connection from %s refused: key %s is rejected",
-                                    address.decode(errors="replace"), proto.fingerprint(key))
+                                    address.decode(errors="replace"), keys.fingerprint(key))
                 else:
                     status, text, user = b"200", b"OK", key.encode()
             await self.zap.send_multipart([version, request_id, status, text, user, b""])
@@ -356,7 +361,7 @@ class Master:
                 self.pending_routes[key] = ident
             else:
                 self.sessions.cut(source_fd)
-            self.drops.drop("from a %s key %s", state, proto.fingerprint(key) if key else "?", peer=key)
+            self.drops.drop("from a %s key %s", state, keys.fingerprint(key) if key else "?", peer=key)
             return
         if accepted:
             allowed, limit = proto.AGENT_TO_MASTER, proto.MAX_AGENT_MESSAGE_BYTES
@@ -365,7 +370,7 @@ class Master:
         try:
             msg = proto.decode(payload.bytes, allowed, max_bytes=limit)
         except proto.ProtocolError as exc:
-            who = self.node_of_key.get(key) or (proto.fingerprint(key) if key else "unknown peer")
+            who = self.node_of_key.get(key) or (keys.fingerprint(key) if key else "unknown peer")
             self.drops.drop("from %s (%s): %s", who, address or self._peer_address(payload), exc, peer=key or "?")
             if not accepted:  # a stranger sending what it may not: its connection goes
                 self.sessions.cut(source_fd)
@@ -462,8 +467,8 @@ class Master:
     def _on_enroll(self, ident: bytes, key: str, msg: Message, address: str = "?") -> None:
         node_id = msg.body.get("id")
         token = msg.body.get("token")
-        fp = proto.fingerprint(key)
-        if not isinstance(node_id, str) or not proto.NODE_ID_RE.fullmatch(node_id):
+        fp = keys.fingerprint(key)
+        if not isinstance(node_id, str) or not pconfig.NODE_ID_RE.fullmatch(node_id):
             self.drops.drop("enroll from %s (key %s) with a malformed node id %r", address, fp,
                             str(node_id)[:70], peer=key)
             return
@@ -928,8 +933,8 @@ class Master:
                                "letters, digits, '.', '_' and '-')")
         if address:
             try:
-                host, port = proto.parse_address(address, self.port)
-            except proto.ConfigError as exc:
+                host, port = pconfig.parse_address(address, self.port)
+            except pconfig.ConfigError as exc:
                 raise ControlError(str(exc)) from None
         else:
             host, port = socket.gethostname(), self.port
@@ -938,7 +943,7 @@ class Master:
         record = self.store.add_token(token, ttl_s, uses, master, ids)
         stamp = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(record["expires"]))
         bound = f" with ids matching {ids}" if ids else ""
-        config = proto.render_config(master, self.fingerprint, token, comment=(
+        config = pconfig.render_config(master, self.fingerprint, token, comment=(
             "piagent.conf: put this file on each SD card's boot partition.\n"
             f"The token enrolls up to {uses} node(s){bound} until {stamp}; keep it secret.\n"
             f"Its id is {record['id']} (pimaster token list, pimaster token revoke {record['id']})."))

@@ -191,7 +191,7 @@ class Agent(Process):
 
     def fingerprint(self) -> str:
         sys.path.insert(0, source_path(self.state_dir.parent))
-        from piagent.protocol import fingerprint
+        from piagent.keys import fingerprint
 
         return fingerprint((self.state_dir / "agent.pub").read_bytes().strip())
 
@@ -204,6 +204,10 @@ def agent_with_standin_master(tmp: Path, node_id: str = "n1"):
     import zmq
 
     from piagent import protocol as proto
+
+    from piagent import keys
+
+    from piagent import config as pconfig
     from piagent.protocol import Message
 
     ctx = zmq.Context()
@@ -217,7 +221,7 @@ def agent_with_standin_master(tmp: Path, node_id: str = "n1"):
     announce = ctx.socket(zmq.ROUTER)
     announce.linger = 0
     announce.bind(f"tcp://127.0.0.1:{port + 1}")
-    agent = Agent(tmp, node_id, proto.render_config(f"127.0.0.1:{port}", proto.fingerprint(public), None)).start()
+    agent = Agent(tmp, node_id, pconfig.render_config(f"127.0.0.1:{port}", keys.fingerprint(public), None)).start()
     try:
         assert announce.poll(30000), agent.output()
         ident, _ = announce.recv_multipart()

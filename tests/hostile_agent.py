@@ -58,6 +58,10 @@ import msgpack
 import zmq
 
 from piagent import protocol as proto
+
+from piagent import keys
+
+from piagent import config as pconfig
 from piagent.protocol import Message
 
 STOP = False
@@ -121,7 +125,7 @@ def fetch_master_key(ctx: zmq.Context, host: str, key_port: int, timeout_s: floa
             if sock.poll(2000):
                 reply = proto.decode(sock.recv_multipart()[-1], frozenset({proto.MASTER_KEY}))
                 key = reply.body.get("key")
-                if proto.is_public_key(key):
+                if keys.is_public_key(key):
                     return key.encode() if isinstance(key, str) else key
         finally:
             sock.close(0)
@@ -207,7 +211,7 @@ class JobScript:
 class HostileAgent:
     def __init__(self, args) -> None:
         self.args = args
-        self.host, self.port = proto.parse_address(args.master)
+        self.host, self.port = pconfig.parse_address(args.master)
         if args.id_json is not None:
             self.node_id = json.loads(args.id_json)
         else:
@@ -351,8 +355,8 @@ class HostileAgent:
     def run(self) -> int:
         master_key = fetch_master_key(self.ctx, self.host, self.port + 1)
         keypair = load_or_make_key(self.args.key)
-        say(f"hostile agent {self.node_id!r}, key {proto.fingerprint(keypair[0])}, "
-            f"master {proto.fingerprint(master_key)}")
+        say(f"hostile agent {self.node_id!r}, key {keys.fingerprint(keypair[0])}, "
+            f"master {keys.fingerprint(master_key)}")
         self.sock = curve_dealer(self.ctx, master_key, keypair, self.host, self.port)
         if not self.args.no_enroll:
             self.enroll()
@@ -405,7 +409,7 @@ def big_frame(size: int, shape: str) -> bytes:
 def run_flood(args) -> int:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    host, port = proto.parse_address(args.master)
+    host, port = pconfig.parse_address(args.master)
     ctx = zmq.Context()
     ctx.max_sockets = 100000
     master_key = fetch_master_key(ctx, host, port + 1)

@@ -259,7 +259,14 @@ def test_a_read_only_boot_partition_is_logged_as_an_error_and_the_agent_goes_on(
     def refuse(*args, **kwargs):
         raise OSError(errno.EROFS, "Read-only file system")
 
-    monkeypatch.setattr(bootconf, "_replace_on_boot_partition", refuse)
+    write_atomic = bootconf.write_atomic
+
+    def write_unless_boot(path, *args, **kwargs):
+        if os.path.realpath(path) == os.path.realpath(card.boot_file):
+            refuse()
+        return write_atomic(path, *args, **kwargs)
+
+    monkeypatch.setattr(bootconf, "write_atomic", write_unless_boot)
     monkeypatch.setattr(bootconf.os, "unlink", refuse)
     with caplog.at_level(logging.ERROR, logger="piagent"):
         bootconf.forget_token(found)  # must not raise

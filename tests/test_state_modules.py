@@ -23,7 +23,7 @@ import pytest
 from harness import source_path
 from piagent.engine import run_states
 from piagent.states import COMMON_ARGS, catalog, registry
-from piagent.states.base import write_file_atomic
+from piagent.fileio import write_atomic
 
 IS_ROOT = os.geteuid() == 0
 
@@ -225,13 +225,13 @@ def test_managed_on_a_directory_fails(run, tmp):
 WRITER = """
 import sys
 sys.path.insert(0, sys.argv[1])
-from piagent.states.base import write_file_atomic
+from piagent.fileio import write_atomic
 path, size = sys.argv[2], int(sys.argv[3])
 print("ready", flush=True)
 n = 0
 while True:
     n += 1
-    write_file_atomic(path, (b"A" if n % 2 else b"B") * size)
+    write_atomic(path, (b"A" if n % 2 else b"B") * size)
 """
 
 
@@ -250,7 +250,7 @@ def test_atomic_write_never_leaves_a_partial_file_when_killed(tmp):
         data = path.read_bytes()
         assert len(data) == size and data in (b"A" * size, b"B" * size, b"O" * size)
     # The killed writer's temp file is cleaned up by the next write of the same file.
-    write_file_atomic(str(path), b"done\n")
+    write_atomic(str(path), b"done\n")
     assert [p.name for p in tmp.iterdir() if p.name.startswith(".big.")] == []
     assert path.read_bytes() == b"done\n"
 

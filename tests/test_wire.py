@@ -17,6 +17,8 @@ import zmq.asyncio
 
 from harness import wait_for
 from piagent import protocol as proto
+from piagent import keys
+from piagent import config as pconfig
 from piagent.protocol import Message
 
 
@@ -101,7 +103,7 @@ class FakeMaster:
         self.announce = ctx.socket(zmq.ROUTER)
         self.announce.linger = 0
         self.announce.bind(f"tcp://127.0.0.1:{port + 1}")
-        self.fingerprint = proto.fingerprint(self.public)
+        self.fingerprint = keys.fingerprint(self.public)
 
     async def serve_announce(self):
         reply = proto.encode(Message(type=proto.MASTER_KEY, body={"key": self.public.decode()}))
@@ -124,7 +126,7 @@ async def test_agent_refuses_replayed_and_expired_requests(tmp, start_agent):
     fake = FakeMaster(ctx, port)
     announcer = asyncio.ensure_future(fake.serve_announce())
     try:
-        config = proto.render_config(f"127.0.0.1:{port}", fake.fingerprint, None)
+        config = pconfig.render_config(f"127.0.0.1:{port}", fake.fingerprint, None)
         agent = start_agent("n1", config)
         ident, enroll = await fake.recv()
         assert enroll is not None and enroll.type == proto.ENROLL, agent.output()

@@ -32,7 +32,8 @@ try:
 except ImportError:  # run as a script by Debian's python3: only the test_decode_* checks below
     pytest = None
 
-from piagent import protocol as proto  # noqa: E402 (after the pytest import, on purpose)
+from piagent import config as pconfig  # noqa: E402 (after the pytest import, on purpose)
+from piagent import protocol as proto  # noqa: E402
 from piagent.protocol import Message  # noqa: E402
 
 FINGERPRINT = "sha256:" + "ab" * 32
@@ -226,7 +227,7 @@ def test_ids_with_a_trailing_newline_are_refused_everywhere(tmp):
     assert validate_node_id("good01") == "good01"
     with pytest.raises(ConfigError):
         validate_node_id("good01\n")
-    assert proto.NODE_ID_RE.match("good01\n") is None and proto.NODE_ID_RE.search("good01\n") is None
+    assert pconfig.NODE_ID_RE.match("good01\n") is None and pconfig.NODE_ID_RE.search("good01\n") is None
 
     # Job ids: refused in an apply, and an acknowledgement cannot name a file that is not a job's.
     runner = JobRunner(str(tmp), lambda msg: None, logging.getLogger("test"))
@@ -369,7 +370,7 @@ def test_piagent_trust_refuses_a_malformed_fingerprint(tmp):
 def test_config_and_trust_must_agree_and_a_mangled_trust_file_stops_the_agent(tmp):
     state = tmp / "state"
     conf = tmp / "n1.conf"
-    conf.write_text(proto.render_config("127.0.0.1:9", FINGERPRINT, None))
+    conf.write_text(pconfig.render_config("127.0.0.1:9", FINGERPRINT, None))
     run = ["run", "--config", str(conf), "--id", "n1", "--state-dir", str(state)]
     assert piagent(tmp, "trust", FINGERPRINT, "--state-dir", str(state), "--config", str(conf)).returncode == 0
     # `piagent trust` will not pin another master than the config's...

@@ -18,9 +18,11 @@ import importlib
 import os
 from typing import Callable
 
-# Arguments the engine handles for every state; a state function never sees them.
+# Arguments the engine handles for every state; a state function never sees them. The one list:
+# the master validates state files against it too.
 REQUISITES = ("require", "watch", "onchanges", "onfail")
-COMMON_ARGS = REQUISITES + tuple(f"{r}_in" for r in REQUISITES) + ("unless", "onlyif", "order")
+REQUISITES_IN = tuple(f"{r}_in" for r in REQUISITES)
+COMMON_ARGS = REQUISITES + REQUISITES_IN + ("unless", "onlyif", "order", "sensitive")
 
 _registry: dict[str, Callable] | None = None
 

@@ -7,20 +7,18 @@ None in test mode when something would change (``changes`` then says what).
 
 from __future__ import annotations
 
-import contextlib
 import difflib
 import grp
 import logging
 import os
 import re
 import pwd
-import secrets
 import shutil
 import subprocess
 import time
 from dataclasses import dataclass, field
 
-from ..protocol import fsync_directory
+from ..fileio import ENCODING, ERRORS, copy_atomic, write_atomic
 
 log = logging.getLogger("piagent.states")
 
@@ -95,16 +93,8 @@ class StateContext:
         os.makedirs(os.path.dirname(target), mode=0o700, exist_ok=True)
         # Whole or not at all, like the file itself: an agent killed mid-copy must not leave a
         # truncated "previous version" for someone to restore (a temp name, synced, then renamed).
+        copy_atomic(path, target)
         name = os.path.basename(path)
-        _remove_stale_temps(os.path.dirname(target), name)
-        tmp = os.path.join(os.path.dirname(target), f".{name}.{secrets.token_hex(4)}{_TMP_TAG}")
-        shutil.copy2(path, tmp)
-        fd = os.open(tmp, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, target)
         self._prune_backups(os.path.dirname(target), name)
         return target
 
@@ -141,10 +131,7 @@ def unified_diff(old: str, new: str, path: str) -> str:
 
 # Files are read and written with surrogateescape, so that a byte that is not UTF-8 in a file a
 # state edits (a Latin-1 comment in /etc/fstab) survives the edit unchanged.
-ENCODING, ERRORS = "utf-8", "surrogateescape"
-DEFAULT_FILE_MODE = 0o644
 DIFF_LIMIT = OUTPUT_LIMIT
-_TMP_TAG = ".pimaster-tmp"  # temp files: ".NAME.<random>.pimaster-tmp", ignored by *.conf readers
 
 
 def read_text(path: str) -> str | None:
@@ -158,61 +145,6 @@ def read_text(path: str) -> str | None:
         raise StateError(f"{path} is a directory, not a file") from None
     except OSError as exc:
         raise StateError(f"cannot read {path}: {exc.strerror}") from None
-
-
-def write_file_atomic(path: str, data: bytes | str, mode: int | None = None, uid: int | None = None,
-                      gid: int | None = None) -> None:
-    """Replace ``path`` with ``data`` whole or not at all, even if the process is killed mid-write.
-
-    A temp file in the same directory is written, fsynced, given its mode and owner, renamed over
-    the target, and the directory is fsynced. Mode and owner not given are kept from the existing
-    file (a new file: 0644, owned by the caller). A symlink is followed: its target is replaced.
-    """
-    if isinstance(data, str):
-        data = data.encode(ENCODING, ERRORS)
-    target = os.path.realpath(path)
-    directory, base_name = os.path.split(target)
-    try:
-        current = os.stat(target)
-    except FileNotFoundError:
-        current = None
-    if mode is None:
-        mode = current.st_mode & 0o7777 if current else DEFAULT_FILE_MODE
-    if uid is None and current:
-        uid = current.st_uid
-    if gid is None and current:
-        gid = current.st_gid
-    _remove_stale_temps(directory, base_name)
-    tmp = os.path.join(directory, f".{base_name}.{secrets.token_hex(4)}{_TMP_TAG}")
-    # 0600 until complete: nobody reads a half-written secret through a looser final mode.
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-            st = os.fstat(fh.fileno())
-            # Only what differs: a FAT boot partition refuses any chown/chmod it cannot represent.
-            if (uid is not None and uid != st.st_uid) or (gid is not None and gid != st.st_gid):
-                os.fchown(fh.fileno(), -1 if uid is None else uid, -1 if gid is None else gid)
-            if os.fstat(fh.fileno()).st_mode & 0o7777 != mode:
-                os.fchmod(fh.fileno(), mode)  # after chown, which clears setuid/setgid bits
-        os.replace(tmp, target)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    fsync_directory(directory)
-
-
-def _remove_stale_temps(directory: str, base_name: str) -> None:
-    """Temp files an earlier write left behind when it was killed before its rename."""
-    prefix = f".{base_name}."
-    with contextlib.suppress(OSError):
-        for entry in os.listdir(directory):
-            if entry.startswith(prefix) and entry.endswith(_TMP_TAG):
-                with contextlib.suppress(OSError):
-                    os.unlink(os.path.join(directory, entry))
 
 
 def diff(old: str, new: str, path: str) -> str:
@@ -241,7 +173,7 @@ def update_file(ctx: StateContext, path: str, old: str | None, new: str, *, mode
             except OSError as exc:  # no backup, no change: the old version must stay recoverable
                 raise StateError(f"cannot keep a backup of {path} in {ctx.backup_dir}: {exc.strerror or exc}") from None
         try:
-            write_file_atomic(path, new, mode=mode, uid=uid, gid=gid)
+            write_atomic(path, new, mode=mode, uid=uid, gid=gid)
         except OSError as exc:
             raise StateError(f"cannot write {path}: {exc.strerror or exc}") from None
     return changes

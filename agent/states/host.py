@@ -10,7 +10,7 @@ import re
 import socket
 
 from .base import (StateContext, StateError, absolute_path, read_text, result, string_list, systemd_running,
-                   update_file, write_file_atomic)
+                   update_file, write_atomic)
 
 __states__ = ("hostname", "present", "absent")
 
@@ -248,7 +248,7 @@ def _set_hostname(ctx: StateContext, new: str, notes: list[str]) -> None:
             return
         notes.append(f"hostnamectl failed ({res.stderr.strip() or res.returncode}), set directly instead")
     try:
-        write_file_atomic(HOSTNAME_FILE, new + "\n", mode=0o644)
+        write_atomic(HOSTNAME_FILE, new + "\n", mode=0o644)
     except OSError as exc:
         raise StateError(f"cannot write {HOSTNAME_FILE}: {exc.strerror}") from None
     res = ctx.run(["hostname", new])
