@@ -71,6 +71,9 @@ def run_single_state(args) -> int:
         if not sep or not key:
             print(f"piagent: {item!r} is not ARG=VALUE", file=sys.stderr)
             return 2
+        if key == "name":  # a name is what was typed: name=false runs `false`, name=0644 is "0644"
+            state_args[key] = value
+            continue
         try:
             state_args[key] = json.loads(value)
         except ValueError:

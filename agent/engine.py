@@ -20,7 +20,7 @@ import logging
 import time
 from typing import Callable
 
-from .states import registry
+from .states import arg_types, registry, type_errors
 from .states.base import StateContext, StateError, result as make_result
 
 log = logging.getLogger("piagent.engine")
@@ -41,12 +41,18 @@ def _commands(value) -> list[str]:
 
 
 def run_states(states: list[dict], *, test: bool = False, state_dir: str = "/var/lib/piagent",
-               on_result: Callable[[int, dict], None] | None = None) -> list[dict]:
+               on_result: Callable[[int, dict], None] | None = None,
+               make_context: Callable[..., StateContext] = StateContext) -> list[dict]:
+    """Run the states in order; each one's result goes to ``on_result`` as soon as it is known.
+
+    ``make_context`` makes each state's StateContext (its keyword arguments are StateContext's):
+    tests give one that answers commands from a recording instead of running them.
+    """
     functions = registry()
     results: list[dict] = []
     for index, state in enumerate(states):
         started = time.monotonic()
-        res = _run_one(index, state, results, functions, test, state_dir)
+        res = _run_one(index, state, results, functions, test, state_dir, make_context)
         res.update(id=state.get("id", res["name"]), fun=state["fun"], source=state.get("source"),
                    duration_ms=round((time.monotonic() - started) * 1000, 1))
         res.setdefault("status", _status(res))
@@ -58,7 +64,8 @@ def run_states(states: list[dict], *, test: bool = False, state_dir: str = "/var
     return results
 
 
-def _run_one(index: int, state: dict, done: list[dict], functions: dict, test: bool, state_dir: str) -> dict:
+def _run_one(index: int, state: dict, done: list[dict], functions: dict, test: bool, state_dir: str,
+             make_context: Callable[..., StateContext]) -> dict:
     name = state.get("name") or state.get("id") or "?"
 
     def refs(kind: str) -> list[dict]:
@@ -83,8 +90,13 @@ def _run_one(index: int, state: dict, done: list[dict], functions: dict, test: b
     function = functions.get(state.get("fun"))
     if function is None:
         return make_result(name, False, comment=f"this agent has no state function {state.get('fun')!r}")
-    ctx = StateContext(test=test, state_dir=state_dir,
-                       watch_changed=any(r["changes"] for r in refs("watch")))
+    args = dict(state.get("args") or {})
+    args["name"] = name
+    # The master checks the types too, before sending; a job from an older master may not have.
+    problems = type_errors(arg_types(function), args)
+    if problems:
+        return make_result(name, False, comment="; ".join(problems))
+    ctx = make_context(test=test, state_dir=state_dir, watch_changed=any(r["changes"] for r in refs("watch")))
     unless = _commands(state.get("unless"))
     if unless and all(ctx.run(c, shell=True).ok for c in unless):
         return dict(make_result(name, True, comment="skipped: unless condition is true"), status=SKIPPED)
@@ -92,8 +104,6 @@ def _run_one(index: int, state: dict, done: list[dict], functions: dict, test: b
     if onlyif and not all(ctx.run(c, shell=True).ok for c in onlyif):
         return dict(make_result(name, True, comment="skipped: onlyif condition is false"), status=SKIPPED)
 
-    args = dict(state.get("args") or {})
-    args["name"] = name
     try:
         res = function(ctx, **args)
     except StateError as exc:
@@ -108,8 +118,6 @@ def _run_one(index: int, state: dict, done: list[dict], functions: dict, test: b
     res.setdefault("name", name)
     res.setdefault("changes", {})
     res.setdefault("comment", "")
-    if test and res["result"] is True and res["changes"]:
-        res["result"] = None  # a module that forgot test mode's convention: changes mean "would change"
     return res
 
 

@@ -66,10 +66,15 @@ def write_atomic(path: str, data: bytes | str, mode: int | None = None, uid: int
     fsync_directory(directory)
 
 
-def copy_atomic(source: str, target: str) -> None:
-    """Copy ``source`` (data, mode, times) to ``target`` whole or not at all."""
+def copy_atomic(source: str, target: str, family: str | None = None) -> None:
+    """Copy ``source`` (data, mode, times) to ``target`` whole or not at all.
+
+    ``family``: the base name whose left-over temp files count as stale here (default: the
+    target's). Backups are ``NAME.<stamp>``, each a new name: with ``family=NAME`` a copy killed
+    under an earlier stamp is cleaned up by the next backup of NAME.
+    """
     directory, base_name = os.path.split(os.path.abspath(target))
-    remove_stale_temps(directory, base_name)
+    remove_stale_temps(directory, family or base_name)
     tmp = _temp_name(directory, base_name)
     try:
         shutil.copy2(source, tmp)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import sys
-import time
 
 STATUS_STYLE = {"ok": "green", "changed": "cyan", "failed": "red", "not_run": "yellow", "skipped": "dim",
                 "no_answer": "red", "interrupted": "red", "running": "yellow", "sent": "yellow"}
@@ -131,7 +130,3 @@ def print_report(report: dict, table) -> bool:
                     if diff:
                         print("    " + diff.rstrip().replace("\n", "\n    "))
     return all_ok
-
-
-def ago(ts: float | None) -> str:
-    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts)) if ts else "-"

@@ -1,70 +1,108 @@
-"""Client side of the master's control socket: one JSON request line, one JSON response line."""
+"""The daemon's control socket: a Unix socket (mode 0600 in the 0700 state dir, the peer's uid
+checked with SO_PEERCRED) that answers JSON lines. Each request line, `{"cmd": NAME, "args": {..}}`,
+goes to the handler registered for NAME (`pimaster.commands.handler`); the answer is one line,
+`{"result": ..}` or `{"error": ..}`, after any `{"event": ..}` lines a streaming handler emits.
+
+The client side is `pimaster.client`.
+"""
 
 from __future__ import annotations
 
-import errno
+import asyncio
 import json
+import logging
 import os
 import socket
+import struct
+
+from .commands import Handler
+from .errors import ControlError
+
+log = logging.getLogger("pimaster")
+
+CONTROL_LINE_LIMIT = 1024 * 1024
 
 
-class ControlError(Exception):
-    """Shown to the user as `pimaster: <message>`."""
+class ControlServer:
+    """Serves ``path`` for as long as it is open; handlers get ``context`` (the Master) first."""
 
+    def __init__(self, path: str, context, handlers: dict[str, Handler]) -> None:
+        self.path = path
+        self.context = context
+        self.handlers = handlers
+        self.server: asyncio.AbstractServer | None = None
 
-class ControlClient:
-    def __init__(self, state_dir: str) -> None:
-        self.state_dir = state_dir
-        self.path = os.path.join(state_dir, "control.sock")
-
-    def call(self, cmd: str, timeout_extra: float = 30.0, on_event=None, **args) -> dict:
-        """Send one request; events streamed before the answer go to ``on_event``."""
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.settimeout(timeout_extra)
+    async def open(self) -> None:
+        if os.path.exists(self.path):
+            os.unlink(self.path)  # stale: the caller holds the state-dir lock, so no master owns it
+        old_umask = os.umask(0o177)
         try:
-            try:
-                sock.connect(self.path)
-            except FileNotFoundError:
-                raise ControlError(f"no master running: no control socket at {self.path} (start `pimaster serve`, "
-                                   "or point --state-dir / PIMASTER_STATE_DIR at the master's state directory)") from None
-            except PermissionError:
-                raise ControlError(f"permission denied on {self.path}: the control socket is usable only by "
-                                   "the user the master runs as (root for the service)") from None
-            except ConnectionRefusedError:
-                raise ControlError(f"the master at {self.path} is not running (stale socket)") from None
-            except OSError as exc:
-                raise ControlError(f"cannot reach the master at {self.path}: {exc.strerror}") from None
-            try:
-                sock.sendall(json.dumps({"cmd": cmd, "args": args}).encode() + b"\n")
-            except (BrokenPipeError, ConnectionResetError):
-                pass  # the master may refuse (and close) before reading: its answer is still there
-            buffer = bytearray()
-            data = b""
-            while not data:
-                chunk = sock.recv(1 << 20)
-                if not chunk:
-                    break
-                buffer += chunk
-                while b"\n" in buffer:
-                    line, _, rest = bytes(buffer).partition(b"\n")
-                    buffer = bytearray(rest)
-                    if line.startswith(b'{"event"'):
-                        if on_event is not None:
-                            on_event(json.loads(line)["event"])
-                    else:
-                        data = line
-                        break
-        except socket.timeout:
-            raise ControlError(f"the master did not answer {cmd!r} in time") from None
-        except OSError as exc:
-            if exc.errno in (errno.ECONNRESET, errno.EPIPE):
-                raise ControlError("the master closed the connection") from None
-            raise
+            self.server = await asyncio.start_unix_server(self._client, path=self.path, limit=CONTROL_LINE_LIMIT)
         finally:
-            sock.close()
-        if not data:
-            raise ControlError("the master closed the connection without an answer")
-        response = json.loads(data)
-        if "error" in response:
-            raise ControlError(response["error"])
-        return response["result"]
+            os.umask(old_umask)
+        os.chmod(self.path, 0o600)
+
+    def close(self) -> None:
+        if self.server is not None:
+            self.server.close()
+
+    def remove(self) -> None:
+        try:
+            os.unlink(self.path)
+        except FileNotFoundError:
+            pass
+
+    async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            sock = writer.get_extra_info("socket")
+            creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+            _pid, uid, _gid = struct.unpack("3i", creds)
+            if uid != os.getuid():
+                log.warning("control socket: refused a client with uid %d", uid)
+                writer.write(b'{"error": "permission denied"}\n')
+                return
+            while True:
+                try:
+                    line = await reader.readline()
+                except (ValueError, asyncio.LimitOverrunError):
+                    writer.write(b'{"error": "request too large"}\n')
+                    return
+                if not line:
+                    return
+
+                def emit(event: dict) -> None:
+                    if not writer.is_closing():
+                        writer.write(json.dumps({"event": event}).encode() + b"\n")
+
+                response = await self.request(line, emit)
+                writer.write(json.dumps(response).encode() + b"\n")
+                await writer.drain()
+        except (ConnectionError, OSError):
+            pass
+        finally:
+            writer.close()
+
+    async def request(self, line: bytes, emit=None) -> dict:
+        """One request line -> its answer (never raises: a client must not take the master down)."""
+        try:
+            request = json.loads(line)
+            if not isinstance(request, dict) or not isinstance(request.get("cmd"), str):
+                raise ControlError("malformed request")
+            handler = self.handlers.get(request["cmd"])
+            if handler is None:
+                raise ControlError(f"unknown command {request['cmd']!r}")
+            args = request.get("args") or {}
+            if not isinstance(args, dict):
+                raise ControlError("malformed arguments")
+            if handler.streaming:
+                args["emit"] = emit or (lambda event: None)
+            return {"result": await handler.function(self.context, **args)}
+        except ControlError as exc:
+            return {"error": str(exc)}
+        except TypeError as exc:
+            return {"error": f"bad arguments: {exc}"}
+        except ValueError as exc:
+            return {"error": f"bad request: {exc}"}
+        except Exception as exc:  # never let a client take the master down
+            log.exception("control request failed")
+            return {"error": f"internal error: {type(exc).__name__}: {exc}"}

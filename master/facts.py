@@ -17,6 +17,8 @@ import json
 import re
 from typing import Any, Callable
 
+from piagent.states import TYPE_NAMES
+
 # The whole facts map of one node, as JSON, at most: a Pi's real facts are ~2 KiB.
 MAX_FACTS_BYTES = 64 * 1024
 MAX_CATALOG_BYTES = 256 * 1024
@@ -206,8 +208,23 @@ def missing_facts(facts: dict) -> list[str]:
     return [name for name in REQUIRED_FACTS if name not in facts]
 
 
+def _types_ok(types: Any, args: list[str]) -> bool:
+    """A catalogue entry's `types`: a map of its own argument names to non-empty lists of distinct
+    names from TYPE_NAMES, the agent's vocabulary (so at most one list per argument, each at most
+    len(TYPE_NAMES) long)."""
+    return isinstance(types, dict) and all(
+        isinstance(arg, str) and arg in args
+        and isinstance(names, list) and names
+        and all(isinstance(name, str) and name in TYPE_NAMES for name in names)
+        and len(set(names)) == len(names)
+        for arg, names in types.items())
+
+
 def check_catalog(raw: Any) -> tuple[dict | None, str | None]:
-    """An agent's catalogue of state functions ({fun: {args, required, summary}}), or why not."""
+    """An agent's catalogue of state functions ({fun: {args, required, summary, types}}), or why not.
+
+    `types` (argument -> the names of the types it accepts) is optional: an older agent sends none,
+    and then any value goes, as before."""
     if not isinstance(raw, dict) or not raw:
         return None, "the catalogue is not a map"
     size = _size(raw)
@@ -221,7 +238,10 @@ def check_catalog(raw: Any) -> tuple[dict | None, str | None]:
         if not isinstance(args, list) or not all(isinstance(a, str) and ARG_RE.fullmatch(a) for a in args) \
                 or not isinstance(required, list) or not all(isinstance(r, str) for r in required) \
                 or not set(required) <= set(args) \
-                or not isinstance(summary, str):
+                or not isinstance(summary, str) \
+                or ("types" in spec and not _types_ok(spec["types"], args)):
             return None, f"malformed catalogue entry {fun!r}"
         out[fun] = {"args": args, "required": required, "summary": summary[:300]}
+        if "types" in spec:
+            out[fun]["types"] = {arg: list(names) for arg, names in spec["types"].items()}
     return out, None

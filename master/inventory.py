@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 
 import yaml
 
-from .render import StateFileError
+from .statetree import StateFileError
 
 INVENTORY_NAMES = ("cluster.yaml", "cluster.yml")
 MATCH_KEYS = ("id", "mac", "serial")

@@ -1,5 +1,10 @@
 """`pimaster apply`: render for every targeted node, refuse the whole job on any error, push, collect.
 
+Jobs see the rest of the master only through a ``JobBoard``: the store, the secrets, the state
+dir, the accepted nodes, ``ask_following``, and the running applies (their watchers and the strings
+each node's results are redacted of). The board also takes the agents' `job_progress` and
+`job_result` messages.
+
 Results are stored in SQLite as they arrive. An agent that loses the master mid-job keeps its
 result on disk and delivers it when it reconnects, so a result that arrives after the person's
 `pimaster apply` has stopped waiting (or after a master restart) is still recorded against the job.
@@ -13,14 +18,19 @@ import functools
 import os
 import secrets
 import time
+from typing import Awaitable, Callable
 
 from piagent import protocol as proto
+from piagent.protocol import Message
 
+from .errors import ControlError
 from .facts import missing_facts
 from .inventory import load_inventory, resolve_nodes
 from .render import (Pending, StateFileError, StateFileErrors, compile_for_node, resolve_state_path,
                      to_attrdict)
-from .secrets import SecretError, string_leaves, strings_in
+from .results import check_job_result, check_progress
+from .secrets import SecretError, SecretStore, redact, string_leaves, strings_in
+from .store import Store
 
 
 # What one node's sensitive states may add to the strings redacted from others' results.
@@ -33,9 +43,12 @@ class ApplyRefused(Exception):
 
 
 def states_dir() -> str | None:
-    """Where bare names (`pimaster apply slurm`) are looked up: the installed or the source tree's states/."""
+    """Where bare names (`pimaster apply slurm`) are looked up: $PIMASTER_STATES_DIR, the .deb's
+    /usr/share/pimaster/states, the installed package's data (pimaster/states, a pip install), then
+    the source tree's states/."""
+    here = os.path.dirname(os.path.realpath(__file__))
     for candidate in (os.environ.get("PIMASTER_STATES_DIR"), "/usr/share/pimaster/states",
-                      os.path.join(os.path.dirname(os.path.dirname(os.path.realpath(__file__))), "states")):
+                      os.path.join(here, "states"), os.path.join(os.path.dirname(here), "states")):
         if candidate and os.path.isdir(candidate):
             return candidate
     return None
@@ -94,10 +107,76 @@ class JobWatch:
         return item
 
 
+class JobBoard:
+    """What jobs need of the master, and the applies running now.
+
+    ``watchers``: job id -> the JobWatch of its running apply; ``redactions``: job id -> node id ->
+    the sensitive output of earlier stages that the node's job carries (redacted from what that
+    node reports). ``send`` and ``drops`` are the transport's, for the agents' job messages.
+    """
+
+    def __init__(self, store: Store, secrets: SecretStore, state_dir: str,
+                 accepted_nodes: Callable[[], set[str]],
+                 ask_following: Callable[[dict[str, dict], str, float], Awaitable[dict[str, dict]]],
+                 send: Callable[[bytes, Message], bool], drops) -> None:
+        self.store = store
+        self.secrets = secrets
+        self.state_dir = state_dir
+        self.accepted_nodes = accepted_nodes
+        self.ask_following = ask_following
+        self.send = send
+        self.drops = drops
+        self.watchers: dict[str, JobWatch] = {}
+        self.redactions: dict[str, dict[str, list[str]]] = {}
+
+    def redact(self, value, job_id: str | None = None, node_id: str | None = None):
+        """``value`` without any secret, nor the sensitive output of earlier stages that this
+        node's job carried (the strings it was told to redact)."""
+        secrets = self.secrets.values()
+        carried = self.redactions.get(job_id, {}).get(node_id, ())
+        for i, output in enumerate(sorted(carried, key=len, reverse=True)):
+            secrets[f"output-{i + 1}"] = output
+        return redact(value, secrets)
+
+    def on_progress(self, ident: bytes, node_id: str, key: str, msg: Message) -> None:
+        """A `job_progress`: to the running apply of that job, if the node is one of its."""
+        watcher = self.watchers.get(str(msg.body.get("job"))[:proto.MAX_ID_LENGTH])
+        progress = check_progress(msg.body)
+        if watcher is None or progress is None or not watcher.progress(node_id, progress):
+            self.drops.drop("progress from %s for a job it is not running", node_id, peer=key)
+
+    def on_job_result(self, ident: bytes, node_id: str, key: str, msg: Message) -> None:
+        """A `job_result`: checked, redacted, stored once, acknowledged, handed to the apply."""
+        job_id = msg.body.get("job")
+        states = self.store.job_node_states(job_id, node_id) if isinstance(job_id, str) else None
+        result = check_job_result(msg.body, states) if states is not None else None
+        if result is None:
+            if isinstance(job_id, str) and states is None:
+                self.drops.drop("result from %s for job %r, which is not its: acknowledged and dropped",
+                                node_id, job_id[:40], peer=node_id)
+            else:
+                self.drops.drop("malformed job result from %s", node_id, peer=node_id)
+            if isinstance(job_id, str) and len(job_id) <= proto.MAX_ID_LENGTH:
+                # So that the agent forgets it: it can never be recorded.
+                self.send(ident, Message(type=proto.JOB_RESULT_ACK, reply_to=msg.id, body={"job": job_id}))
+            return
+        results = result["results"]
+        # Stored and shown: no secret value, and no output of a sensitive state. The raw result
+        # goes only to a running apply, for rendering its later stages.
+        kept = [dict(r, changes={"redacted": "sensitive state"} if r.get("changes") else {})
+                if r.get("sensitive") else r for r in results]
+        self.store.record_result(job_id, node_id, result["status"], result["summary"], self.redact(kept, job_id, node_id),
+                                 result["started"], result["finished"])
+        self.send(ident, Message(type=proto.JOB_RESULT_ACK, reply_to=msg.id, body={"job": job_id}))
+        watcher = self.watchers.get(job_id)
+        if watcher is not None:
+            watcher.result(node_id, result)
+
+
 class Plan:
     """Everything an apply needs that does not depend on results: file, inventory, nodes, catalogues."""
 
-    def __init__(self, master, file: str, target: str | None, cwd: str | None) -> None:
+    def __init__(self, board: JobBoard, file: str, target: str | None, cwd: str | None) -> None:
         spec = file if os.path.isabs(file) or cwd is None else os.path.join(cwd, file)
         if not os.path.exists(spec) and os.sep not in file:
             spec = file  # a bare name: a shipped state file
@@ -110,21 +189,21 @@ class Plan:
             self.inventory = load_inventory(self.root)
         except StateFileError as exc:
             raise ApplyRefused(str(exc)) from None
-        self.facts = {n["node_id"]: n["facts"] for n in master.store.nodes()
-                      if n["node_id"] in master.node_of_key.values()}
+        accepted = board.accepted_nodes()
+        self.facts = {n["node_id"]: n["facts"] for n in board.store.nodes() if n["node_id"] in accepted}
         try:
-            self.entries, new_assignments = resolve_nodes(self.inventory, self.facts, master.store.assignments(),
-                                                          master.store.identities())
+            self.entries, new_assignments = resolve_nodes(self.inventory, self.facts, board.store.assignments(),
+                                                          board.store.identities())
         except StateFileError as exc:
             raise ApplyRefused(str(exc)) from None
         self.targets = select_targets(self.entries, target)
         if not self.targets:
             raise ApplyRefused(f"no accepted node matches {target or '*'}")
         if new_assignments:
-            master.store.add_assignments(new_assignments)
-        self.catalogs = master.store.catalogs()
-        self.forbidden = (master.state_dir,)
-        self.secrets = master.secrets
+            board.store.add_assignments(new_assignments)
+        self.catalogs = board.store.catalogs()
+        self.forbidden = (board.state_dir,)
+        self.secrets = board.secrets
         # A node whose agent has not reported the facts state files read of every node (or
         # reported them malformed: they were refused) is left out of `nodes`, and its own job
         # fails; the others' jobs go ahead.
@@ -213,23 +292,23 @@ def select_targets(entries: dict[str, dict], target: str | None) -> list[str]:
     return sorted(n for n in entries if fnmatch.fnmatchcase(n, target))
 
 
-async def apply(master, emit, file: str, target: str | None = None, test: bool = False,
+async def apply(board: JobBoard, emit, file: str, target: str | None = None, test: bool = False,
                 timeout: float = 3600.0, ack_timeout: float = 15.0, cwd: str | None = None) -> dict:
     try:
-        plan = await asyncio.to_thread(Plan, master, file, target, cwd)
+        plan = await asyncio.to_thread(Plan, board, file, target, cwd)
         # Every node's file is rendered and checked before anything is sent. Nodes of later stages
         # see `results` as Pending here and are rendered again once the stages before them ran.
         jobs, carried, meta, errors = await asyncio.to_thread(plan.render, plan.targets, Pending())
     except ApplyRefused as exc:
-        raise master.ControlError("refused, nothing was sent:\n" + str(exc)) from None
+        raise ControlError("refused, nothing was sent:\n" + str(exc)) from None
     if errors:
-        raise master.ControlError("refused, nothing was sent:\n" + _format_errors(errors))
+        raise ControlError("refused, nothing was sent:\n" + _format_errors(errors))
     groups = stage_groups(meta, plan.entries, plan.targets)
     job_id = new_job_id()
-    master.store.create_job(job_id, plan.path, target, test, {n: len(jobs.get(n, ())) for n in plan.targets})
+    board.store.create_job(job_id, plan.path, target, test, {n: len(jobs.get(n, ())) for n in plan.targets})
     watch = JobWatch(plan.targets)
-    master.job_watchers[job_id] = watch
-    master.job_redactions[job_id] = {}
+    board.watchers[job_id] = watch
+    board.redactions[job_id] = {}
     sensitive_outputs: set[str] = set()
     started = time.monotonic()
     deadline = started + timeout
@@ -242,13 +321,13 @@ async def apply(master, emit, file: str, target: str | None = None, test: bool =
             if index > 0:
                 jobs, carried, _, errors = await asyncio.to_thread(plan.render, group, to_attrdict(results_so_far))
                 for node_id, problems in errors.items():
-                    _refuse_node(master, emit, job_id, node_id, problems)
+                    _refuse_node(board, emit, job_id, node_id, problems)
             # Nodes whose facts or catalogue do not fit (found before, or by this rendering).
             for node_id in sorted((plan.unfit.keys() & set(plan.targets)) - refused):
-                _refuse_node(master, emit, job_id, node_id, plan.unfit_errors(node_id))
+                _refuse_node(board, emit, job_id, node_id, plan.unfit_errors(node_id))
                 refused.add(node_id)
             group = [n for n in group if n in jobs]
-            stage_results = await _run_stage(master, emit, job_id, test, group, jobs, carried, watch,
+            stage_results = await _run_stage(board, emit, job_id, test, group, jobs, carried, watch,
                                              ack_timeout, deadline, sensitive_outputs)
             for node_id, raw in stage_results.items():
                 results_so_far[node_id] = {r.get("id"): r for r in raw.get("results", []) if isinstance(r, dict)}
@@ -257,9 +336,9 @@ async def apply(master, emit, file: str, target: str | None = None, test: bool =
                 # Bounded: a node decides how much its sensitive states print.
                 sensitive_outputs.update(s for s in outputs[:MAX_SENSITIVE_STRINGS] if len(s) <= MAX_SENSITIVE_LENGTH)
     finally:
-        master.job_watchers.pop(job_id, None)
-        master.job_redactions.pop(job_id, None)
-    job = master.store.job(job_id)
+        board.watchers.pop(job_id, None)
+        board.redactions.pop(job_id, None)
+    job = board.store.job(job_id)
     return job_report(job, time.monotonic() - started)
 
 
@@ -269,7 +348,7 @@ def _strings_used(candidates, job: list[dict]) -> list[str]:
     return [c for c in candidates if any(c in leaf for leaf in leaves)]
 
 
-async def _run_stage(master, emit, job_id, test, group, jobs, carried, watch, ack_timeout, deadline,
+async def _run_stage(board, emit, job_id, test, group, jobs, carried, watch, ack_timeout, deadline,
                      sensitive_outputs) -> dict:
     """Push one stage's jobs and wait for its results (raw, for the next stage's rendering)."""
     if not group:
@@ -279,18 +358,18 @@ async def _run_stage(master, emit, job_id, test, group, jobs, carried, watch, ac
     # only those from what that node reports (another node's output cannot rewrite its results).
     extra = sorted(sensitive_outputs)
     for n in group:
-        master.job_redactions[job_id][n] = _strings_used(extra, jobs[n])
+        board.redactions[job_id][n] = _strings_used(extra, jobs[n])
     bodies = {n: {"job": job_id, "test": test, "states": jobs[n],
-                  "redact": carried[n] + master.job_redactions[job_id][n]} for n in group}
-    acks = await master.ask_following(bodies, proto.APPLY, timeout=ack_timeout)
+                  "redact": carried[n] + board.redactions[job_id][n]} for n in group}
+    acks = await board.ask_following(bodies, proto.APPLY, timeout=ack_timeout)
     waiting = set()
     for node_id, ack in acks.items():
         if ack.get("ok") and ack.get("body", {}).get("accepted"):
-            master.store.set_job_node_status(job_id, node_id, "running")
+            board.store.set_job_node_status(job_id, node_id, "running")
             waiting.add(node_id)
         else:
             error = ack.get("error") or ack.get("body", {}).get("error") or "did not take the job"
-            master.store.set_job_node_status(job_id, node_id, "no_answer")
+            board.store.set_job_node_status(job_id, node_id, "no_answer")
             emit({"type": "node", "node": node_id, "status": "no_answer", "error": error})
     raw: dict[str, dict] = {}
     while waiting - set(raw):
@@ -300,19 +379,19 @@ async def _run_stage(master, emit, job_id, test, group, jobs, carried, watch, ac
             break
         if kind == "progress":
             emit({"type": "progress", "node": node_id, "index": body.get("index"),
-                  "state": master.redact(body.get("state"), job_id, node_id)})
+                  "state": board.redact(body.get("state"), job_id, node_id)})
         elif kind == "result" and node_id in waiting and node_id not in raw:
             raw[node_id] = body
             emit({"type": "node", "node": node_id, "status": body["status"], "summary": body.get("summary")})
     return raw
 
 
-def _refuse_node(master, emit, job_id: str, node_id: str, problems: list[StateFileError]) -> None:
+def _refuse_node(board, emit, job_id: str, node_id: str, problems: list[StateFileError]) -> None:
     """A node of a later stage whose file does not render with the earlier stages' results."""
     message = "\n".join(map(str, problems))
     result = {"id": "render", "fun": "pimaster.render", "name": node_id, "result": False, "changes": {},
               "comment": f"refused, nothing was sent to this node:\n{message}", "status": "failed"}
-    master.store.record_result(job_id, node_id, "done", {"failed": 1}, [master.redact(result, job_id, node_id)], None, None)
+    board.store.record_result(job_id, node_id, "done", {"failed": 1}, [board.redact(result, job_id, node_id)], None, None)
     emit({"type": "node", "node": node_id, "status": "done", "summary": {"failed": 1}})
 
 

@@ -119,7 +119,9 @@ class Process:
 
 
 class Master(Process):
-    def __init__(self, tmp: Path, port: int | None = None, python: str | None = None, name: str = "master") -> None:
+    def __init__(self, tmp: Path, port: int | None = None, python: str | None = None, name: str = "master",
+                 listen: str = "127.0.0.1:{port}") -> None:
+        """``listen``: `serve --listen`, with {port} for the port chosen (agents use 127.0.0.1)."""
         self.tmp = tmp
         self.state_dir = tmp / name
         self.port = port or free_port_pair()
@@ -127,7 +129,7 @@ class Master(Process):
         env = dict(os.environ, PYTHONPATH=source_path(tmp), PYTHONUNBUFFERED="1")
         env.pop("PIMASTER_STATE_DIR", None)
         super().__init__([self.python, "-m", "pimaster", "serve", "--state-dir", str(self.state_dir),
-                          "--listen", f"127.0.0.1:{self.port}"], tmp / f"{name}.log", env)
+                          "--listen", listen.format(port=self.port)], tmp / f"{name}.log", env)
 
     @property
     def address(self) -> str:

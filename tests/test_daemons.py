@@ -280,3 +280,58 @@ def test_a_stranger_waiting_under_an_id_cannot_jam_keys_accept(tmp, master, star
     assert refused.returncode != 0 and "none with the fingerprint" in refused.stderr
     assert stranger.fingerprint() in master.cli("keys", "list").stdout
     assert "Traceback" not in master.output()
+
+
+def test_listen_takes_zeromq_address_forms():
+    from piagent.config import ConfigError
+    from pimaster.commands.serve import listen_address
+
+    assert listen_address("tcp://127.0.0.1:4510") == ("127.0.0.1", 4510)
+    assert listen_address("tcp://*:4600") == ("0.0.0.0", 4600)
+    assert listen_address("tcp://[::1]:4510") == ("::1", 4510)
+    assert listen_address("TCP://10.0.0.1") == ("10.0.0.1", 4510)
+    # The forms that worked before still do.
+    assert listen_address("0.0.0.0:4510") == ("0.0.0.0", 4510)
+    assert listen_address("[::1]:4700") == ("::1", 4700)
+    assert listen_address("pimaster.local") == ("pimaster.local", 4510)
+    for bad in ("ipc:///run/pimaster", "udp://1.2.3.4:4510", "tcp://", "tcp://1.2.3.4:99999"):
+        with pytest.raises(ConfigError):
+            listen_address(bad)
+
+
+def _ipv6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6) as s:
+            s.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
+
+
+@pytest.mark.parametrize("listen, agent_host, shown", [
+    ("tcp://127.0.0.1:{port}", "127.0.0.1", "127.0.0.1"),
+    ("tcp://*:{port}", "127.0.0.1", "0.0.0.0"),
+    ("tcp://[::1]:{port}", "[::1]", "::1"),
+])
+def test_serve_listens_on_a_zeromq_tcp_address(tmp, processes, start_agent, listen, agent_host, shown):
+    if agent_host == "[::1]" and not _ipv6_loopback():
+        pytest.skip("no IPv6 loopback here")
+    master = Master(tmp, listen=listen).start()
+    processes.append(master)
+    status = master.json("status")
+    assert (status["listen"], status["port"]) == (shown, master.port)
+    config = master.json("token", "create", "--address", f"{agent_host}:{master.port}")["config"]
+    start_agent("n1", config)
+    wait_for(lambda: master.up_nodes() == {"n1"}, what="n1 up through the tcp:// address")
+
+
+def test_serve_refuses_other_zeromq_transports(tmp):
+    from harness import source_path
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-m", "pimaster", "serve", "--state-dir", str(tmp / "m"),
+                             "--listen", "ipc:///tmp/pimaster.ipc"], capture_output=True, text=True, timeout=60,
+                            env=dict(os.environ, PYTHONPATH=source_path(tmp)))
+    assert result.returncode == 2
+    assert "--listen: only tcp:// addresses" in result.stderr

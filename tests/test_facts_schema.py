@@ -52,6 +52,21 @@ def test_catalogue_of_a_real_agent_passes_and_a_malformed_one_is_refused():
         assert check_catalog(bad)[0] is None
 
 
+def test_argument_types_in_a_catalogue_are_a_bounded_map_of_its_arguments_to_known_type_names():
+    entry = {"args": ["name", "mode"], "required": [], "summary": ""}
+    typed = {"file.managed": dict(entry, types={"name": ["str"], "mode": ["str", "int", "null"]})}
+    assert check_catalog(typed) == (typed, None)
+    untyped = {"file.managed": entry}                                # an older agent: no types at all
+    assert check_catalog(untyped) == (untyped, None)
+    assert "types" not in check_catalog(untyped)[0]["file.managed"]
+    for bad in (None, [], "str", {"nope": ["str"]},                  # not a map; an argument it does not have
+                {"mode": []}, {"mode": "str"}, {"mode": ["string"]},  # empty, not a list, not in the vocabulary
+                {"mode": ["int", "int"]}, {"mode": [["str"]]},       # repeated, not a name
+                {"mode": ["str"] * 10_000}, {1: ["str"]}):
+        catalogue, problem = check_catalog({"file.managed": dict(entry, types=bad)})
+        assert catalogue is None and problem == "malformed catalogue entry 'file.managed'", bad
+
+
 def test_job_results_are_counted_by_the_master_not_believed():
     body = {"job": "j", "summary": {"failed": float("nan"), "ok": 10 ** 9},
             "results": [{"id": "a", "fun": "cmd.run", "name": "a", "result": True, "changes": {"x": 1},

@@ -16,11 +16,15 @@ import pytest
 import yaml
 
 from piagent.states import catalog
-from pimaster import render
+from pimaster import render, statetree, template
 from pimaster.render import Pending, StateFileErrors, compile_for_node
 
 STATES = Path(__file__).resolve().parents[1] / "states"
 CATALOG = catalog()
+# The same without argument types: for the tests that use cmd.run's arguments to carry values of
+# every type. What a value becomes is rendering's business, tested here; whether a state function
+# takes it is validation's (tests/test_broken_state_files.py).
+UNTYPED = {fun: {k: v for k, v in spec.items() if k != "types"} for fun, spec in CATALOG.items()}
 EVIL = "x\nevil:\n  cmd.run:\n    - name: touch /tmp/pwned"
 SECRET = "MASTER-PRIVATE-KEY-MATERIAL"
 
@@ -68,8 +72,8 @@ def write(path: Path, text: str) -> Path:
     return path
 
 
-def compile_text(tree: Path, text: str, context: dict | None = None, **kwargs) -> list[dict]:
-    return compile_for_node(str(write(tree / "s.yaml", text)), context or {}, CATALOG, str(tree), **kwargs)
+def compile_text(tree: Path, text: str, context: dict | None = None, catalog: dict = CATALOG, **kwargs) -> list[dict]:
+    return compile_for_node(str(write(tree / "s.yaml", text)), context or {}, catalog, str(tree), **kwargs)
 
 
 def refused(tree: Path, text: str, context: dict | None = None, **kwargs) -> str:
@@ -175,7 +179,7 @@ def test_a_value_alone_keeps_its_own_type(tmp_path, value, expected):
           cmd.run:
             - name: x
             - env: {{ v }}
-        """, {"v": value})
+        """, {"v": value}, UNTYPED)
     assert job[0]["args"]["env"] == expected
     assert type(job[0]["args"]["env"]) is type(expected)
 
@@ -189,7 +193,7 @@ def test_string_literals_the_file_writes_are_template_text_as_in_salt(tmp_path):
             - cwd: {{ 'true' }}
             - success_retcodes: [{% for x in servers %}{{ x }}{{ ', ' if not loop.last }}{% endfor %}]
             - creates: [{{ servers | join(', ') }}]
-        """, {"servers": ["1.1.1.1", "8.8.8.8\nevil: x"]})
+        """, {"servers": ["1.1.1.1", "8.8.8.8\nevil: x"]}, UNTYPED)
     args = job[0]["args"]
     assert job[0]["name"] == "echo" and args["env"] == 60 and args["cwd"] is True
     # The separators are the file's; each item stays one value, whatever it holds.
@@ -207,7 +211,7 @@ def test_a_value_in_text_is_printed_into_one_string(tmp_path):
                 {{ a }} {{ evil }}
             - shell: {{ a }} # {{ evil }}
             - creates: x{{ none }}
-        """, {"x": 5, "a": 1, "b": 2, "flag": True, "evil": EVIL})
+        """, {"x": 5, "a": 1, "b": 2, "flag": True, "evil": EVIL}, UNTYPED)
     assert [s["id"] for s in job] == ["5"]
     assert job[0]["name"] == "5"
     assert job[0]["args"] == {"cwd": "1/2", "env": "True", "runas": f"1 {EVIL}\n", "shell": 1, "creates": "xNone"}
@@ -266,7 +270,7 @@ def test_text_the_template_writes_stays_yaml_and_values_in_it_stay_values(tmp_pa
             - runas: {{ word('a') | replace('-w', evil) }}
             - shell: {{ evil | e }}
             - creates: {{ word(evil) }}
-        """, {"evil": EVIL})
+        """, {"evil": EVIL}, UNTYPED)
     assert [s["id"] for s in job] == ["from-macro", "from-caller", "from-set-block", "from-include", "joined"]
     assert all(s["fun"] == "cmd.run" for s in job)
     assert [s["name"] for s in job[:4]] == [EVIL] * 4
@@ -464,15 +468,17 @@ def reference_job(path: str, context: dict, root: str) -> list[dict]:
     """The job as before: the state file rendered as plain text (the environment templated files
     use) and that text parsed as YAML. Trustworthy here because nothing in these contexts is hostile."""
     context = {k: v if callable(v) or isinstance(v, Pending) else render.to_attrdict(v) for k, v in context.items()}
-    tree = render._tree(root)
-    text = render._file_env(os.path.dirname(path), tree).get_template(os.path.basename(path)).render(**context)
-    states, _, errors = render.parse_states(text, render._display(path, root), {})
+    tree = statetree.state_tree(root)
+    text = template._file_env(os.path.dirname(path), tree).get_template(os.path.basename(path)).render(**context)
+    states, _, errors = render.parse_states(text, statetree.display_path(path, root), {})
     for state in states:
         state.file = path
     return render._job(states, errors, context, CATALOG, root, ())
 
 
 def test_the_shipped_states_compile_to_the_same_jobs_as_with_plain_jinja(tmp_path):
+    # ... and validate against the agent's argument types, which every value they give fits.
+    assert all("types" in spec for spec in CATALOG.values())
     compared = 0
     for name, variant in VARIANTS.items():
         site = tmp_path / name

@@ -1,9 +1,11 @@
-"""State modules on real files in temp directories, through the engine as the agent runs them.
+"""State modules on real files in temp directories, through the engine as the agent runs them;
+the catalogue and its argument types; Outcome; the modules' text editing without files.
 
 Only what is safe on the machine running the tests is here: files, the boot partition's files,
-hosts/fstab/sysctl.d files at temp paths, commands in temp dirs. Everything touching the system
-(apt, systemd, the hostname, mounts, /proc/sys, modules) runs inside lab nodes:
-tests/e2e/test_state_modules_lab.py.
+hosts/fstab/sysctl.d files at temp paths, commands in temp dirs. The modules that act through
+system commands (service, pkg, kmod, swap, network) run against recorded command output in
+tests/test_state_replay.py; on real systems (apt, systemd, the hostname, mounts, /proc/sys,
+modules) inside lab nodes: tests/e2e/test_state_modules_lab.py.
 """
 
 from __future__ import annotations
@@ -17,12 +19,14 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any, Optional, Union
 
 import pytest
 
 from harness import source_path
 from piagent.engine import run_states
-from piagent.states import COMMON_ARGS, catalog, registry
+from piagent.states import COMMON_ARGS, TYPE_NAMES, accepts, arg_types, catalog, registry, type_errors
+from piagent.states.base import Outcome, StateContext
 from piagent.fileio import write_atomic
 
 IS_ROOT = os.geteuid() == 0
@@ -90,6 +94,98 @@ def test_every_state_function_documents_itself_and_takes_no_engine_arguments():
     assert "source:" in inspect.getdoc(functions["file.managed"])
     assert catalog()["mount.mounted"]["required"] == ["device", "fstype"]
     assert catalog()["cmd.run"]["args"][:2] == ["name", "creates"]
+
+
+def test_every_argument_has_types_from_its_hint():
+    for full_name, spec in catalog().items():
+        assert set(spec["types"]) == set(spec["args"]), f"{full_name}: an argument without a type hint"
+        for arg, names in spec["types"].items():
+            assert names and set(names) <= set(TYPE_NAMES), (full_name, arg, names)
+            assert names == [n for n in TYPE_NAMES if n in names], "in the vocabulary's order"
+        assert spec["types"]["name"] == ["str"]
+    types = {fun: spec["types"] for fun, spec in catalog().items()}
+    # What the functions took before their hand checks went (YAML's 0644 is a number, "0644" text).
+    assert types["file.managed"]["mode"] == ["str", "int", "null"]
+    assert types["file.managed"]["contents"] == ["str", "int", "float", "list", "null"]
+    assert types["file.line"]["value"] == ["str", "int", "float", "null"]
+    assert types["mount.mounted"]["dump"] == ["str", "int"] and types["mount.mounted"]["opts"] == ["str", "list"]
+    assert types["sysctl.present"]["value"] == ["str", "int", "float", "bool"]
+    assert types["boot.config"]["value"] == ["str", "int", "float", "bool"]
+    assert types["network.static"]["confirm_timeout"] == ["str", "float"]
+    assert types["cmd.run"]["env"] == ["list", "dict", "null"] and types["cmd.run"]["timeout"] == ["float", "null"]
+    assert types["service.running"]["enable"] == ["bool", "null"]
+
+
+def test_type_hints_become_the_vocabulary():
+    def fun(ctx, name: str, a: int, b: float | None, c: list[str] | tuple[int, ...], d: dict[str, int],
+            e: Optional[bool], f: Union[str, int], g: Any, h, i: "set[int]") -> dict:
+        return {}
+
+    assert arg_types(fun) == {"name": ["str"], "a": ["int"], "b": ["float", "null"], "c": ["list"], "d": ["dict"],
+                              "e": ["bool", "null"], "f": ["str", "int"]}  # Any, no hint, unknown: any value
+
+
+@pytest.mark.parametrize("names, value, fits", [
+    (["int"], 3, True), (["int"], True, False), (["int"], 3.5, False),
+    (["float"], 3, True), (["float"], 3.5, True), (["float"], False, False),
+    (["bool"], True, True), (["bool"], 1, False), (["bool"], "yes", False),
+    (["str"], "x", True), (["str"], 1, False), (["list"], [1], True), (["list"], {"a": 1}, False),
+    (["dict"], {"a": 1}, True), (["dict"], [], False), (["str"], None, False), (["str", "null"], None, True),
+])
+def test_the_type_rule(names, value, fits):
+    assert accepts(names, value) is fits
+
+
+def test_type_errors_say_what_was_wanted():
+    types = arg_types(registry()["file.managed"])
+    assert type_errors(types, {"name": "/x", "mode": "0644", "contents": ["a", 1], "makedirs": True}) == []
+    assert type_errors(types, {"mode": True, "makedirs": "yes", "contents": {"a": 1}}) == [
+        "mode must be text or a whole number, not true",
+        "makedirs must be true or false, not text",
+        "contents must be text, a number or a list, not a mapping"]
+    assert type_errors(types, {"unknown": object()}) == []  # not in the types: any value
+
+
+def test_a_wrong_type_fails_the_state_before_anything_runs(run, tmp):
+    marker = tmp / "ran"
+    res = run("cmd.run", f"touch {marker}", timeout="soon", creates=[str(tmp / "x")])
+    assert res["status"] == "failed" and res["comment"] == "timeout must be a number, not text"
+    (res,) = run_states([{"id": "x", "fun": "cmd.run", "name": f"touch {marker}", "args": {"env": "A=1"},
+                          "onlyif": f"touch {tmp / 'onlyif-ran'}"}], state_dir=str(tmp / "sd"))
+    assert res["status"] == "failed" and "env must be a list or a mapping" in res["comment"]
+    assert not marker.exists() and not (tmp / "onlyif-ran").exists(), "a state with bad arguments runs nothing"
+
+
+# ---------------------------------------------------------------------------------------------
+# Outcome: the one result-building step of every module
+
+def test_outcome_words_changes_for_test_mode_and_for_a_real_run():
+    for test, verb, result in ((True, "would load br_netfilter now and list it", None),
+                               (False, "loaded br_netfilter now and listed it", True)):
+        out = Outcome(StateContext(test=test), "br_netfilter")
+        out.change("loaded", True, "load br_netfilter now", "loaded br_netfilter now")
+        out.update({"diff": "+br_netfilter"}, "list it", "listed it")
+        out.update({}, "never said", "never said")
+        out.note("a note")
+        assert out.result("unused") == {"name": "br_netfilter", "result": result, "comment": f"{verb}; a note",
+                                        "changes": {"loaded": True, "diff": "+br_netfilter"}}
+    quiet = Outcome(StateContext(test=True), "x", before="x: ", after=" (now)")
+    assert quiet.result("x is as wanted") == {"name": "x", "result": True, "changes": {}, "comment": "x is as wanted"}
+    quiet.change("a", 1, "do a", "did a")
+    quiet.change("b", 2, "do b", "did b")
+    quiet.change("c", 3, "do c", "did c")
+    assert quiet.result()["comment"] == "x: would do a, do b and do c (now)"
+    assert quiet.fail("it broke") == {"name": "x", "result": False, "changes": {"a": 1, "b": 2, "c": 3},
+                                      "comment": "it broke"}
+
+
+def test_every_module_builds_its_result_through_outcome():
+    # The engine no longer turns a test-mode True with changes into None: each module must not need it.
+    states_dir = Path(registry()["file.managed"].__code__.co_filename).parent
+    for path in states_dir.glob("*.py"):
+        if path.name not in ("base.py", "__init__.py", "__main__.py"):
+            text = path.read_text()
+            assert " result(" not in text and "import result" not in text, f"{path.name} builds a result by hand"
 
 
 def test_piagent_state_cli_runs_a_module_and_fails_with_exit_1(tmp):
@@ -207,7 +303,7 @@ def test_managed_owner(run, tmp):
 @pytest.mark.parametrize("args, message", [
     ({"name": "relative/path", "contents": "x"}, "must be an absolute path"),
     ({"mode": "0999"}, "is not an octal mode"),
-    ({"mode": True}, "mode must be octal digits"),
+    ({"mode": True}, "mode must be text or a whole number, not true"),  # checked before the state runs
     ({"contents": {"a": 1}}, "contents must be text"),
 ])
 def test_managed_bad_input_is_a_clear_failure(run, tmp, args, message):
@@ -743,3 +839,68 @@ def test_cmd_run_bad_input_runs_nothing(run, tmp, args, message):
     marker = tmp / "ran"
     res = run("cmd.run", f"touch {marker}", **args)
     assert res["status"] == "failed" and message in res["comment"] and not marker.exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# The text editing of the longest states, without files: text in, text out
+
+def test_file_line_text_editing():
+    from piagent.states.file import edit_line, line_spec
+
+    text = "a=1\n#b=0\nc=3\nb=2\nb=9"
+    assert edit_line(text, line_spec(key="b", value=5), "f") == ("a=1\n#b=0\nc=3\nb=5\n",
+                                                                ("set b in f", "set b in f"))
+    assert edit_line("a=1\n#b=0\n", line_spec(key="b", value=5))[0] == "a=1\nb=5\n"
+    assert edit_line("x\r\ny", line_spec(content="z", before="^y")) == ("x\r\nz\ny", ("add the line to the file",
+                                                                               "added the line to the file"))
+    assert edit_line("x\n", line_spec(content="x")) == ("x\n", ("", ""))
+    assert edit_line("b=1\nb=2\n", line_spec(key="b", value=2, mode="delete"), "f") == (
+        "b=1\n", ("delete 1 line from f", "deleted 1 line from f"))
+    assert edit_line("PermitRootLogin yes\n", line_spec(key="PermitRootLogin", value="no", separator=" "))[0] == \
+        "PermitRootLogin no\n"
+    with pytest.raises(Exception, match="no line of f matches after"):
+        edit_line("x\n", line_spec(content="y", after="^nothing"), "f")
+
+
+def test_blockreplace_text_editing():
+    from piagent.states.file import replace_block
+
+    assert replace_block("a\n# S\nold\n# E\nb\n", "# S", "# E", "new\n")[0] == "a\n# S\nnew\n# E\nb\n"
+    assert replace_block("a", "# S", "# E", "x\n", append=True)[0] == "a\n# S\nx\n# E\n"
+    assert replace_block("a\n", "# S", "# E", "x\n", prepend=True)[0] == "# S\nx\n# E\na\n"
+    with pytest.raises(Exception, match="without '# E' after it"):
+        replace_block("# S\nx\n", "# S", "# E", "")
+
+
+def test_boot_text_editing():
+    from piagent.states.boot import edit_cmdline, set_config
+
+    assert edit_cmdline("console=tty1  root=/dev/x quiet\n", ["splash", "root=/dev/y"], ["quiet"]) == (
+        "console=tty1  root=/dev/y splash\n", ["splash", "root=/dev/y"], ["quiet", "root=/dev/x"])
+    assert set_config("#dtparam=i2c_arm=on\n[pi4]\nx=1\n", "dtparam=i2c_arm=on", None) == \
+        "dtparam=i2c_arm=on\n[pi4]\nx=1\n"
+    assert set_config("[pi4]\nx=1\n\n[all]\n", "y=2", "pi4") == "[pi4]\nx=1\ny=2\n\n[all]\n"
+    assert set_config("", "gpu_mem=16", "pi0") == "[pi0]\ngpu_mem=16\n[all]\n"
+
+
+def test_fstab_sysctl_modules_swap_and_hosts_text_editing():
+    from piagent.states.host import _HostsLine, hosts_with
+    from piagent.states.kmod import list_module
+    from piagent.states.mount import FstabEntry, fstab_with, fstab_without
+    from piagent.states.swap import comment_out_swap
+    from piagent.states.sysctl import set_line
+
+    entry = FstabEntry("tmpfs", "/mnt/t", "tmpfs", ["size=1m"], 0, 0)
+    text = "# c\ntmpfs /mnt/t tmpfs defaults 0 0\n/dev/sda1 /mnt/t ext4 defaults 0 2\n"
+    assert fstab_with(text, entry) == "# c\ntmpfs /mnt/t tmpfs size=1m 0 0\n"
+    assert fstab_with("proc /proc proc defaults 0 0", entry) == "proc /proc proc defaults 0 0\n" + entry.line()
+    assert fstab_without(text, "/mnt/t", "/dev/sda1") == "# c\ntmpfs /mnt/t tmpfs defaults 0 0\n"
+    assert fstab_without(text, "/mnt/t") == "# c\n"
+    assert comment_out_swap("/dev/sda2 none swap sw 0 0\n# /x none swap\n") == \
+        "#/dev/sda2 none swap sw 0 0\n# /x none swap\n"
+    assert set_line("# h\nvm.x=1\n vm.x = 2\n", "vm.x", "3") == "# h\nvm.x = 3\n"
+    assert list_module("overlay", "br_netfilter") == "overlay\nbr_netfilter\n"
+    assert list_module("br-netfilter  # for k8s\n", "br_netfilter") == "br-netfilter  # for k8s\n"
+    lines = [_HostsLine(t) for t in "127.0.0.1 localhost\n10.0.0.2   old n2  # moved\n".splitlines(keepends=True)]
+    assert hosts_with(lines, "n2", ["10.0.0.12"], clean=True) == "127.0.0.1 localhost\n10.0.0.2   old  # moved\n" \
+                                                                 "10.0.0.12\tn2\n"

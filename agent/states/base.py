@@ -2,7 +2,8 @@
 
 Result shape (Salt's): ``{"name": str, "result": True|False|None, "changes": dict, "comment": str}``.
 ``result`` is True when the system is (now) as asked, False when it could not be made so, and
-None in test mode when something would change (``changes`` then says what).
+None in test mode when something would change (``changes`` then says what). State functions
+build it with Outcome, which keeps that rule in one place.
 """
 
 from __future__ import annotations
@@ -25,8 +26,84 @@ log = logging.getLogger("piagent.states")
 OUTPUT_LIMIT = 64 * 1024  # captured command output kept in a result
 
 
+# A state argument that is text, where a number is taken as its digits: YAML reads `value: 0`,
+# `version: 1.2` or `content: 42` as numbers. (A type hint: the catalogue's "types".)
+Text = str | int | float
+
+
 def result(name: str, result: bool | None = True, changes: dict | None = None, comment: str = "") -> dict:
+    """Salt's result shape. A state function builds its own through Outcome; this is for the rest."""
     return {"name": name, "result": result, "changes": changes or {}, "comment": comment}
+
+
+def join_words(items: list[str]) -> str:
+    """ "a", "a and b", "a, b and c" ("" for none)."""
+    return ", ".join(items[:-1]) + " and " + items[-1] if len(items) > 1 else "".join(items)
+
+
+class Outcome:
+    """What a state changed -- or, in test mode, would change -- and the one comment that says so.
+
+    A state function collects each change with the words for it, as (test mode's verb phrase, the
+    past tense), then returns ``result()``::
+
+        out = Outcome(ctx, name)
+        if not is_loaded(name):
+            if not ctx.test:
+                ...  # modprobe; a failure: return out.fail("modprobe ... failed: ...")
+            out.change("loaded", True, f"load {name}", f"loaded {name}")
+        return out.result(f"{name} is loaded")
+
+    The comment reads "would load br_netfilter" in test mode and "loaded br_netfilter" otherwise
+    (several changes: "would a, b and c"), or the ``unchanged`` text when nothing changed; notes
+    follow after "; ". ``result`` is True, or None in test mode when something would change: the
+    rule every module follows, here once. ``before``/``after`` frame the phrases ("br_netfilter: "
+    before, " chrony.service" after).
+    """
+
+    def __init__(self, ctx: StateContext, name: str, *, before: str = "", after: str = "") -> None:
+        self.test, self.name, self.before, self.after = ctx.test, name, before, after
+        self.changes: dict = {}
+        self.notes: list[str] = []
+        self._phrases: list[tuple[str, str]] = []
+
+    def change(self, key: str, value=True, would: str = "", did: str = "") -> None:
+        """One change under ``key`` in ``changes``, and its words (none: another change says it)."""
+        self.changes[key] = value
+        if would or did:
+            self.say(would, did)
+
+    def update(self, changes: dict, would: str = "", did: str = "") -> None:
+        """Several changes at once (e.g. update_file's diff); words only if there are any."""
+        if changes:
+            self.changes.update(changes)
+            if would or did:
+                self.say(would, did)
+
+    def say(self, would: str, did: str) -> None:
+        """The words for a change: ("create /etc/motd", "created /etc/motd")."""
+        if (would, did) not in self._phrases:
+            self._phrases.append((would, did))
+
+    def note(self, text: str) -> None:
+        self.notes.append(text)
+
+    def comment(self, unchanged: str) -> str:
+        if not self.changes:
+            text = unchanged
+        else:
+            phrases = [would if self.test else did for would, did in self._phrases] or \
+                      [("change " if self.test else "changed ") + ", ".join(self.changes)]
+            text = self.before + ("would " if self.test else "") + join_words(phrases) + self.after
+        return "; ".join(filter(None, [text] + self.notes))
+
+    def result(self, unchanged: str = "") -> dict:
+        """Salt's shape: True, or None in test mode when something would change."""
+        return result(self.name, None if self.test and self.changes else True, self.changes, self.comment(unchanged))
+
+    def fail(self, comment: str) -> dict:
+        """A failure, with the changes made before it (a half-done state says what it did)."""
+        return result(self.name, False, self.changes, comment)
 
 
 class StateError(Exception):
@@ -93,8 +170,8 @@ class StateContext:
         os.makedirs(os.path.dirname(target), mode=0o700, exist_ok=True)
         # Whole or not at all, like the file itself: an agent killed mid-copy must not leave a
         # truncated "previous version" for someone to restore (a temp name, synced, then renamed).
-        copy_atomic(path, target)
         name = os.path.basename(path)
+        copy_atomic(path, target, family=name)
         self._prune_backups(os.path.dirname(target), name)
         return target
 
@@ -183,8 +260,6 @@ def parse_mode(mode) -> int | None:
     """A file mode from a state: "0644", "644", "0o644" or 644 (Salt's reading: octal digits)."""
     if mode is None:
         return None
-    if isinstance(mode, bool) or not isinstance(mode, (int, str)):
-        raise StateError(f"mode must be octal digits like \"0644\", not {mode!r}")
     text = str(mode).strip().lower().removeprefix("0o")
     if not text or len(text) > 4 or any(c not in "01234567" for c in text):
         raise StateError(f"mode {mode!r} is not an octal mode like \"0644\"")

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import re
 
-from .base import StateContext, StateError, absolute_path, read_text, result, string_list, update_file
+from .base import Outcome, StateContext, StateError, Text, absolute_path, read_text, string_list, update_file
 
 __states__ = ("cmdline", "config")
 
@@ -53,8 +53,8 @@ def _check_params(items: list[str], what: str) -> list[str]:
     return items
 
 
-def cmdline(ctx: StateContext, name: str, present: list | str | None = None, absent: list | str | None = None,
-            boot_dir: str | None = None) -> dict:
+def cmdline(ctx: StateContext, name: str, present: Text | list[Text] | None = None,
+            absent: Text | list[Text] | None = None, boot_dir: str | None = None) -> dict:
     """Kernel parameters present in or absent from cmdline.txt; the rest of the line untouched.
 
     cmdline.txt is one line; only the parameters named change, every other one keeps its place and
@@ -91,7 +91,20 @@ def cmdline(ctx: StateContext, name: str, present: list | str | None = None, abs
     old = read_text(path)
     if old is None:
         raise StateError(f"{path} does not exist")
-    first, newline, rest = old.partition("\n")
+    new, added, removed = edit_cmdline(old, wanted, unwanted)
+    out = Outcome(ctx, name)
+    changes = update_file(ctx, path, old, new)
+    if changes:
+        changes.update({k: v for k, v in (("added", added), ("removed", removed)) if v}, reboot_required=True)
+    out.update(changes, f"change the kernel command line in {path} (takes effect after a reboot)",
+               f"changed the kernel command line in {path} (takes effect after a reboot)")
+    return out.result(f"{path} has the kernel parameters wanted")
+
+
+def edit_cmdline(text: str, wanted: list[str], unwanted: list[str]) -> tuple[str, list[str], list[str]]:
+    """cmdline.txt's text with the ``wanted`` parameters present and the ``unwanted`` absent (see
+    cmdline), every other parameter and blank where it was; and the parameters added and removed."""
+    first, newline, rest = text.partition("\n")
     items, tail = _split_params(first)
     added, removed = [], []
 
@@ -120,14 +133,7 @@ def cmdline(ctx: StateContext, name: str, present: list | str | None = None, abs
         else:
             items.append([" " if items else "", item])
         added.append(item)
-    new_first = "".join(blank + param for blank, param in items) + tail
-    changes = update_file(ctx, path, old, new_first + newline + rest)
-    if not changes:
-        return result(name, True, {}, f"{path} has the kernel parameters wanted")
-    changes.update({k: v for k, v in (("added", added), ("removed", removed)) if v}, reboot_required=True)
-    verb = "would change" if ctx.test else "changed"
-    return result(name, None if ctx.test else True, changes,
-                  f"{verb} the kernel command line in {path} (takes effect after a reboot)")
+    return "".join(blank + param for blank, param in items) + tail + newline + rest, added, removed
 
 
 def _split_params(line: str) -> tuple[list[list[str]], str]:
@@ -166,7 +172,7 @@ def _section_of(body: str) -> str | None | bool:
     return False
 
 
-def config(ctx: StateContext, name: str, value: str | int | bool, section: str | None = None,
+def config(ctx: StateContext, name: str, value: str | int | float | bool, section: str | None = None,
            boot_dir: str | None = None) -> dict:
     """A setting (name=value) in the Raspberry Pi's config.txt, optionally in a [section].
 
@@ -204,27 +210,40 @@ def config(ctx: StateContext, name: str, value: str | int | bool, section: str |
             - value: w1-gpio,gpiopin=4
             - section: pi4
     """
-    if not isinstance(name, str) or not name.strip() or re.search(r"[\s#\[\]]", name.strip()):
+    if not name.strip() or re.search(r"[\s#\[\]]", name.strip()):
         raise StateError(f"{name!r} is not a config.txt key")
     name = name.strip()
     if isinstance(value, bool):
         key_word = name.split("=", 1)[0]
         value = ("on" if value else "off") if key_word in MULTI_KEYS else int(value)
-    if not isinstance(value, (str, int, float)) or "\n" in str(value):
+    if "\n" in str(value):
         raise StateError(f"value must be one line of text or a number, not {value!r}")
     wanted_line = f"{name}={value}"
-    identity = _identity(wanted_line)
     if section is not None:
-        if not isinstance(section, str) or not section.strip("[] ") or "\n" in section:
+        if not section.strip("[] ") or "\n" in section:
             raise StateError(f"section must be a filter like pi4, not {section!r}")
         section = section.strip().strip("[]").strip()
         if section.lower() == "all":
             section = None
 
-    directory = find_boot_dir(boot_dir)
-    path = os.path.join(directory, "config.txt")
+    path = os.path.join(find_boot_dir(boot_dir), "config.txt")
     old = read_text(path)
-    lines = (old or "").splitlines(keepends=True)
+    out = Outcome(ctx, name)
+    changes = update_file(ctx, path, old, set_config(old or "", wanted_line, section))
+    if changes:
+        changes["reboot_required"] = True
+    where = f" in [{section}]" if section else ""
+    out.update(changes, f"set {wanted_line}{where} in {path} (takes effect after a reboot)",
+               f"set {wanted_line}{where} in {path} (takes effect after a reboot)")
+    return out.result(f"{wanted_line} is set in {path}")
+
+
+def set_config(text: str, wanted_line: str, section: str | None) -> str:
+    """config.txt's text with the setting ``wanted_line`` ("key=value") in the [section] (None:
+    unconditional): in place of the line for the same setting, or of a commented-out one, or added
+    (see config)."""
+    identity = _identity(wanted_line)
+    lines = text.splitlines(keepends=True)
     bodies = [ln.rstrip("\r\n") for ln in lines]
     in_section: list[str | None] = []
     current = None
@@ -242,32 +261,26 @@ def config(ctx: StateContext, name: str, value: str | int | bool, section: str |
         lines[hits[0]] = wanted_line + eol(hits[0])
         for i in reversed(hits[1:]):  # a later line for the same setting would override this one
             del lines[i]
+        return "".join(lines)
+    commented = [i for i, body in enumerate(bodies) if in_section[i] == section
+                 and body.lstrip().startswith("#") and _identity(body.lstrip().lstrip("#")) == identity]
+    if commented:
+        lines[commented[0]] = wanted_line + eol(commented[0])
+        return "".join(lines)
+    if lines and not lines[-1].endswith("\n"):
+        lines[-1] += "\n"
+    ours = [i for i, s in enumerate(in_section) if s == section and _section_of(bodies[i]) is False
+            and bodies[i].strip()]
+    headers = [i for i, body in enumerate(bodies) if _section_of(body) == section]
+    if section is None and (not lines or in_section[-1] is None):
+        lines.append(wanted_line + "\n")
+    elif section is not None and headers:
+        # After the last setting of the last such section (or right after its header).
+        last_header = headers[-1]
+        after = max([i for i in ours if i > last_header], default=last_header)
+        lines.insert(after + 1, wanted_line + "\n")
+    elif section is None:
+        lines += ["[all]\n", wanted_line + "\n"]
     else:
-        commented = [i for i, body in enumerate(bodies) if in_section[i] == section
-                     and body.lstrip().startswith("#") and _identity(body.lstrip().lstrip("#")) == identity]
-        if commented:
-            lines[commented[0]] = wanted_line + eol(commented[0])
-        else:
-            if lines and not lines[-1].endswith("\n"):
-                lines[-1] += "\n"
-            ours = [i for i, s in enumerate(in_section) if s == section and _section_of(bodies[i]) is False
-                    and bodies[i].strip()]
-            headers = [i for i, body in enumerate(bodies) if _section_of(body) == section]
-            if section is None and (not lines or in_section[-1] is None):
-                lines.append(wanted_line + "\n")
-            elif section is not None and headers:
-                # After the last setting of the last such section (or right after its header).
-                last_header = headers[-1]
-                after = max([i for i in ours if i > last_header], default=last_header)
-                lines.insert(after + 1, wanted_line + "\n")
-            elif section is None:
-                lines += ["[all]\n", wanted_line + "\n"]
-            else:
-                lines += [f"[{section}]\n", wanted_line + "\n", "[all]\n"]
-    changes = update_file(ctx, path, old, "".join(lines))
-    if not changes:
-        return result(name, True, {}, f"{wanted_line} is set in {path}")
-    changes["reboot_required"] = True
-    where = f" in [{section}]" if section else ""
-    return result(name, None if ctx.test else True, changes,
-                  f"{'would set' if ctx.test else 'set'} {wanted_line}{where} in {path} (takes effect after a reboot)")
+        lines += [f"[{section}]\n", wanted_line + "\n", "[all]\n"]
+    return "".join(lines)

@@ -5,12 +5,12 @@ from __future__ import annotations
 import os
 import pwd
 
-from .base import StateContext, StateError, result, string_list
+from .base import Outcome, StateContext, StateError, string_list
 
 __states__ = ("run",)
 
 
-def _environment(env) -> dict[str, str]:
+def _environment(env: dict | list | None) -> dict[str, str]:
     """Salt accepts a mapping or a list of one-entry mappings."""
     if env is None:
         return {}
@@ -26,9 +26,9 @@ def _environment(env) -> dict[str, str]:
     return merged
 
 
-def run(ctx: StateContext, name: str, creates: str | list | None = None, cwd: str | None = None,
-        env: dict | list | None = None, runas: str | None = None, shell: str = "/bin/sh",
-        timeout: float | None = None, success_retcodes: list | None = None) -> dict:
+def run(ctx: StateContext, name: str, creates: str | list[str] | None = None, cwd: str | None = None,
+        env: dict | list[dict] | None = None, runas: str | None = None, shell: str = "/bin/sh",
+        timeout: float | None = None, success_retcodes: list[int] | None = None) -> dict:
     """Run a shell command; its exit status, stdout and stderr go into the result.
 
     A command always counts as a change when it runs: guard it with ``creates`` (skip when the
@@ -54,38 +54,41 @@ def run(ctx: StateContext, name: str, creates: str | list | None = None, cwd: st
             - env:
                 LANG: C
     """
-    if not isinstance(name, str) or not name.strip():
+    if not name.strip():
         raise StateError("name must be the command to run")
     created = string_list(creates, "creates", allow_empty=False)
     for path in created:
         if not path.startswith("/"):
             raise StateError(f"creates must be absolute paths, not {path!r}")
+    out = Outcome(ctx, name)
     if created and all(os.path.exists(p) for p in created):
-        return result(name, True, {}, f"skipped: {', '.join(created)} exist{'s' * (len(created) == 1)}")
+        return out.result(f"skipped: {', '.join(created)} exist{'s' * (len(created) == 1)}")
     variables = _environment(env)
     if runas is not None:
         try:
-            home = pwd.getpwnam(str(runas)).pw_dir
+            home = pwd.getpwnam(runas).pw_dir
         except KeyError:
             if ctx.test:  # a package an earlier state installs may create the user
-                return result(name, None, {"command": name}, f"would run (user {runas!r} does not exist yet)")
+                out.change("command", name, f"run (user {runas!r} does not exist yet)")
+                return out.result()
             raise StateError(f"no user {runas!r} on this node") from None
     else:
         home = os.path.expanduser("~root")
     if cwd is not None:
-        if not isinstance(cwd, str) or not cwd.startswith("/"):
+        if not cwd.startswith("/"):
             raise StateError(f"cwd must be an absolute path, not {cwd!r}")
         if not os.path.isdir(cwd):
             if ctx.test:
-                return result(name, None, {"command": name}, f"would run in {cwd} (which does not exist yet)")
+                out.change("command", name, f"run in {cwd} (which does not exist yet)")
+                return out.result()
             raise StateError(f"cwd {cwd} is not a directory")
     else:
         cwd = home if os.path.isdir(home) else "/"
-    if not isinstance(shell, str) or not shell.startswith("/"):
+    if not shell.startswith("/"):
         raise StateError(f"shell must be an absolute path, not {shell!r}")
     if not os.access(shell, os.X_OK):
         raise StateError(f"shell {shell} is not an executable")
-    if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0):
+    if timeout is not None and timeout <= 0:
         raise StateError(f"timeout must be a positive number of seconds, not {timeout!r}")
     ok_codes = {0}
     for code in success_retcodes or []:
@@ -93,12 +96,12 @@ def run(ctx: StateContext, name: str, creates: str | list | None = None, cwd: st
             raise StateError(f"success_retcodes must be a list of numbers, not {success_retcodes!r}")
         ok_codes.add(code)
     if ctx.test:
-        return result(name, None, {"command": name}, f"would run: {name}")
-    res = ctx.run([shell, "-c", name], env=variables, cwd=cwd, timeout=timeout or 3600,
-                  runas=None if runas is None else str(runas))
-    changes = {"retcode": res.returncode, "stdout": res.stdout, "stderr": res.stderr}
+        out.change("command", name, f"run: {name}")
+        return out.result()
+    res = ctx.run([shell, "-c", name], env=variables, cwd=cwd, timeout=timeout or 3600, runas=runas)
+    out.update({"retcode": res.returncode, "stdout": res.stdout, "stderr": res.stderr}, "", f"ran: {name}")
     if res.returncode == 124 and res.stderr.startswith("timed out"):
-        return result(name, False, changes, f"command {res.stderr}")
+        return out.fail(f"command {res.stderr}")
     if res.returncode not in ok_codes:
-        return result(name, False, changes, f"command failed with exit status {res.returncode}")
-    return result(name, True, changes, f"ran: {name}")
+        return out.fail(f"command failed with exit status {res.returncode}")
+    return out.result()

@@ -3,6 +3,10 @@
 Every write replaces the file atomically (temp file, fsync, rename) after keeping the old version
 under the agent's state dir (``/var/lib/piagent/backup/<path>.<time>``). Test mode shows a
 unified diff of what would change.
+
+(Over 500 lines on purpose: most of it is the five states' user reference, and the text editing
+of file.line and file.blockreplace -- line_spec/edit_line, replace_block: text in, text out --
+sits next to the state it serves, as in every module.)
 """
 
 from __future__ import annotations
@@ -11,9 +15,10 @@ import os
 import re
 import shutil
 import stat
+from dataclasses import dataclass
 
-from .base import (StateContext, StateError, absolute_path, format_mode, group_name, lookup_owner, owner_name,
-                   parse_mode, read_text, result, update_file)
+from .base import (Outcome, StateContext, StateError, Text, absolute_path, format_mode, group_name, join_words,
+                   lookup_owner, owner_name, parse_mode, read_text, update_file)
 
 __states__ = ("managed", "directory", "absent", "line", "blockreplace")
 
@@ -26,13 +31,13 @@ PROTECTED = {"/", "/bin", "/boot", "/dev", "/etc", "/home", "/lib", "/proc", "/r
 # ---------------------------------------------------------------------------------------------
 # Owner and mode, shared by managed and directory
 
-def _wanted_owner(ctx: StateContext, user, group, notes: list[str]) -> tuple[int | None, int | None]:
+def _wanted_owner(ctx: StateContext, user, group, out: Outcome) -> tuple[int | None, int | None]:
     uid, gid, missing = lookup_owner(user, group)
     if missing:
         if not ctx.test:
             raise StateError(f"no {' and no '.join(missing)} on this node")
         # A package an earlier state installs may create it (the munge user comes with munge).
-        notes.append(f"{' and '.join(missing)} does not exist yet")
+        out.note(f"{' and '.join(missing)} does not exist yet")
     return uid, gid
 
 
@@ -58,7 +63,7 @@ def _apply_owner_mode(path: str, mode: int | None, uid: int | None, gid: int | N
         raise StateError(f"cannot set owner/mode of {path}: {exc.strerror}") from None
 
 
-def _parent_ready(ctx: StateContext, path: str, makedirs: bool, notes: list[str]) -> None:
+def _parent_ready(ctx: StateContext, path: str, makedirs: bool, out: Outcome) -> None:
     """Make sure the parent directory exists (creating it with makedirs), or explain why not."""
     parent = os.path.dirname(path)
     if os.path.isdir(parent):
@@ -68,11 +73,11 @@ def _parent_ready(ctx: StateContext, path: str, makedirs: bool, notes: list[str]
     if not makedirs:
         if ctx.test:
             # An earlier file.directory state in the same run may create it.
-            notes.append(f"parent directory {parent} does not exist yet (makedirs: true would create it)")
+            out.note(f"parent directory {parent} does not exist yet (makedirs: true would create it)")
             return
         raise StateError(f"parent directory {parent} does not exist (makedirs: true creates it)")
     if ctx.test:
-        notes.append(f"would create parent directory {parent}")
+        out.note(f"would create parent directory {parent}")
         return
     try:
         os.makedirs(parent, mode=DIRECTORY_MODE, exist_ok=True)
@@ -80,19 +85,8 @@ def _parent_ready(ctx: StateContext, path: str, makedirs: bool, notes: list[str]
         raise StateError(f"cannot create {parent}: {exc.strerror}") from None
 
 
-def _finish(ctx: StateContext, name: str, changes: dict, done: tuple[str, str], unchanged: str,
-            notes: list[str]) -> dict:
-    """The result; ``done`` is what was changed, as (test mode's "would ..." verb, the past tense)."""
-    if changes:
-        comment = f"would {done[0]}" if ctx.test else done[1]
-    else:
-        comment = unchanged
-    if notes:
-        comment += "; " + "; ".join(notes)
-    return result(name, None if ctx.test and changes else True, changes, comment)
-
-
 def _as_text(value, what: str) -> str:
+    """An item of a list argument as text (the argument's own type is checked before the state runs)."""
     if isinstance(value, str):
         return value
     if isinstance(value, (int, float)) and not isinstance(value, bool):
@@ -103,7 +97,7 @@ def _as_text(value, what: str) -> str:
 # ---------------------------------------------------------------------------------------------
 # States
 
-def managed(ctx: StateContext, name: str, contents: str | list | None = None, mode: str | int | None = None,
+def managed(ctx: StateContext, name: str, contents: Text | list[Text] | None = None, mode: str | int | None = None,
             user: str | int | None = None, group: str | int | None = None, makedirs: bool = False,
             replace: bool = True, contents_newline: bool = True) -> dict:
     """A file with the given contents, mode and owner.
@@ -145,15 +139,15 @@ def managed(ctx: StateContext, name: str, contents: str | list | None = None, mo
         if isinstance(contents, list):
             contents = "\n".join(_as_text(line, "each line of contents") for line in contents)
         else:
-            contents = _as_text(contents, "contents")
+            contents = str(contents)
         if contents_newline and contents and not contents.endswith("\n"):
             contents += "\n"
     wanted_mode = parse_mode(mode)
-    notes: list[str] = []
-    uid, gid = _wanted_owner(ctx, user, group, notes)
+    out = Outcome(ctx, name)
+    uid, gid = _wanted_owner(ctx, user, group, out)
     if os.path.isdir(path):
         raise StateError(f"{path} is a directory")
-    _parent_ready(ctx, path, makedirs, notes)
+    _parent_ready(ctx, path, makedirs, out)
     old = read_text(path)
     if contents is None or (old is not None and not replace):
         new = old if old is not None else ""
@@ -165,17 +159,17 @@ def managed(ctx: StateContext, name: str, contents: str | list | None = None, mo
         st = None
     owner_mode = _owner_mode_changes(st, wanted_mode, uid, gid)
     if old is None:
-        changes = update_file(ctx, path, None, new, mode=wanted_mode, uid=uid, gid=gid)
-        changes = {"diff": changes.get("diff", ""), "created": True, **owner_mode}
-        return _finish(ctx, name, changes, (f"create {path}", f"created {path}"), "", notes)
-    changes = update_file(ctx, path, old, new, mode=wanted_mode, uid=uid, gid=gid)
-    if owner_mode and not changes and not ctx.test:
+        written = update_file(ctx, path, None, new, mode=wanted_mode, uid=uid, gid=gid)
+        out.change("diff", written.get("diff", ""))
+        out.change("created", True, f"create {path}", f"created {path}")
+        out.update(owner_mode)
+        return out.result()
+    written = update_file(ctx, path, old, new, mode=wanted_mode, uid=uid, gid=gid)
+    if owner_mode and not written and not ctx.test:
         _apply_owner_mode(path, wanted_mode, uid, gid)
-    changes.update(owner_mode)
-    what = " and ".join(filter(None, ["contents" if "diff" in changes else "",
-                                      "owner/mode" if owner_mode else ""]))
-    return _finish(ctx, name, changes, (f"update {what} of {path}", f"updated {what} of {path}"),
-                   f"{path} is as wanted", notes)
+    what = join_words([word for word, differs in (("contents", written), ("owner/mode", owner_mode)) if differs])
+    out.update({**written, **owner_mode}, f"update {what} of {path}", f"updated {what} of {path}")
+    return out.result(f"{path} is as wanted")
 
 
 def directory(ctx: StateContext, name: str, user: str | int | None = None, group: str | int | None = None,
@@ -198,18 +192,17 @@ def directory(ctx: StateContext, name: str, user: str | int | None = None, group
     """
     path = absolute_path(name)
     wanted_mode = parse_mode(mode)
-    notes: list[str] = []
-    uid, gid = _wanted_owner(ctx, user, group, notes)
+    out = Outcome(ctx, name)
+    uid, gid = _wanted_owner(ctx, user, group, out)
     if os.path.lexists(path) and not os.path.isdir(path):
         raise StateError(f"{path} exists and is not a directory")
     if os.path.isdir(path):
         changes = _owner_mode_changes(os.stat(path), wanted_mode, uid, gid)
         if changes and not ctx.test:
             _apply_owner_mode(path, wanted_mode, uid, gid)
-        return _finish(ctx, name, changes, (f"update owner/mode of {path}", f"updated owner/mode of {path}"),
-                       f"{path} is as wanted", notes)
-    _parent_ready(ctx, path, makedirs, notes)
-    changes = {"created": True, **_owner_mode_changes(None, wanted_mode, uid, gid)}
+        out.update(changes, f"update owner/mode of {path}", f"updated owner/mode of {path}")
+        return out.result(f"{path} is as wanted")
+    _parent_ready(ctx, path, makedirs, out)
     if not ctx.test:
         try:
             os.mkdir(path, DIRECTORY_MODE)
@@ -217,7 +210,9 @@ def directory(ctx: StateContext, name: str, user: str | int | None = None, group
             raise StateError(f"cannot create {path}: {exc.strerror}") from None
         # mkdir's mode passes through the umask; set it exactly.
         _apply_owner_mode(path, DIRECTORY_MODE if wanted_mode is None else wanted_mode, uid, gid)
-    return _finish(ctx, name, changes, (f"create {path}", f"created {path}"), "", notes)
+    out.change("created", True, f"create {path}", f"created {path}")
+    out.update(_owner_mode_changes(None, wanted_mode, uid, gid))
+    return out.result()
 
 
 def absent(ctx: StateContext, name: str) -> dict:
@@ -237,12 +232,13 @@ def absent(ctx: StateContext, name: str) -> dict:
     path = absolute_path(name)
     if path in PROTECTED:
         raise StateError(f"refusing to remove {path}")
+    out = Outcome(ctx, name)
     if not os.path.lexists(path):
-        return result(name, True, {}, f"{path} is absent")
+        return out.result(f"{path} is absent")
     is_dir = os.path.isdir(path) and not os.path.islink(path)
-    changes = {"removed": path}
+    out.change("removed", path, f"remove {'directory ' if is_dir else ''}{path}", f"removed {path}")
     if ctx.test:
-        return result(name, None, changes, f"would remove {'directory ' if is_dir else ''}{path}")
+        return out.result()
     try:
         if is_dir:
             shutil.rmtree(path)
@@ -252,20 +248,20 @@ def absent(ctx: StateContext, name: str) -> dict:
             os.unlink(path)
     except OSError as exc:
         raise StateError(f"cannot remove {path}: {exc.strerror}") from None
-    return result(name, True, changes, f"removed {path}")
+    return out.result()
 
 
 # ---------------------------------------------------------------------------------------------
-# file.line
+# file.line: the text editing (pure: text in, text out) apart from the file
 
 LINE_MODES = {"ensure": "ensure", "present": "ensure", "delete": "delete", "absent": "delete"}
 
 
-def _compile(pattern, what: str):
+def _compile(pattern: Text | None, what: str) -> re.Pattern | None:
     if pattern is None:
         return None
     try:
-        return re.compile(_as_text(pattern, what))
+        return re.compile(str(pattern))
     except re.error as exc:
         raise StateError(f"{what} {pattern!r} is not a valid regular expression: {exc}") from None
 
@@ -284,9 +280,110 @@ def _key_value(line: str, key: str, separator: str) -> str:
     return (rest[len(sep):] if sep else rest).strip()
 
 
-def line(ctx: StateContext, name: str, content: str | None = None, match: str | None = None,
-         mode: str = "ensure", key: str | None = None, value: str | int | None = None, separator: str = "=",
-         after: str | None = None, before: str | None = None, create: bool = False) -> dict:
+@dataclass(frozen=True)
+class LineSpec:
+    """What a file.line state owns and wants, its arguments checked (see line_spec)."""
+    op: str                         # "ensure" or "delete"
+    content: str | None             # the whole line to ensure, or the exact line to delete
+    match: re.Pattern | None        # the lines owned, by regular expression
+    key: str | None                 # ... or by setting: KEY<separator>VALUE
+    value: str | None
+    separator: str
+    after: re.Pattern | None        # where a new line goes
+    before: re.Pattern | None
+
+    def owns(self, body: str) -> bool:
+        """Whether a line (without its end of line) is one this state owns."""
+        if self.match is not None:
+            return bool(self.match.search(body))
+        if self.key is not None:
+            if not _key_pattern(self.key, self.separator, False).match(body):
+                return False
+            # Deleting KEY=VALUE deletes only that setting; ensuring replaces any value of KEY.
+            return self.op == "ensure" or self.value is None or _key_value(body, self.key, self.separator) == self.value
+        return body.strip() == self.content.strip()
+
+
+def line_spec(content: Text | None = None, match: Text | None = None, mode: str = "ensure", key: Text | None = None,
+              value: Text | None = None, separator: Text = "=", after: Text | None = None,
+              before: Text | None = None) -> LineSpec:
+    """file.line's arguments checked and combined; a StateError says what does not fit."""
+    op = LINE_MODES.get(mode)
+    if op is None:
+        raise StateError(f"mode must be ensure or delete (aliases present, absent), not {mode!r}")
+    if key is not None and (content is not None or match is not None):
+        raise StateError("give key (with value) or content/match, not both")
+    separator = str(separator)
+    if key is not None:
+        key = str(key).strip()
+        if not key or "\n" in key:
+            raise StateError("key must be a non-empty single word")
+        if not separator or "\n" in separator:
+            raise StateError("separator must not be empty")
+        if value is not None:
+            value = str(value)
+            content = f"{key}{separator}{value}"
+        elif op == "ensure":
+            raise StateError("key needs a value for mode ensure")
+    if content is not None:
+        content = str(content)
+        if "\n" in content.rstrip("\n"):
+            raise StateError("content must be a single line (use file.blockreplace for several)")
+        content = content.rstrip("\n")
+    if op == "ensure" and content is None:
+        raise StateError("mode ensure needs content (or key and value)")
+    if op == "delete" and content is None and match is None and key is None:
+        raise StateError("mode delete needs content, match or key")
+    return LineSpec(op, content, _compile(match, "match"), key, None if value is None else str(value), separator,
+                    _compile(after, "after"), _compile(before, "before"))
+
+
+def edit_line(text: str, spec: LineSpec, path: str = "the file") -> tuple[str, tuple[str, str]]:
+    """``text`` with the line ensured or deleted, and the words for it: ("would" verb phrase,
+    past tense). Unchanged text when it is as wanted. ``path`` only names the file in words."""
+    lines = text.splitlines(keepends=True)
+    bodies = [ln.rstrip("\r\n") for ln in lines]
+
+    def eol(i: int) -> str:
+        return lines[i][len(bodies[i]):] or "\n"
+
+    hits = [i for i, body in enumerate(bodies) if spec.owns(body)]
+    new_lines = list(lines)
+    if spec.op == "delete":
+        for i in reversed(hits):
+            del new_lines[i]
+        lines_word = f"{len(hits)} line{'s' * (len(hits) != 1)}"
+        return "".join(new_lines), (f"delete {lines_word} from {path}", f"deleted {lines_word} from {path}")
+    if hits and (spec.key is not None or spec.match is not None):
+        first = hits[0]
+        new_lines[first] = spec.content + eol(first)
+        for i in reversed(hits[1:]):
+            del new_lines[i]
+        return "".join(new_lines), (f"set {spec.key or 'the matching line'} in {path}",) * 2
+    if hits:
+        return text, ("", "")  # the exact line is there
+    commented = ([i for i, body in enumerate(bodies) if _key_pattern(spec.key, spec.separator, True).match(body)]
+                 if spec.key is not None else [])
+    if commented:
+        new_lines[commented[0]] = spec.content + eol(commented[0])
+    else:
+        at = len(new_lines)
+        for pattern, offset, what in ((spec.after, 1, "after"), (spec.before, 0, "before")):
+            if pattern is not None:
+                found = [i for i, body in enumerate(bodies) if pattern.search(body)]
+                if not found:
+                    raise StateError(f"no line of {path} matches {what}: {pattern.pattern!r}")
+                at = found[0] + offset
+                break
+        if at == len(new_lines) and new_lines and not new_lines[-1].endswith("\n"):
+            new_lines[-1] += "\n"
+        new_lines.insert(at, spec.content + "\n")
+    return "".join(new_lines), (f"add the line to {path}", f"added the line to {path}")
+
+
+def line(ctx: StateContext, name: str, content: Text | None = None, match: Text | None = None,
+         mode: str = "ensure", key: Text | None = None, value: Text | None = None, separator: Text = "=",
+         after: Text | None = None, before: Text | None = None, create: bool = False) -> dict:
     """One line (or one key=value setting) present in, or deleted from, a file; the rest untouched.
 
     With ``key``/``value`` the state owns the setting, wherever it is: an existing ``KEY=...`` line
@@ -322,104 +419,60 @@ def line(ctx: StateContext, name: str, content: str | None = None, match: str | 
             - separator: " "
     """
     path = absolute_path(name)
-    op = LINE_MODES.get(mode) if isinstance(mode, str) else None
-    if op is None:
-        raise StateError(f"mode must be ensure or delete (aliases present, absent), not {mode!r}")
-    if key is not None and (content is not None or match is not None):
-        raise StateError("give key (with value) or content/match, not both")
-    if key is not None:
-        key = _as_text(key, "key").strip()
-        if not key or "\n" in key:
-            raise StateError("key must be a non-empty single word")
-        separator = _as_text(separator, "separator")
-        if not separator or "\n" in separator:
-            raise StateError("separator must not be empty")
-        if value is not None:
-            value = _as_text(value, "value")
-            content = f"{key}{separator}{value}"
-        elif op == "ensure":
-            raise StateError("key needs a value for mode ensure")
-    if content is not None:
-        content = _as_text(content, "content")
-        if "\n" in content.rstrip("\n"):
-            raise StateError("content must be a single line (use file.blockreplace for several)")
-        content = content.rstrip("\n")
-    if op == "ensure" and content is None:
-        raise StateError("mode ensure needs content (or key and value)")
-    if op == "delete" and content is None and match is None and key is None:
-        raise StateError("mode delete needs content, match or key")
-    match_re = _compile(match, "match")
-    after_re, before_re = _compile(after, "after"), _compile(before, "before")
-
-    def owned(body: str) -> bool:
-        if match_re is not None:
-            return bool(match_re.search(body))
-        if key is not None:
-            if not _key_pattern(key, separator, False).match(body):
-                return False
-            # Deleting KEY=VALUE deletes only that setting; ensuring replaces any value of KEY.
-            return op == "ensure" or value is None or _key_value(body, key, separator) == value
-        return body.strip() == content.strip()
-
-    notes: list[str] = []
+    spec = line_spec(content, match, mode, key, value, separator, after, before)
+    out = Outcome(ctx, name)
     old = read_text(path)
     if old is None:
-        if op == "delete":
-            return result(name, True, {}, f"{path} does not exist: nothing to delete")
+        if spec.op == "delete":
+            return out.result(f"{path} does not exist: nothing to delete")
         if not create:
             if ctx.test:
-                return result(name, None, {"diff": f"{path} does not exist yet\n"},
-                              f"{path} does not exist yet (create: true would create it)")
+                # An earlier state may create it; a real run without create: true fails here.
+                forecast = f"edit {path}, which does not exist yet (create: true would create it)"
+                out.change("diff", f"{path} does not exist yet\n", forecast, forecast)
+                return out.result()
             raise StateError(f"{path} does not exist (create: true creates it)")
-        _parent_ready(ctx, path, False, notes)
-    lines = (old or "").splitlines(keepends=True)
-    bodies = [ln.rstrip("\r\n") for ln in lines]
-
-    def eol(i: int) -> str:
-        return lines[i][len(bodies[i]):] or "\n"
-
-    hits = [i for i, body in enumerate(bodies) if owned(body)]
-    new_lines = list(lines)
-    if op == "delete":
-        for i in reversed(hits):
-            del new_lines[i]
-        lines_word = f"{len(hits)} line{'s' * (len(hits) != 1)}"
-        done = (f"delete {lines_word} from {path}", f"deleted {lines_word} from {path}")
-    elif hits and (key is not None or match_re is not None):
-        first = hits[0]
-        new_lines[first] = content + eol(first)
-        for i in reversed(hits[1:]):
-            del new_lines[i]
-        done = (f"set {key or 'the matching line'} in {path}",) * 2
-    elif hits:
-        done = ("", "")  # the exact line is there
-    else:
-        commented = ([i for i, body in enumerate(bodies) if _key_pattern(key, separator, True).match(body)]
-                     if key is not None else [])
-        if commented:
-            new_lines[commented[0]] = content + eol(commented[0])
-        else:
-            at = len(new_lines)
-            for pattern, offset, what in ((after_re, 1, "after"), (before_re, 0, "before")):
-                if pattern is not None:
-                    found = [i for i, body in enumerate(bodies) if pattern.search(body)]
-                    if not found:
-                        raise StateError(f"no line of {path} matches {what}: {pattern.pattern!r}")
-                    at = found[0] + offset
-                    break
-            if at == len(new_lines) and new_lines and not new_lines[-1].endswith("\n"):
-                new_lines[-1] += "\n"
-            new_lines.insert(at, content + "\n")
-        done = (f"add the line to {path}", f"added the line to {path}")
-    changes = update_file(ctx, path, old, "".join(new_lines))
-    return _finish(ctx, name, changes, done, f"{path} is as wanted", notes)
+        _parent_ready(ctx, path, False, out)
+    new, (would, did) = edit_line(old or "", spec, path)
+    out.update(update_file(ctx, path, old, new), would, did)
+    return out.result(f"{path} is as wanted")
 
 
 # ---------------------------------------------------------------------------------------------
-# file.blockreplace
+# file.blockreplace: the text editing (pure) apart from the file
 
-def blockreplace(ctx: StateContext, name: str, marker_start: str = "#-- start managed zone --",
-                 marker_end: str = "#-- end managed zone --", content: str = "",
+def replace_block(text: str, marker_start: str, marker_end: str, content: str, append: bool = False,
+                  prepend: bool = False, path: str = "the file") -> tuple[str, tuple[str, str]]:
+    """``text`` with the lines between the marker lines made ``content`` (markers and block added
+    at the end / start when ``append`` / ``prepend`` and the markers are missing), and the words for
+    it. The markers and content are checked already (see blockreplace)."""
+    lines = text.splitlines(keepends=True)
+    starts = [i for i, ln in enumerate(lines) if ln.strip().startswith(marker_start)]
+    ends = [i for i, ln in enumerate(lines) if ln.strip().startswith(marker_end)]
+    if len(starts) > 1 or len(ends) > 1:
+        raise StateError(f"{path} has more than one {marker_start!r} / {marker_end!r} block; "
+                         f"merge them by hand first")
+    if starts and not (ends and ends[0] > starts[0]):
+        raise StateError(f"{path} has {marker_start!r} (line {starts[0] + 1}) without {marker_end!r} after it")
+    if ends and not starts:
+        raise StateError(f"{path} has {marker_end!r} (line {ends[0] + 1}) without {marker_start!r} before it")
+    if starts:
+        start, end = starts[0], ends[0]
+        new_lines = lines[:start + 1] + content.splitlines(keepends=True) + lines[end:]
+        return "".join(new_lines), (f"replace the block in {path}", f"replaced the block in {path}")
+    block = [marker_start + "\n"] + content.splitlines(keepends=True) + [marker_end + "\n"]
+    if append:
+        if lines and not lines[-1].endswith("\n"):
+            lines[-1] += "\n"
+        return "".join(lines + block), (f"append the block to {path}", f"appended the block to {path}")
+    if prepend:
+        return "".join(block + lines), (f"prepend the block to {path}", f"prepended the block to {path}")
+    raise StateError(f"markers {marker_start!r} / {marker_end!r} not found in {path} "
+                     f"(append_if_not_found: true adds the block at the end)")
+
+
+def blockreplace(ctx: StateContext, name: str, marker_start: Text = "#-- start managed zone --",
+                 marker_end: Text = "#-- end managed zone --", content: Text | None = "",
                  append_if_not_found: bool = False, prepend_if_not_found: bool = False) -> dict:
     """A block of lines between two marker lines, managed as a whole; the rest of the file untouched.
 
@@ -450,13 +503,13 @@ def blockreplace(ctx: StateContext, name: str, marker_start: str = "#-- start ma
             - append_if_not_found: true
     """
     path = absolute_path(name)
-    marker_start = _as_text(marker_start, "marker_start").strip()
-    marker_end = _as_text(marker_end, "marker_end").strip()
+    marker_start = str(marker_start).strip()
+    marker_end = str(marker_end).strip()
     if not marker_start or not marker_end or "\n" in marker_start + marker_end:
         raise StateError("marker_start and marker_end must be non-empty single lines")
     if marker_start.startswith(marker_end) or marker_end.startswith(marker_start):
         raise StateError("marker_start and marker_end must differ (neither a prefix of the other)")
-    content = _as_text(content if content is not None else "", "content")
+    content = "" if content is None else str(content)
     if content and not content.endswith("\n"):
         content += "\n"
     for body in content.splitlines():
@@ -465,40 +518,17 @@ def blockreplace(ctx: StateContext, name: str, marker_start: str = "#-- start ma
     if append_if_not_found and prepend_if_not_found:
         raise StateError("give append_if_not_found or prepend_if_not_found, not both")
 
-    notes: list[str] = []
+    out = Outcome(ctx, name)
     old = read_text(path)
     if old is None:
         if not (append_if_not_found or prepend_if_not_found):
             if ctx.test:
-                return result(name, None, {"diff": f"{path} does not exist yet\n"}, f"{path} does not exist yet")
+                forecast = f"edit {path}, which does not exist yet"
+                out.change("diff", f"{path} does not exist yet\n", forecast, forecast)
+                return out.result()
             raise StateError(f"{path} does not exist")
-        _parent_ready(ctx, path, False, notes)
-    lines = (old or "").splitlines(keepends=True)
-    starts = [i for i, ln in enumerate(lines) if ln.strip().startswith(marker_start)]
-    ends = [i for i, ln in enumerate(lines) if ln.strip().startswith(marker_end)]
-    if len(starts) > 1 or len(ends) > 1:
-        raise StateError(f"{path} has more than one {marker_start!r} / {marker_end!r} block; "
-                         f"merge them by hand first")
-    if starts and not (ends and ends[0] > starts[0]):
-        raise StateError(f"{path} has {marker_start!r} (line {starts[0] + 1}) without {marker_end!r} after it")
-    if ends and not starts:
-        raise StateError(f"{path} has {marker_end!r} (line {ends[0] + 1}) without {marker_start!r} before it")
-    if starts:
-        start, end = starts[0], ends[0]
-        new_lines = lines[:start + 1] + content.splitlines(keepends=True) + lines[end:]
-        done = (f"replace the block in {path}", f"replaced the block in {path}")
-    else:
-        block = [marker_start + "\n"] + content.splitlines(keepends=True) + [marker_end + "\n"]
-        if append_if_not_found:
-            if lines and not lines[-1].endswith("\n"):
-                lines[-1] += "\n"
-            new_lines = lines + block
-            done = (f"append the block to {path}", f"appended the block to {path}")
-        elif prepend_if_not_found:
-            new_lines = block + lines
-            done = (f"prepend the block to {path}", f"prepended the block to {path}")
-        else:
-            raise StateError(f"markers {marker_start!r} / {marker_end!r} not found in {path} "
-                             f"(append_if_not_found: true adds the block at the end)")
-    changes = update_file(ctx, path, old, "".join(new_lines))
-    return _finish(ctx, name, changes, done, f"{path} is as wanted", notes)
+        _parent_ready(ctx, path, False, out)
+    new, (would, did) = replace_block(old or "", marker_start, marker_end, content, append_if_not_found,
+                                      prepend_if_not_found, path)
+    out.update(update_file(ctx, path, old, new), would, did)
+    return out.result(f"{path} is as wanted")

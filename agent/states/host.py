@@ -9,7 +9,7 @@ import ipaddress
 import re
 import socket
 
-from .base import (StateContext, StateError, absolute_path, read_text, result, string_list, systemd_running,
+from .base import (Outcome, StateContext, StateError, absolute_path, read_text, string_list, systemd_running,
                    update_file, write_atomic)
 
 __states__ = ("hostname", "present", "absent")
@@ -22,8 +22,8 @@ LABEL_RE = re.compile(r"\A[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\Z")
 HOSTS_NAME_RE = re.compile(r"\A[A-Za-z0-9]([A-Za-z0-9_.-]*[A-Za-z0-9])?\Z")
 
 
-def _check_hostname(name) -> str:
-    if not isinstance(name, str) or not name:
+def _check_hostname(name: str) -> str:
+    if not name:
         raise StateError("name must be the hostname")
     if len(name) > 64 or not all(LABEL_RE.match(label) for label in name.split(".")):
         raise StateError(f"{name!r} is not a valid hostname: lowercase letters, digits and '-' "
@@ -99,7 +99,8 @@ def _append(lines: list, text: str) -> None:
     lines.append(text)
 
 
-def present(ctx: StateContext, name: str, ip: str | list, clean: bool = False, hosts_file: str = HOSTS_FILE) -> dict:
+def present(ctx: StateContext, name: str, ip: str | list[str], clean: bool = False,
+            hosts_file: str = HOSTS_FILE) -> dict:
     """A name on the line of an address (or of each of several) in /etc/hosts.
 
     A name missing from an existing line for the address is added to that line; without such a
@@ -120,12 +121,21 @@ def present(ctx: StateContext, name: str, ip: str | list, clean: bool = False, h
             - clean: true
     """
     path = absolute_path(hosts_file, "hosts_file")
-    (host,) = _check_host_names([str(name)])
+    (host,) = _check_host_names([name])
     ips = _check_ips(string_list(ip, "ip", allow_empty=False))
     if not ips:
         raise StateError("ip must name at least one address")
     old = read_text(path)
-    lines: list = _hosts_lines(path, old)
+    new = hosts_with(_hosts_lines(path, old), host, ips, clean)
+    out = Outcome(ctx, name)
+    out.update(update_file(ctx, path, old, new), f"put {host} on {', '.join(ips)} in {path}",
+               f"put {host} on {', '.join(ips)} in {path}")
+    return out.result(f"{host} is on {', '.join(ips)} in {path}")
+
+
+def hosts_with(lines: list, host: str, ips: list[str], clean: bool) -> str:
+    """A hosts file's text (its lines, parsed) with ``host`` on each address's line; with
+    ``clean``, off the lines of other addresses."""
     for address in ips:
         same_ip = [i for i, ln in enumerate(lines) if isinstance(ln, _HostsLine) and ln.ip_key == address]
         if any(lines[i].has(host) for i in same_ip):
@@ -139,14 +149,10 @@ def present(ctx: StateContext, name: str, ip: str | list, clean: bool = False, h
         for i, ln in enumerate(lines):
             if isinstance(ln, _HostsLine) and ln.ip_key and ln.ip_key not in ips and ln.has(host):
                 lines[i] = ln.with_names([n for n in ln.names if n.lower() != host.lower()]) or ""
-    changes = update_file(ctx, path, old, _join(lines))
-    if not changes:
-        return result(name, True, {}, f"{host} is on {', '.join(ips)} in {path}")
-    return result(name, None if ctx.test else True, changes,
-                  f"{'would put' if ctx.test else 'put'} {host} on {', '.join(ips)} in {path}")
+    return _join(lines)
 
 
-def absent(ctx: StateContext, name: str, ip: str | list | None = None, hosts_file: str = HOSTS_FILE) -> dict:
+def absent(ctx: StateContext, name: str, ip: str | list[str] | None = None, hosts_file: str = HOSTS_FILE) -> dict:
     """A name not in /etc/hosts (on any address, or on the given ones); emptied lines go.
 
     Arguments:
@@ -160,20 +166,18 @@ def absent(ctx: StateContext, name: str, ip: str | list | None = None, hosts_fil
           host.absent
     """
     path = absolute_path(hosts_file, "hosts_file")
-    (host,) = _check_host_names([str(name)])
+    (host,) = _check_host_names([name])
     ips = _check_ips(string_list(ip, "ip", allow_empty=False)) if ip is not None else None
+    out = Outcome(ctx, name)
     old = read_text(path)
     if old is None:
-        return result(name, True, {}, f"{path} does not exist")
+        return out.result(f"{path} does not exist")
     lines: list = _hosts_lines(path, old)
     for i, ln in enumerate(lines):
         if ln.ip_key and (ips is None or ln.ip_key in ips) and ln.has(host):
             lines[i] = ln.with_names([n for n in ln.names if n.lower() != host.lower()]) or ""
-    changes = update_file(ctx, path, old, _join(lines))
-    if not changes:
-        return result(name, True, {}, f"{host} is not in {path}")
-    return result(name, None if ctx.test else True, changes,
-                  f"{'would remove' if ctx.test else 'removed'} {host} from {path}")
+    out.update(update_file(ctx, path, old, _join(lines)), f"remove {host} from {path}", f"removed {host} from {path}")
+    return out.result(f"{host} is not in {path}")
 
 
 def _static_hostname() -> str | None:
@@ -222,31 +226,30 @@ def hostname(ctx: StateContext, name: str, hosts_file: str = HOSTS_FILE) -> dict
     else:
         _append(lines, f"{LOOPBACK_HOST_IP}\t{new}\n")
 
-    changes: dict = {}
-    notes: list[str] = []
+    out = Outcome(ctx, name)
     if kernel != new or static != new:
-        changes["hostname"] = {"old": kernel if kernel != new else static, "new": new}
-    if not ctx.test and changes:
-        _set_hostname(ctx, new, notes)
-        if socket.gethostname() != new or _static_hostname() != new:
-            return result(name, False, {}, f"the hostname is still {socket.gethostname()!r} "
-                          f"(/etc/hostname: {_static_hostname()!r}) after setting it; {'; '.join(notes)}")
-    changes.update(update_file(ctx, path, hosts_old, _join(lines)))
-    if not changes:
-        return result(name, True, {}, f"the hostname is {new}")
-    comment = (f"would set the hostname to {new}" if ctx.test else f"set the hostname to {new}") \
-        if "hostname" in changes else f"{'would fix' if ctx.test else 'fixed'} the {LOOPBACK_HOST_IP} line of {path}"
-    if notes:
-        comment += "; " + "; ".join(notes)
-    return result(name, None if ctx.test else True, changes, comment)
+        if not ctx.test:
+            _set_hostname(ctx, new, out)
+            if socket.gethostname() != new or _static_hostname() != new:
+                return out.fail(f"the hostname is still {socket.gethostname()!r} "
+                                f"(/etc/hostname: {_static_hostname()!r}) after setting it; {'; '.join(out.notes)}")
+        out.change("hostname", {"old": kernel if kernel != new else static, "new": new},
+                   f"set the hostname to {new}", f"set the hostname to {new}")
+    hosts_changes = update_file(ctx, path, hosts_old, _join(lines))
+    if "hostname" in out.changes:
+        out.update(hosts_changes)  # said with the hostname
+    else:
+        out.update(hosts_changes, f"fix the {LOOPBACK_HOST_IP} line of {path}",
+                   f"fixed the {LOOPBACK_HOST_IP} line of {path}")
+    return out.result(f"the hostname is {new}")
 
 
-def _set_hostname(ctx: StateContext, new: str, notes: list[str]) -> None:
+def _set_hostname(ctx: StateContext, new: str, out: Outcome) -> None:
     if systemd_running() and ctx.which("hostnamectl"):
         res = ctx.run(["hostnamectl", "set-hostname", new])
         if res.ok:
             return
-        notes.append(f"hostnamectl failed ({res.stderr.strip() or res.returncode}), set directly instead")
+        out.note(f"hostnamectl failed ({res.stderr.strip() or res.returncode}), set directly instead")
     try:
         write_atomic(HOSTNAME_FILE, new + "\n", mode=0o644)
     except OSError as exc:

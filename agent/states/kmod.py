@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import re
 
-from .base import StateContext, StateError, output_tail, read_text, result, update_file
+from .base import Outcome, StateContext, StateError, output_tail, read_text, update_file
 
 __states__ = ("loaded",)
 
@@ -49,36 +49,38 @@ def loaded(ctx: StateContext, name: str, persist: bool = True) -> dict:
           kmod.loaded:
             - persist: true
     """
-    if not isinstance(name, str) or not MODULE_RE.match(name):
+    if not MODULE_RE.match(name):
         raise StateError(f"{name!r} is not a kernel module name")
-    changes: dict = {}
+    out = Outcome(ctx, name, before=f"{name}: ")
     if not is_loaded(name):
-        changes["loaded"] = True
         if not ctx.test:
             res = ctx.run(["modprobe", "--", name], timeout=120)
             if res.returncode == 127:
-                return result(name, False, {}, f"cannot load {name}: modprobe is not installed (package kmod)")
+                return out.fail(f"cannot load {name}: modprobe is not installed (package kmod)")
             if not res.ok:
-                return result(name, False, {}, f"modprobe {name} failed: {output_tail(res, 4)}")
+                return out.fail(f"modprobe {name} failed: {output_tail(res, 4)}")
             if not is_loaded(name):
-                return result(name, False, {}, f"modprobe {name} succeeded but the module is not loaded")
+                return out.fail(f"modprobe {name} succeeded but the module is not loaded")
+        out.change("loaded", True, "load it now", "loaded it now")
     if persist:
         old = read_text(MODULES_LOAD_FILE)
-        lines = (old if old is not None else HEADER).splitlines(keepends=True)
-        listed = any(_canonical(ln.split("#", 1)[0].strip()) == _canonical(name) for ln in lines)
-        if not listed:
-            if lines and not lines[-1].endswith("\n"):
-                lines[-1] += "\n"
-            lines.append(name + "\n")
-            if old is None and not os.path.isdir(os.path.dirname(MODULES_LOAD_FILE)):
-                if ctx.test:
-                    changes["diff"] = f"{MODULES_LOAD_FILE} would be created\n"
-                else:
-                    os.makedirs(os.path.dirname(MODULES_LOAD_FILE), mode=0o755, exist_ok=True)
-            if "diff" not in changes:
-                changes.update(update_file(ctx, MODULES_LOAD_FILE, old, "".join(lines)))
-    if not changes:
-        return result(name, True, {}, f"{name} is loaded" + (f" and listed in {MODULES_LOAD_FILE}" if persist else ""))
-    what = " and ".join(filter(None, ["loaded" if "loaded" in changes else "",
-                                      f"listed in {MODULES_LOAD_FILE}" if "diff" in changes else ""]))
-    return result(name, None if ctx.test else True, changes, f"{name}: {'would be ' if ctx.test else ''}{what}")
+        new = list_module(old if old is not None else HEADER, name)
+        listed = (f"list it in {MODULES_LOAD_FILE} for boot", f"listed it in {MODULES_LOAD_FILE} for boot")
+        if new != old and old is None and not os.path.isdir(os.path.dirname(MODULES_LOAD_FILE)):
+            if ctx.test:
+                out.change("diff", f"{MODULES_LOAD_FILE} would be created\n", *listed)
+            else:
+                os.makedirs(os.path.dirname(MODULES_LOAD_FILE), mode=0o755, exist_ok=True)
+        if "diff" not in out.changes:
+            out.update(update_file(ctx, MODULES_LOAD_FILE, old, new), *listed)
+    return out.result(f"{name} is loaded" + (f" and listed in {MODULES_LOAD_FILE}" if persist else ""))
+
+
+def list_module(text: str, module: str) -> str:
+    """A modules-load.d file's text with the module listed (appended when it is not yet)."""
+    lines = text.splitlines(keepends=True)
+    if any(_canonical(ln.split("#", 1)[0].strip()) == _canonical(module) for ln in lines):
+        return text
+    if lines and not lines[-1].endswith("\n"):
+        lines[-1] += "\n"
+    return "".join(lines) + module + "\n"

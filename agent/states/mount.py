@@ -9,7 +9,7 @@ import os
 import re
 from dataclasses import dataclass
 
-from .base import StateContext, StateError, absolute_path, output_tail, read_text, result, update_file
+from .base import Outcome, StateContext, Text, StateError, absolute_path, output_tail, read_text, update_file
 
 __states__ = ("mounted", "unmounted")
 
@@ -56,9 +56,29 @@ def parse_fstab_line(text: str) -> FstabEntry | None:
     return FstabEntry(_unescape(fields[0]), _unescape(fields[1]), fields[2], opts, dump, pass_num)
 
 
-def _fstab(path: str) -> tuple[str | None, list[str]]:
-    old = read_text(path)
-    return old, (old or "").splitlines(keepends=True)
+def fstab_with(text: str, entry: FstabEntry) -> str:
+    """fstab's text with ``entry`` for its mount point: the first line for that mount point
+    replaced when it differs (later ones removed: they would fight it), else appended."""
+    lines = text.splitlines(keepends=True)
+    hits = [i for i, ln in enumerate(lines)
+            if (e := parse_fstab_line(ln)) is not None and os.path.normpath(e.mount_point) == entry.mount_point]
+    if hits:
+        if parse_fstab_line(lines[hits[0]]) != entry:
+            lines[hits[0]] = entry.line()
+        for i in reversed(hits[1:]):
+            del lines[i]
+    else:
+        if lines and not lines[-1].endswith("\n"):
+            lines[-1] += "\n"
+        lines.append(entry.line())
+    return "".join(lines)
+
+
+def fstab_without(text: str, mount_point: str, device: str | None = None) -> str:
+    """fstab's text without the entries for ``mount_point`` (only ``device``'s, if given)."""
+    return "".join(ln for ln in text.splitlines(keepends=True)
+                   if (e := parse_fstab_line(ln)) is None or os.path.normpath(e.mount_point) != mount_point
+                   or (device is not None and e.device != device))
 
 
 def _mounted_at(mount_point: str) -> dict | None:
@@ -76,10 +96,10 @@ def _mounted_at(mount_point: str) -> dict | None:
     return found
 
 
-def _options(opts) -> list[str]:
+def _options(opts: str | list) -> list[str]:
     if isinstance(opts, str):
         items = opts.split(",")
-    elif isinstance(opts, list) and all(isinstance(o, str) for o in opts):
+    elif all(isinstance(o, str) for o in opts):
         items = opts
     else:
         raise StateError(f"opts must be a comma-separated string or a list, not {opts!r}")
@@ -89,20 +109,20 @@ def _options(opts) -> list[str]:
     return items
 
 
-def _small_int(value, what: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, str)) or not str(value).isdigit():
+def _small_int(value: int | str, what: str) -> int:
+    if not str(value).isdigit():
         raise StateError(f"{what} must be a number, not {value!r}")
     return int(value)
 
 
-def _word(value, what: str) -> str:
-    if not isinstance(value, str) or not value or re.search(r"\s", value):
+def _word(value: str, what: str) -> str:
+    if not value or re.search(r"\s", value):
         raise StateError(f"{what} must be a non-empty word, not {value!r}")
     return value
 
 
-def mounted(ctx: StateContext, name: str, device: str, fstype: str, opts: str | list = "defaults",
-            dump: int = 0, pass_num: int = 0, config: str = FSTAB, persist: bool = True,
+def mounted(ctx: StateContext, name: str, device: str, fstype: str, opts: str | list[str] = "defaults",
+            dump: int | str = 0, pass_num: int | str = 0, config: str = FSTAB, persist: bool = True,
             mkmnt: bool = False) -> dict:
     """A file system mounted now and (with persist) listed in /etc/fstab for the next boot.
 
@@ -132,14 +152,13 @@ def mounted(ctx: StateContext, name: str, device: str, fstype: str, opts: str | 
             - mkmnt: true
     """
     mount_point = absolute_path(name)
-    if not isinstance(device, str) or not device.strip() or "\n" in device:
+    if not device.strip() or "\n" in device:
         raise StateError(f"device must name what to mount, not {device!r}")
     fstype = _word(fstype, "fstype")
     options = _options(opts)
     wanted = FstabEntry(device, mount_point, fstype, options, _small_int(dump, "dump"),
                         _small_int(pass_num, "pass_num"))
-    changes: dict = {}
-    notes: list[str] = []
+    out = Outcome(ctx, name, before=f"{mount_point}: ")
 
     # Another file system on the mount point fails the state before anything is changed.
     current = _mounted_at(mount_point)
@@ -156,54 +175,41 @@ def mounted(ctx: StateContext, name: str, device: str, fstype: str, opts: str | 
 
     if persist:
         fstab_path = absolute_path(config, "config")
-        old, lines = _fstab(fstab_path)
-        hits = [i for i, ln in enumerate(lines)
-                if (e := parse_fstab_line(ln)) is not None and os.path.normpath(e.mount_point) == mount_point]
-        if hits:
-            if parse_fstab_line(lines[hits[0]]) != wanted:
-                lines[hits[0]] = wanted.line()
-            for i in reversed(hits[1:]):  # a later entry for the same mount point would fight this one
-                del lines[i]
-        else:
-            if lines and not lines[-1].endswith("\n"):
-                lines[-1] += "\n"
-            lines.append(wanted.line())
-        changes.update(update_file(ctx, fstab_path, old, "".join(lines)))
-
+        old = read_text(fstab_path)
+        out.update(update_file(ctx, fstab_path, old, fstab_with(old or "", wanted)),
+                   "write its fstab entry", "wrote its fstab entry")
     if current is None:
-        if not os.path.isdir(mount_point):
-            if not mkmnt:  # test mode: an earlier file.directory state may create it
-                notes.append(f"{mount_point} does not exist yet")
-            else:
-                changes["created"] = mount_point
-                if not ctx.test:
-                    try:
-                        os.makedirs(mount_point, mode=0o755)
-                    except OSError as exc:
-                        raise StateError(f"cannot create {mount_point}: {exc.strerror}") from None
-        changes["mounted"] = True
-        if not ctx.test:
-            argv = ["mount", "-t", fstype, "-o", ",".join(options), device, mount_point]
-            res = ctx.run(argv, timeout=300)
-            if not res.ok:
-                del changes["mounted"]
-                return result(name, False, changes, f"mount failed: {output_tail(res, 4)}")
-            if _mounted_at(mount_point) is None:
-                del changes["mounted"]
-                return result(name, False, changes, f"mount exited 0 but nothing is mounted on {mount_point}")
-
-    if not changes:
-        return result(name, True, {}, f"{device} is mounted on {mount_point}"
-                      + (" and in fstab" if persist else ""))
-    what = " and ".join(filter(None, ["mounted" if "mounted" in changes else "",
-                                      "fstab entry written" if "diff" in changes else ""]))
-    comment = f"{mount_point}: {'would be ' if ctx.test else ''}{what}"
-    if notes:
-        comment += "; " + "; ".join(notes)
-    return result(name, None if ctx.test else True, changes, comment)
+        failure = _mount(ctx, out, wanted, mkmnt)
+        if failure:
+            return out.fail(failure)
+    return out.result(f"{device} is mounted on {mount_point}" + (" and in fstab" if persist else ""))
 
 
-def unmounted(ctx: StateContext, name: str, device: str | None = None, persist: bool = False,
+def _mount(ctx: StateContext, out: Outcome, entry: FstabEntry, mkmnt: bool) -> str | None:
+    """Mount ``entry`` now (creating the mount point with mkmnt); why not, if it failed."""
+    mount_point = entry.mount_point
+    if not os.path.isdir(mount_point):
+        if not mkmnt:  # test mode: an earlier file.directory state may create it
+            out.note(f"{mount_point} does not exist yet")
+        else:
+            if not ctx.test:
+                try:
+                    os.makedirs(mount_point, mode=0o755)
+                except OSError as exc:
+                    raise StateError(f"cannot create {mount_point}: {exc.strerror}") from None
+            out.change("created", mount_point)
+    if not ctx.test:
+        argv = ["mount", "-t", entry.fstype, "-o", ",".join(entry.opts), entry.device, mount_point]
+        res = ctx.run(argv, timeout=300)
+        if not res.ok:
+            return f"mount failed: {output_tail(res, 4)}"
+        if _mounted_at(mount_point) is None:
+            return f"mount exited 0 but nothing is mounted on {mount_point}"
+    out.change("mounted", True, "mount it", "mounted it")
+    return None
+
+
+def unmounted(ctx: StateContext, name: str, device: Text | None = None, persist: bool = False,
               config: str = FSTAB) -> dict:
     """Nothing mounted on a mount point now; with persist, no fstab entry for it either.
 
@@ -220,25 +226,17 @@ def unmounted(ctx: StateContext, name: str, device: str | None = None, persist: 
             - persist: true
     """
     mount_point = absolute_path(name)
-    if device is not None:
-        device = str(device)
-    changes: dict = {}
+    out = Outcome(ctx, name, before=f"{mount_point}: ")
     if _mounted_at(mount_point) is not None:
-        changes["unmounted"] = True
         if not ctx.test:
             res = ctx.run(["umount", mount_point], timeout=300)
             if not res.ok:
-                return result(name, False, {}, f"umount failed: {output_tail(res, 4)}")
+                return out.fail(f"umount failed: {output_tail(res, 4)}")
+        out.change("unmounted", True, "unmount it", "unmounted it")
     if persist:
         fstab_path = absolute_path(config, "config")
-        old, lines = _fstab(fstab_path)
-        kept = [ln for ln in lines
-                if (e := parse_fstab_line(ln)) is None or os.path.normpath(e.mount_point) != mount_point
-                or (device is not None and e.device != device)]
+        old = read_text(fstab_path)
         if old is not None:
-            changes.update(update_file(ctx, fstab_path, old, "".join(kept)))
-    if not changes:
-        return result(name, True, {}, f"{mount_point} is not mounted" + (" nor in fstab" if persist else ""))
-    what = " and ".join(filter(None, ["unmounted" if "unmounted" in changes else "",
-                                      "fstab entry removed" if "diff" in changes else ""]))
-    return result(name, None if ctx.test else True, changes, f"{mount_point}: {'would be ' if ctx.test else ''}{what}")
+            new = fstab_without(old, mount_point, None if device is None else str(device))
+            out.update(update_file(ctx, fstab_path, old, new), "remove its fstab entry", "removed its fstab entry")
+    return out.result(f"{mount_point} is not mounted" + (" nor in fstab" if persist else ""))

@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import ipaddress
 import re
+from dataclasses import dataclass, field
 
 from .. import netchange
-from .base import StateContext, StateError, read_text, result, string_list, systemd_running, update_file
+from .base import Outcome, StateContext, StateError, read_text, string_list, systemd_running, update_file
 
 __states__ = ("static",)
 
@@ -30,10 +31,11 @@ IFACE_RE = re.compile(r"\A[A-Za-z0-9][A-Za-z0-9_.:@-]{0,14}\Z")
 MANAGED = "managed by pimaster (network.static)"
 
 
-def _desired(name, address, gateway, dns) -> tuple[str, ipaddress.IPv4Interface, str | None, list[str]]:
-    if not isinstance(name, str) or not IFACE_RE.match(name):
+def _desired(name: str, address: str, gateway: str | None,
+             dns: list | str | None) -> tuple[str, ipaddress.IPv4Interface, str | None, list[str]]:
+    if not IFACE_RE.match(name):
         raise StateError(f"name must be a network interface, like eth0 (got {name!r})")
-    if not isinstance(address, str) or "/" not in address:
+    if "/" not in address:
         raise StateError(f"address must be an IPv4 address with its prefix length, like 10.0.0.12/24 (got {address!r})")
     try:
         iface = ipaddress.IPv4Interface(address)
@@ -165,9 +167,60 @@ def _nm_args(settings: dict[str, str]) -> list[str]:
     return [arg for key, value in settings.items() for arg in (key, value)]
 
 
+# -------------------------------------------------------------------------------- writing the setting
+@dataclass
+class _Staging:
+    """A setting written for a backend: what changed, and what netchange needs to put it in effect
+    after the job (``apply``) or to roll it back (``restore``: path -> old text; ``undo``)."""
+    changes: dict = field(default_factory=dict)
+    restore: dict[str, str | None] = field(default_factory=dict)
+    apply: list[list[str]] = field(default_factory=list)
+    undo: list[list[str]] = field(default_factory=list)
+
+
+def _write_setting(ctx: StateContext, kind: str, iface: str, want: ipaddress.IPv4Interface, gateway: str | None,
+                   servers: list[str]) -> _Staging:
+    """Write the fixed address the way ``kind`` (the backend) keeps it, in test mode only say how."""
+    staging = _Staging()
+    if kind == "networkd":
+        path = _networkd_file(iface)
+        old = read_text(path)
+        new = _networkd_text(iface, want, gateway, servers)
+        staging.apply = [["networkctl", "reload"], ["networkctl", "reconfigure", iface]]
+        if old != new:
+            staging.restore[path] = old
+            staging.changes.update(update_file(ctx, path, old, new, mode=0o644))
+    elif kind == "dhcpcd":
+        old = read_text(DHCPCD_CONF)
+        new = _dhcpcd_text(old or "", iface, _dhcpcd_block(iface, want, gateway, servers))
+        # dhcpcd leaves addresses it did not add (and, with Raspberry Pi OS's `persistent`, its
+        # own) when it stops: flush them, or the node would answer on both addresses.
+        staging.apply = [["systemctl", "stop", "dhcpcd"], ["ip", "-4", "addr", "flush", "dev", iface],
+                         ["systemctl", "start", "dhcpcd"]]
+        if old != new:
+            staging.restore[DHCPCD_CONF] = old
+            staging.changes.update(update_file(ctx, DHCPCD_CONF, old, new))
+    else:
+        connection, label = _nm_connection(ctx, iface)
+        current = _nm_settings(ctx, connection)
+        wanted = {"ipv4.method": "manual", "ipv4.addresses": want.with_prefixlen,
+                  "ipv4.gateway": gateway or "", "ipv4.dns": ",".join(servers)}
+        staging.apply = [["nmcli", "connection", "up", "uuid", connection]]
+        differs = {k: {"old": current[k], "new": v} for k, v in wanted.items()
+                   if [s.strip() for s in current[k].split(",") if s.strip()] != [s for s in v.split(",") if s]}
+        if differs:
+            staging.changes[f"NetworkManager connection {label}"] = differs
+            staging.undo = [["nmcli", "connection", "modify", "uuid", connection, *_nm_args(current)]]
+            if not ctx.test:
+                res = ctx.run(["nmcli", "connection", "modify", "uuid", connection, *_nm_args(wanted)])
+                if not res.ok:
+                    raise StateError(f"nmcli could not change {label!r}: {res.stderr.strip()}")
+    return staging
+
+
 # -------------------------------------------------------------------------------- the state
-def static(ctx: StateContext, name: str, address: str, gateway: str | None = None, dns: list | str | None = None,
-           backend: str = "auto", confirm_timeout: float = netchange.DEFAULT_CONFIRM_S) -> dict:
+def static(ctx: StateContext, name: str, address: str, gateway: str | None = None, dns: list[str] | str | None = None,
+           backend: str = "auto", confirm_timeout: float | str = netchange.DEFAULT_CONFIRM_S) -> dict:
     """A fixed IPv4 address (with gateway and DNS servers) on one interface, kept after reboots.
 
     The change is written at once but put in effect only after this job's result has reached the
@@ -195,8 +248,8 @@ def static(ctx: StateContext, name: str, address: str, gateway: str | None = Non
     """
     iface, want, gateway, servers = _desired(name, address, gateway, dns)
     try:
-        confirm_s = float(confirm_timeout)
-    except (TypeError, ValueError):
+        confirm_s = float(confirm_timeout)  # "90" too
+    except ValueError:
         raise StateError(f"confirm_timeout must be a number of seconds (got {confirm_timeout!r})") from None
     kind = _backend(ctx, backend)
     live = netchange.live_addresses(iface)
@@ -206,56 +259,24 @@ def static(ctx: StateContext, name: str, address: str, gateway: str | None = Non
     pending_note = (f"; a change to {staged['address']} waits to take effect" if staged and
                     staged["address"] != want.with_prefixlen else "")
 
-    restore: dict[str, str | None] = {}
-    undo: list[list[str]] = []
-    changes: dict = {}
-    if kind == "networkd":
-        path = _networkd_file(iface)
-        old = read_text(path)
-        new = _networkd_text(iface, want, gateway, servers)
-        apply_cmds = [["networkctl", "reload"], ["networkctl", "reconfigure", iface]]
-        if old != new:
-            restore[path] = old
-            changes.update(update_file(ctx, path, old, new, mode=0o644))
-    elif kind == "dhcpcd":
-        old = read_text(DHCPCD_CONF)
-        new = _dhcpcd_text(old or "", iface, _dhcpcd_block(iface, want, gateway, servers))
-        # dhcpcd leaves addresses it did not add (and, with Raspberry Pi OS's `persistent`, its
-        # own) when it stops: flush them, or the node would answer on both addresses.
-        apply_cmds = [["systemctl", "stop", "dhcpcd"], ["ip", "-4", "addr", "flush", "dev", iface],
-                      ["systemctl", "start", "dhcpcd"]]
-        if old != new:
-            restore[DHCPCD_CONF] = old
-            changes.update(update_file(ctx, DHCPCD_CONF, old, new))
-    else:
-        connection, label = _nm_connection(ctx, iface)
-        current = _nm_settings(ctx, connection)
-        wanted = {"ipv4.method": "manual", "ipv4.addresses": want.with_prefixlen,
-                  "ipv4.gateway": gateway or "", "ipv4.dns": ",".join(servers)}
-        apply_cmds = [["nmcli", "connection", "up", "uuid", connection]]
-        differs = {k: {"old": current[k], "new": v} for k, v in wanted.items()
-                   if [s.strip() for s in current[k].split(",") if s.strip()] != [s for s in v.split(",") if s]}
-        if differs:
-            changes[f"NetworkManager connection {label}"] = differs
-            undo = [["nmcli", "connection", "modify", "uuid", connection, *_nm_args(current)]]
-            if not ctx.test:
-                res = ctx.run(["nmcli", "connection", "modify", "uuid", connection, *_nm_args(wanted)])
-                if not res.ok:
-                    raise StateError(f"nmcli could not change {label!r}: {res.stderr.strip()}")
-
+    staging = _write_setting(ctx, kind, iface, want, gateway, servers)
+    changes = staging.changes
+    out = Outcome(ctx, name)
+    out.update(changes)
     in_effect = want.with_prefixlen in live
     if not changes and in_effect:
-        return result(name, True, {}, f"{iface} has {want.with_prefixlen} ({kind}){pending_note}")
+        return out.result(f"{iface} has {want.with_prefixlen} ({kind}){pending_note}")
     if not changes and staged and staged["address"] == want.with_prefixlen:
-        return result(name, True, {}, f"{iface} {want.with_prefixlen} is written and waits to take effect "
-                                      f"after a job result reaches the master")
-    changes["address"] = {"old": ", ".join(live) or "none", "new": want.with_prefixlen}
-    if ctx.test:
-        return result(name, None, changes, f"would set {iface} to {want.with_prefixlen} ({kind})")
-    netchange.stage(ctx.state_dir, {"interface": iface, "address": want.with_prefixlen, "backend": kind,
-                                    "restore": restore, "apply": apply_cmds, "undo": undo}, confirm_s)
+        return out.result(f"{iface} {want.with_prefixlen} is written and waits to take effect "
+                          f"after a job result reaches the master")
+    if not ctx.test:
+        netchange.stage(ctx.state_dir, {"interface": iface, "address": want.with_prefixlen, "backend": kind,
+                                        "restore": staging.restore, "apply": staging.apply, "undo": staging.undo},
+                        confirm_s)
     no_route = "" if gateway else f"; no gateway given: the node will reach only {want.network}"
-    return result(name, True, changes,
-                  f"{iface} set to {want.with_prefixlen} ({kind}); it takes effect once this result reaches the "
-                  f"master, and goes back to {', '.join(live) or 'the old setting'} unless the master is "
-                  f"reachable from the new address within {max(netchange.MIN_CONFIRM_S, confirm_s):.0f} s{no_route}")
+    out.change("address", {"old": ", ".join(live) or "none", "new": want.with_prefixlen},
+               f"set {iface} to {want.with_prefixlen} ({kind})",
+               f"set {iface} to {want.with_prefixlen} ({kind}); it takes effect once this result reaches the "
+               f"master, and goes back to {', '.join(live) or 'the old setting'} unless the master is "
+               f"reachable from the new address within {max(netchange.MIN_CONFIRM_S, confirm_s):.0f} s{no_route}")
+    return out.result()

@@ -11,7 +11,7 @@ import os
 import re
 import time
 
-from .base import StateContext, StateError, output_tail, result
+from .base import Outcome, StateContext, StateError, Text, output_tail
 
 __states__ = ("installed", "removed", "purged", "held", "unheld")
 
@@ -33,14 +33,14 @@ PRESENT_STATUSES = {"installed", "half-configured", "unpacked", "half-installed"
                     "triggers-pending"}
 
 
-def _targets(name: str, pkgs, version) -> dict[str, str | None]:
+def _targets(name: str, pkgs: list | None, version: Text | None) -> dict[str, str | None]:
     """{package: wanted version or None} from name/version or a pkgs list (names or {name: version})."""
     if pkgs is None:
         found = {str(name): None if version is None else str(version)}
     else:
         if version is not None:
             raise StateError("version goes with a single package; in pkgs write `- NAME: VERSION`")
-        if not isinstance(pkgs, list) or not pkgs:
+        if not pkgs:
             raise StateError("pkgs must be a non-empty list of package names")
         found = {}
         for item in pkgs:
@@ -131,7 +131,25 @@ def _names(pkgs) -> str:
     return ", ".join(pkgs)
 
 
-def installed(ctx: StateContext, name: str, pkgs: list | None = None, version: str | None = None,
+def _installed(info: tuple[str, str, str] | None) -> str | None:
+    """The installed version from dpkg's (want, status, version), None if not installed."""
+    return info[2] if info and info[1] == "installed" else None
+
+
+def _missing(targets: dict[str, str | None], current: dict) -> list[str]:
+    """The packages not installed (at the version wanted, if one is)."""
+    return [pkg for pkg, version in targets.items()
+            if _installed(current[pkg]) is None or (version is not None and current[pkg][2] != version)]
+
+
+def _hold_changes(targets, current: dict, hold: bool | None) -> list[str]:
+    """The packages whose hold differs from ``hold`` (None: holds are left alone)."""
+    if hold is None:
+        return []
+    return [pkg for pkg in targets if (current[pkg] is not None and current[pkg][0] == "hold") != hold]
+
+
+def installed(ctx: StateContext, name: str, pkgs: list | None = None, version: Text | None = None,
               hold: bool | None = None, refresh: bool | None = None) -> dict:
     """Packages installed (at a version, if given), through apt-get, non-interactively.
 
@@ -160,78 +178,69 @@ def installed(ctx: StateContext, name: str, pkgs: list | None = None, version: s
     """
     targets = _targets(name, pkgs, version)
     current = {pkg: _query(ctx, pkg) for pkg in targets}
-
-    def satisfied(pkg: str) -> bool:
-        info = current[pkg]
-        return bool(info) and info[1] == "installed" and (targets[pkg] is None or info[2] == targets[pkg])
-
-    missing = [pkg for pkg in targets if not satisfied(pkg)]
-    if hold is None:
-        hold_change = []
-    else:
-        hold_change = [pkg for pkg in targets if (current[pkg] is not None and current[pkg][0] == "hold") != hold]
-    hold_key = "held" if hold else "unheld"
-
-    if ctx.test:
-        changes: dict = {}
-        notes = []
-        if missing:
-            changes["installed"] = {}
-            for pkg in missing:
-                candidate = targets[pkg] or _candidate(ctx, pkg)
-                if candidate is None:
-                    notes.append(f"{pkg} is not in the package lists (a refresh may find it)")
-                old = current[pkg][2] if current[pkg] and current[pkg][1] == "installed" else None
-                changes["installed"][pkg] = {"old": old, "new": candidate or "latest"}
-        if hold_change:
-            changes[hold_key] = hold_change
-        if not changes:
-            return result(name, True, {}, f"{_names(targets)}: installed as wanted")
-        comment = "; ".join(filter(None, [f"would install {_names(missing)}" if missing else "",
-                                          f"would {'hold' if hold else 'unhold'} {_names(hold_change)}"
-                                          if hold_change else ""] + notes))
-        return result(name, None, changes, comment)
-
-    changes = {}
-    refresher = _Refresher(ctx)
+    missing = _missing(targets, current)
+    out = Outcome(ctx, name)
     if missing:
-        if refresh or (refresh is None and _lists_age_s() > LISTS_MAX_AGE_S):
-            refresher("always" if refresh else "lists older than a day")
-        args = ["install"] + (["--allow-downgrades"] if any(targets[p] for p in missing) else [])
-        args += [f"{pkg}={targets[pkg]}" if targets[pkg] else pkg for pkg in missing]
-        res = _apt_get(ctx, *args)
-        if not res.ok and refresh is not False and not refresher.done and \
-                NOT_FOUND_RE.search(res.stdout + res.stderr):
-            refresher("a package was not found")
-            res = _apt_get(ctx, *args)
-        if not res.ok:
-            notes = "; ".join(refresher.notes)
-            return result(name, False, {}, f"apt-get install {' '.join(args[1:])} failed"
-                          + (f" ({notes})" if notes else "") + f":\n{output_tail(res)}")
-        installed_now = {}
-        for pkg in missing:
-            info = _query(ctx, pkg)
-            new = info[2] if info and info[1] == "installed" else None
-            if new is None or (targets[pkg] and new != targets[pkg]):
-                return result(name, False, {"installed": installed_now} if installed_now else {},
-                              f"apt-get succeeded but {pkg} is not installed"
-                              + (f" at {targets[pkg]}" if targets[pkg] else
-                                 " (a virtual package? name the package that provides it)"))
-            old = current[pkg][2] if current[pkg] and current[pkg][1] == "installed" else None
-            installed_now[pkg] = {"old": old, "new": new}
-            current[pkg] = info
-        changes["installed"] = installed_now
-    if hold is not None:
-        hold_change = [pkg for pkg in targets if (current[pkg] is not None and current[pkg][0] == "hold") != hold]
-        if hold_change:
+        if ctx.test:
+            out.change("installed", _forecast(ctx, out, targets, current, missing),
+                       f"install {_names(missing)}")
+        else:
+            failure = _install(ctx, out, targets, current, missing, refresh)
+            if failure:
+                return failure
+    hold_change = _hold_changes(targets, current, hold)
+    if hold_change:
+        if not ctx.test:
             _set_hold(ctx, hold_change, hold)
-            changes[hold_key] = hold_change
-    if not changes:
-        return result(name, True, {}, f"{_names(targets)}: installed as wanted")
-    comment = "; ".join(filter(None, [f"installed {_names(changes['installed'])}" if changes.get("installed") else "",
-                                      f"{hold_key} {_names(changes[hold_key])}" if changes.get(hold_key) else ""]
-                                + refresher.notes))
-    return result(name, True, changes, comment)
+        verb, key = ("hold", "held") if hold else ("unhold", "unheld")
+        out.change(key, hold_change, f"{verb} {_names(hold_change)}", f"{key} {_names(hold_change)}")
+    return out.result(f"{_names(targets)}: installed as wanted")
+
+
+def _forecast(ctx: StateContext, out: Outcome, targets: dict, current: dict, missing: list[str]) -> dict:
+    """Test mode: what an install would do, per package {"old": version, "new": candidate}."""
+    forecast = {}
+    for pkg in missing:
+        candidate = targets[pkg] or _candidate(ctx, pkg)
+        if candidate is None:
+            out.note(f"{pkg} is not in the package lists (a refresh may find it)")
+        forecast[pkg] = {"old": _installed(current[pkg]), "new": candidate or "latest"}
+    return forecast
+
+
+def _install(ctx: StateContext, out: Outcome, targets: dict, current: dict, missing: list[str],
+             refresh: bool | None) -> dict | None:
+    """apt-get install the missing packages (refreshing the lists when due); updates ``current``.
+    The failed result, or None when they are installed."""
+    refresher = _Refresher(ctx)
+    if refresh or (refresh is None and _lists_age_s() > LISTS_MAX_AGE_S):
+        refresher("always" if refresh else "lists older than a day")
+    args = ["install"] + (["--allow-downgrades"] if any(targets[p] for p in missing) else [])
+    args += [f"{pkg}={targets[pkg]}" if targets[pkg] else pkg for pkg in missing]
+    res = _apt_get(ctx, *args)
+    if not res.ok and refresh is not False and not refresher.done and NOT_FOUND_RE.search(res.stdout + res.stderr):
+        refresher("a package was not found")
+        res = _apt_get(ctx, *args)
+    if not res.ok:
+        notes = "; ".join(refresher.notes)
+        return out.fail(f"apt-get install {' '.join(args[1:])} failed" + (f" ({notes})" if notes else "")
+                        + f":\n{output_tail(res)}")
+    installed_now = {}
+    for pkg in missing:
+        info = _query(ctx, pkg)
+        new = _installed(info)
+        if new is None or (targets[pkg] and new != targets[pkg]):
+            if installed_now:
+                out.change("installed", installed_now)
+            return out.fail(f"apt-get succeeded but {pkg} is not installed"
+                            + (f" at {targets[pkg]}" if targets[pkg] else
+                               " (a virtual package? name the package that provides it)"))
+        installed_now[pkg] = {"old": _installed(current[pkg]), "new": new}
+        current[pkg] = info
+    out.change("installed", installed_now, "", f"installed {_names(installed_now)}")
+    for note in refresher.notes:
+        out.note(note)
+    return None
 
 
 def _remove(ctx: StateContext, name: str, pkgs, purge: bool) -> dict:
@@ -245,18 +254,18 @@ def _remove(ctx: StateContext, name: str, pkgs, purge: bool) -> dict:
 
     before = {pkg: _installed_version(ctx, pkg) for pkg in targets}
     to_remove = [pkg for pkg in targets if present(pkg)]
-    if not to_remove:
-        return result(name, True, {}, f"{_names(targets)}: not installed")
-    changes = {f"{verb}d": {pkg: {"old": before[pkg], "new": None} for pkg in to_remove}}
-    if ctx.test:
-        return result(name, None, changes, f"would {verb} {_names(to_remove)}")
-    res = _apt_get(ctx, verb, *to_remove)
-    if not res.ok:
-        return result(name, False, {}, f"apt-get {verb} {' '.join(to_remove)} failed:\n{output_tail(res)}")
-    still = [pkg for pkg in to_remove if present(pkg)]
-    if still:
-        return result(name, False, {}, f"apt-get succeeded but {_names(still)} is still there")
-    return result(name, True, changes, f"{verb}d {_names(to_remove)}")
+    out = Outcome(ctx, name)
+    if to_remove and not ctx.test:
+        res = _apt_get(ctx, verb, *to_remove)
+        if not res.ok:
+            return out.fail(f"apt-get {verb} {' '.join(to_remove)} failed:\n{output_tail(res)}")
+        still = [pkg for pkg in to_remove if present(pkg)]
+        if still:
+            return out.fail(f"apt-get succeeded but {_names(still)} is still there")
+    if to_remove:
+        out.change(f"{verb}d", {pkg: {"old": before[pkg], "new": None} for pkg in to_remove},
+                   f"{verb} {_names(to_remove)}", f"{verb}d {_names(to_remove)}")
+    return out.result(f"{_names(targets)}: not installed")
 
 
 def removed(ctx: StateContext, name: str, pkgs: list | None = None) -> dict:
@@ -295,19 +304,19 @@ def _hold_state(ctx: StateContext, name: str, pkgs, hold: bool) -> dict:
     verb = "hold" if hold else "unhold"
     info = {pkg: _query(ctx, pkg) for pkg in targets}
     not_installed = [pkg for pkg in targets if not info[pkg] or info[pkg][1] not in PRESENT_STATUSES]
+    out = Outcome(ctx, name)
     if not_installed and hold:
         if ctx.test:  # an earlier pkg.installed in the same run may install it
-            return result(name, None, {"held": targets},
-                          f"would hold {_names(targets)} ({_names(not_installed)} not installed yet)")
+            out.change("held", targets, f"hold {_names(targets)} ({_names(not_installed)} not installed yet)")
+            return out.result()
         raise StateError(f"{_names(not_installed)} not installed (pkg.installed with hold: true installs and holds)")
     to_change = [pkg for pkg in targets if info[pkg] and (info[pkg][0] == "hold") != hold]
     key = "held" if hold else "unheld"
-    if not to_change:
-        return result(name, True, {}, f"{_names(targets)}: {'held' if hold else 'not held'}")
-    if ctx.test:
-        return result(name, None, {key: to_change}, f"would {verb} {_names(to_change)}")
-    _set_hold(ctx, to_change, hold)
-    return result(name, True, {key: to_change}, f"{key} {_names(to_change)}")
+    if to_change:
+        if not ctx.test:
+            _set_hold(ctx, to_change, hold)
+        out.change(key, to_change, f"{verb} {_names(to_change)}", f"{key} {_names(to_change)}")
+    return out.result(f"{_names(targets)}: {'held' if hold else 'not held'}")
 
 
 def held(ctx: StateContext, name: str, pkgs: list | None = None) -> dict:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import re
 
-from .base import StateContext, StateError, output_tail, result, systemd_running
+from .base import Outcome, StateContext, StateError, output_tail, systemd_running
 
 __states__ = ("running", "dead", "enabled", "disabled")
 
@@ -40,7 +40,7 @@ def unit_file_on_disk(name: str) -> bool:
 
 class _Unit:
     def __init__(self, ctx: StateContext, name: str) -> None:
-        if not isinstance(name, str) or not UNIT_RE.match(name) or name.startswith("-"):
+        if not UNIT_RE.match(name) or name.startswith("-"):
             raise StateError(f"{name!r} is not a systemd unit name")
         if not systemd_running():
             raise StateError("systemd is not running on this node: service states need it")
@@ -97,31 +97,29 @@ class _Failed(Exception):
     """A systemctl action failed after other changes were made: report them with the failure."""
 
 
-def _reload_if_needed(unit: _Unit, changes: dict) -> None:
+def _reload_if_needed(unit: _Unit, out: Outcome) -> None:
     if unit.props.get("NeedDaemonReload") == "yes":
-        changes["daemon_reload"] = True
         if not unit.ctx.test:
             unit.daemon_reload()
+        out.change("daemon_reload", True, "daemon-reload", "daemon-reloaded")
     elif unit.daemon_reloaded:
-        changes["daemon_reload"] = True
+        out.change("daemon_reload", True, "daemon-reload", "daemon-reloaded")
 
 
-def _enable(unit: _Unit, enable: bool | None, changes: dict, notes: list[str]) -> None:
+def _enable(unit: _Unit, enable: bool | None, out: Outcome) -> None:
     """Make the unit enabled (True) or disabled (False) at boot; None: leave it."""
     if enable is None:
         return
-    if not isinstance(enable, bool):
-        raise StateError(f"enable must be true or false, not {enable!r}")
     state = unit.enabled_state
     if enable:
         if state in ENABLED:
             return
         if state in NOT_ENABLEABLE:
-            notes.append(f"{unit.id} is {state}: it cannot be enabled itself")
+            out.note(f"{unit.id} is {state}: it cannot be enabled itself")
             return
         if state.startswith("masked"):
             raise StateError(f"{unit.id} is masked (systemctl unmask {unit.id})")
-        changes["enabled"] = True
+        out.change("enabled", True, "enable", "enabled")
         if not unit.ctx.test:
             unit.systemctl("enable")
             if unit.enabled_state not in ENABLED:
@@ -129,36 +127,9 @@ def _enable(unit: _Unit, enable: bool | None, changes: dict, notes: list[str]) -
     else:
         if state in NOT_ENABLEABLE or state == "disabled" or state.startswith("masked"):
             return
-        changes["enabled"] = False
+        out.change("enabled", False, "disable", "disabled")
         if not unit.ctx.test:
             unit.systemctl("disable")
-
-
-def _verdict(unit: _Unit, name: str, changes: dict, notes: list[str], unchanged: str) -> dict:
-    ctx = unit.ctx
-    if changes:
-        steps = _steps(changes)
-        comment = (f"would {', '.join(s[0] for s in steps)}" if ctx.test
-                   else ", ".join(s[1] for s in steps)) + f" {unit.id}"
-    else:
-        comment = unchanged
-    if notes:
-        comment += "; " + "; ".join(notes)
-    return result(name, None if ctx.test and changes else True, changes, comment)
-
-
-def _steps(changes: dict) -> list[tuple[str, str]]:
-    """What the changes did, as ("would" verb, past tense) pairs in the order they happen."""
-    steps = []
-    for key, verb, done in (("daemon_reload", "daemon-reload for", "daemon-reloaded for"),
-                            ("stopped", "stop", "stopped"), ("enabled", "enable", "enabled"),
-                            ("started", "start", "started"), ("restarted", "restart", "restarted"),
-                            ("reloaded", "reload", "reloaded")):
-        if key == "enabled" and key in changes and changes[key] is False:
-            steps.append(("disable", "disabled"))
-        elif changes.get(key):
-            steps.append((verb, done))
-    return steps
 
 
 def running(ctx: StateContext, name: str, enable: bool | None = None, reload: bool = False) -> dict:
@@ -181,32 +152,34 @@ def running(ctx: StateContext, name: str, enable: bool | None = None, reload: bo
               - file: /etc/chrony/chrony.conf
     """
     unit = _Unit(ctx, name)
-    changes: dict = {}
-    notes: list[str] = []
     if unit.missing:
         if ctx.test:  # an earlier pkg.installed in the same run may bring it
-            changes = {"started": True, **({"enabled": enable} if enable is not None else {})}
-            return result(name, None, changes, f"would start {name} (unit not present yet)")
-        return result(name, False, {}, f"no unit {name} on this node")
+            out = Outcome(ctx, name)
+            out.change("started", True, f"start {name} (unit not present yet)")
+            if enable is not None:
+                out.change("enabled", enable)
+            return out.result()
+        return Outcome(ctx, name).fail(f"no unit {name} on this node")
     if unit.masked:
         raise StateError(f"{unit.id} is masked (systemctl unmask {unit.id})")
+    out = Outcome(ctx, name, after=f" {unit.id}")
     try:
-        _reload_if_needed(unit, changes)
-        _enable(unit, enable, changes, notes)
+        _reload_if_needed(unit, out)
+        _enable(unit, enable, out)
         if not unit.active:
-            changes["started"] = True
+            out.change("started", True, "start", "started")
             if not ctx.test:
                 unit.systemctl("start")
                 if not unit.active:
                     raise _Failed(f"{unit.id} is {unit.props.get('ActiveState')} right after starting")
         elif ctx.watch_changed:
             verb = "reload" if reload and unit.props.get("CanReload") == "yes" else "restart"
-            changes[f"{verb}ed"] = True
+            out.change(f"{verb}ed", True, verb, f"{verb}ed")
             if not ctx.test:
                 unit.systemctl(verb)
     except _Failed as exc:
-        return result(name, False, changes, str(exc))
-    return _verdict(unit, name, changes, notes, f"{unit.id} is running")
+        return out.fail(str(exc))
+    return out.result(f"{unit.id} is running")
 
 
 def dead(ctx: StateContext, name: str, enable: bool | None = None) -> dict:
@@ -226,19 +199,18 @@ def dead(ctx: StateContext, name: str, enable: bool | None = None) -> dict:
     """
     unit = _Unit(ctx, name)
     if unit.missing:
-        return result(name, True, {}, f"no unit {name} on this node: nothing to stop")
-    changes: dict = {}
-    notes: list[str] = []
+        return Outcome(ctx, name).result(f"no unit {name} on this node: nothing to stop")
+    out = Outcome(ctx, name, after=f" {unit.id}")
     try:
-        _reload_if_needed(unit, changes)
+        _reload_if_needed(unit, out)
         if unit.props.get("ActiveState") in RUNNING | {"activating", "deactivating"}:
-            changes["stopped"] = True
+            out.change("stopped", True, "stop", "stopped")
             if not ctx.test:
                 unit.systemctl("stop")
-        _enable(unit, enable, changes, notes)
+        _enable(unit, enable, out)
     except _Failed as exc:
-        return result(name, False, changes, str(exc))
-    return _verdict(unit, name, changes, notes, f"{unit.id} is stopped")
+        return out.fail(str(exc))
+    return out.result(f"{unit.id} is stopped")
 
 
 def enabled(ctx: StateContext, name: str) -> dict:
@@ -254,17 +226,22 @@ def enabled(ctx: StateContext, name: str) -> dict:
     """
     unit = _Unit(ctx, name)
     if unit.missing:
+        out = Outcome(ctx, name)
         if ctx.test:
-            return result(name, None, {"enabled": True}, f"would enable {name} (unit not present yet)")
-        return result(name, False, {}, f"no unit {name} on this node")
-    changes: dict = {}
-    notes: list[str] = []
+            out.change("enabled", True, f"enable {name} (unit not present yet)")
+            return out.result()
+        return out.fail(f"no unit {name} on this node")
+    return _boot_state(unit, name, True, f"{unit.id} is enabled")
+
+
+def _boot_state(unit: _Unit, name: str, enable: bool, unchanged: str) -> dict:
+    out = Outcome(unit.ctx, name, after=f" {unit.id}")
     try:
-        _reload_if_needed(unit, changes)
-        _enable(unit, True, changes, notes)
+        _reload_if_needed(unit, out)
+        _enable(unit, enable, out)
     except _Failed as exc:
-        return result(name, False, changes, str(exc))
-    return _verdict(unit, name, changes, notes, f"{unit.id} is enabled")
+        return out.fail(str(exc))
+    return out.result(unchanged)
 
 
 def disabled(ctx: StateContext, name: str) -> dict:
@@ -282,12 +259,5 @@ def disabled(ctx: StateContext, name: str) -> dict:
     """
     unit = _Unit(ctx, name)
     if unit.missing:
-        return result(name, True, {}, f"no unit {name} on this node: nothing to disable")
-    changes: dict = {}
-    notes: list[str] = []
-    try:
-        _reload_if_needed(unit, changes)
-        _enable(unit, False, changes, notes)
-    except _Failed as exc:
-        return result(name, False, changes, str(exc))
-    return _verdict(unit, name, changes, notes, f"{unit.id} is disabled")
+        return Outcome(ctx, name).result(f"no unit {name} on this node: nothing to disable")
+    return _boot_state(unit, name, False, f"{unit.id} is disabled")

@@ -6,7 +6,7 @@ import os
 
 from . import file as file_states
 from . import service
-from .base import StateContext, StateError, output_tail, read_text, result, update_file
+from .base import Outcome, StateContext, StateError, output_tail, read_text, update_file
 from .mount import FSTAB, _unescape, parse_fstab_line
 
 __states__ = ("off",)
@@ -51,17 +51,16 @@ def off(ctx: StateContext, name: str) -> dict:
         no-swap:
           swap.off
     """
-    changes: dict = {}
-    notes: list[str] = []
-
+    out = Outcome(ctx, name)
     active = _active_swaps()
     if active:
-        changes["swapoff"] = active
+        devices = ", ".join(active)
+        out.change("swapoff", active, f"turn off swap on {devices}", f"turned off swap on {devices}")
         if not ctx.test:
             for device in active:
                 res = ctx.run(["swapoff", device], timeout=1800)
                 if not res.ok:
-                    return result(name, False, changes, f"swapoff {device} failed: {output_tail(res, 4)}")
+                    return out.fail(f"swapoff {device} failed: {output_tail(res, 4)}")
 
     conf_text = read_text(DPHYS_CONF)
     has_unit = service.unit_file_on_disk(DPHYS_UNIT)
@@ -69,43 +68,41 @@ def off(ctx: StateContext, name: str) -> dict:
         try:
             stopped = service.dead(ctx, DPHYS_UNIT, enable=False)
         except StateError as exc:  # no systemd: the unit does not run anyway
-            notes.append(f"dphys-swapfile service left alone: {exc}")
+            out.note(f"dphys-swapfile service left alone: {exc}")
         else:
             if stopped["result"] is False:
-                return result(name, False, changes, f"dphys-swapfile: {stopped['comment']}")
+                return out.fail(f"dphys-swapfile: {stopped['comment']}")
             if stopped["changes"]:
-                changes["dphys-swapfile"] = stopped["changes"]
+                out.change("dphys-swapfile", stopped["changes"], "stop/disable dphys-swapfile",
+                           "stopped/disabled dphys-swapfile")
     if conf_text is not None:
         conf = file_states.line(ctx, DPHYS_CONF, key="CONF_SWAPSIZE", value="0")
         if conf["changes"]:
-            changes[DPHYS_CONF] = conf["changes"]
+            out.change(DPHYS_CONF, conf["changes"], f"set CONF_SWAPSIZE=0 in {DPHYS_CONF}",
+                       f"set CONF_SWAPSIZE=0 in {DPHYS_CONF}")
     if conf_text is not None or has_unit:
         swapfile = _dphys_swapfile_path(conf_text)
         if os.path.isfile(swapfile) and swapfile not in active:
-            changes["removed"] = swapfile
             if not ctx.test:
                 try:
                     os.unlink(swapfile)
                 except OSError as exc:
                     raise StateError(f"cannot remove {swapfile}: {exc.strerror}") from None
+            out.change("removed", swapfile, f"remove the swap file {swapfile}", f"removed the swap file {swapfile}")
 
     old = read_text(FSTAB)
     if old is not None:
-        lines = old.splitlines(keepends=True)
-        for i, line in enumerate(lines):
-            entry = parse_fstab_line(line)
-            if entry is not None and entry.fstype == "swap":
-                lines[i] = "#" + line
-        fstab_changes = update_file(ctx, FSTAB, old, "".join(lines))
+        fstab_changes = update_file(ctx, FSTAB, old, comment_out_swap(old))
         if fstab_changes:
-            changes[FSTAB] = fstab_changes
+            out.change(FSTAB, fstab_changes, "comment out fstab's swap lines", "commented out fstab's swap lines")
+    return out.result("swap is off")
 
-    if not changes:
-        comment = "swap is off"
-    else:
-        done = {"swapoff": "swap turned off", "dphys-swapfile": "dphys-swapfile stopped/disabled",
-                DPHYS_CONF: "CONF_SWAPSIZE=0", "removed": "swap file removed", FSTAB: "fstab swap lines commented out"}
-        comment = ("would: " if ctx.test else "") + ", ".join(done[k] for k in done if k in changes)
-    if notes:
-        comment += "; " + "; ".join(notes)
-    return result(name, None if ctx.test and changes else True, changes, comment)
+
+def comment_out_swap(fstab: str) -> str:
+    """fstab's text with its swap entries commented out (``#`` in front)."""
+    lines = fstab.splitlines(keepends=True)
+    for i, line in enumerate(lines):
+        entry = parse_fstab_line(line)
+        if entry is not None and entry.fstype == "swap":
+            lines[i] = "#" + line
+    return "".join(lines)

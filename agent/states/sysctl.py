@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import re
 
-from .base import StateContext, StateError, absolute_path, read_text, result, update_file
+from .base import Outcome, StateContext, StateError, absolute_path, read_text, update_file
 
 __states__ = ("present",)
 
@@ -35,7 +35,7 @@ def _read_runtime(path: str) -> str | None:
         raise StateError(f"cannot read {path}: {exc.strerror}") from None
 
 
-def present(ctx: StateContext, name: str, value: str | int, config: str | None = None) -> dict:
+def present(ctx: StateContext, name: str, value: str | int | float | bool, config: str | None = None) -> dict:
     """A kernel setting at a value, now and at every boot (a line in /etc/sysctl.d).
 
     Arguments:
@@ -53,45 +53,53 @@ def present(ctx: StateContext, name: str, value: str | int, config: str | None =
           sysctl.present:
             - value: 1
     """
-    if not isinstance(name, str) or not KEY_RE.match(name) or ".." in name or "//" in name:
+    if not KEY_RE.match(name) or ".." in name or "//" in name:
         raise StateError(f"{name!r} is not a sysctl name like net.ipv4.ip_forward")
     if isinstance(value, bool):
         value = int(value)
-    if not isinstance(value, (str, int, float)) or not _normalize(str(value)):
-        raise StateError(f"value must be a number or text, not {value!r}")
     wanted = _normalize(str(value))
+    if not wanted:
+        raise StateError(f"value must be a number or text, not {value!r}")
     if "\n" in str(value).strip():
         raise StateError("value must be one line")
     path = absolute_path(config or DEFAULT_CONFIG, "config")
 
-    changes: dict = {}
-    notes: list[str] = []
+    out = Outcome(ctx, name, before=f"{name} = {wanted}: ")
     proc = _proc_path(name)
     current = _read_runtime(proc)
     if current is None:
         if not ctx.test:
             raise StateError(f"the kernel has no setting {name} ({proc} does not exist)")
         # A module an earlier state loads may bring it (net.bridge.* with br_netfilter).
-        notes.append(f"{name} does not exist in the running kernel yet")
-        changes["value"] = {"old": None, "new": wanted}
+        out.note(f"{name} does not exist in the running kernel yet")
+        out.change("value", {"old": None, "new": wanted}, "set it now", "set it now")
     elif current != wanted:
-        changes["value"] = {"old": current, "new": wanted}
         if not ctx.test:
             try:
                 with open(proc, "w") as fh:
                     fh.write(wanted + "\n")
             except OSError as exc:
-                return result(name, False, {}, f"cannot set {name} = {wanted} now: {exc.strerror} "
-                                               f"(writing {proc})")
+                return out.fail(f"cannot set {name} = {wanted} now: {exc.strerror} (writing {proc})")
             now = _read_runtime(proc)
             if now != wanted:
-                return result(name, False, {}, f"the kernel took {name} = {now!r}, not {wanted!r}")
+                return out.fail(f"the kernel took {name} = {now!r}, not {wanted!r}")
+        out.change("value", {"old": current, "new": wanted}, "set it now", "set it now")
 
     old = read_text(path)
+    if old is None and not os.path.isdir(os.path.dirname(path)):
+        raise StateError(f"{os.path.dirname(path)} does not exist")
+    new = set_line(old if old is not None else CONFIG_HEADER, name, wanted)
+    out.update(update_file(ctx, path, old, new), f"write it to {path}", f"wrote it to {path}")
+    return out.result(f"{name} = {wanted}, now and in {path}")
+
+
+def set_line(text: str, name: str, value: str) -> str:
+    """A sysctl.d file's text with ``name = value`` in place of the setting's first line (later
+    ones removed: they would win), or appended."""
     setting = re.compile(rf"^\s*-?\s*{re.escape(name)}\s*=")
-    lines = (old if old is not None else CONFIG_HEADER).splitlines(keepends=True)
+    lines = text.splitlines(keepends=True)
     hits = [i for i, ln in enumerate(lines) if setting.match(ln)]
-    wanted_line = f"{name} = {wanted}\n"
+    wanted_line = f"{name} = {value}\n"
     if hits:
         lines[hits[0]] = wanted_line
         for i in reversed(hits[1:]):
@@ -100,14 +108,4 @@ def present(ctx: StateContext, name: str, value: str | int, config: str | None =
         if lines and not lines[-1].endswith("\n"):
             lines[-1] += "\n"
         lines.append(wanted_line)
-    if old is None and not os.path.isdir(os.path.dirname(path)):
-        raise StateError(f"{os.path.dirname(path)} does not exist")
-    changes.update(update_file(ctx, path, old, "".join(lines)))
-
-    if not changes:
-        return result(name, True, {}, f"{name} = {wanted}, now and in {path}")
-    done = ["set now" if "value" in changes else "", f"written to {path}" if "diff" in changes else ""]
-    comment = f"{name} = {wanted}: " + ("would be " if ctx.test else "") + " and ".join(filter(None, done))
-    if notes:
-        comment += "; " + "; ".join(notes)
-    return result(name, None if ctx.test else True, changes, comment)
+    return "".join(lines)

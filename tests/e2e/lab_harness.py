@@ -105,7 +105,7 @@ class Lab:
     def exec(self, node: str, *cmd: str, check: bool = True, input: str | None = None,
              timeout: float = 120) -> subprocess.CompletedProcess:
         """Run CMD inside NODE (all its namespaces, CAP_SYS_TIME dropped), like `pimaster lab exec`."""
-        argv = labmod.exec_argv(labmod.node_leader(self.state.node(node)), list(cmd))
+        argv = labmod.node_command(self.state.node(node), list(cmd))
         result = subprocess.run(argv, capture_output=True, text=True, input=input, timeout=timeout)
         if check and result.returncode != 0:
             raise AssertionError(f"{node}: {' '.join(cmd)} -> {describe(result)}")
@@ -138,7 +138,7 @@ class Lab:
     # -- faults: background commands, links, reboots, memory (test_faults.py, test_soak.py) ----
     def spawn(self, node: str, *cmd: str) -> subprocess.Popen:
         """Start CMD inside NODE without waiting for it (text stdout/stderr piped); `reap` stops it."""
-        argv = labmod.exec_argv(labmod.node_leader(self.state.node(node)), list(cmd))
+        argv = labmod.node_command(self.state.node(node), list(cmd))
         return subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                 text=True)
 
@@ -147,13 +147,7 @@ class Lab:
         """Stop a spawned command, and what it started in the node (nsenter forks into the node's
         PID namespace, so killing nsenter alone would leave the command running there)."""
         if proc.poll() is None:
-            tree, todo = [], [proc.pid]
-            while todo:
-                pid = todo.pop()
-                kids = labmod.children(pid)
-                tree += kids
-                todo += kids
-            for pid in reversed(tree):
+            for pid in reversed(labmod.descendants(proc.pid)):
                 try:
                     os.kill(pid, 9)
                 except ProcessLookupError:

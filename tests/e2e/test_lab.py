@@ -9,6 +9,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -55,9 +56,9 @@ def test_not_root_is_a_clear_error(monkeypatch, capsys):
 
 
 def test_missing_nspawn_names_the_package(monkeypatch, capsys):
-    real_which = labmod.shutil.which
+    real_which = shutil.which
     monkeypatch.setattr(os, "geteuid", lambda: 0)
-    monkeypatch.setattr(labmod.shutil, "which", lambda tool: None if tool == "systemd-nspawn" else real_which(tool))
+    monkeypatch.setattr(shutil, "which", lambda tool: None if tool == "systemd-nspawn" else real_which(tool))
     assert labmod.main(["up"]) == 1
     assert "systemd-nspawn (apt-get install systemd-container)" in capsys.readouterr().err
 
@@ -122,6 +123,19 @@ def test_each_node_is_its_own_fresh_machine(lab: Lab):
     # Only node01 runs the master.
     assert lab.exec("node01", "systemctl", "is-active", "pimaster").stdout.strip() == "active"
     assert lab.exec("node02", "systemctl", "is-active", "pimaster", check=False).stdout.strip() != "active"
+
+
+@pytest.mark.lab
+def test_nodes_run_the_packaged_units(lab: Lab):
+    # One source: debian/*.service as the .deb ships them; the lab changes only ExecStart (a drop-in).
+    debian = Path(__file__).resolve().parents[2] / "debian"
+    for node, unit in (("node01", "pimaster.service"), ("node01", "piagent.service"), ("node02", "piagent.service")):
+        assert lab.exec(node, "cat", f"/etc/systemd/system/{unit}").stdout == (debian / unit).read_text()
+        shown = lab.exec(node, "systemctl", "show", "-p", "WatchdogUSec,StateDirectory,DropInPaths", unit).stdout
+        props = dict(line.split("=", 1) for line in shown.splitlines() if "=" in line)
+        assert props["WatchdogUSec"] == "1min", (node, unit, props)
+        assert props["StateDirectory"] == unit.split(".")[0], (node, unit, props)
+        assert props["DropInPaths"] == f"/etc/systemd/system/{unit}.d/lab.conf", (node, unit, props)
 
 
 @pytest.mark.lab
@@ -274,7 +288,7 @@ def test_up_after_a_crash_cleans_up_first(lab_session: Lab):
             state = labmod.Lab.load()
         except labmod.LabError:
             return False
-        return bool(state and state.nodes[0].supervisor_pid and labmod.pid_alive(state.nodes[0].supervisor_pid))
+        return bool(state and labmod.leader_pid(state.nodes[0]))
 
     try:
         Lab.wait_for(node01_booting, "`lab up` to start booting node01", timeout=300, interval=0.05)

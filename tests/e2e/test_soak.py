@@ -60,13 +60,12 @@ def _master_rss_kb(lab: Lab) -> tuple[int, int]:
 
 def _node_memory_mb(lab: Lab, node: str) -> float:
     """PSS of every process of the node (its cgroup), as `pimaster lab status` counts it."""
-    pids = labmod.cgroup_pids(labmod.nspawn_cgroup_roots()[0] / labmod.CGROUP_NAME / node)
-    return round(labmod.memory_mb(pids), 1)
+    return labmod.node_memory_mb(lab.state.node(node))
 
 
 def test_ping_every_second_over_the_lab_and_a_swarm_misses_nothing_and_memory_stays_flat(lab: Lab):
     token = json.loads(lab.pimaster("token", "create", "--uses", str(SWARM + 10), "--ttl", "2h",
-                                    "--address", f"{lab.ip(labmod.MASTER_NODE)}:{labmod.MASTER_PORT}",
+                                    "--address", lab.state.master_address,
                                     "--json").stdout)
     lab.exec(SWARM_NODE, "sh", "-c", f'umask 077 && cat > {CONF}', input=token["config"])
     lab.exec(SWARM_NODE, "rm", "-rf", STATE)

@@ -107,7 +107,7 @@ def test_pkg_unknown_package_refreshes_lists_once_then_fails_clearly(lab):
 
 UNIT = "pm-sleeper"
 UNIT_FILE = f"/etc/systemd/system/{UNIT}.service"
-UNIT_TEXT = f"""[Unit]
+UNIT_TEXT = """[Unit]
 Description=pimaster state module test
 [Service]
 ExecStart=/bin/sleep infinity

@@ -1,0 +1,75 @@
+"""Client side of the master's control socket: one JSON request line, one JSON response line.
+
+Imported by every client command: stdlib only (socket, json), nothing the daemon needs.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import socket
+
+from .errors import ControlError
+
+__all__ = ["ControlClient", "ControlError"]
+
+
+class ControlClient:
+    """Talks to the master daemon that owns ``state_dir`` (its control.sock)."""
+
+    def __init__(self, state_dir: str) -> None:
+        self.state_dir = state_dir
+        self.path = os.path.join(state_dir, "control.sock")
+
+    def call(self, cmd: str, timeout_extra: float = 30.0, on_event=None, **args) -> dict:
+        """Send one request; events streamed before the answer go to ``on_event``."""
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(timeout_extra)
+        try:
+            try:
+                sock.connect(self.path)
+            except FileNotFoundError:
+                raise ControlError(f"no master running: no control socket at {self.path} (start `pimaster serve`, "
+                                   "or point --state-dir / PIMASTER_STATE_DIR at the master's state directory)") from None
+            except PermissionError:
+                raise ControlError(f"permission denied on {self.path}: the control socket is usable only by "
+                                   "the user the master runs as (root for the service)") from None
+            except ConnectionRefusedError:
+                raise ControlError(f"the master at {self.path} is not running (stale socket)") from None
+            except OSError as exc:
+                raise ControlError(f"cannot reach the master at {self.path}: {exc.strerror}") from None
+            try:
+                sock.sendall(json.dumps({"cmd": cmd, "args": args}).encode() + b"\n")
+            except (BrokenPipeError, ConnectionResetError):
+                pass  # the master may refuse (and close) before reading: its answer is still there
+            buffer = bytearray()
+            data = b""
+            while not data:
+                chunk = sock.recv(1 << 20)
+                if not chunk:
+                    break
+                buffer += chunk
+                while b"\n" in buffer:
+                    line, _, rest = bytes(buffer).partition(b"\n")
+                    buffer = bytearray(rest)
+                    if line.startswith(b'{"event"'):
+                        if on_event is not None:
+                            on_event(json.loads(line)["event"])
+                    else:
+                        data = line
+                        break
+        except socket.timeout:
+            raise ControlError(f"the master did not answer {cmd!r} in time") from None
+        except OSError as exc:
+            if exc.errno in (errno.ECONNRESET, errno.EPIPE):
+                raise ControlError("the master closed the connection") from None
+            raise
+        finally:
+            sock.close()
+        if not data:
+            raise ControlError("the master closed the connection without an answer")
+        response = json.loads(data)
+        if "error" in response:
+            raise ControlError(response["error"])
+        return response["result"]

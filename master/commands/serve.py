@@ -1,0 +1,51 @@
+"""`pimaster serve`: run the master daemon (see `pimaster.server`)."""
+
+from __future__ import annotations
+
+import sys
+
+from ..cli import EXIT_USAGE
+
+ZMQ_TCP_PREFIX = "tcp://"
+
+
+def add_parser(sub, name, summary, common, as_json) -> None:
+    serve = sub.add_parser(name, parents=[common], help=summary)
+    serve.add_argument("--listen", default="0.0.0.0:4510", help="address and port agents connect to (default 0.0.0.0:4510)")
+    serve.add_argument("--key-port", type=int, help="plaintext key-announce port (default: listen port + 1)")
+    serve.add_argument("--log-level", default="INFO")
+    serve.add_argument("--max-pending", type=int, default=256,
+                       help="keys that may wait for a person at once; new keys past it are not stored (default 256)")
+    serve.set_defaults(run=run, needs_master=False)
+
+
+def listen_address(text: str) -> tuple[str, int]:
+    """`--listen`: `HOST[:PORT]`, `[V6]:PORT`, or ZeroMQ's own form of the same, `tcp://HOST:PORT`
+    (`tcp://*:4510`: every address, as `0.0.0.0:4510`). Raises ConfigError."""
+    from piagent.config import ConfigError, parse_address
+
+    text = text.strip()
+    if "://" in text:
+        if not text.lower().startswith(ZMQ_TCP_PREFIX):
+            raise ConfigError(f"only tcp:// addresses can be listened on, not {text!r}")
+        text = text[len(ZMQ_TCP_PREFIX):]
+    host, port = parse_address(text)
+    return ("0.0.0.0" if host == "*" else host), port
+
+
+def run(args) -> int:
+    from piagent.config import ConfigError
+
+    from piagent import sd
+    from ..server import serve
+
+    sd.setup_logging("pimaster", args.log_level)
+    try:
+        host, port = listen_address(args.listen)
+    except ConfigError as exc:
+        print(f"pimaster: --listen: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    if args.max_pending < 1:
+        print("pimaster: --max-pending must be at least 1", file=sys.stderr)
+        return EXIT_USAGE
+    return serve(args.state_dir, host, port, args.key_port, args.max_pending)

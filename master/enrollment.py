@@ -1,0 +1,283 @@
+"""Enrollment and key policy: who an agent is, whether its key may act, and what a person's
+`keys accept/reject/delete` does. No sockets here: replies go out through a ``send`` callable and
+dropped messages through a ``drops`` log, so the policy is testable without ZeroMQ
+(tests/test_enrollment.py).
+
+- ``Roster``: who is who, in memory (key states, the node of each accepted key, each node's
+  current connection, last contact). Rebuilt from the store at start; the store stays the truth.
+- ``Enrollment``: the decision on an `enroll` message (tokens, pending cap, denied keys, the
+  identity recorded at accept) and the accept/reject/delete/replace policy over the store.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import logging
+import time
+from typing import Callable
+
+from piagent import config as pconfig
+from piagent import keys as pkeys
+from piagent import protocol as proto
+from piagent.protocol import Message
+
+from .errors import ControlError
+from .facts import check_catalog, check_facts
+from .store import Store, identity_of
+
+log = logging.getLogger("pimaster")
+
+# Keys waiting for a person: beyond this many, new keys are not even stored (an enrollment flood).
+MAX_PENDING_KEYS = 256
+
+
+class Roster:
+    """Who is who right now: key states, accepted keys' nodes, connections, last contact."""
+
+    def __init__(self) -> None:
+        self.key_states: dict[str, str] = {}            # public key -> state
+        self.node_of_key: dict[str, str] = {}           # accepted public key -> node id
+        self.routes: dict[str, tuple[bytes, str]] = {}  # node id -> (routing id, public key)
+        self.pending_routes: dict[str, bytes] = {}      # pending or denied public key -> routing id
+        self.last_seen: dict[str, float] = {}
+        self.dirty_seen: dict[str, float] = {}          # last contacts not yet written to the store
+
+    def load(self, store: Store) -> None:
+        for key in store.keys():
+            self.key_states[key["public_key"]] = key["state"]
+            if key["state"] == proto.ACCEPTED:
+                self.node_of_key[key["public_key"]] = key["node_id"]
+        for node in store.nodes():
+            if node["last_seen"]:
+                self.last_seen[node["node_id"]] = node["last_seen"]
+
+    def seen(self, node_id: str) -> None:
+        now = time.time()
+        self.last_seen[node_id] = now
+        self.dirty_seen[node_id] = now
+
+    def take_dirty_seen(self) -> dict[str, float]:
+        seen, self.dirty_seen = self.dirty_seen, {}
+        return seen
+
+    def forget_key(self, key: str) -> None:
+        self.key_states.pop(key, None)
+        node_id = self.node_of_key.pop(key, None)
+        self.pending_routes.pop(key, None)
+        if node_id and self.routes.get(node_id, (None, None))[1] == key:
+            del self.routes[node_id]
+
+    def accepted_nodes(self) -> set[str]:
+        return set(self.node_of_key.values())
+
+    def targets(self, target: str | None) -> list[str]:
+        """Accepted nodes whose id matches the glob ``target`` (all of them for none or `*`)."""
+        accepted = sorted(self.accepted_nodes())
+        if not target or target == "*":
+            return accepted
+        return [n for n in accepted if fnmatch.fnmatchcase(n, target)]
+
+
+class Enrollment:
+    """The enrollment decision and the key policy, over the store and the roster.
+
+    ``send(routing_id, Message)`` reaches a connected agent; ``drops`` is the daemon's DropLog
+    (``drop(reason, *args, peer=)`` and ``allowed(peer)``), which bounds what peers make it log.
+    """
+
+    def __init__(self, store: Store, roster: Roster, send: Callable[[bytes, Message], bool], drops,
+                 max_pending: int = MAX_PENDING_KEYS) -> None:
+        self.store = store
+        self.roster = roster
+        self.send = send
+        self.drops = drops
+        self.max_pending = max_pending
+        self.refused_keys = 0  # new keys not stored because too many wait already
+
+    # ------------------------------------------------------------------ an agent enrolls
+    def on_enroll(self, ident: bytes, key: str, msg: Message, address: str = "?") -> None:
+        roster = self.roster
+        node_id = msg.body.get("id")
+        token = msg.body.get("token")
+        fp = pkeys.fingerprint(key)
+        if not isinstance(node_id, str) or not pconfig.NODE_ID_RE.fullmatch(node_id):
+            self.drops.drop("enroll from %s (key %s) with a malformed node id %r", address, fp,
+                            str(node_id)[:70], peer=key)
+            return
+        facts, problems = check_facts(msg.body.get("facts"))
+        if problems and self.drops.allowed(key):
+            log.warning("node %r (key %s, from %s): refused facts: %s", node_id, fp, address,
+                        "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5 else ""))
+        if token is not None and not isinstance(token, str):
+            token = None
+        record = self.store.key_by_public(key)
+        if record is not None and record["node_id"] != node_id:
+            self.drops.drop("key %s is enrolled as %r but claims to be %r", fp, record["node_id"], node_id, peer=key)
+            return
+        if record is None:
+            holder = self.store.accepted_key(node_id)
+            if holder is not None:
+                state = proto.DENIED
+                if self.drops.allowed(key):
+                    log.warning("node %r: a second key %s, from %s, claims an id held by accepted key %s: "
+                                "denied. If the Pi was re-flashed: pimaster keys accept --replace %s "
+                                "--fingerprint %s", node_id, fp, address, holder["fingerprint"], node_id, fp)
+            else:
+                state = proto.PENDING
+            if self.store.count_keys(state) >= self.max_pending:
+                # An enrollment flood: a new key is not even stored. Keys already waiting, and
+                # every accepted node, are untouched.
+                self.refused_keys += 1
+                self.drops.drop("new key %s from %s (%r) not stored: %d keys wait already (the limit)",
+                                fp, address, node_id, self.max_pending, peer=address)
+                return
+            record = self.store.add_key(node_id, key, fp, state, facts)
+            roster.key_states[key] = state
+            if state == proto.DENIED:
+                roster.pending_routes[key] = ident
+                return
+        if record["state"] == proto.PENDING and token:
+            ok, why = self.store.consume_token(token, node_id)
+            if ok:
+                self.accept(record, facts)
+                log.info("node %r enrolled by token, key %s, from %s", node_id, fp, address)
+            elif self.drops.allowed(key):
+                log.warning("node %r (key %s, from %s) presented a token that does not enroll: %s; it waits "
+                            "as pending", node_id, fp, address, why)
+        record = self.store.key_by_public(key)
+        if record["state"] == proto.ACCEPTED:
+            roster.routes[node_id] = (ident, key)
+            roster.pending_routes.pop(key, None)
+            self.store.upsert_node(node_id, facts, time.time())
+            catalog, problem = check_catalog(msg.body.get("catalog"))
+            if catalog is not None:
+                self.store.set_catalog(node_id, catalog)
+            elif self.drops.allowed(key):
+                log.warning("node %r: catalogue refused: %s", node_id, problem)
+            roster.seen(node_id)
+            self.send(ident, Message(type=proto.ENROLLED, reply_to=msg.id,
+                                     body={"status": proto.ACCEPTED, "time": time.time(), "id": node_id}))
+        elif record["state"] == proto.PENDING:
+            if key not in roster.pending_routes and self.drops.allowed(address):
+                log.info("node %r waits as pending with key %s, from %s (pimaster keys accept %s)",
+                         node_id, fp, address, node_id)
+            roster.pending_routes[key] = ident
+            self.store.update_key_facts(record["id"], facts)
+            self.send(ident, Message(type=proto.ENROLLED, reply_to=msg.id,
+                                     body={"status": proto.PENDING, "time": time.time(), "id": node_id}))
+
+    def accept(self, record: dict, facts: dict | None = None, replace: bool = False) -> None:
+        """Accepts the key ``record``; with ``replace``, the node's accepted key (if another) goes.
+        The identity recorded now is what inventory entries match later."""
+        node_id, key = record["node_id"], record["public_key"]
+        if replace:
+            old = self.store.accepted_key(node_id)
+            if old is not None and old["public_key"] != key:
+                self.roster.forget_key(old["public_key"])
+        facts = facts if facts is not None else record["facts"]
+        self.store.set_key_state(record["id"], proto.ACCEPTED, replace_accepted=replace,
+                                 identity=identity_of(facts))
+        self.roster.key_states[key] = proto.ACCEPTED
+        self.roster.node_of_key[key] = node_id
+        # Other keys still waiting for this id now claim an id another key holds: denied, which
+        # `keys list` explains, rather than pending keys that can never be accepted as such.
+        for other in self.store.deny_pending(node_id):
+            self.roster.key_states[other] = proto.DENIED
+        self.store.upsert_node(node_id, facts, time.time())
+
+    # ------------------------------------------------------------------ a person decides
+    def pick_keys(self, node: str | None, fingerprint: str | None, states: set[str], all_: bool = False) -> list[dict]:
+        """Keys in ``states`` matching the node glob and the fingerprint, each when given; --all
+        says that more than one may match, never that the others are ignored."""
+        keys = [k for k in self.store.keys() if k["state"] in states]
+        if not node and not all_:
+            raise ControlError("name a node (or use --all)")
+        if node:
+            keys = [k for k in keys if fnmatch.fnmatchcase(k["node_id"], node)]
+        if fingerprint:
+            keys = [k for k in keys if k["fingerprint"] == fingerprint.lower()]
+        return keys
+
+    def accept_keys(self, node: str | None = None, fingerprint: str | None = None, replace: bool = False,
+                    include_rejected: bool = False, all_: bool = False) -> list[dict]:
+        """`keys accept`: all the matching keys, or none (with the reason as a ControlError)."""
+        states = {proto.PENDING}
+        if replace and not fingerprint:
+            # Replacing hands the node's id, roles and secrets to another key: say which one.
+            raise ControlError("--replace needs --fingerprint: compare it with `piagent fingerprint` on the "
+                               "node (`pimaster keys list` shows the waiting key's)")
+        if replace:
+            states.add(proto.DENIED)
+        if include_rejected:
+            states.add(proto.REJECTED)
+        candidates = self.pick_keys(node, fingerprint, states, all_)
+        if not candidates:
+            hint = ""
+            if fingerprint and node and self.pick_keys(node, None, states, all_):
+                hint = f" (none with the fingerprint {fingerprint}: `pimaster keys list` shows the waiting keys')"
+            elif node and any(k["state"] == proto.DENIED for k in self.store.keys(node)):
+                hint = (f" ({node} has a denied key: `pimaster keys accept --replace {node} --fingerprint FP` "
+                        "replaces its accepted key)")
+            elif node and any(k["state"] == proto.REJECTED for k in self.store.keys(node)):
+                hint = f" ({node} has a rejected key: add --include-rejected)"
+            raise ControlError(f"no key to accept for {node or 'any node'}{hint}")
+        by_node: dict[str, list[dict]] = {}
+        for key in candidates:
+            by_node.setdefault(key["node_id"], []).append(key)
+        ambiguous = {n: ks for n, ks in by_node.items() if len(ks) > 1}
+        if ambiguous:
+            lines = [f"{n}: {', '.join(k['fingerprint'] for k in ks)}" for n, ks in ambiguous.items()]
+            raise ControlError("more than one key waits for " + "; ".join(lines) + ": choose with --fingerprint")
+        # Checked for every key before any is accepted: `--all` does all or nothing.
+        for node_id, (key,) in by_node.items():
+            holder = self.store.accepted_key(node_id)
+            if holder is not None and holder["id"] != key["id"] and not replace:
+                raise ControlError(f"{node_id} already has an accepted key ({holder['fingerprint']}); the waiting "
+                                   f"one is {key['fingerprint']}: `pimaster keys accept --replace {node_id} "
+                                   f"--fingerprint {key['fingerprint']}` replaces it, `pimaster keys reject "
+                                   f"{node_id} --fingerprint {key['fingerprint']}` refuses it")
+        accepted = []
+        for node_id, (key,) in by_node.items():
+            self.accept(key, replace=replace)
+            ident = self.roster.pending_routes.pop(key["public_key"], None)
+            if ident is not None:  # the agent is connected and waiting: tell it now
+                self.roster.routes[node_id] = (ident, key["public_key"])
+                self.send(ident, Message(type=proto.ENROLLED, body={
+                    "status": proto.ACCEPTED, "time": time.time(), "id": node_id}))
+            log.info("key %s of %r accepted by a person", key["fingerprint"], node_id)
+            accepted.append({"id": node_id, "fingerprint": key["fingerprint"]})
+        return accepted
+
+    def reject_keys(self, node: str | None = None, fingerprint: str | None = None, all_: bool = False) -> list[dict]:
+        """`keys reject`: a node's waiting keys (its accepted one only if named or nothing else
+        matches); a rejected key cannot even connect."""
+        candidates = self.pick_keys(node, fingerprint, {proto.PENDING, proto.ACCEPTED, proto.DENIED}, all_)
+        if not all_ and not fingerprint:
+            candidates = [k for k in candidates if k["state"] != proto.ACCEPTED] or candidates
+        if not candidates:
+            raise ControlError(f"no key to reject for {node or 'any node'}")
+        for key in candidates:
+            self.roster.forget_key(key["public_key"])
+            self.store.set_key_state(key["id"], proto.REJECTED)
+            self.roster.key_states[key["public_key"]] = proto.REJECTED
+            log.info("key %s of %r rejected", key["fingerprint"], key["node_id"])
+        return [{"id": k["node_id"], "fingerprint": k["fingerprint"]} for k in candidates]
+
+    def delete_keys(self, node: str | None = None, fingerprint: str | None = None, all_: bool = False) -> list[dict]:
+        """`keys delete`: forgets the keys (and a node left with none); their agents may enroll again."""
+        candidates = self.pick_keys(node, fingerprint, set(proto.KEY_STATES), all_)
+        if not candidates:
+            raise ControlError(f"no key to delete for {node or 'any node'}")
+        for key in candidates:
+            route = self.roster.routes.get(key["node_id"])
+            if route is not None and route[1] == key["public_key"]:
+                # Tell a connected agent at once, so it enrolls again (and waits as pending) now
+                # rather than after its heartbeats go unanswered.
+                self.send(route[0], Message(type=proto.ENROLLED, body={"status": "deleted", "time": time.time(),
+                                                                       "id": key["node_id"]}))
+            self.roster.forget_key(key["public_key"])
+            self.store.delete_key(key["id"])
+            if not self.store.keys(key["node_id"]):
+                self.store.delete_node(key["node_id"])
+            log.info("key %s of %r deleted", key["fingerprint"], key["node_id"])
+        return [{"id": k["node_id"], "fingerprint": k["fingerprint"]} for k in candidates]

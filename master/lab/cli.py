@@ -1,0 +1,192 @@
+"""`pimaster lab up|down|status|exec`: the lab's command line (`main` is its entry point)."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import sys
+import time
+
+from .bringup import bring_up, lab_running
+from .checks import (check_capacity, check_subnet_free, ensure_node_packages, node_count_fits_subnet,
+                     parse_subnet, require_root, require_tools)
+from .host import node_memory_mb, say
+from .model import (DEFAULT_NODES, DEFAULT_SUBNET, LAB_DIR, MASTER_NODE, MASTER_PORT, MASTER_STATE_DIR,
+                    MAX_NODES, STATE_FILE, Lab, LabError, Node, lab_lock, load_lab, make_nodes,
+                    terminate_as_interrupt)
+from .node import leader_pid, node_command, node_exec
+from .rootfs import find_source
+from .teardown import leftovers, teardown
+
+
+def cmd_up(count: int, subnet_text: str, keep_on_failure: bool = False) -> int:
+    if not 1 <= count <= MAX_NODES:
+        raise LabError(f"--nodes must be between 1 and {MAX_NODES}, not {count}")
+    subnet = parse_subnet(subnet_text)
+    node_count_fits_subnet(count, subnet)
+    require_root()
+    require_tools()
+    source = find_source()
+    started = time.time()
+    with lab_lock(), terminate_as_interrupt():
+        try:
+            old = Lab.load()
+        except LabError:  # a damaged state file: what it described is cleaned up by prefix below
+            old = None
+        if old and old.status == "up" and lab_running(old):
+            raise LabError(f"a lab with {len(old.nodes)} nodes is already up on {old.subnet}; "
+                           f"`pimaster lab down` first")
+        if old or leftovers():
+            say("Cleaning up what an earlier lab left behind ...")
+            teardown()
+        check_subnet_free(subnet)
+        check_capacity(count)
+        ensure_node_packages()
+        lab = Lab(subnet=str(subnet), nodes=make_nodes(count, subnet))
+        master = lab.node(MASTER_NODE)
+        lab.master_address = f"{master.ip}:{MASTER_PORT}"
+        try:
+            bring_up(lab, source)
+        except BaseException as exc:
+            if keep_on_failure and not isinstance(exc, KeyboardInterrupt):
+                say("lab left as it is for debugging (--keep-on-failure); `pimaster lab down` removes it")
+            else:
+                with contextlib.suppress(LabError):
+                    teardown()
+            raise
+        lab.status = "up"
+        lab.save()
+        print_summary(lab, time.time() - started)
+    return 0
+
+
+def print_summary(lab: Lab, seconds: float) -> None:
+    say(f"\nLab up: {len(lab.nodes)} nodes on {lab.subnet} in {seconds:.1f} s "
+        f"(the master listens on {lab.master_address} inside the lab)\n")
+    for node in lab.nodes:
+        say(f"  {node.name}  {node.ip:<15}  {' + '.join(node.roles)}")
+    say(f"""
+Use it:
+  pimaster lab exec node01 -- pimaster ping     run a command on a node (no CMD: a shell)
+  export PIMASTER_STATE_DIR={MASTER_STATE_DIR}
+                                                then `pimaster ping`, `pimaster apply ...` on this
+                                                host talk to the lab's master (via its control socket)
+  pimaster lab status                           nodes, addresses, services, memory
+  pimaster lab down                             remove the lab and everything it made""")
+
+
+def cmd_down() -> int:
+    require_root()
+    with lab_lock(), terminate_as_interrupt():
+        try:
+            lab = Lab.load()
+        except LabError:  # damaged state file: teardown finds everything by its prefix
+            lab = None
+        if lab is None and not leftovers():
+            say("No lab is up.")
+            return 0
+        started = time.time()
+        teardown()
+        say(f"Lab removed in {time.time() - started:.1f} s.")
+    return 0
+
+
+def node_status(node: Node) -> dict:
+    info: dict = {"name": node.name, "ip": node.ip, "roles": node.roles, "state": "stopped",
+                  "addresses": [], "services": {}, "memory_mb": 0.0}
+    info["memory_mb"] = node_memory_mb(node)
+    if leader_pid(node) is None:
+        return info
+    info["state"] = node_exec(node, ["systemctl", "is-system-running"], timeout=30).stdout.strip() or "unknown"
+    addr = node_exec(node, ["ip", "-j", "-4", "addr", "show", "dev", "eth0"], timeout=30).stdout
+    with contextlib.suppress(ValueError, IndexError, KeyError):
+        info["addresses"] = [f"{a['local']}/{a['prefixlen']}" for link in json.loads(addr)
+                             for a in link["addr_info"]]
+    units = ["piagent"] + (["pimaster"] if "master" in node.roles else [])
+    states = node_exec(node, ["systemctl", "is-active", *units], timeout=30).stdout.split()
+    info["services"] = dict(zip(units, states))
+    return info
+
+
+def cmd_status(as_json: bool) -> int:
+    require_root()
+    lab = Lab.load() if STATE_FILE.exists() else None
+    if lab is None:
+        left = leftovers()
+        if as_json:
+            print(json.dumps({"up": False, "leftovers": left}, indent=2))
+        else:
+            say("No lab is up." + (f" Leftovers ({'; '.join(left)}): run `pimaster lab down`." if left else ""))
+        return 1
+    nodes = [node_status(n) for n in lab.nodes]
+    report = {"up": lab.status == "up", "status": lab.status, "subnet": lab.subnet,
+              "master_address": lab.master_address, "master_state_dir": str(MASTER_STATE_DIR),
+              "lab_dir": str(LAB_DIR), "nodes": nodes}
+    if as_json:
+        print(json.dumps(report, indent=2))
+    else:
+        state = lab.status if lab.status == "up" else f"{lab.status} (an `up` is running or crashed)"
+        say(f"Lab {state}: {len(nodes)} nodes on {lab.subnet}; master {lab.master_address} in {MASTER_NODE}")
+        say(f"  export PIMASTER_STATE_DIR={MASTER_STATE_DIR}\n")
+        say(f"  {'NODE':<7} {'STATE':<10} {'ADDRESS':<18} {'SERVICES':<36} MEMORY")
+        for n in nodes:
+            services = " ".join(f"{u}:{s}" for u, s in n["services"].items()) or "-"
+            say(f"  {n['name']:<7} {n['state']:<10} {', '.join(n['addresses']) or '-':<18} {services:<36} "
+                f"{n['memory_mb']:.0f} MB")
+    healthy = lab.status == "up" and all(n["state"] in ("running", "degraded") for n in nodes)
+    return 0 if healthy else 1
+
+
+def cmd_exec(argv: list[str]) -> int:
+    if not argv or argv[0] in ("-h", "--help"):
+        usage = "usage: pimaster lab exec NODE [--] [CMD ...]   (no CMD: a login shell on NODE)"
+        print(usage, file=sys.stdout if argv else sys.stderr)
+        return 0 if argv else 2
+    name, cmd = argv[0], argv[1:]
+    if cmd[:1] == ["--"]:
+        cmd = cmd[1:]
+    require_root()
+    lab = load_lab()
+    argv_ = node_command(lab.node(name), cmd or ["/bin/bash", "--login"])
+    sys.stdout.flush()
+    os.execvp(argv_[0], argv_)  # the command's exit status, stdin and stdout become ours
+    return 127
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pimaster lab", description=(
+        "A simulated Raspberry Pi cluster on this machine: systemd-nspawn nodes on a private bridge, "
+        "node01 running the master, every node an enrolled agent. Needs root."))
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    up = sub.add_parser("up", help="start the nodes, the master and the agents; wait until all answer ping")
+    up.add_argument("--nodes", type=int, default=DEFAULT_NODES, help=f"how many nodes (default {DEFAULT_NODES})")
+    up.add_argument("--subnet", default=DEFAULT_SUBNET,
+                    help=f"private IPv4 subnet of the lab (default {DEFAULT_SUBNET})")
+    up.add_argument("--keep-on-failure", action="store_true", help="leave a failed lab in place for debugging")
+    status = sub.add_parser("status", help="the nodes, their addresses, services and memory")
+    status.add_argument("--json", action="store_true", help="print JSON")
+    sub.add_parser("exec", help="run a command on a node: exec NODE -- CMD ...", add_help=False)
+    sub.add_parser("down", help="stop the lab and remove everything it made")
+    return parser
+
+
+def main(argv: list[str]) -> int:
+    try:
+        if argv[:1] == ["exec"]:
+            return cmd_exec(argv[1:])
+        args = _parser().parse_args(argv)
+        if args.command == "up":
+            return cmd_up(args.nodes, args.subnet, args.keep_on_failure)
+        if args.command == "down":
+            return cmd_down()
+        if args.command == "status":
+            return cmd_status(args.json)
+        return 2
+    except LabError as exc:
+        print(f"pimaster lab: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("pimaster lab: interrupted", file=sys.stderr)
+        return 130

@@ -1,0 +1,417 @@
+"""State files as data: the rendered YAML parsed with line numbers, the value tokens replaced by
+the values (template.py), the states, includes and `pimaster:` settings read out of it, and
+`source:` files read into `contents`.
+
+A state file is a mapping of state ids to `module.function:` and a list of `- name: value`
+arguments (Salt's `pkg:` + `- installed` spelling too); `include: [other]` pulls other state
+files in first (`other`, `other.yaml` or Salt's dotted `dir.other`, inside the state tree only).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+import jinja2
+import yaml
+from piagent.states import REQUISITES, REQUISITES_IN
+
+from .statetree import STATE_SUFFIXES, StateFileError, StateTree, display_path, state_tree
+from .template import Pending, Values, plain_data, render_state, render_template
+
+# Arguments whose YAML number is sent as the digits written (see _parse_state).
+MODE_ARGS = {"mode", "dir_mode", "file_mode"}
+
+
+@dataclass
+class State:
+    """One state of a file, as parsed: its function, its arguments, and where each came from."""
+
+    id: str
+    fun: str                   # module.function
+    args: dict
+    path: str                  # as shown in messages (relative to the applied file's directory)
+    line: int
+    file: str = ""             # absolute path, for `source:` lookups
+    requisites: dict = field(default_factory=dict)   # kind -> [(module or None, ref, line)]
+    extra: dict = field(default_factory=dict)         # unless / onlyif / order
+    lines: dict = field(default_factory=dict)         # argument -> its line
+    pending: set = field(default_factory=set)         # arguments whose value is a result not known yet
+
+    @property
+    def module(self) -> str:
+        return self.fun.split(".", 1)[0]
+
+    @property
+    def name(self) -> str:
+        return str(self.args.get("name", self.id))
+
+    @property
+    def where(self) -> str:
+        return f"{self.path}:{self.line}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Parsing the rendered YAML, with line numbers
+
+# libyaml's parser when PyYAML has it (Debian's python3-yaml does): parsing a file for 200 nodes
+# is most of an apply's time on the master.
+_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
+def _construct(node):
+    """The Python value of a composed YAML node (we compose first to keep line numbers)."""
+    if node is None:
+        return None
+    try:
+        return yaml.constructor.SafeConstructor().construct_object(node, deep=True)
+    except yaml.YAMLError:
+        return None
+
+
+_STR, _INT, _FLOAT, _BOOL, _NULL, _SEQ, _MAP = (f"tag:yaml.org,2002:{t}" for t in
+                                                ("str", "int", "float", "bool", "null", "seq", "map"))
+
+
+def _value_node(value, start, end):
+    if value is None:
+        return yaml.ScalarNode(_NULL, "null", start, end)
+    if isinstance(value, bool):
+        return yaml.ScalarNode(_BOOL, "true" if value else "false", start, end)
+    if isinstance(value, int):
+        return yaml.ScalarNode(_INT, str(value), start, end)
+    if isinstance(value, float):
+        return yaml.ScalarNode(_FLOAT, repr(value), start, end)
+    if isinstance(value, str):
+        return yaml.ScalarNode(_STR, value, start, end)
+    if isinstance(value, list):
+        return yaml.SequenceNode(_SEQ, [_value_node(v, start, end) for v in value], start, end, flow_style=True)
+    return yaml.MappingNode(_MAP, [(_value_node(k, start, end), _value_node(v, start, end))
+                                   for k, v in value.items()], start, end, flow_style=True)
+
+
+class _FillError(Exception):
+    def __init__(self, line: int, reason: str) -> None:
+        super().__init__(reason)
+        self.line, self.reason = line, reason
+
+
+def _block_indent(lines: list[str], indicator_line: int) -> int:
+    """The indentation of a block scalar's content: that of its first line with text."""
+    for line in lines[indicator_line + 1:]:
+        if line.strip():
+            return len(line) - len(line.lstrip(" "))
+    return 0
+
+
+def _fill(node, values: Values, done: dict, lines: list[str], pending: set[int], key: bool = False):
+    """The composed node with every value token replaced (see template.py's docstring); a value
+    standing alone as a plain scalar becomes a node of its own type, as one value. ``lines``:
+    the rendered text, for the indentation of block scalars. ``pending`` gets the id of each node
+    that stands for a Pending value (a result not known yet: its type is not known either)."""
+    if isinstance(node, yaml.ScalarNode):
+        return _fill_scalar(node, values, key, lines, pending)
+    if id(node) in done:  # an alias, or a node inside itself
+        return done[id(node)]
+    done[id(node)] = node
+    if isinstance(node, yaml.SequenceNode):
+        node.value = [_fill(item, values, done, lines, pending) for item in node.value]
+    elif isinstance(node, yaml.MappingNode):
+        node.value = [(_fill(k, values, done, lines, pending, key=True), _fill(v, values, done, lines, pending))
+                      for k, v in node.value]
+    return node
+
+
+def _fill_scalar(node, values: Values, key: bool, lines: list[str], pending: set[int]):
+    if not values.traced(node.value):
+        return node
+    start, end = node.start_mark, node.end_mark
+    index = values.whole(node.value)
+    # Plain (libyaml says "", PyYAML None), no tag or anchor in front (they widen the scalar).
+    alone = (index is not None and not node.style and node.tag == _STR and start.line == end.line
+             and end.column - start.column == len(node.value))
+    try:
+        if alone and not key:
+            filled = _value_node(plain_data(values.items[index], values), start, end)
+            if isinstance(values.items[index], Pending):
+                pending.add(id(filled))  # the tree holds the node: the id stays its own while parsing
+            return filled
+        block = node.style in ("|", ">")
+        text = values.substitute(node.value, dedent=_block_indent(lines, start.line) if block else 0)
+    except jinja2.UndefinedError as exc:
+        raise _FillError(start.line + 1, f"undefined in template: {exc.message}") from None
+    except (TypeError, ValueError, AttributeError, KeyError) as exc:
+        raise _FillError(start.line + 1, f"template error: {type(exc).__name__}: {exc}") from None
+    except RecursionError:
+        raise _FillError(start.line + 1, "a value nested too deeply to be YAML") from None
+    if values.traced(text):
+        raise _FillError(start.line + 1, "a filter rewrote text that holds {{ }} values (`{% filter upper %}`, "
+                                         "`caller() | upper`...): apply it to the values instead")
+    return yaml.ScalarNode(node.tag, text, start, end, style=node.style)
+
+
+def _check_meta(value) -> str | None:
+    if not isinstance(value, dict):
+        return "expected a mapping (stages: [...])"
+    unknown = set(value) - {"stages"}
+    if unknown:
+        return f"unknown setting(s) {', '.join(sorted(map(str, unknown)))} (known: stages)"
+    stages = value.get("stages", [])
+    if not isinstance(stages, list) or not all(isinstance(s, str) and s for s in stages):
+        return "stages is a list of role names, applied in that order"
+    return None
+
+
+def parse_states(text: str, path: str, meta: dict | None = None, values: Values | None = None
+                 ) -> tuple[list[State], list[tuple[str, int]], list[StateFileError]]:
+    """States in file order, the include list, and the problems found; `pimaster:` settings go to ``meta``.
+
+    ``values`` are those of render_state, whose tokens in ``text`` they replace after YAML parsing.
+    """
+    meta = {} if meta is None else meta
+    errors: list[StateFileError] = []
+    pending: set[int] = set()  # ids of the nodes that stand for Pending values
+    try:
+        root = yaml.compose(text, Loader=_LOADER)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
+        problem = getattr(exc, "problem", None) or str(exc)
+        context = getattr(exc, "context", None)
+        reason = f"YAML syntax error: {problem}" + (f" ({context})" if context else "")
+        return [], [], [StateFileError(path, mark.line + 1 if mark else None, reason)]
+    if root is not None and values is not None:
+        try:
+            root = _fill(root, values, {}, text.splitlines(), pending)
+        except _FillError as exc:
+            return [], [], [StateFileError(path, exc.line, exc.reason)]
+    if root is None:
+        return [], [], []
+    if not isinstance(root, yaml.MappingNode):
+        return [], [], [StateFileError(path, root.start_mark.line + 1,
+                                       "a state file is a mapping of state ids to states")]
+    states: list[State] = []
+    includes: list[tuple[str, int]] = []
+    seen_ids: dict[str, int] = {}
+    for key_node, value_node in root.value:
+        line = key_node.start_mark.line + 1
+        state_id = _construct(key_node)
+        if state_id == "pimaster":  # settings for the apply itself, not a state
+            value = _construct(value_node)
+            problem = _check_meta(value)
+            if problem:
+                errors.append(StateFileError(path, line, f"pimaster: {problem}"))
+            else:
+                meta.update(value)
+            continue
+        if state_id == "include":
+            value = _construct(value_node)
+            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+                errors.append(StateFileError(path, line, "include: takes a list of state file names"))
+            else:
+                includes += [(v, value_node.start_mark.line + 1) for v in value]
+            continue
+        if not isinstance(state_id, (str, int, float)) or isinstance(state_id, bool):
+            errors.append(StateFileError(path, line, "a state id must be a string"))
+            continue
+        state_id = str(state_id)
+        if state_id in seen_ids:
+            errors.append(StateFileError(path, line, f"state id {state_id!r} is defined twice "
+                                                     f"(first at line {seen_ids[state_id]})"))
+            continue
+        seen_ids[state_id] = line
+        states += _parse_state(state_id, value_node, path, line, errors, pending)
+    return states, includes, errors
+
+
+def _parse_state(state_id: str, node, path: str, line: int, errors: list, pending: set[int]) -> list[State]:
+    if isinstance(node, yaml.ScalarNode) and isinstance(_construct(node), str) and "." in _construct(node):
+        return [State(state_id, _construct(node), {}, path, line)]  # `vim: pkg.installed`
+    if not isinstance(node, yaml.MappingNode):
+        errors.append(StateFileError(path, line, f"state {state_id!r}: expected `module.function:` "
+                                                 "followed by a list of arguments"))
+        return []
+    out = []
+    for fun_node, args_node in node.value:
+        fun_line = fun_node.start_mark.line + 1
+        fun = _construct(fun_node)
+        if not isinstance(fun, str):
+            errors.append(StateFileError(path, fun_line, f"state {state_id!r}: a function name must be a string"))
+            continue
+        arg_items = args_node.value if isinstance(args_node, yaml.SequenceNode) else None
+        if args_node is not None and isinstance(args_node, yaml.ScalarNode) and _construct(args_node) is None:
+            arg_items = []
+        if isinstance(args_node, yaml.MappingNode):  # `file.managed: {mode: "0644"}` is accepted too
+            arg_items = [yaml.MappingNode("tag:yaml.org,2002:map", [pair], args_node.start_mark, args_node.end_mark)
+                         for pair in args_node.value]
+        if arg_items is None:
+            errors.append(StateFileError(path, fun_line, f"{state_id}: {fun}: arguments must be a list "
+                                                         "(`- name: value` lines)"))
+            continue
+        if "." not in fun:
+            # Salt's other spelling: `pkg:` followed by `- installed` among the arguments.
+            names = [i for i in arg_items if isinstance(i, yaml.ScalarNode)]
+            if len(names) != 1:
+                errors.append(StateFileError(path, fun_line, f"{state_id}: {fun!r} is not `module.function`"))
+                continue
+            fun = f"{fun}.{_construct(names[0])}"
+            arg_items = [i for i in arg_items if i is not names[0]]
+        state = State(state_id, fun, {}, path, fun_line)
+        for item in arg_items:
+            item_line = item.start_mark.line + 1
+            if not isinstance(item, yaml.MappingNode) or len(item.value) != 1:
+                errors.append(StateFileError(path, item_line, f"{state_id}: {fun}: each argument is one "
+                                                              "`- name: value` line"))
+                continue
+            (arg_key_node, arg_value_node), = item.value
+            key = _construct(arg_key_node)
+            value = _construct(arg_value_node)
+            if key in MODE_ARGS and isinstance(value, int) and isinstance(arg_value_node, yaml.ScalarNode):
+                # `mode: 0644` is an octal number to YAML 1.1 and `mode: 644` a decimal one; people
+                # mean the digits they wrote either way, so the agent gets those digits.
+                value = arg_value_node.value
+            if not isinstance(key, str):
+                errors.append(StateFileError(path, item_line, f"{state_id}: {fun}: argument names are strings"))
+                continue
+            if key in state.args or key in state.requisites or key in state.extra:
+                errors.append(StateFileError(path, item_line, f"{state_id}: {fun}: argument {key!r} given twice"))
+                continue
+            state.lines[key] = item_line
+            if key in REQUISITES or key in REQUISITES_IN:
+                refs = _parse_refs(value, arg_value_node, path, state_id, key, errors)
+                if refs is not None:
+                    state.requisites[key] = refs
+            elif key in ("unless", "onlyif"):
+                if isinstance(value, str) or (isinstance(value, list) and all(isinstance(v, str) for v in value)):
+                    state.extra[key] = value
+                else:
+                    errors.append(StateFileError(path, item_line, f"{state_id}: {key} takes a command or a list of commands"))
+            elif key == "sensitive":
+                if isinstance(value, bool):
+                    state.extra[key] = value
+                else:
+                    errors.append(StateFileError(path, item_line, f"{state_id}: sensitive is true or false"))
+            elif key == "order":
+                if isinstance(value, int) and not isinstance(value, bool) or value in ("first", "last"):
+                    state.extra[key] = value
+                else:
+                    errors.append(StateFileError(path, item_line, f"{state_id}: order is a number, first or last"))
+            else:
+                state.args[key] = value
+                if id(arg_value_node) in pending:
+                    state.pending.add(key)
+        out.append(state)
+    return out
+
+
+def _parse_refs(value, node, path, state_id, kind, errors) -> list | None:
+    line = node.start_mark.line + 1
+    if isinstance(value, (str, dict)):
+        value = [value]
+    if not isinstance(value, list):
+        errors.append(StateFileError(path, line, f"{state_id}: {kind} takes a list like `- pkg: munge`"))
+        return None
+    refs = []
+    items = node.value if isinstance(node, yaml.SequenceNode) else [node]
+    for item, item_node in zip(value, items):
+        item_line = item_node.start_mark.line + 1
+        if isinstance(item, str):
+            refs.append((None, item, item_line))
+        elif isinstance(item, dict) and len(item) == 1:
+            (module, ref), = item.items()
+            if not isinstance(module, str) or not isinstance(ref, (str, int, float)):
+                errors.append(StateFileError(path, item_line, f"{state_id}: {kind}: `- module: id` expected"))
+                continue
+            refs.append((module, str(ref), item_line))
+        else:
+            errors.append(StateFileError(path, item_line, f"{state_id}: {kind}: `- module: id` expected"))
+    return refs
+
+
+# ---------------------------------------------------------------------------------------------
+# A state file and what it includes; `source:` files
+
+def load_file(path: str, context: dict, root: str, stack: tuple = (), meta: dict | None = None,
+              forbidden: tuple[str, ...] = ()) -> tuple[list[State], list[StateFileError]]:
+    """The states of a state file, after those of the files it includes, and the problems found.
+    ``stack``: the files including this one, to refuse an include cycle."""
+    shown = display_path(path, root)
+    try:
+        text, values = render_state(path, context, shown, root, forbidden)
+    except StateFileError as exc:
+        return [], [exc]
+    states, includes, errors = parse_states(text, shown, meta, values)
+    for state in states:
+        state.file = path
+    included: list[State] = []
+    for name, line in includes:
+        target, refusal = _include_path(os.path.dirname(path), name, state_tree(root, tuple(forbidden)))
+        if target is None:
+            errors.append(StateFileError(shown, line, refusal or f"include: no state file {name!r} next to this one"))
+            continue
+        if target in stack + (path,):
+            chain = " -> ".join(display_path(p, root) for p in stack + (path, target))
+            errors.append(StateFileError(shown, line, f"include cycle: {chain}"))
+            continue
+        sub_states, sub_errors = load_file(target, context, root, stack + (path,), meta, forbidden)
+        included += sub_states
+        errors += sub_errors
+    return included + states, errors
+
+
+def _include_path(directory: str, name: str, tree: StateTree) -> tuple[str | None, str | None]:
+    """`other`, `other.yaml` or Salt's dotted `dir.other` next to the including file, inside the
+    state tree; else None and why, when a candidate was outside (nothing outside is looked at)."""
+    bases = [name]
+    if "." in name and not name.endswith(STATE_SUFFIXES):
+        bases.append(name.replace(".", os.sep))
+    refusal = None
+    for base in bases:
+        for suffix in ("",) + STATE_SUFFIXES:
+            candidate = os.path.normpath(os.path.join(directory, base + suffix))
+            why = tree.refusal(candidate, f"include {name!r}")
+            if why:
+                refusal = refusal or why
+            elif os.path.isfile(candidate):
+                return candidate, None
+    return None, refusal
+
+
+def resolve_sources(states: list[State], context: dict, root: str, forbidden: tuple[str, ...] = ()
+                    ) -> list[StateFileError]:
+    """`source:` (relative to the state file, rendered with Jinja when `template: jinja`) -> `contents`."""
+    errors = []
+    tree = state_tree(root, tuple(forbidden))
+    for state in states:
+        if state.fun != "file.managed" or "source" not in state.args:
+            continue
+        source = state.args.pop("source")
+        template = state.args.pop("template", None)
+        line = state.lines.get("source", state.line)
+        if not isinstance(source, str):
+            errors.append(StateFileError(state.path, line, f"{state.id}: source must be a file name"))
+            continue
+        full = os.path.normpath(os.path.join(os.path.dirname(state.file), source.removeprefix("salt://")))
+        refusal = tree.refusal(full, f"source {source!r}")
+        if refusal:
+            errors.append(StateFileError(state.path, line, f"{state.id}: {refusal}"))
+            continue
+        shown = display_path(full, root)
+        if not os.path.isfile(full):
+            errors.append(StateFileError(state.path, line, f"{state.id}: source {source!r} not found ({shown})"))
+            continue
+        if template not in (None, "jinja"):
+            errors.append(StateFileError(state.path, state.lines.get("template", line),
+                                         f"{state.id}: template must be `jinja`"))
+            continue
+        try:
+            if template == "jinja":
+                state.args["contents"] = render_template(full, context, shown, root, forbidden)
+            else:
+                with open(os.path.realpath(full), encoding="utf-8") as fh:
+                    state.args["contents"] = fh.read()
+            state.args.setdefault("contents_newline", False)  # a source file is copied exactly
+        except StateFileError as exc:
+            errors.append(exc)
+        except (OSError, UnicodeDecodeError) as exc:
+            errors.append(StateFileError(shown, None, f"cannot read: {exc}"))
+    return errors

@@ -1,0 +1,508 @@
+"""The Jinja side of state files: the environments, what templates see, and the value tokens that
+statefile.py replaces by the values after YAML parsing.
+
+Values are data, never YAML. Facts come from the nodes, and a node may lie, so every `{{ ... }}`
+in a state file (and in what it includes or imports) stands for exactly one YAML value, whatever
+the text around it:
+
+- `- name: {{ x }}` alone in a plain scalar is x itself, with its own type: a string stays a
+  string even when it looks like a number or `true`, 60 stays the number 60, a list stays a list,
+  none is null. A hostname holding a newline and `evil:` is just that odd hostname.
+- inside a longer scalar (`{{ a }}/{{ b }}`), or in a quoted or block (`|`, `>`) scalar, the value
+  is put in as Jinja prints it (`str()`, True for true) and the whole stays one string;
+- a mapping key is always a string;
+- `tojson` (or `json`) and `yaml` are how data is meant to become a structured value:
+  `- dns: {{ servers | list | tojson }}` is the list, as one value (inside a longer scalar they
+  give the JSON or YAML text, as before);
+- text the template writes itself stays YAML: template lines, macro output, `caller()`,
+  `{% set x %}...{% endset %}` blocks, `{% include %}`. `|safe` marks a value as such YAML text:
+  never use it on data. Such text holds its values apart until the end, so compare values, not
+  the text of a set block; a filter that rewrites such text (`{% filter upper %}`) is an error.
+- `quote` shell-quotes a value for a command: `- name: ping -c1 {{ node.hostname | quote }}`.
+  YAML keeps a value inside one argument, but the shell still reads the command: data in
+  `cmd.run` needs `quote`.
+
+Templated file contents (`source:` with `template: jinja`) are not YAML and are rendered as
+plain Jinja text: no escaping, a value is printed as it is.
+
+Mechanism: autoescaping is on for state files, and "escaping" a value means replacing it with a
+token (`finalize`, and `_Text`, the Markup subclass whose joins and formats escape); compiled state
+templates use `_Text` where Jinja's runtime uses Markup (`_StateTemplate`), and string literals of
+the template are template text (`_StateCodeGenerator`). `_TreeLoader` reads templates only inside
+the state tree (statetree.py).
+"""
+
+from __future__ import annotations
+
+import contextvars
+import functools
+import ipaddress
+import os
+import re
+import secrets
+import shlex
+
+import jinja2
+import jinja2.compiler
+import jinja2.filters
+import jinja2.runtime
+import yaml
+from markupsafe import Markup
+
+from .statetree import StateFileError, StateTree, state_tree
+
+
+# ---------------------------------------------------------------------------------------------
+# What templates see besides the context's own data
+
+class Pending:
+    """What `results` holds while the stages before a node's have not run yet (the first rendering,
+    which checks every node's file before anything is sent): any lookup gives another Pending, and
+    it renders as an empty string (as a whole value too: "")."""
+
+    def __getattr__(self, name):
+        if name.startswith("__"):
+            raise AttributeError(name)
+        return self
+
+    def __getitem__(self, key):
+        return self
+
+    def __call__(self, *args, **kwargs):
+        return self
+
+    def __iter__(self):
+        return iter(())
+
+    def __len__(self):
+        return 0
+
+    def __bool__(self):
+        return False
+
+    def __str__(self):
+        return ""
+
+    def get(self, key, default=None):
+        return self
+
+
+class AttrDict(dict):
+    """A dict Jinja can read as `node.ip` as well as `node['ip']`."""
+
+    def __getattr__(self, key):
+        if key.startswith("__"):  # a fact named __html__ must not make a node's data look like markup
+            raise AttributeError(key)
+        try:
+            return self[key]
+        except KeyError:
+            raise AttributeError(key) from None
+
+
+def to_attrdict(value):
+    """``value`` with every dict in it an AttrDict (lists followed), for a template's context."""
+    if isinstance(value, dict):
+        return AttrDict({k: to_attrdict(v) for k, v in value.items()})
+    if isinstance(value, list):
+        return [to_attrdict(v) for v in value]
+    return value
+
+
+def in_network(address, network) -> bool:
+    """Jinja test: `'10.0.0.5/24' is in_network('10.0.0.0/24')` (a prefix on the address is ignored;
+    anything that is not an address or a network is simply not in it)."""
+    try:
+        return ipaddress.ip_interface(str(address)).ip in ipaddress.ip_network(str(network), strict=False)
+    except ValueError:
+        return False
+
+
+# ---------------------------------------------------------------------------------------------
+# Templates read only inside the state tree
+
+class _Refused(jinja2.TemplateError):
+    """A template name outside the state tree: an error, not "missing" (`ignore missing` skips
+    only TemplateNotFound)."""
+
+
+class _TreeLoader(jinja2.BaseLoader):
+    """Template names relative to one directory (the rendered file's, as FileSystemLoader did),
+    read only inside the state tree; the real path is checked again when the cache asks."""
+
+    def __init__(self, searchpath: str, tree: StateTree) -> None:
+        self.searchpath, self.tree = searchpath, tree
+
+    def get_source(self, environment, template):
+        path = os.path.normpath(os.path.join(self.searchpath, template))
+        why = self.tree.refusal(path, f"template {template!r}")
+        if why:
+            raise _Refused(why)
+        real = os.path.realpath(path)
+        try:
+            with open(real, "rb") as fh:
+                source = fh.read().decode("utf-8")
+            mtime = os.path.getmtime(real)
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+            raise jinja2.TemplateNotFound(template) from None
+
+        def uptodate() -> bool:
+            try:
+                return os.path.realpath(path) == real and os.path.getmtime(real) == mtime
+            except OSError:
+                return False
+
+        return source, path, uptodate
+
+
+# ---------------------------------------------------------------------------------------------
+# Values in state files: each {{ }} becomes a token in the text, and its value again after YAML
+
+class Values:
+    """One rendering's values. Each stands in the text as `pmv<nonce>x<n>y`: lowercase letters and
+    digits are a plain scalar anywhere in YAML and nothing special in quoted or block scalars, and
+    the per-rendering nonce cannot be guessed by data or written by chance."""
+
+    def __init__(self) -> None:
+        self.nonce = secrets.token_hex(6)
+        self.items: list = []
+        self.modules: dict = {}  # template -> its module imported without context
+
+    def token(self, value) -> str:
+        self.items.append(value)
+        return f"pmv{self.nonce}x{len(self.items) - 1}y"
+
+    def traced(self, text: str) -> bool:
+        """Whether ``text`` holds a token, or what a filter left of one (`upper`...)."""
+        return self.nonce in text.lower()
+
+    def _index(self, match) -> int | None:
+        index = int(match.group(2))
+        return index if match.group(1) == self.nonce and index < len(self.items) else None
+
+    def whole(self, text: str) -> int | None:
+        """The index of the value that is all of ``text``, or None."""
+        match = _TOKEN.fullmatch(text)
+        return self._index(match) if match else None
+
+    def substitute(self, text: str, below: int | None = None, dedent: int = 0) -> str:
+        """``text`` with each token replaced by its value as Jinja prints it. Template text made
+        into a plain string (`'%s' % caller()`) carries tokens into values: those are replaced
+        too, and only by earlier values, so this ends.
+
+        ``dedent``: the indentation of the block scalar (`|`, `>`) the tokens stand in. A value
+        whose later lines all carry it was indented for that block (Salt's `{{ text | indent(8) }}`),
+        and YAML would have taken it off them: so it is here. Any other value goes in as it is."""
+        if self.nonce not in text:
+            return text
+
+        def printed(match):
+            index = self._index(match)
+            if index is None or (below is not None and index >= below):
+                return match.group(0)
+            value = self.substitute(str(self.items[index]), index)
+            if dedent and "\n" in value:
+                first, *rest = value.split("\n")
+                if all(line.startswith(" " * dedent) or not line.strip() for line in rest):
+                    value = "\n".join([first] + [line[dedent:] for line in rest])
+            return value
+        return _TOKEN.sub(printed, text)
+
+
+_TOKEN = re.compile(r"pmv([0-9a-f]{12})x([0-9]+)y")
+_rendering: contextvars.ContextVar[Values | None] = contextvars.ContextVar("pimaster_values", default=None)
+
+
+def _token(value) -> str:
+    values = _rendering.get()
+    if values is None:
+        raise RuntimeError("a state file value outside a state file's rendering")
+    return values.token(value)
+
+
+class _Text(Markup):
+    """YAML text the template wrote itself. Whatever is joined to it, formatted into it or put
+    in by its methods is escaped: here that means it becomes a value token."""
+
+    __slots__ = ()
+
+    @classmethod
+    def escape(cls, s):
+        if isinstance(s, cls):
+            return s
+        if isinstance(s, Markup):
+            return cls(s)
+        return cls(_token(s))
+
+
+class _Flow(str):
+    """What `tojson`/`json`/`yaml` give: the text as Jinja printed it, and the data, which a
+    `{{ }}` standing alone as a plain scalar turns into one structured value."""
+
+    def __new__(cls, text: str, data):
+        self = super().__new__(cls, text)
+        self.data = data
+        return self
+
+
+@jinja2.pass_context
+def _finalize(context, value):
+    # pass_context: Jinja may not fold constants at compile time, so every value gets a token now.
+    if isinstance(value, Markup):
+        return value
+    if isinstance(value, jinja2.Undefined):
+        str(value)  # StrictUndefined: the error, at the template's line
+    return _Text(_token(value))
+
+
+def _markup_join(seq):
+    """`a ~ b`: text when any part is template text (the others become tokens), else a string."""
+    items = list(seq)
+    if any(isinstance(item, Markup) for item in items):
+        return _Text("").join(items)
+    return "".join(map(str, items))
+
+
+class _Macro(jinja2.runtime.Macro):
+    def _invoke(self, arguments, autoescape):
+        rv = super()._invoke(arguments, autoescape)
+        return _Text(rv) if isinstance(rv, Markup) else rv
+
+
+class _StateTemplate(jinja2.Template):
+    """Compiled state file templates use our text class where Jinja's runtime uses Markup."""
+
+    @classmethod
+    def _from_namespace(cls, environment, namespace, globals):
+        namespace.update(Markup=_Text, escape=_Text.escape, markup_join=_markup_join, Macro=_Macro)
+        return super()._from_namespace(environment, namespace, globals)
+
+    # Jinja keeps a module imported without context for later renderings, but its text holds one
+    # rendering's tokens: it is kept per rendering.
+    @property
+    def _module(self):
+        values = _rendering.get()
+        return values.modules.get(self) if values is not None else None
+
+    @_module.setter
+    def _module(self, module):
+        values = _rendering.get()
+        if values is not None:
+            values.modules[self] = module
+
+
+class _StateCodeGenerator(jinja2.compiler.CodeGenerator):
+    """String literals the state file writes itself (`', '`, `'default'`) are template text, as
+    its lines are: `{{ ', ' if not loop.last }}` is a YAML separator, not a value. (`Markup` is
+    the state text class in compiled state files, see _StateTemplate.)"""
+
+    def visit_Const(self, node, frame) -> None:
+        value = node.as_const(frame.eval_ctx)
+        if isinstance(value, str):  # also what Jinja folded from literals at compile time
+            self.write(f"Markup({str(value)!r})")
+        else:
+            super().visit_Const(node, frame)
+
+
+def plain_data(value, values: Values | None = None):
+    """A value as plain YAML data: dicts, lists, str, int, float, bool, None; anything else str
+    (with the tokens template text left in it replaced, given the rendering's ``values``)."""
+    if isinstance(value, _Flow):
+        value = value.data
+    if isinstance(value, Pending):
+        return ""
+    if value is None or isinstance(value, bool):
+        return value
+    if isinstance(value, int):
+        return int(value)
+    if isinstance(value, float):
+        return float(value)
+    if isinstance(value, dict):
+        return {_plain_key(k, values): plain_data(v, values) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [plain_data(v, values) for v in value]
+    return values.substitute(str(value)) if values else str(value)
+
+
+def _plain_key(key, values: Values | None):
+    plain = plain_data(key, values)
+    return plain if plain is None or isinstance(plain, (str, int, float, bool)) else str(plain)
+
+
+def _yaml_text(value) -> str:
+    return yaml.safe_dump(plain_data(value), default_flow_style=True).strip()
+
+
+@jinja2.pass_eval_context
+def _tojson(eval_ctx, value, indent=None):
+    return _Flow(str(jinja2.filters.do_tojson(eval_ctx, value, indent)), value)
+
+
+@jinja2.pass_eval_context
+def _join(eval_ctx, value, d="", attribute=None):
+    if attribute is not None:
+        value = map(jinja2.filters.make_attrgetter(eval_ctx.environment, attribute), value)
+    items = list(value)
+    if isinstance(d, Markup) or any(isinstance(item, Markup) for item in items):
+        return _Text.escape(d).join(items)
+    return str(d).join(map(str, items))
+
+
+def _replace(s, old, new, count=None):
+    count = -1 if count is None else count
+    if not isinstance(s, Markup):
+        return str(s).replace(str(old), str(new), count)
+    return _Text(str(s).replace(str(old), str(_Text.escape(new)), count))
+
+
+def _indent(s, width=4, first=False, blank=False):
+    if not isinstance(s, Markup):
+        return jinja2.filters.do_indent(str(s), width, first, blank)
+    if isinstance(width, str) and not isinstance(width, Markup) and width.strip(" \t"):
+        width = str(_Text.escape(width))  # only blanks are indentation; anything else is a value
+    return _Text(jinja2.filters.do_indent(str(s), str(width) if isinstance(width, str) else width, first, blank))
+
+
+def _format(value, *args, **kwargs):
+    if args and kwargs:
+        raise jinja2.FilterArgumentError("can't handle positional and keyword arguments at the same time")
+    return (_Text(value) if isinstance(value, Markup) else str(value)) % (kwargs or args)
+
+
+def _as_data(function):
+    """An HTML filter's Markup result is a string value here, not YAML text."""
+    @functools.wraps(function)
+    def wrapper(*args, **kwargs):
+        return str(function(*args, **kwargs))
+    return wrapper
+
+
+def quote(value) -> str:
+    """Jinja filter: the value shell-quoted, for commands (`cmd.run`, `unless`, ...)."""
+    return shlex.quote(str(value))
+
+
+class _Environment(jinja2.Environment):
+    """Template names are plain strings: a literal name in a state file is state text (see
+    _StateCodeGenerator), which Jinja would otherwise write into compiled code as it is."""
+
+    def get_template(self, name, parent=None, globals=None):
+        return super().get_template(str(name) if isinstance(name, str) else name, parent, globals)
+
+    def select_template(self, names, parent=None, globals=None):
+        names = [str(n) if isinstance(n, str) else n for n in names] if not isinstance(names, jinja2.Undefined) else names
+        return super().select_template(names, parent, globals)
+
+
+def _environment(searchpath: str, tree: StateTree, state: bool) -> jinja2.Environment:
+    env = _Environment(loader=_TreeLoader(searchpath, tree), undefined=jinja2.StrictUndefined,
+                             keep_trailing_newline=True, auto_reload=True,
+                             autoescape=state, finalize=_finalize if state else None)
+    env.tests["in_network"] = in_network
+    env.filters["quote"] = quote
+    if not state:
+        env.filters["yaml"] = _yaml_text
+        env.filters["json"] = env.filters["tojson"]
+        return env
+    env.template_class = _StateTemplate
+    env.code_generator_class = _StateCodeGenerator
+    env.filters.update({
+        "tojson": _tojson, "json": _tojson, "yaml": lambda v: _Flow(_yaml_text(v), v),
+        "escape": _Text.escape, "e": _Text.escape, "forceescape": lambda v: _Text.escape(str(v)),
+        "safe": lambda v: _Text(v) if isinstance(v, Markup) else _Text(str(v)),
+        "join": _join, "replace": _replace, "indent": _indent, "format": _format,
+        "xmlattr": _as_data(env.filters["xmlattr"]), "urlize": _as_data(env.filters["urlize"]),
+    })
+    return env
+
+
+@functools.lru_cache(maxsize=64)
+def _state_env(searchpath: str, tree: StateTree) -> jinja2.Environment:
+    """One environment per directory: it caches compiled templates (reloaded when a file changes),
+    so rendering one file for 200 nodes compiles it once."""
+    return _environment(searchpath, tree, state=True)
+
+
+@functools.lru_cache(maxsize=64)
+def _file_env(searchpath: str, tree: StateTree) -> jinja2.Environment:
+    return _environment(searchpath, tree, state=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# Rendering a state file or a templated file
+
+def _jinja_error(path: str, shown: str, exc: Exception) -> StateFileError:
+    line = getattr(exc, "lineno", None)
+    message = getattr(exc, "message", None) or str(exc)
+    if isinstance(exc, jinja2.UndefinedError):
+        message = f"undefined in template: {message}"
+    elif isinstance(exc, jinja2.TemplateSyntaxError):
+        message = f"template syntax error: {message}"
+    elif isinstance(exc, jinja2.TemplateNotFound):
+        message = f"template not found: {exc.name}"
+    elif isinstance(exc, _Refused):
+        pass
+    else:
+        message = f"template error: {type(exc).__name__}: {message}"
+    if isinstance(exc, jinja2.TemplateSyntaxError) and exc.filename and os.path.abspath(exc.filename) != path:
+        shown = exc.filename
+    return StateFileError(shown, line, message)
+
+
+def _render(env: jinja2.Environment, path: str, context: dict, shown: str, tree: StateTree, what: str) -> str:
+    why = tree.refusal(path, what)
+    if why:
+        raise StateFileError(shown, None, why)
+    try:
+        with open(os.path.realpath(path), "rb") as fh:
+            raw = fh.read()
+    except OSError as exc:
+        raise StateFileError(shown, None, f"cannot read: {exc.strerror}") from None
+    if b"\0" in raw:
+        raise StateFileError(shown, raw[:raw.index(b"\0")].count(b"\n") + 1, "binary data, not a text file")
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw[:exc.start].count(b"\n") + 1
+        raise StateFileError(shown, line, "not UTF-8 text") from None
+    try:
+        return env.get_template(os.path.basename(path)).render(**context)
+    except (jinja2.TemplateError, TypeError, ValueError, AttributeError, KeyError, ZeroDivisionError) as exc:
+        error = _jinja_error(path, shown, exc)
+        if error.line is None:
+            error.line = _template_line(exc, path)
+        raise error from None
+
+
+def render_template(path: str, context: dict, shown: str, root: str | None = None,
+                    forbidden: tuple[str, ...] = ()) -> str:
+    """A templated file's contents (`source:` + `template: jinja`): plain text, nothing escaped."""
+    tree = state_tree(root or os.path.dirname(path), tuple(forbidden))
+    return _render(_file_env(os.path.dirname(path), tree), path, context, shown, tree, f"source {shown!r}")
+
+
+def render_state(path: str, context: dict, shown: str, root: str | None = None,
+                 forbidden: tuple[str, ...] = ()) -> tuple[str, Values]:
+    """A state file's YAML text, with a token for each value, and the values (for parse_states)."""
+    tree = state_tree(root or os.path.dirname(path), tuple(forbidden))
+    values = Values()
+    reset = _rendering.set(values)
+    try:
+        text = _render(_state_env(os.path.dirname(path), tree), path, context, shown, tree, f"state file {shown!r}")
+    finally:
+        _rendering.reset(reset)
+    return text, values
+
+
+def _template_line(exc: Exception, path: str) -> int | None:
+    """The template line of a runtime error: Jinja compiles templates to Python, whose frames say."""
+    tb = exc.__traceback__
+    line = None
+    while tb is not None:
+        if tb.tb_frame.f_code.co_filename == path:
+            line = tb.tb_lineno  # Jinja rewrites its frames to point at the template's own lines
+        else:
+            template = tb.tb_frame.f_globals.get("__jinja_template__")
+            if template is not None:
+                line = template.get_corresponding_lineno(tb.tb_lineno)
+        tb = tb.tb_next
+    return line

@@ -1,0 +1,156 @@
+"""Validation of a node's states before anything is sent: against the node's catalogue of state
+functions (names, arguments, required ones, argument types), then requisites and run order.
+
+The catalogue is the one the node's agent sent at enrollment (facts.check_catalog checked its
+shape), or the agent's beside this master. Argument types are checked once the values are in
+(after YAML and the value tokens): a value whose type is not among its argument's `types` is
+refused here, with the file and the argument's line, rather than by the agent mid-job. The names
+of types (`types: {arg: [name, ...]}`) and what each accepts are the agent's (piagent.states
+TYPE_NAMES and accepts: one vocabulary, one set of rules); an argument without types (or a
+catalogue without any: an older agent) takes any value.
+"""
+
+from __future__ import annotations
+
+import difflib
+from typing import TYPE_CHECKING
+
+from piagent.states import COMMON_ARGS, REQUISITES, accepts
+
+from .statetree import StateFileError
+
+if TYPE_CHECKING:
+    from .statefile import State
+
+# Arguments the master resolves itself before sending: `source` (+`template`) become `contents`.
+MASTER_ARGS = {"file.managed": {"source", "template"}}
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation against the agent's catalogue, requisites and order
+
+def _suggest(word: str, choices) -> str:
+    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def validate(states: list[State], catalog: dict) -> list[StateFileError]:
+    """Each state against the catalogue: its function, its arguments' names, the required ones,
+    their types."""
+    errors = []
+    for state in states:
+        spec = catalog.get(state.fun)
+        if spec is None:
+            errors.append(StateFileError(state.path, state.line,
+                                         f"unknown state function {state.fun!r}{_suggest(state.fun, catalog)}"))
+            continue
+        allowed = set(spec["args"]) | MASTER_ARGS.get(state.fun, set())
+        for arg in state.args:
+            if arg not in allowed:
+                errors.append(StateFileError(state.path, state.line, f"{state.id}: {state.fun} has no argument "
+                                             f"{arg!r}{_suggest(arg, allowed | set(COMMON_ARGS))}"))
+        for required in spec["required"]:
+            if required not in state.args and not (required == "contents" and "source" in state.args):
+                errors.append(StateFileError(state.path, state.line,
+                                             f"{state.id}: {state.fun} needs the argument {required!r}"))
+        if state.fun == "file.managed" and "source" in state.args and "contents" in state.args:
+            errors.append(StateFileError(state.path, state.line, f"{state.id}: give `contents` or `source`, not both"))
+        errors += _type_errors(state, spec.get("types") or {})
+    return errors
+
+
+def _type_errors(state: State, types: dict[str, list[str]]) -> list[StateFileError]:
+    """The arguments whose value is none of the types the catalogue gives for it."""
+    errors = []
+    for arg, value in state.args.items():
+        accepted = types.get(arg)
+        if not accepted or arg in state.pending:  # untyped; or a result not known yet, of no known type
+            continue
+        if arg == "name":
+            value = str(value)  # the name is always sent as text (see render._job)
+        if not accepts(accepted, value):
+            expected = accepted[0] if len(accepted) == 1 else f"{', '.join(accepted[:-1])} or {accepted[-1]}"
+            errors.append(StateFileError(state.path, state.lines.get(arg, state.line),
+                                         f"{state.id}: {state.fun}: {arg} is {_type_of(value)}, expected {expected}"))
+    return errors
+
+
+def _type_of(value) -> str:
+    """What a value is, in words, for a message (never the value itself: it may be a secret)."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a bool"
+    for python_type, words in ((str, "a string"), (int, "an int"), (float, "a float"), (list, "a list"),
+                               (dict, "a dict"), (bytes, "binary data")):
+        if isinstance(value, python_type):
+            return words
+    return f"a {type(value).__name__}"  # what else YAML makes: a date, a datetime, a set
+
+
+def _find(states: list[State], module: str | None, ref: str) -> list[int]:
+    return [i for i, s in enumerate(states)
+            if (module is None or s.module == module) and (s.id == ref or s.name == ref)]
+
+
+def resolve_requisites(states: list[State]) -> tuple[list[dict[str, list[int]]], list[StateFileError]]:
+    """Per state, requisite kind -> indices of the states it depends on (the `_in` forms inverted)."""
+    errors = []
+    deps: list[dict[str, list[int]]] = [{k: [] for k in REQUISITES} for _ in states]
+    labels = [f"{s.module}: {s.id}" for s in states]
+    for i, state in enumerate(states):
+        for kind, refs in state.requisites.items():
+            base = kind[:-3] if kind.endswith("_in") else kind
+            for module, ref, line in refs:
+                found = _find(states, module, ref)
+                if not found:
+                    wanted = f"{module}: {ref}" if module else ref
+                    errors.append(StateFileError(state.path, line, f"{state.id}: {kind} names {wanted!r}, which "
+                                                 f"is not a state in this file{_suggest(wanted, labels)}"))
+                    continue
+                for j in found:
+                    if j == i:
+                        errors.append(StateFileError(state.path, line, f"{state.id}: {kind} names itself"))
+                    elif kind.endswith("_in"):
+                        deps[j][base].append(i)
+                    else:
+                        deps[i][base].append(j)
+    return deps, errors
+
+
+def run_order(states: list[State], deps: list[dict[str, list[int]]]) -> tuple[list[int], StateFileError | None]:
+    """File order (after `order:`), moved only where a requisite demands it; a cycle is an error."""
+    def rank(i: int):
+        order = states[i].extra.get("order")
+        return (0 if order == "first" else 2 if order == "last" else 1,
+                order if isinstance(order, int) else 0, i)
+
+    pending = sorted(range(len(states)), key=rank)
+    needs = {i: set(j for kind in deps[i].values() for j in kind) for i in pending}
+    done: list[int] = []
+    placed: set[int] = set()
+    while pending:
+        for i in pending:
+            if needs[i] <= placed:
+                done.append(i)
+                placed.add(i)
+                pending.remove(i)
+                break
+        else:
+            return done, StateFileError(states[pending[0]].path, states[pending[0]].line,
+                                        "requisite cycle: " + _cycle(states, needs, pending))
+    return done, None
+
+
+def _cycle(states, needs, pending) -> str:
+    start = pending[0]
+    path, seen = [start], {start}
+    current = start
+    while True:
+        nxt = next(j for j in needs[current] if j in pending)
+        if nxt in seen:
+            loop = path[path.index(nxt):] + [nxt]
+            return " -> ".join(f"{states[i].fun} {states[i].id}" for i in loop)
+        path.append(nxt)
+        seen.add(nxt)
+        current = nxt
