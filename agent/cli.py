@@ -316,7 +316,11 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         return 0
     if args.command == "state":
-        return run_single_state(args)
+        try:
+            return run_single_state(args)
+        except BrokenPipeError:  # `piagent state list | head`: the reader left, which is not an error
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            return 0
     if args.command == "facts":
         from .facts import gather_facts
 

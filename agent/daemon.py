@@ -94,6 +94,16 @@ def backoff_delay(attempt: int) -> float:
 
 
 class Agent:
+    """One agent's connection to its master, for as long as the daemon runs: connect, check the
+    master's key against the pin, enroll, answer requests (ping, facts, apply), deliver job results
+    until acknowledged, heartbeat, reconnect.
+
+    Over 300 lines on purpose: these steps share one socket, one enrollment status and one view of
+    the master's clock, and each reacts to the others (a reconnect re-enrolls and re-sends kept
+    results); split across classes they would pass that state back and forth. Jobs themselves run in
+    ``jobs.JobRunner``, facts in ``facts``, the wire in ``protocol``.
+    """
+
     def __init__(self, settings: AgentSettings, *, context: zmq.asyncio.Context | None = None,
                  facts_source: Callable[[], Awaitable[dict]] = facts_mod.gather_facts,
                  health_source: Callable[[], Awaitable[dict]] = facts_mod.health,

@@ -126,7 +126,9 @@ def print_report(report: dict, table) -> bool:
             for state in node["states"]:
                 if state.get("status") == "changed":
                     diff = (state.get("changes") or {}).get("diff")
-                    print(f"{node_id}: would change {state.get('fun')} {state.get('id')}: {state.get('comment', '')}")
+                    # Continuation lines indented: a comment's own lines never start a line of the report.
+                    print(f"{node_id}: would change {state.get('fun')} {state.get('id')}: "
+                          + str(state.get("comment", "")).replace("\n", "\n    "))
                     if diff:
                         print("    " + diff.rstrip().replace("\n", "\n    "))
     return all_ok

@@ -72,7 +72,8 @@ class ControlServer:
 
                 def emit(event: dict) -> None:
                     if not writer.is_closing():
-                        writer.write(json.dumps({"event": event}).encode() + b"\n")
+                        # default=str: an event must never end the request it belongs to.
+                        writer.write(json.dumps({"event": event}, default=str).encode() + b"\n")
 
                 response = await self.request(line, emit)
                 writer.write(json.dumps(response).encode() + b"\n")

@@ -22,6 +22,10 @@ from piagent.states import TYPE_NAMES
 # The whole facts map of one node, as JSON, at most: a Pi's real facts are ~2 KiB.
 MAX_FACTS_BYTES = 64 * 1024
 MAX_CATALOG_BYTES = 256 * 1024
+# An agent's catalogue: 26 functions of at most 10 arguments today. The bounds keep checking
+# it (on every enrollment, in the router loop) and suggesting names from it (difflib) cheap.
+MAX_CATALOG_FUNCTIONS = 512
+MAX_FUNCTION_ARGS = 64
 # What every node's facts must hold for other nodes' state files to render with it (the shipped
 # states read these of every node). A node without them fails only its own rendering.
 REQUIRED_FACTS = ("hostname", "ips", "macs", "interfaces", "cpu_count", "memory_mb")
@@ -208,7 +212,7 @@ def missing_facts(facts: dict) -> list[str]:
     return [name for name in REQUIRED_FACTS if name not in facts]
 
 
-def _types_ok(types: Any, args: list[str]) -> bool:
+def _types_ok(types: Any, args: set[str]) -> bool:
     """A catalogue entry's `types`: a map of its own argument names to non-empty lists of distinct
     names from TYPE_NAMES, the agent's vocabulary (so at most one list per argument, each at most
     len(TYPE_NAMES) long)."""
@@ -230,16 +234,20 @@ def check_catalog(raw: Any) -> tuple[dict | None, str | None]:
     size = _size(raw)
     if size is None or size > MAX_CATALOG_BYTES:
         return None, "the catalogue is too large or not plain data"
+    if len(raw) > MAX_CATALOG_FUNCTIONS:
+        return None, f"the catalogue names over {MAX_CATALOG_FUNCTIONS} state functions"
     out = {}
     for fun, spec in raw.items():
         if not isinstance(fun, str) or not STATE_FUN_RE.fullmatch(fun) or not isinstance(spec, dict):
             return None, f"malformed catalogue entry {str(fun)[:70]!r}"
         args, required, summary = spec.get("args"), spec.get("required", []), spec.get("summary", "")
-        if not isinstance(args, list) or not all(isinstance(a, str) and ARG_RE.fullmatch(a) for a in args) \
+        # Linear in the entry's size, and bounded: the router loop checks this on every enrollment.
+        if not isinstance(args, list) or len(args) > MAX_FUNCTION_ARGS \
+                or not all(isinstance(a, str) and ARG_RE.fullmatch(a) for a in args) \
                 or not isinstance(required, list) or not all(isinstance(r, str) for r in required) \
                 or not set(required) <= set(args) \
                 or not isinstance(summary, str) \
-                or ("types" in spec and not _types_ok(spec["types"], args)):
+                or ("types" in spec and not _types_ok(spec["types"], set(args))):
             return None, f"malformed catalogue entry {fun!r}"
         out[fun] = {"args": args, "required": required, "summary": summary[:300]}
         if "types" in spec:

@@ -28,7 +28,7 @@ from .facts import missing_facts
 from .inventory import load_inventory, resolve_nodes
 from .render import (Pending, StateFileError, StateFileErrors, compile_for_node, resolve_state_path,
                      to_attrdict)
-from .results import check_job_result, check_progress
+from .results import check_job_result, check_progress, one_line
 from .secrets import SecretError, SecretStore, redact, string_leaves, strings_in
 from .store import Store
 
@@ -177,11 +177,8 @@ class Plan:
     """Everything an apply needs that does not depend on results: file, inventory, nodes, catalogues."""
 
     def __init__(self, board: JobBoard, file: str, target: str | None, cwd: str | None) -> None:
-        spec = file if os.path.isabs(file) or cwd is None else os.path.join(cwd, file)
-        if not os.path.exists(spec) and os.sep not in file:
-            spec = file  # a bare name: a shipped state file
         try:
-            self.path = resolve_state_path(spec, states_dir())
+            self.path = resolve_state_path(file, states_dir(), cwd)
         except StateFileError as exc:
             raise ApplyRefused(str(exc)) from None
         self.root = os.path.dirname(self.path)
@@ -331,7 +328,10 @@ async def apply(board: JobBoard, emit, file: str, target: str | None = None, tes
                                              ack_timeout, deadline, sensitive_outputs)
             for node_id, raw in stage_results.items():
                 results_so_far[node_id] = {r.get("id"): r for r in raw.get("results", []) if isinstance(r, dict)}
-                outputs = [s for res in raw.get("results", []) if isinstance(res, dict) and res.get("sensitive")
+                # Sensitive are the states the file marked so, not what the agent says: a node
+                # calling its own output sensitive would have it redacted from other nodes' results.
+                marked = {s.get("id") for s in jobs.get(node_id, ()) if s.get("sensitive")}
+                outputs = [s for res in raw.get("results", []) if isinstance(res, dict) and res.get("id") in marked
                            for s in string_leaves(res.get("changes"))]
                 # Bounded: a node decides how much its sensitive states print.
                 sensitive_outputs.update(s for s in outputs[:MAX_SENSITIVE_STRINGS] if len(s) <= MAX_SENSITIVE_LENGTH)
@@ -368,7 +368,8 @@ async def _run_stage(board, emit, job_id, test, group, jobs, carried, watch, ack
             board.store.set_job_node_status(job_id, node_id, "running")
             waiting.add(node_id)
         else:
-            error = ack.get("error") or ack.get("body", {}).get("error") or "did not take the job"
+            # The master's own words (no answer, not connected), or the agent's, on one bounded line.
+            error = one_line(ack.get("error") or ack.get("body", {}).get("error") or "did not take the job")
             board.store.set_job_node_status(job_id, node_id, "no_answer")
             emit({"type": "node", "node": node_id, "status": "no_answer", "error": error})
     raw: dict[str, dict] = {}

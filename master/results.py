@@ -19,8 +19,9 @@ MAX_COMMENT = 64 * 1024
 MAX_CHANGES_BYTES = 256 * 1024
 MAX_FIELD = 4096
 # Shown on the person's terminal: no control characters but line breaks and tabs (an escape
-# sequence could rewrite what the terminal shows), no bidirectional overrides.
-CONTROL_RE = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
+# sequence could rewrite what the terminal shows), no bidirectional overrides or marks, no Unicode
+# line or paragraph separators.
+CONTROL_RE = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
 STATE_FUN_RE = re.compile(r"[a-z][a-z0-9_]{0,31}\.[a-z][a-z0-9_]{0,63}")
 MAX_TIME = 1e11  # seconds since 1970: any real timestamp is far below
 
@@ -34,6 +35,16 @@ def _finite(value: Any, low: float = -math.inf, high: float = math.inf) -> float
 
 def _text(value: Any, limit: int) -> str | None:
     return CONTROL_RE.sub("?", value[:limit]) if isinstance(value, str) else None
+
+
+def one_line(value: Any, limit: int = 200) -> str:
+    """An agent's text for a one-line field (a name, a reason, an error): no control characters and
+    no line breaks, so that it cannot forge lines of the output it is printed in."""
+    return CONTROL_RE.sub("?", str(value)[:limit]).replace("\n", " ")
+
+
+def _line(value: Any, limit: int) -> str | None:
+    return one_line(value, limit) if isinstance(value, str) else None
 
 
 def _clean(value: Any) -> Any:
@@ -69,9 +80,9 @@ def check_state_result(raw: Any) -> dict:
                 "comment": "the agent reported a malformed result"}
     result = raw.get("result")
     out = {
-        "id": _text(raw.get("id"), MAX_FIELD) or "?",
+        "id": _line(raw.get("id"), MAX_FIELD) or "?",
         "fun": raw["fun"] if isinstance(raw.get("fun"), str) and STATE_FUN_RE.fullmatch(raw["fun"]) else "?",
-        "name": _text(raw.get("name"), MAX_FIELD) or "?",
+        "name": _line(raw.get("name"), MAX_FIELD) or "?",
         "result": result if result in (True, False, None) else False,
         "changes": _changes(raw.get("changes")),
         "comment": _text(raw.get("comment"), MAX_COMMENT) or "",
@@ -81,7 +92,7 @@ def check_state_result(raw: Any) -> dict:
                                                       "changed" if out["changes"] else "ok")
     if out["result"] is False:
         out["status"] = "failed" if out["status"] not in ("not_run", "skipped") else out["status"]
-    source = _text(raw.get("source"), MAX_FIELD)
+    source = _line(raw.get("source"), MAX_FIELD)
     if source is not None:
         out["source"] = source
     duration = _finite(raw.get("duration_ms"), 0, 1e10)

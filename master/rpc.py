@@ -15,7 +15,7 @@ from piagent import protocol as proto
 from piagent.protocol import Message
 
 from .enrollment import Roster
-from .results import CONTROL_RE, check_health
+from .results import check_health, one_line
 
 # An agent seen this recently and not connected now is probably reconnecting (its address just
 # changed): an apply waits for it instead of reporting it down at once.
@@ -27,18 +27,17 @@ def rollback_note(note) -> dict | None:
     """An agent's note that it rolled a network change back, checked and bounded for `ping`."""
     if not isinstance(note, dict):
         return None
-    changes = [{"interface": CONTROL_RE.sub("?", str(c.get("interface"))[:32]),
-                "address": CONTROL_RE.sub("?", str(c.get("address"))[:64])}
+    changes = [{"interface": one_line(c.get("interface"), 32), "address": one_line(c.get("address"), 64)}
                for c in (note.get("changes") or [])[:8] if isinstance(c, dict)] \
         if isinstance(note.get("changes"), list) else []
     when = note.get("time")
     return {"time": when if isinstance(when, (int, float)) and math.isfinite(when) else None,
-            "reason": CONTROL_RE.sub("?", str(note.get("reason", ""))[:300]), "changes": changes}
+            "reason": one_line(note.get("reason", ""), 300), "changes": changes}
 
 
 def answer_row(answer: Message, rtt: float, sent_wall: float) -> dict:
     if answer.type == proto.REFUSED:
-        return {"ok": False, "error": f"refused: {CONTROL_RE.sub('?', str(answer.body.get('reason'))[:200])}",
+        return {"ok": False, "error": f"refused: {one_line(answer.body.get('reason'))}",
                 "rtt_ms": round(rtt * 1000, 2)}
     return {"ok": "error" not in answer.body, "rtt_ms": round(rtt * 1000, 2),
             "body": answer.body, "sent_wall": sent_wall, "rtt_s": rtt}

@@ -76,15 +76,22 @@ def display_path(path: str, root: str) -> str:
     return path if rel.startswith("..") else rel
 
 
-def resolve_state_path(spec: str, states_dir: str | None) -> str:
-    """A path as given, or the bare name of a shipped state file (`slurm` -> STATES_DIR/slurm.yaml)."""
-    if os.path.exists(spec):
-        return os.path.abspath(spec)
-    if states_dir and os.sep not in spec:
-        for suffix in ("",) + STATE_SUFFIXES:
-            candidate = os.path.join(states_dir, spec + suffix)
-            if os.path.isfile(candidate):
-                return candidate
+def resolve_state_path(spec: str, states_dir: str | None, cwd: str | None = None) -> str:
+    """The state file ``spec`` names: a path (relative to ``cwd``, the client's directory), or a bare
+    name (`slurm`: slurm, slurm.yaml, … in ``cwd`` first, then in ``states_dir``, the shipped ones).
+
+    The client's directory comes first: a person who copied the shipped files to edit their
+    inventory and applies `network` from there means their copy, never the shipped example's.
+    """
+    path = spec if os.path.isabs(spec) or cwd is None else os.path.join(cwd, spec)
+    if os.path.exists(path):
+        return os.path.abspath(path)
+    if os.sep not in spec:
+        for directory in filter(None, (cwd, states_dir)):
+            for suffix in ("",) + STATE_SUFFIXES:
+                candidate = os.path.join(directory, spec + suffix)
+                if os.path.isfile(candidate):
+                    return os.path.abspath(candidate)
     raise StateFileError(spec, None, "no such state file" + (
         f" (nor a shipped one in {states_dir})" if states_dir and os.sep not in spec else ""))
 

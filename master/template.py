@@ -30,6 +30,10 @@ token (`finalize`, and `_Text`, the Markup subclass whose joins and formats esca
 templates use `_Text` where Jinja's runtime uses Markup (`_StateTemplate`), and string literals of
 the template are template text (`_StateCodeGenerator`). `_TreeLoader` reads templates only inside
 the state tree (statetree.py).
+
+(A little over 500 lines on purpose: the token scheme, the code generator hook and the filters
+that must agree with it are one piece; split, a reader would have to hold three files to check
+that no value becomes YAML.)
 """
 
 from __future__ import annotations

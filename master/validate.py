@@ -5,8 +5,8 @@ The catalogue is the one the node's agent sent at enrollment (facts.check_catalo
 shape), or the agent's beside this master. Argument types are checked once the values are in
 (after YAML and the value tokens): a value whose type is not among its argument's `types` is
 refused here, with the file and the argument's line, rather than by the agent mid-job. The names
-of types (`types: {arg: [name, ...]}`) and what each accepts are the agent's (piagent.states
-TYPE_NAMES and accepts: one vocabulary, one set of rules); an argument without types (or a
+of types (`types: {arg: [name, ...]}`), what each accepts and the words for a mismatch are the
+agent's (piagent.states TYPE_NAMES, accepts, type_errors: one vocabulary, one set of rules); an argument without types (or a
 catalogue without any: an older agent) takes any value.
 """
 
@@ -15,7 +15,7 @@ from __future__ import annotations
 import difflib
 from typing import TYPE_CHECKING
 
-from piagent.states import COMMON_ARGS, REQUISITES, accepts
+from piagent.states import COMMON_ARGS, REQUISITES, type_errors
 
 from .statetree import StateFileError
 
@@ -60,32 +60,19 @@ def validate(states: list[State], catalog: dict) -> list[StateFileError]:
 
 
 def _type_errors(state: State, types: dict[str, list[str]]) -> list[StateFileError]:
-    """The arguments whose value is none of the types the catalogue gives for it."""
+    """The arguments whose value is none of the types the catalogue gives for it, in the agent's
+    words ("mode must be text or a whole number, not a list": never the value, it may be a secret)."""
     errors = []
     for arg, value in state.args.items():
         accepted = types.get(arg)
         if not accepted or arg in state.pending:  # untyped; or a result not known yet, of no known type
             continue
-        if arg == "name":
-            value = str(value)  # the name is always sent as text (see render._job)
-        if not accepts(accepted, value):
-            expected = accepted[0] if len(accepted) == 1 else f"{', '.join(accepted[:-1])} or {accepted[-1]}"
+        if arg == "name" and isinstance(value, (int, float)) and not isinstance(value, bool):
+            value = str(value)  # `name: 8080` is the text 8080 (sent as text, see render._job)
+        for problem in type_errors({arg: accepted}, {arg: value}):
             errors.append(StateFileError(state.path, state.lines.get(arg, state.line),
-                                         f"{state.id}: {state.fun}: {arg} is {_type_of(value)}, expected {expected}"))
+                                         f"{state.id}: {state.fun}: {problem}"))
     return errors
-
-
-def _type_of(value) -> str:
-    """What a value is, in words, for a message (never the value itself: it may be a secret)."""
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "a bool"
-    for python_type, words in ((str, "a string"), (int, "an int"), (float, "a float"), (list, "a list"),
-                               (dict, "a dict"), (bytes, "binary data")):
-        if isinstance(value, python_type):
-            return words
-    return f"a {type(value).__name__}"  # what else YAML makes: a date, a datetime, a set
 
 
 def _find(states: list[State], module: str | None, ref: str) -> list[int]:

@@ -175,7 +175,9 @@ class JobScript:
     state id, fields merged into that state's generated result; ``results`` / ``summary``: replace
     the generated ones outright (anything at all: NaN, strings, lists of garbage); ``body``: fields
     merged into the job_result body (e.g. another ``job``); ``progress``: send a job_progress per
-    state first.
+    state first; ``ack``: the answer to `apply` itself (default ``{"accepted": true, "job": ...}``;
+    one that does not accept sends no result); ``ping_refused``: answer every ping with `refused`
+    and this reason.
     """
 
     def __init__(self, spec: dict | None) -> None:
@@ -319,6 +321,8 @@ class HostileAgent:
             self.status = status
             if status == "deleted":
                 self.enroll()
+        elif msg.type == proto.PING and "ping_refused" in self.script.spec:
+            self.send(proto.reply(msg, proto.REFUSED, {"reason": untag(self.script.spec["ping_refused"])}))
         elif msg.type == proto.PING:
             self.send(proto.reply(msg, proto.RESULT, {
                 "time": time.time(), "uptime_s": 4242.0, "load": [0.01, 0.02, 0.03], "temp_c": 42.0,
@@ -328,10 +332,11 @@ class HostileAgent:
         elif msg.type == proto.APPLY:
             job_id = msg.body.get("job")
             states = msg.body.get("states")
-            self.send(proto.reply(msg, proto.RESULT, {"accepted": True, "job": job_id}))
+            ack = untag(self.script.spec["ack"]) if "ack" in self.script.spec else {"accepted": True, "job": job_id}
+            self.send(proto.reply(msg, proto.RESULT, ack))
             count = len(states) if isinstance(states, list) else "?"
             say(f"apply {job_id}: {count} state(s), redact list of {len(msg.body.get('redact') or [])}")
-            if not self.script.spec.get("skip"):
+            if not self.script.spec.get("skip") and isinstance(ack, dict) and ack.get("accepted") is True:
                 due = time.monotonic() + float(self.script.spec.get("delay", 0.1))
                 self.pending_results.append((due, {"job": job_id, "states": states}))
         elif msg.type == proto.JOB_RESULT_ACK:

@@ -249,3 +249,33 @@ def test_an_apply_reaches_an_agent_that_is_reconnecting_right_then(tmp, cluster)
     report = json.loads(out)
     assert {n: i["status"] for n, i in report["nodes"].items()} == {"n1": "done", "n2": "done"}, err
     assert (tmp / "n1.touched").read_text().strip() == "here"
+
+
+def test_a_bare_name_means_the_file_in_the_current_directory_before_a_shipped_one(tmp, cluster):
+    # A person copies the shipped states to edit their inventory, and runs `pimaster apply network`
+    # there: it must apply their copy, never the shipped example (the lab's addresses on real Pis).
+    import subprocess
+
+    master, _ = cluster
+    mine = tmp / "cluster"
+    out = tmp / "out-mine"
+    write(mine / "network.yaml", f"""
+        {out}/{{{{ node.id }}}}:
+          file.managed:
+            - contents: mine
+            - makedirs: true
+        """)
+    write(mine / "site.yml", f"""
+        {out}/site-{{{{ node.id }}}}:
+          file.managed:
+            - contents: site
+            - makedirs: true
+        """)
+    # (`network` in test mode: should this ever regress, the shipped network.yaml changes nothing here.)
+    for name, extra in (("network", ["--test"]), ("site", [])):
+        result = subprocess.run([master.python, "-m", "pimaster", "apply", name, "--json", *extra, "--state-dir",
+                                 str(master.state_dir)], capture_output=True, text=True, env=master.env, cwd=mine,
+                                timeout=120)
+        assert result.returncode == 0, result.stderr
+        assert json.loads(result.stdout)["file"] == str(mine / f"{name}.{'yaml' if name == 'network' else 'yml'}")
+    assert (out / "site-n1").read_text() == "site\n"

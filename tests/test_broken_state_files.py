@@ -97,13 +97,24 @@ def test_values_of_the_types_the_catalogue_gives_pass(tmp_path):
 
 def test_a_value_of_another_type_is_refused_with_the_file_the_line_and_the_types_expected(tmp_path):
     assert typed_errors(tmp_path, dict(FITTING, mode=["0644"])) == [
-        "typed.yaml:5: web: file.managed: mode is a list, expected str or int"]
+        "typed.yaml:5: web: file.managed: mode must be text or a whole number, not a list"]
     assert typed_errors(tmp_path, dict(FITTING, makedirs="yes", timeout=True, contents={"a": 1})) == [
-        "typed.yaml:4: web: file.managed: contents is a dict, expected str, list or null",
-        "typed.yaml:6: web: file.managed: makedirs is a string, expected bool",
-        "typed.yaml:10: probe: cmd.run: timeout is a bool, expected float or null"]
+        "typed.yaml:4: web: file.managed: contents must be text or a list, not a mapping",
+        "typed.yaml:6: web: file.managed: makedirs must be true or false, not text",
+        "typed.yaml:10: probe: cmd.run: timeout must be a number, not true"]
     assert typed_errors(tmp_path, dict(FITTING, mode=None)) == [
-        "typed.yaml:5: web: file.managed: mode is null, expected str or int"]
+        "typed.yaml:5: web: file.managed: mode must be text or a whole number, not null"]
+
+
+def test_a_name_that_is_not_text_nor_a_number_is_refused_not_run_as_its_python_text(tmp_path):
+    from pimaster.render import StateFileErrors
+
+    # `name: false` for cmd.run used to run `False`; a list ran "['echo', 'hi']".
+    for value, words in (("false", "false"), ("", "null"), ("[echo, hi]", "a list"), ("{echo: hi}", "a mapping")):
+        text = TYPED.replace("{{ 8080 }}", value)
+        with pytest.raises(StateFileErrors) as caught:
+            compile_typed(tmp_path, FITTING, text=text)
+        assert str(caught.value) == f"typed.yaml:9: probe: cmd.run: name must be text, not {words}"
 
 
 def test_a_result_not_known_yet_is_not_refused_for_its_type(tmp_path):
@@ -117,7 +128,7 @@ def test_a_result_not_known_yet_is_not_refused_for_its_type(tmp_path):
     results = to_attrdict({"n1": {"probe": {"changes": {"timeout": "soon"}}}})
     with pytest.raises(StateFileErrors) as caught:                     # the later stage's rendering
         compile_typed(tmp_path, dict(FITTING, results=results), text=text)
-    assert str(caught.value) == "typed.yaml:10: probe: cmd.run: timeout is a string, expected float or null"
+    assert str(caught.value) == "typed.yaml:10: probe: cmd.run: timeout must be a number, not text"
 
 
 def test_a_catalogue_without_types_takes_any_value_as_before(tmp_path):
@@ -133,7 +144,7 @@ def test_a_wrong_type_through_pimaster_apply_is_refused_before_anything_is_sent(
     path.write_text("web:\n  file.managed:\n    - name: /tmp/pm-never\n    - contents: x\n    - makedirs: \"yes\"\n")
     result = master.cli("apply", str(path), check=False)
     assert result.returncode != 0
-    assert "wrong-type.yaml:5: web: file.managed: makedirs is a string, expected bool" in result.stderr, result.stderr
+    assert "wrong-type.yaml:5: web: file.managed: makedirs must be true or false, not text" in result.stderr, result.stderr
     assert "nothing was sent" in result.stderr
     assert len(master.json("jobs")["jobs"]) == jobs_before
     assert not (agent.state_dir / "jobs").exists()

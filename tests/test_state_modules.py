@@ -274,6 +274,13 @@ def test_managed_follows_a_symlink(run, tmp):
     assert link.is_symlink() and target.read_text() == "new\n"
 
 
+def test_line_in_a_missing_directory_gives_advice_that_works(run, tmp):
+    # file.line has no makedirs: it used to advise "makedirs: true", which the master then refused.
+    failed = run("file.line", str(tmp / "missing" / "file.conf"), content="x = 1", create=True)
+    assert failed["status"] == "failed" and "makedirs" not in failed["comment"], failed
+    assert "file.directory" in failed["comment"], failed
+
+
 def test_managed_makedirs(run, tmp):
     path = tmp / "a" / "b" / "file"
     failed = run("file.managed", str(path), contents="x")

@@ -1,8 +1,8 @@
 """State modules: one file per domain (file, pkg, service, cmd, host, sysctl, mount, boot, swap, kmod,
 network).
 
-Each public function of a module is a state function, called as ``<module>.<function>`` in a state
-file. It takes the StateContext first and the state's arguments as keyword arguments (``name``
+Each function a module names in its ``__states__`` is a state function, called as
+``<module>.<function>`` in a state file. It takes the StateContext first and the state's arguments as keyword arguments (``name``
 defaults to the state's id), reads the current state, changes only what differs, honours test
 mode, and returns ``{name, result, changes, comment}``, built with base.Outcome (which words the
 changes for test mode and for a real run). Its docstring is the user reference; its type hints

@@ -63,19 +63,22 @@ def _apply_owner_mode(path: str, mode: int | None, uid: int | None, gid: int | N
         raise StateError(f"cannot set owner/mode of {path}: {exc.strerror}") from None
 
 
-def _parent_ready(ctx: StateContext, path: str, makedirs: bool, out: Outcome) -> None:
-    """Make sure the parent directory exists (creating it with makedirs), or explain why not."""
+def _parent_ready(ctx: StateContext, path: str, makedirs: bool | None, out: Outcome) -> None:
+    """Make sure the parent directory exists (creating it with makedirs), or explain why not.
+    ``makedirs=None``: the state has no such argument (file.line, file.blockreplace edit a file that
+    must exist), so the advice is a file.directory state before it."""
     parent = os.path.dirname(path)
     if os.path.isdir(parent):
         return
     if os.path.lexists(parent) and not os.path.isdir(parent):
         raise StateError(f"{parent} exists and is not a directory")
     if not makedirs:
+        advice = "a file.directory state before this one" if makedirs is None else "makedirs: true"
         if ctx.test:
             # An earlier file.directory state in the same run may create it.
-            out.note(f"parent directory {parent} does not exist yet (makedirs: true would create it)")
+            out.note(f"parent directory {parent} does not exist yet ({advice} would create it)")
             return
-        raise StateError(f"parent directory {parent} does not exist (makedirs: true creates it)")
+        raise StateError(f"parent directory {parent} does not exist ({advice} creates it)")
     if ctx.test:
         out.note(f"would create parent directory {parent}")
         return
@@ -432,7 +435,7 @@ def line(ctx: StateContext, name: str, content: Text | None = None, match: Text 
                 out.change("diff", f"{path} does not exist yet\n", forecast, forecast)
                 return out.result()
             raise StateError(f"{path} does not exist (create: true creates it)")
-        _parent_ready(ctx, path, False, out)
+        _parent_ready(ctx, path, None, out)
     new, (would, did) = edit_line(old or "", spec, path)
     out.update(update_file(ctx, path, old, new), would, did)
     return out.result(f"{path} is as wanted")
@@ -527,7 +530,7 @@ def blockreplace(ctx: StateContext, name: str, marker_start: Text = "#-- start m
                 out.change("diff", f"{path} does not exist yet\n", forecast, forecast)
                 return out.result()
             raise StateError(f"{path} does not exist")
-        _parent_ready(ctx, path, False, out)
+        _parent_ready(ctx, path, None, out)
     new, (would, did) = replace_block(old or "", marker_start, marker_end, content, append_if_not_found,
                                       prepend_if_not_found, path)
     out.update(update_file(ctx, path, old, new), would, did)

@@ -16,7 +16,7 @@ A command module has:
 
 Adding a command: a module here and its line in ``COMMANDS``.
 
-This module is imported by every `pimaster` command: keep it free of imports.
+This module is imported by every `pimaster` command: keep its imports to importlib.
 """
 
 from __future__ import annotations

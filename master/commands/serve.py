@@ -11,7 +11,8 @@ ZMQ_TCP_PREFIX = "tcp://"
 
 def add_parser(sub, name, summary, common, as_json) -> None:
     serve = sub.add_parser(name, parents=[common], help=summary)
-    serve.add_argument("--listen", default="0.0.0.0:4510", help="address and port agents connect to (default 0.0.0.0:4510)")
+    serve.add_argument("--listen", default="0.0.0.0:4510", help="address and port agents connect to: HOST:PORT, [V6]:PORT or tcp://HOST:PORT "
+                       "(default 0.0.0.0:4510)")
     serve.add_argument("--key-port", type=int, help="plaintext key-announce port (default: listen port + 1)")
     serve.add_argument("--log-level", default="INFO")
     serve.add_argument("--max-pending", type=int, default=256,
