@@ -181,15 +181,20 @@ def run(args) -> int:
         if found is not None:
             from .bootconf import forget_token
 
-            def on_accepted() -> None:
+            def forget_boot_token() -> None:
                 forget_token(found)
                 # Forgotten in memory too, as after a restart: should the master ever delete this
                 # node's key, it waits as pending rather than re-enrolling on a left-over token.
                 settings.token = None
+            on_accepted = forget_boot_token
         agent = Agent(settings, on_accepted=on_accepted)
         loop = asyncio.get_running_loop()
+
+        def stop() -> None:
+            sd.notify("STOPPING=1")  # now, not at exit: ending a running job may take seconds
+            agent.stop()
         for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, agent.stop)
+            loop.add_signal_handler(sig, stop)
         watchdog = sd.watchdog_interval_s()
 
         async def keepalive() -> None:
@@ -205,7 +210,6 @@ def run(args) -> int:
         finally:
             if task:
                 task.cancel()
-            sd.notify("STOPPING=1")
             log.info("piagent stopped")
 
     asyncio.run(main())

@@ -134,7 +134,11 @@ class Agent:
 
     # ------------------------------------------------------------------ life cycle
     def stop(self) -> None:
-        self.jobs.stopping = True  # a job that ends from now on was cut short: reported interrupted
+        """Asked to stop (SIGTERM, SIGINT): end the running job's command at once, start no other
+        state, and leave `run` once the job has recorded what ran (see JobRunner.wind_down)."""
+        if not self._stop.is_set():
+            self.log.info("stopping%s", ": ending the running job" if self.jobs.running else "")
+        self.jobs.stop()
         self._stop.set()
 
     def reconnect(self) -> None:
@@ -178,6 +182,7 @@ class Agent:
             await asyncio.wait(waits, timeout=delay, return_when=asyncio.FIRST_COMPLETED)
             for waiting in waits:
                 waiting.cancel()
+        await self.jobs.wind_down()
 
     def _note_failure(self, reason: str, attempt: int) -> None:
         level = logging.WARNING if attempt == 0 or reason not in self._warned_once else logging.INFO
@@ -387,8 +392,6 @@ class Agent:
         """
         if self._catalog is not None:
             return self._catalog
-        import json
-
         from .states import catalog_signature
 
         signature = catalog_signature()

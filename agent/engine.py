@@ -21,7 +21,7 @@ import time
 from typing import Callable
 
 from .states import arg_types, registry, type_errors
-from .states.base import StateContext, StateError, result as make_result
+from .states.base import StateContext, StateError, StopSwitch, result as make_result
 
 log = logging.getLogger("piagent.engine")
 
@@ -42,17 +42,29 @@ def _commands(value) -> list[str]:
 
 def run_states(states: list[dict], *, test: bool = False, state_dir: str = "/var/lib/piagent",
                on_result: Callable[[int, dict], None] | None = None,
-               make_context: Callable[..., StateContext] = StateContext) -> list[dict]:
+               make_context: Callable[..., StateContext] = StateContext,
+               stop: StopSwitch | None = None) -> list[dict]:
     """Run the states in order; each one's result goes to ``on_result`` as soon as it is known.
 
     ``make_context`` makes each state's StateContext (its keyword arguments are StateContext's):
     tests give one that answers commands from a recording instead of running them.
+
+    ``stop`` (tripped when the agent is asked to stop) ends the running state's commands; the
+    result then says exactly what ran: the states that finished as they finished, the one whose
+    command was ended (or refused) failed as interrupted, and the rest not run.
     """
     functions = registry()
     results: list[dict] = []
     for index, state in enumerate(states):
         started = time.monotonic()
-        res = _run_one(index, state, results, functions, test, state_dir, make_context)
+        if stop is not None and stop.tripped:
+            name = state.get("name") or state.get("id") or "?"
+            res = dict(make_result(name, None, comment="not run: the agent stopped before this state"), status=NOT_RUN)
+        else:
+            cut_short_before = stop.cut_short if stop is not None else 0
+            res = _run_one(index, state, results, functions, test, state_dir, make_context, stop)
+            if stop is not None and stop.cut_short > cut_short_before:
+                res = _interrupted(res)
         res.update(id=state.get("id", res["name"]), fun=state["fun"], source=state.get("source"),
                    duration_ms=round((time.monotonic() - started) * 1000, 1))
         res.setdefault("status", _status(res))
@@ -64,8 +76,15 @@ def run_states(states: list[dict], *, test: bool = False, state_dir: str = "/var
     return results
 
 
+def _interrupted(res: dict) -> dict:
+    """The state whose command the agent's stop ended: failed, whatever the command's exit made of it."""
+    said = res.get("comment") or ""
+    return dict(res, result=False, status=FAILED, comment="interrupted: the agent was stopped while this "
+                "state ran, and ended its command" + (f" ({said})" if said else ""))
+
+
 def _run_one(index: int, state: dict, done: list[dict], functions: dict, test: bool, state_dir: str,
-             make_context: Callable[..., StateContext]) -> dict:
+             make_context: Callable[..., StateContext], stop: StopSwitch | None) -> dict:
     name = state.get("name") or state.get("id") or "?"
 
     def refs(kind: str) -> list[dict]:
@@ -96,7 +115,8 @@ def _run_one(index: int, state: dict, done: list[dict], functions: dict, test: b
     problems = type_errors(arg_types(function), args)
     if problems:
         return make_result(name, False, comment="; ".join(problems))
-    ctx = make_context(test=test, state_dir=state_dir, watch_changed=any(r["changes"] for r in refs("watch")))
+    ctx = make_context(test=test, state_dir=state_dir, watch_changed=any(r["changes"] for r in refs("watch")),
+                       stop=stop)
     unless = _commands(state.get("unless"))
     if unless and all(ctx.run(c, shell=True).ok for c in unless):
         return dict(make_result(name, True, comment="skipped: unless condition is true"), status=SKIPPED)

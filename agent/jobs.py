@@ -4,6 +4,9 @@ A job's result is written to disk (atomically) before it is sent and deleted onl
 acknowledges it, so a result survives a lost link or a master restart and is delivered on
 reconnect. A job that was running when the agent died (power cut, reboot, kill) leaves a marker;
 at the next start the agent reports that job as interrupted instead of leaving it hanging.
+
+Asked to stop (SIGTERM), the agent ends the running state's commands and starts no other state
+(`stop`); the job's result then says exactly what ran and is kept like any other (`wind_down`).
 """
 
 from __future__ import annotations
@@ -13,17 +16,24 @@ import json
 import logging
 import os
 import re
+import threading
 import time
-from typing import Awaitable, Callable
+from typing import TYPE_CHECKING, Awaitable, Callable
 
 from . import protocol as proto
 
 from . import fileio
 from .protocol import Message
 
+if TYPE_CHECKING:  # the state modules are imported only when a job runs
+    from .states.base import StopSwitch
+
 # \A...\Z, not ^...$ ("$" matches before a trailing newline): a job id names files in the state dir.
 JOB_ID_RE = re.compile(r"\A[A-Za-z0-9._-]{1,64}\Z")
 ACCEPTED_MEMORY = 256   # job ids remembered after their files are gone (far more than a master resends)
+# How long a stopping agent waits for its job to record what ran: the running command has
+# base.KILL_GRACE_S to end after SIGTERM before SIGKILL; within debian/piagent.service's TimeoutStopSec.
+WIND_DOWN_S = 10.0
 
 
 REQUISITE_KEYS = ("require", "watch", "onchanges", "onfail")
@@ -81,6 +91,38 @@ def _without_sensitive(results: list[dict]) -> list[dict]:
             for r in results]
 
 
+async def _in_thread(function: Callable, name: str):
+    """``function()`` in a daemon thread of its own, awaited. Not the loop's default executor: at
+    exit asyncio joins that without a bound, and a state stuck outside any command (a hung NFS
+    write) would keep a stopping agent alive until systemd's SIGKILL."""
+    loop = asyncio.get_running_loop()
+    future = loop.create_future()
+
+    def settle(value, error) -> None:
+        if future.done():
+            return
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(value)
+
+    def work() -> None:
+        value = error = None
+        try:
+            value = function()
+        except Exception as exc:  # delivered to the awaiting task, which reports it
+            error = exc
+        except BaseException as exc:  # never leave the task waiting: the job would hang unrecorded
+            error = RuntimeError(f"the job's thread ended with {type(exc).__name__}")
+        try:
+            loop.call_soon_threadsafe(settle, value, error)
+        except RuntimeError:  # the loop is closed: nobody waits any more
+            pass
+
+    threading.Thread(target=work, name=name, daemon=True).start()
+    return await future
+
+
 class JobRunner:
     def __init__(self, state_dir: str, send: Callable[[Message], Awaitable[bool]], log: logging.Logger) -> None:
         self.running_dir = os.path.join(state_dir, "jobs")
@@ -90,9 +132,10 @@ class JobRunner:
         self.log = log
         self._lock = asyncio.Lock()
         self._tasks: set[asyncio.Task] = set()  # jobs outlive a connection: never cancelled with it
-        # Set when the agent is asked to stop (SIGTERM: reboot, shutdown, `systemctl stop`), whose
-        # signal also reaches the job's commands: a job ending after that was cut short, not done.
+        # Set when the agent is asked to stop (SIGTERM: reboot, shutdown, `systemctl stop`): no
+        # state starts after that, and the running job's switch ends its commands.
         self.stopping = False
+        self._switch: StopSwitch | None = None  # the running job's
         self._accepted: dict[str, None] = {}  # recent job ids, oldest first (an ordered set)
 
     def _path(self, directory: str, job_id: str) -> str:
@@ -137,10 +180,35 @@ class JobRunner:
                 return f"malformed states: state {index}: {problem}"
         return None
 
+    @property
+    def running(self) -> bool:
+        return self._switch is not None
+
+    def stop(self) -> None:
+        """The agent is stopping: end the running state's commands; no further state starts."""
+        self.stopping = True
+        if self._switch is not None:
+            self._switch.trip()
+
+    async def wind_down(self) -> None:
+        """Wait (bounded) for the jobs to record what ran before the agent exits. A job still
+        running after WIND_DOWN_S keeps its marker and is reported interrupted at the next start."""
+        if not self._tasks:
+            return
+        _, running = await asyncio.wait(set(self._tasks), timeout=WIND_DOWN_S)
+        if running:
+            self.log.warning("a job did not end within %.0f s of the stop; it is reported interrupted at the "
+                             "next start", WIND_DOWN_S)
+
     async def _run(self, job_id: str, states: list[dict], test: bool, redact: list) -> None:
         from .engine import run_states, summarize
+        from .states.base import StopSwitch
 
         async with self._lock:
+            switch = StopSwitch()
+            if self.stopping:  # queued when the stop came: recorded with every state not run
+                switch.trip()
+            self._switch = switch
             os.makedirs(self.running_dir, mode=0o700, exist_ok=True)
             started = time.time()
             marker = self._path(self.running_dir, job_id)
@@ -150,26 +218,32 @@ class JobRunner:
             def on_result(index: int, res: dict) -> None:
                 state = {k: res.get(k) for k in ("id", "fun", "status")}
                 state["comment"] = _redact(str(res.get("comment", ""))[:300], redact)
-                loop.call_soon_threadsafe(lambda: asyncio.ensure_future(self.send(Message(
-                    type=proto.JOB_PROGRESS, body={"job": job_id, "index": index, "state": state}))))
+                try:
+                    loop.call_soon_threadsafe(lambda: asyncio.ensure_future(self.send(Message(
+                        type=proto.JOB_PROGRESS, body={"job": job_id, "index": index, "state": state}))))
+                except RuntimeError:  # the loop is closed: the agent exited without waiting for this job
+                    pass
+
+            def run() -> tuple[list[dict], bool]:
+                results = run_states(states, test=test, state_dir=self.state_dir, on_result=on_result, stop=switch)
+                return results, switch.tripped  # interrupted: the stop came before the last state ended
 
             self.log.info("job %s: %d state(s)%s", job_id, len(states), " in test mode" if test else "")
             try:
-                results = await loop.run_in_executor(
-                    None, lambda: run_states(states, test=test, state_dir=self.state_dir, on_result=on_result))
+                results, interrupted = await _in_thread(run, f"job {job_id}")
             except Exception as exc:  # the engine itself failed: report it, never lose the job
                 self.log.exception("job %s failed", job_id)
                 results = [{"id": "job", "fun": "engine", "name": job_id, "result": False, "changes": {},
                             "comment": f"{type(exc).__name__}: {exc}", "status": "failed"}]
-            # The stop signal reaches the agent before the job's commands, but the loop may see the
-            # job end first: one pass of the loop lets that signal set `stopping` before we judge.
-            await asyncio.sleep(0.01)
+                interrupted = switch.tripped
+            finally:
+                self._switch = None
             results = _redact(_plain(results), redact)
             payload = {"job": job_id, "results": results, "summary": summarize(results),
-                       "started": started, "finished": time.time(), "test": test, "interrupted": self.stopping}
+                       "started": started, "finished": time.time(), "test": test, "interrupted": interrupted}
             self._keep(dict(payload, results=_without_sensitive(results)))
             os.unlink(marker)
-            self.log.info("job %s %s: %s", job_id, "interrupted" if self.stopping else "done", payload["summary"])
+            self.log.info("job %s %s: %s", job_id, "interrupted" if interrupted else "done", payload["summary"])
         await self._deliver(payload)  # sensitive output, if any, only in this first, live delivery
 
     def _keep(self, payload: dict) -> None:
@@ -211,6 +285,10 @@ class JobRunner:
                     info = json.load(fh)
                 job_id = info["job"]
             except (OSError, ValueError, KeyError, TypeError):
+                os.unlink(path)
+                continue
+            if os.path.exists(self._path(self.results_dir, job_id)):
+                # Stopped between keeping the result and removing the marker: the result is complete.
                 os.unlink(path)
                 continue
             self.log.warning("job %s was interrupted (the agent stopped while it ran)", job_id)

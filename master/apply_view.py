@@ -51,6 +51,9 @@ class LiveApply:
                    f"{escape(str(last.get('fun', '')))} {escape(str(last.get('id', '')))}" if last else "[dim]waiting[/]"
             if info["status"] != "running":
                 text = f"[{STATUS_STYLE.get(info['status'], 'white')}]{info['status']}[/]"
+            elif info.get("disconnected") is not None:
+                text = f"[red]disconnected[/], waiting up to {info['disconnected']:g} s for it to come back; " \
+                       f"last: {text}"
             table.add_row(node, f"{info['done']}/{info['total']}", text)
         return Group(self.progress, table)
 
@@ -64,14 +67,21 @@ class LiveApply:
             info = self.nodes[event["node"]]
             info["done"] += 1
             info["last"] = event.get("state") or {}
+        elif kind == "connection" and event.get("node") in self.nodes:
+            info = self.nodes[event["node"]]
+            grace = event.get("grace_s")
+            info["disconnected"] = (grace if isinstance(grace, (int, float)) else 0) \
+                if event.get("state") == "disconnected" else None
         elif kind == "node" and event.get("node") in self.nodes:
             summary = event.get("summary") or {}
             status = event["status"]
             if status == "done":
                 status = "failed" if summary.get("failed") else "changed" if summary.get("changed") else "ok"
-            self.nodes[event["node"]]["status"] = status
-            if self.task is not None:
+            info = self.nodes[event["node"]]
+            # A node given up on (no_answer) may still deliver its result: counted once.
+            if info["status"] == "running" and self.task is not None:
                 self.progress.advance(self.task)
+            info["status"] = status
         self.live.update(self._render())
 
 
@@ -88,6 +98,13 @@ class PlainApply:
         if event.get("type") == "start":
             print(f"job {event['job']}: {len(event['nodes'])} node(s){' (test)' if event.get('test') else ''}",
                   flush=True)
+        elif event.get("type") == "connection":
+            if event.get("state") == "disconnected":
+                grace = event.get("grace_s")
+                wait = f" (waiting up to {grace:g} s for it to come back)" if isinstance(grace, (int, float)) else ""
+                print(f"{event['node']}: disconnected{wait}", flush=True)
+            else:
+                print(f"{event['node']}: reconnected", flush=True)
         elif event.get("type") == "node":
             summary = event.get("summary") or {}
             detail = ", ".join(f"{k} {v}" for k, v in summary.items() if v) if summary else event.get("error", "")

@@ -5,6 +5,7 @@ dropped messages through a ``drops`` log, so the policy is testable without Zero
 
 - ``Roster``: who is who, in memory (key states, the node of each accepted key, each node's
   current connection, last contact). Rebuilt from the store at start; the store stays the truth.
+  Its ``connected`` is the one answer to "is this agent connected now" for every command.
 - ``Enrollment``: the decision on an `enroll` message (tokens, pending cap, denied keys, the
   identity recorded at accept) and the accept/reject/delete/replace policy over the store.
 """
@@ -14,7 +15,8 @@ from __future__ import annotations
 import fnmatch
 import logging
 import time
-from typing import Callable
+from dataclasses import dataclass
+from typing import Callable, Collection
 
 from piagent import config as pconfig
 from piagent import keys as pkeys
@@ -29,10 +31,31 @@ log = logging.getLogger("pimaster")
 
 # Keys waiting for a person: beyond this many, new keys are not even stored (an enrollment flood).
 MAX_PENDING_KEYS = 256
+# An accepted agent sends a heartbeat every 15 s (piagent's HEARTBEAT_INTERVAL_S), a waiting one
+# its enrollment every 10 s. Heard from for none of two heartbeats and a margin, its connection
+# counts as gone even if no close was seen: a backstop, as libzmq's own heartbeats (the router's
+# heartbeat_timeout) close a dead connection within 15 s and the master sees that close at once.
+SILENT_LINK_S = 2 * 15.0 + 5.0
+
+
+@dataclass
+class Link:
+    """The connection a key spoke on last: its routing id, its descriptor and peer (to tell its
+    close from that of a newer connection given the same descriptor), when it was last heard."""
+    ident: bytes
+    fd: int | None
+    peer: tuple | None
+    heard: float  # monotonic
 
 
 class Roster:
-    """Who is who right now: key states, accepted keys' nodes, connections, last contact."""
+    """Who is who right now: key states, accepted keys' nodes, connections, last contact.
+
+    ``routes`` (how requests reach a node) and ``pending_routes`` hold only live connections:
+    a route goes when its connection closes (``connection_closed``, from the transport's monitor)
+    or is silent past SILENT_LINK_S (``drop_silent``), and comes back with the agent's next
+    message. ``connected``, ``connected_nodes`` and ``key_connected`` read them, for every command.
+    """
 
     def __init__(self) -> None:
         self.key_states: dict[str, str] = {}            # public key -> state
@@ -41,6 +64,8 @@ class Roster:
         self.pending_routes: dict[str, bytes] = {}      # pending or denied public key -> routing id
         self.last_seen: dict[str, float] = {}
         self.dirty_seen: dict[str, float] = {}          # last contacts not yet written to the store
+        self.links: dict[str, Link] = {}                # stored public key -> the connection it spoke on last
+        self.key_on_fd: dict[int, str] = {}             # descriptor -> the key whose last connection it is
 
     def load(self, store: Store) -> None:
         for key in store.keys():
@@ -61,11 +86,74 @@ class Roster:
         return seen
 
     def forget_key(self, key: str) -> None:
+        self._drop_link(key)
         self.key_states.pop(key, None)
         node_id = self.node_of_key.pop(key, None)
         self.pending_routes.pop(key, None)
         if node_id and self.routes.get(node_id, (None, None))[1] == key:
             del self.routes[node_id]
+
+    # ------------------------------------------------------------------ connections
+    def heard(self, key: str, ident: bytes, fd: int | None, peer_of: Callable[[int], tuple | None]) -> None:
+        """A message from the stored ``key`` on connection ``ident`` (descriptor ``fd``). The peer
+        is looked up only for a new connection, not for every message."""
+        now = time.monotonic()
+        link = self.links.get(key)
+        if link is not None and link.ident == ident:
+            link.heard = now
+            return
+        if link is not None and self.key_on_fd.get(link.fd) == key:
+            del self.key_on_fd[link.fd]
+        self.links[key] = Link(ident, fd, peer_of(fd) if fd is not None else None, now)
+        if fd is not None:
+            self.key_on_fd[fd] = key
+
+    def connection_closed(self, fd: int, peer: tuple | None) -> None:
+        """The connection on descriptor ``fd`` (to ``peer``, if known) closed: if it was a key's
+        last, that key's agent is not connected any more."""
+        key = self.key_on_fd.get(fd)
+        if key is None:
+            return
+        link = self.links[key]
+        if peer is not None and link.peer is not None and peer != link.peer:
+            return  # a newer connection got the descriptor and spoke before this close was seen
+        self._drop_link(key)
+
+    def drop_silent(self, now: float | None = None) -> list[str]:
+        """Drop the connections not heard from within SILENT_LINK_S; returns their keys."""
+        now = time.monotonic() if now is None else now
+        silent = [key for key, link in self.links.items() if now - link.heard > SILENT_LINK_S]
+        for key in silent:
+            self._drop_link(key)
+        return silent
+
+    def _drop_link(self, key: str) -> None:
+        """``key``'s last connection is gone, and with it every route of that key (older
+        connections of the key are dead already: an agent holds one connection)."""
+        link = self.links.pop(key, None)
+        if link is None:
+            return
+        if self.key_on_fd.get(link.fd) == key:
+            del self.key_on_fd[link.fd]
+        node_id = self.node_of_key.get(key)
+        if node_id is not None and self.routes.get(node_id, (None, None))[1] == key:
+            del self.routes[node_id]
+        self.pending_routes.pop(key, None)
+
+    def connected(self, node_id: str) -> bool:
+        """Whether the accepted node's agent is connected now: what `nodes`, `status` and
+        `keys list` say, and where requests can go."""
+        return node_id in self.routes
+
+    def connected_nodes(self) -> set[str]:
+        return set(self.routes)
+
+    def key_connected(self, key: str) -> bool:
+        """Whether the agent holding ``key`` (accepted, pending or denied) is connected now."""
+        node_id = self.node_of_key.get(key)
+        if node_id is not None and self.routes.get(node_id, (None, None))[1] == key:
+            return True
+        return key in self.pending_routes
 
     def accepted_nodes(self) -> set[str]:
         return set(self.node_of_key.values())
@@ -110,6 +198,9 @@ class Enrollment:
                         "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5 else ""))
         if token is not None and not isinstance(token, str):
             token = None
+        # Checked now whatever the key's state: a key a person accepts is told at once and does
+        # not enroll again, so what it sent while waiting becomes its node's catalogue (accept).
+        catalog, catalog_problem = check_catalog(msg.body.get("catalog"))
         record = self.store.key_by_public(key)
         if record is not None and record["node_id"] != node_id:
             self.drops.drop("key %s is enrolled as %r but claims to be %r", fp, record["node_id"], node_id, peer=key)
@@ -131,7 +222,7 @@ class Enrollment:
                 self.drops.drop("new key %s from %s (%r) not stored: %d keys wait already (the limit)",
                                 fp, address, node_id, self.max_pending, peer=address)
                 return
-            record = self.store.add_key(node_id, key, fp, state, facts)
+            record = self.store.add_key(node_id, key, fp, state, facts, catalog)
             roster.key_states[key] = state
             if state == proto.DENIED:
                 roster.pending_routes[key] = ident
@@ -149,11 +240,10 @@ class Enrollment:
             roster.routes[node_id] = (ident, key)
             roster.pending_routes.pop(key, None)
             self.store.upsert_node(node_id, facts, time.time())
-            catalog, problem = check_catalog(msg.body.get("catalog"))
             if catalog is not None:
                 self.store.set_catalog(node_id, catalog)
             elif self.drops.allowed(key):
-                log.warning("node %r: catalogue refused: %s", node_id, problem)
+                log.warning("node %r: catalogue refused: %s", node_id, catalog_problem)
             roster.seen(node_id)
             self.send(ident, Message(type=proto.ENROLLED, reply_to=msg.id,
                                      body={"status": proto.ACCEPTED, "time": time.time(), "id": node_id}))
@@ -163,6 +253,8 @@ class Enrollment:
                          node_id, fp, address, node_id)
             roster.pending_routes[key] = ident
             self.store.update_key_facts(record["id"], facts)
+            if catalog is not None and catalog != record["catalog"]:
+                self.store.set_key_catalog(record["id"], catalog)
             self.send(ident, Message(type=proto.ENROLLED, reply_to=msg.id,
                                      body={"status": proto.PENDING, "time": time.time(), "id": node_id}))
 
@@ -184,11 +276,18 @@ class Enrollment:
         for other in self.store.deny_pending(node_id):
             self.roster.key_states[other] = proto.DENIED
         self.store.upsert_node(node_id, facts, time.time())
+        # The node's catalogue is this key's own (sent while it waited; checked then), or none
+        # until its agent enrolls again: never what the node's previous key sent.
+        self.store.set_catalog(node_id, record.get("catalog") or {})
+        if record.get("catalog") is not None:
+            self.store.set_key_catalog(record["id"], None)
 
     # ------------------------------------------------------------------ a person decides
-    def pick_keys(self, node: str | None, fingerprint: str | None, states: set[str], all_: bool = False) -> list[dict]:
+    def pick_keys(self, node: str | None, fingerprint: str | None, states: set[str], all_: bool = False,
+                  only: Collection[str] | None = None) -> list[dict]:
         """Keys in ``states`` matching the node glob and the fingerprint, each when given; --all
-        says that more than one may match, never that the others are ignored."""
+        says that more than one may match, never that the others are ignored. ``only``: the
+        fingerprints a person was shown and confirmed; a key that came since is not taken unseen."""
         keys = [k for k in self.store.keys() if k["state"] in states]
         if not node and not all_:
             raise ControlError("name a node (or use --all)")
@@ -196,11 +295,20 @@ class Enrollment:
             keys = [k for k in keys if fnmatch.fnmatchcase(k["node_id"], node)]
         if fingerprint:
             keys = [k for k in keys if k["fingerprint"] == fingerprint.lower()]
+        if only is not None:
+            keys = [k for k in keys if k["fingerprint"] in only]
         return keys
 
+    @staticmethod
+    def shown(keys: list[dict]) -> list[dict]:
+        """What a dry run answers: the keys the action would take, to show a person."""
+        return [{"id": k["node_id"], "fingerprint": k["fingerprint"], "state": k["state"]} for k in keys]
+
     def accept_keys(self, node: str | None = None, fingerprint: str | None = None, replace: bool = False,
-                    include_rejected: bool = False, all_: bool = False) -> list[dict]:
-        """`keys accept`: all the matching keys, or none (with the reason as a ControlError)."""
+                    include_rejected: bool = False, all_: bool = False, dry_run: bool = False,
+                    only: Collection[str] | None = None) -> list[dict]:
+        """`keys accept`: all the matching keys, or none (with the reason as a ControlError).
+        ``dry_run``: the keys it would accept (every check made), accepting none."""
         states = {proto.PENDING}
         if replace and not fingerprint:
             # Replacing hands the node's id, roles and secrets to another key: say which one.
@@ -210,7 +318,7 @@ class Enrollment:
             states.add(proto.DENIED)
         if include_rejected:
             states.add(proto.REJECTED)
-        candidates = self.pick_keys(node, fingerprint, states, all_)
+        candidates = self.pick_keys(node, fingerprint, states, all_, only)
         if not candidates:
             hint = ""
             if fingerprint and node and self.pick_keys(node, None, states, all_):
@@ -236,6 +344,8 @@ class Enrollment:
                                    f"one is {key['fingerprint']}: `pimaster keys accept --replace {node_id} "
                                    f"--fingerprint {key['fingerprint']}` replaces it, `pimaster keys reject "
                                    f"{node_id} --fingerprint {key['fingerprint']}` refuses it")
+        if dry_run:
+            return self.shown(candidates)
         accepted = []
         for node_id, (key,) in by_node.items():
             self.accept(key, replace=replace)
@@ -248,14 +358,17 @@ class Enrollment:
             accepted.append({"id": node_id, "fingerprint": key["fingerprint"]})
         return accepted
 
-    def reject_keys(self, node: str | None = None, fingerprint: str | None = None, all_: bool = False) -> list[dict]:
+    def reject_keys(self, node: str | None = None, fingerprint: str | None = None, all_: bool = False,
+                    dry_run: bool = False, only: Collection[str] | None = None) -> list[dict]:
         """`keys reject`: a node's waiting keys (its accepted one only if named or nothing else
-        matches); a rejected key cannot even connect."""
-        candidates = self.pick_keys(node, fingerprint, {proto.PENDING, proto.ACCEPTED, proto.DENIED}, all_)
+        matches); a rejected key cannot even connect. ``dry_run``, ``only``: as accept_keys."""
+        candidates = self.pick_keys(node, fingerprint, {proto.PENDING, proto.ACCEPTED, proto.DENIED}, all_, only)
         if not all_ and not fingerprint:
             candidates = [k for k in candidates if k["state"] != proto.ACCEPTED] or candidates
         if not candidates:
             raise ControlError(f"no key to reject for {node or 'any node'}")
+        if dry_run:
+            return self.shown(candidates)
         for key in candidates:
             self.roster.forget_key(key["public_key"])
             self.store.set_key_state(key["id"], proto.REJECTED)
@@ -263,11 +376,15 @@ class Enrollment:
             log.info("key %s of %r rejected", key["fingerprint"], key["node_id"])
         return [{"id": k["node_id"], "fingerprint": k["fingerprint"]} for k in candidates]
 
-    def delete_keys(self, node: str | None = None, fingerprint: str | None = None, all_: bool = False) -> list[dict]:
-        """`keys delete`: forgets the keys (and a node left with none); their agents may enroll again."""
-        candidates = self.pick_keys(node, fingerprint, set(proto.KEY_STATES), all_)
+    def delete_keys(self, node: str | None = None, fingerprint: str | None = None, all_: bool = False,
+                    dry_run: bool = False, only: Collection[str] | None = None) -> list[dict]:
+        """`keys delete`: forgets the keys (and a node left with none); their agents may enroll
+        again. ``dry_run``, ``only``: as accept_keys."""
+        candidates = self.pick_keys(node, fingerprint, set(proto.KEY_STATES), all_, only)
         if not candidates:
             raise ControlError(f"no key to delete for {node or 'any node'}")
+        if dry_run:
+            return self.shown(candidates)
         for key in candidates:
             route = self.roster.routes.get(key["node_id"])
             if route is not None and route[1] == key["public_key"]:

@@ -8,6 +8,12 @@ each node's results are redacted of). The board also takes the agents' `job_prog
 Results are stored in SQLite as they arrive. An agent that loses the master mid-job keeps its
 result on disk and delivers it when it reconnects, so a result that arrives after the person's
 `pimaster apply` has stopped waiting (or after a master restart) is still recorded against the job.
+
+A node whose connection goes while its job runs is shown at once (a `connection` event); the apply
+waits the reconnect window (DISCONNECT_GRACE_S) for it to come back, then finishes that node as
+`no_answer` -- the master's word for "heard no result", not `interrupted` (the agent's word for a
+job it knows was cut short): the job may still finish on the node, and its result, delivered when
+the agent is back, then replaces `no_answer` (`pimaster job ID`).
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ from .inventory import load_inventory, resolve_nodes
 from .render import (Pending, StateFileError, StateFileErrors, compile_for_node, resolve_state_path,
                      to_attrdict)
 from .results import check_job_result, check_progress, one_line
+from .rpc import RECONNECT_GRACE_S
 from .secrets import SecretError, SecretStore, redact, string_leaves, strings_in
 from .store import Store
 
@@ -36,6 +43,10 @@ from .store import Store
 # What one node's sensitive states may add to the strings redacted from others' results.
 MAX_SENSITIVE_STRINGS = 256
 MAX_SENSITIVE_LENGTH = 4096
+# How long a running apply waits for a node whose connection went to come back (an agent restarted
+# by systemd, a link that flapped) before it finishes the node as no_answer; how often it looks.
+DISCONNECT_GRACE_S = RECONNECT_GRACE_S
+CONNECTION_CHECK_S = 1.0
 
 
 class ApplyRefused(Exception):
@@ -112,13 +123,17 @@ class JobBoard:
 
     ``watchers``: job id -> the JobWatch of its running apply; ``redactions``: job id -> node id ->
     the sensitive output of earlier stages that the node's job carries (redacted from what that
-    node reports). ``send`` and ``drops`` are the transport's, for the agents' job messages.
+    node reports). ``send`` and ``drops`` are the transport's, for the agents' job messages;
+    ``connected(node_id)`` the roster's (whether a node's agent is connected now).
     """
 
     def __init__(self, store: Store, secrets: SecretStore, state_dir: str,
                  accepted_nodes: Callable[[], set[str]],
                  ask_following: Callable[[dict[str, dict], str, float], Awaitable[dict[str, dict]]],
-                 send: Callable[[bytes, Message], bool], drops) -> None:
+                 send: Callable[[bytes, Message], bool], drops,
+                 connected: Callable[[str], bool] = lambda node_id: True) -> None:
+        self.connected = connected
+        self.disconnect_grace = DISCONNECT_GRACE_S
         self.store = store
         self.secrets = secrets
         self.state_dir = state_dir
@@ -373,18 +388,64 @@ async def _run_stage(board, emit, job_id, test, group, jobs, carried, watch, ack
             board.store.set_job_node_status(job_id, node_id, "no_answer")
             emit({"type": "node", "node": node_id, "status": "no_answer", "error": error})
     raw: dict[str, dict] = {}
-    while waiting - set(raw):
-        try:
-            kind, node_id, body = await watch.get(max(0.0, deadline - time.monotonic()))
-        except asyncio.TimeoutError:
+    lost = LostNodes(board, emit, job_id)
+    while waiting - set(raw) - lost.given_up:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
             break
+        try:
+            kind, node_id, body = await watch.get(min(remaining, CONNECTION_CHECK_S))
+        except asyncio.TimeoutError:
+            lost.check(waiting - set(raw))
+            continue
+        lost.heard_from(node_id)
         if kind == "progress":
             emit({"type": "progress", "node": node_id, "index": body.get("index"),
                   "state": board.redact(body.get("state"), job_id, node_id)})
         elif kind == "result" and node_id in waiting and node_id not in raw:
+            # Also a node given up on that came back meanwhile: its result was stored over no_answer.
             raw[node_id] = body
+            lost.given_up.discard(node_id)
             emit({"type": "node", "node": node_id, "status": body["status"], "summary": body.get("summary")})
+        lost.check(waiting - set(raw))
     return raw
+
+
+class LostNodes:
+    """The nodes of a stage whose connection went while their job ran: each is shown when its
+    connection goes (and when it comes back), and finished as no_answer once it has been gone for
+    the board's ``disconnect_grace``."""
+
+    def __init__(self, board, emit, job_id: str) -> None:
+        self.board, self.emit, self.job_id = board, emit, job_id
+        self.since: dict[str, float] = {}   # node -> monotonic, when it was first seen gone
+        self.given_up: set[str] = set()
+        self.checked = 0.0
+
+    def heard_from(self, node_id: str) -> None:
+        """A message from the node: if it was gone, it is back (before the next look says so)."""
+        if self.since.pop(node_id, None) is not None:
+            self.emit({"type": "connection", "node": node_id, "state": "reconnected"})
+
+    def check(self, running) -> None:
+        now = time.monotonic()
+        if now - self.checked < CONNECTION_CHECK_S:
+            return  # not once per progress message of a large cluster: once a second is soon enough
+        self.checked = now
+        grace = self.board.disconnect_grace
+        for node_id in sorted(set(running) - self.given_up):
+            if self.board.connected(node_id):
+                self.heard_from(node_id)
+            elif node_id not in self.since:
+                self.since[node_id] = now
+                self.emit({"type": "connection", "node": node_id, "state": "disconnected", "grace_s": grace})
+            elif now - self.since[node_id] >= grace:
+                del self.since[node_id]
+                self.given_up.add(node_id)
+                self.board.store.set_job_node_status(self.job_id, node_id, "no_answer")
+                self.emit({"type": "node", "node": node_id, "status": "no_answer",
+                           "error": f"disconnected during the job and not back within {grace:g} s; a result it "
+                                    f"delivers later is still recorded (pimaster job {self.job_id})"})
 
 
 def _refuse_node(board, emit, job_id: str, node_id: str, problems: list[StateFileError]) -> None:

@@ -81,7 +81,7 @@ class Master:
         self.enrollment = Enrollment(self.store, self.roster, send, self.drops, self.max_pending)
         self.rpc = Rpc(self.roster, send, self.drops)
         self.jobs = JobBoard(self.store, self.secrets, self.state_dir, self.roster.accepted_nodes,
-                             self.rpc.ask_following, send, self.drops)
+                             self.rpc.ask_following, send, self.drops, connected=self.roster.connected)
         self.transport.on_enroll = self.enrollment.on_enroll
         self.transport.handlers.update({
             proto.JOB_PROGRESS: self.jobs.on_progress,

@@ -67,7 +67,8 @@ class RateBudget:
         return True
 
 
-def _peer_of(fd: int) -> tuple | None:
+def peer_of(fd: int) -> tuple | None:
+    """The address at the other end of descriptor ``fd`` (None if it is closed)."""
     try:
         sock = socket.socket(fileno=fd)
     except OSError:  # closed (and perhaps reused) since
@@ -93,13 +94,20 @@ class SessionGuard:
         self.young_s = young_s
         self.connections: dict[int, Connection] = {}
         self.fd_of_key: dict[str, int] = {}  # accepted key -> the connection it spoke on last
+        # Connections shut down here whose close the monitor has not reported yet: their peers,
+        # so that the close can still be told from a newer connection on the same descriptor.
+        self.shut_peers: dict[int, tuple | None] = {}
         self.closed = 0
 
     def opened(self, fd: int) -> None:
-        self.connections[fd] = Connection(_peer_of(fd), time.monotonic())
+        self.shut_peers.pop(fd, None)
+        self.connections[fd] = Connection(peer_of(fd), time.monotonic())
 
-    def gone(self, fd: int) -> None:
-        self._forget(fd)
+    def gone(self, fd: int) -> tuple | None:
+        """The connection on ``fd`` closed; returns its peer's address, if known."""
+        conn = self._forget(fd)
+        shut_peer = self.shut_peers.pop(fd, None)
+        return conn.peer if conn is not None else shut_peer
 
     def _forget(self, fd: int) -> Connection | None:
         conn = self.connections.pop(fd, None)
@@ -171,6 +179,9 @@ class SessionGuard:
         conn = self._forget(fd)
         if conn is None:
             return
+        if len(self.shut_peers) >= self.total * self.HARD_FACTOR:
+            self.shut_peers.clear()  # closes the monitor never reported: forget them, bounded
+        self.shut_peers[fd] = conn.peer
         try:
             sock = socket.socket(fileno=fd)
         except OSError:

@@ -28,7 +28,10 @@ CREATE TABLE IF NOT EXISTS keys (
     facts       TEXT NOT NULL DEFAULT '{}',
     -- What inventory entries may match this key by (MACs, Pi serial): the facts it had when it was
     -- accepted, never what it reports later (root on a Pi must not claim another node's entry).
-    identity    TEXT
+    identity    TEXT,
+    -- The catalogue (checked) a key not yet accepted sent with its enrollment: it becomes its
+    -- node's when a person accepts the key, since the agent told at once does not enroll again.
+    catalog     TEXT
 );
 CREATE INDEX IF NOT EXISTS keys_node ON keys (node_id);
 -- At most one accepted key per node id: a second key for the same id is 'denied'.
@@ -117,6 +120,8 @@ class Store:
         columns = {r["name"] for r in self.db.execute("PRAGMA table_info(keys)")}
         if "identity" not in columns:
             self.db.execute("ALTER TABLE keys ADD COLUMN identity TEXT")
+        if "catalog" not in columns:
+            self.db.execute("ALTER TABLE keys ADD COLUMN catalog TEXT")
         # Keys accepted before identities were kept: the facts they have now are all there is.
         for row in self.db.execute("SELECT id, facts FROM keys WHERE state = 'accepted' AND identity IS NULL").fetchall():
             self.db.execute("UPDATE keys SET identity = ? WHERE id = ?",
@@ -137,6 +142,7 @@ class Store:
         item = dict(row)
         item["facts"] = json.loads(item["facts"] or "{}")
         item["identity"] = json.loads(item["identity"]) if item.get("identity") else None
+        item["catalog"] = json.loads(item["catalog"]) if item.get("catalog") else None
         return item
 
     def count_keys(self, state: str) -> int:
@@ -163,12 +169,14 @@ class Store:
                               (node_id,)).fetchone()
         return self._key_row(row) if row else None
 
-    def add_key(self, node_id: str, public_key: str, fingerprint: str, state: str, facts: dict) -> dict:
+    def add_key(self, node_id: str, public_key: str, fingerprint: str, state: str, facts: dict,
+                catalog: dict | None = None) -> dict:
         now = time.time()
         self.db.execute(
-            "INSERT INTO keys (node_id, public_key, fingerprint, state, created, updated, facts) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?)",
-            (node_id, public_key, fingerprint, state, now, now, dumps(facts)))
+            "INSERT INTO keys (node_id, public_key, fingerprint, state, created, updated, facts, catalog) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (node_id, public_key, fingerprint, state, now, now, dumps(facts),
+             dumps(catalog) if catalog is not None else None))
         return self.key_by_public(public_key)
 
     def set_key_state(self, key_id: int, state: str, replace_accepted: bool = False,
@@ -193,6 +201,11 @@ class Store:
 
     def update_key_facts(self, key_id: int, facts: dict) -> None:
         self.db.execute("UPDATE keys SET facts = ? WHERE id = ?", (dumps(facts), key_id))
+
+    def set_key_catalog(self, key_id: int, catalog: dict | None) -> None:
+        """The catalogue a key not yet accepted sent (checked); None forgets it."""
+        self.db.execute("UPDATE keys SET catalog = ? WHERE id = ?",
+                        (dumps(catalog) if catalog is not None else None, key_id))
 
     def delete_key(self, key_id: int) -> None:
         self.db.execute("DELETE FROM keys WHERE id = ?", (key_id,))

@@ -6,7 +6,8 @@
   knows who sent what. Unaccepted keys may send only `enroll`, and small.
 - key-announce port (control port + 1): plaintext ROUTER that answers anything with the master's
   public key, so agents can check it against their pinned fingerprint before connecting.
-- a monitor socket on the ROUTER, for `sessions.SessionGuard` (connections that never prove a key).
+- a monitor socket on the ROUTER, for `sessions.SessionGuard` (connections that never prove a key)
+  and for the `Roster` (an agent whose connection closed is no longer connected).
 
 The router loop keeps each peer within its budget, decodes (bounded), hands `enroll` to the
 enrollment policy and every other message of an accepted key to the handler for its type.
@@ -28,7 +29,7 @@ from piagent import protocol as proto
 from piagent.protocol import Message
 
 from .enrollment import Roster
-from .sessions import RateBudget, SessionGuard
+from .sessions import RateBudget, SessionGuard, peer_of
 
 log = logging.getLogger("pimaster")
 
@@ -213,15 +214,19 @@ class Transport:
 
         while True:
             event = parse_monitor_message(await self.monitor.recv_multipart())
+            fd = int(event["value"])
             if event["event"] == zmq.EVENT_ACCEPTED:
-                self.sessions.opened(int(event["value"]))
+                self.sessions.opened(fd)
             else:
-                self.sessions.gone(int(event["value"]))
+                # An agent's connection closed (it stopped, was killed, its link died and libzmq's
+                # heartbeats gave up): it is no longer connected, whatever command asks.
+                self.roster.connection_closed(fd, self.sessions.gone(fd))
 
     async def _sweep_loop(self) -> None:
         while True:
             await asyncio.sleep(SESSION_SWEEP_S)
             self.sessions.sweep()
+            self.roster.drop_silent()
 
     # ------------------------------------------------------------------ agent messages
     async def _router_loop(self) -> None:
@@ -272,6 +277,7 @@ class Transport:
         if state in (proto.REJECTED, proto.DENIED):
             if state == proto.DENIED:
                 roster.pending_routes[key] = ident
+                roster.heard(key, ident, source_fd, peer_of)
             else:
                 self.sessions.cut(source_fd)
             self.drops.drop("from a %s key %s", state, keys.fingerprint(key) if key else "?", peer=key)
@@ -291,12 +297,15 @@ class Transport:
         if msg.type == proto.ENROLL:
             self.on_enroll(ident, key, msg, address or self.peer_address(payload))
             self.sessions.message(source_fd, roster.key_states.get(key) == proto.ACCEPTED, key)
+            if key in roster.key_states:  # stored (accepted, pending or denied): its connection counts
+                roster.heard(key, ident, source_fd, peer_of)
             return
         self.sessions.message(source_fd, True, key)
         node_id = roster.node_of_key[key]
         roster.seen(node_id)
         if roster.routes.get(node_id, (None,))[0] != ident:
             roster.routes[node_id] = (ident, key)  # reconnected on a new connection
+        roster.heard(key, ident, source_fd, peer_of)
         if msg.type == proto.HEARTBEAT:
             self.send(ident, Message(type=proto.HEARTBEAT_ACK, reply_to=msg.id, body={"time": time.time()}))
             return

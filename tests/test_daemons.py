@@ -273,7 +273,7 @@ def test_a_stranger_waiting_under_an_id_cannot_jam_keys_accept(tmp, master, star
     start_agent("n8", master.token_config(token=False))
     wait_for(lambda: sorted(master.key_state("n7")) == ["accepted", "denied"], what="the stranger's key denied")
     wait_for(lambda: master.key_state("n8") == ["pending"], what="n8 pending")
-    accepted = master.json("keys", "accept", "--all")["accepted"]
+    accepted = master.json("keys", "accept", "--all", "--yes")["accepted"]
     assert [k["id"] for k in accepted] == ["n8"]
     assert sorted(master.key_state("n7")) == ["accepted", "denied"]
     refused = master.cli("keys", "accept", "--replace", "n7", "--fingerprint", "sha256:" + "0" * 64, check=False)

@@ -33,12 +33,14 @@ class Desk:
         return True
 
     def enroll(self, key: str, node_id, token: str | None = None, ident: bytes = b"conn",
-               facts: dict | None = None) -> Message | None:
+               facts: dict | None = None, catalog=None) -> Message | None:
         """One `enroll`; the reply it got, if any."""
         before = len(self.sent)
         body = {"id": node_id, "facts": facts if facts is not None else {"hostname": str(node_id)}}
         if token is not None:
             body["token"] = token
+        if catalog is not None:
+            body["catalog"] = catalog
         self.enrollment.on_enroll(ident, key, Message(type=proto.ENROLL, body=body), "192.0.2.1")
         replies = self.sent[before:]
         assert len(replies) <= 1
@@ -215,3 +217,74 @@ def test_what_peers_make_it_log_is_bounded(desk, caplog):
         desk.enroll(key, "bad id")
     assert desk.drops.total == 50
     assert len([r for r in caplog.records if "malformed node id" in r.getMessage()]) == DropLog().per_peer
+
+
+def catalogue(*functions: str) -> dict:
+    """An agent's catalogue offering ``functions`` (each with one argument, `name`)."""
+    return {fun: {"args": ["name"], "required": ["name"], "summary": fun} for fun in functions}
+
+
+def test_a_key_accepted_by_hand_gets_the_catalogue_it_enrolled_with(desk):
+    key = new_key()
+    desk.enroll(key, "n1", catalog=catalogue("file.managed"), ident=b"c1")
+    # A later enrollment while pending brings a newer catalogue; a malformed one is not kept.
+    desk.enroll(key, "n1", catalog=catalogue("file.managed", "cmd.run"), ident=b"c1")
+    desk.enroll(key, "n1", catalog={"not a function": 1}, ident=b"c1")
+    desk.enrollment.accept_keys("n1")
+    # The agent is told at once and does not enroll again: what it sent while waiting is its own.
+    assert desk.sent[-1][1].body["status"] == proto.ACCEPTED
+    assert set(desk.store.catalogs()["n1"]) == {"file.managed", "cmd.run"}
+
+
+def test_a_key_without_a_kept_catalogue_gets_none_and_never_another_keys(desk):
+    # n1's accepted key sent a catalogue; the re-flashed Pi's key (denied, then accepted with
+    # --replace) sent a malformed one: n1 must not keep the old key's, nor take n2's.
+    old, new, other = new_key(), new_key(), new_key()
+    desk.enroll(old, "n1", token=desk.new_token(), catalog=catalogue("old.only"))
+    desk.enroll(other, "n2", token=desk.new_token(), catalog=catalogue("n2.only"))
+    desk.enroll(new, "n1", catalog=[1], ident=b"new")
+    assert desk.states("n1") == [proto.ACCEPTED, proto.DENIED]
+    desk.enrollment.accept_keys("n1", fingerprint=fingerprint(new), replace=True)
+    assert desk.store.catalogs() == {"n1": {}, "n2": catalogue("n2.only")}
+    # The same with a catalogue: the new key's, sent when it was denied, is n1's now.
+    newer = new_key()
+    desk.enroll(newer, "n1", catalog=catalogue("newer.fun"), ident=b"newer")
+    desk.enrollment.accept_keys("n1", fingerprint=fingerprint(newer), replace=True)
+    assert desk.store.catalogs()["n1"] == catalogue("newer.fun")
+    # Kept only until it is the node's: the key's own copy is dropped.
+    assert desk.store.accepted_key("n1")["catalog"] is None
+
+
+def test_all_takes_only_the_keys_matching_the_pattern_and_fingerprint(desk):
+    keys = {f"pi{i}": new_key() for i in range(1, 5)}
+    for node_id, key in keys.items():
+        desk.enroll(key, node_id)
+    with pytest.raises(ControlError, match="no key to accept for nomatch"):
+        desk.enrollment.accept_keys("nomatch*", all_=True)
+    assert desk.store.count_keys(proto.PENDING) == 4
+    assert [k["id"] for k in desk.enrollment.accept_keys("pi[12]", all_=True)] == ["pi1", "pi2"]
+    assert [k["id"] for k in desk.enrollment.delete_keys("pi4", all_=True)] == ["pi4"]
+    rejected = desk.enrollment.reject_keys("pi*", fingerprint=fingerprint(keys["pi3"]), all_=True)
+    assert [k["id"] for k in rejected] == ["pi3"]
+    assert {k["node_id"]: k["state"] for k in desk.store.keys()} == {
+        "pi1": proto.ACCEPTED, "pi2": proto.ACCEPTED, "pi3": proto.REJECTED}
+
+
+@pytest.mark.parametrize("action", ["accept", "reject", "delete"])
+def test_a_dry_run_acts_on_nothing_and_only_takes_the_keys_shown(desk, action):
+    first, second = new_key(), new_key()
+    desk.enroll(first, "n1")
+    desk.enroll(second, "n2")
+    act = getattr(desk.enrollment, f"{action}_keys")
+    shown = act("n*", all_=True, dry_run=True)
+    assert [(k["id"], k["fingerprint"], k["state"]) for k in shown] == [
+        ("n1", fingerprint(first), proto.PENDING), ("n2", fingerprint(second), proto.PENDING)]
+    assert desk.states("n1") == desk.states("n2") == [proto.PENDING] and desk.sent[-1][1].body["status"] == "pending"
+    # A key that arrives between the question and the answer is not taken unseen.
+    late = new_key()
+    desk.enroll(late, "n3")
+    done = act("n*", all_=True, only=[k["fingerprint"] for k in shown])
+    assert done == [{"id": k["id"], "fingerprint": k["fingerprint"]} for k in shown]
+    assert desk.states("n3") == [proto.PENDING]
+    with pytest.raises(ControlError, match=f"no key to {action}"):
+        act("n3", only=[fingerprint(first)])

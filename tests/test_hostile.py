@@ -1054,7 +1054,7 @@ def test_keys_all_with_a_fingerprint_takes_only_that_key(tmp, master, hostile):
     b = hostile("wait02", facts=pi_facts("wait02", "dc:a6:32:66:66:06", "10.0.0.71"))
     for node in (a, b):
         assert node.wait_answer(10) == "pending", node.output()
-    accepted = master.json("keys", "accept", "--all", "--fingerprint", a.fingerprint())["accepted"]
+    accepted = master.json("keys", "accept", "--all", "--yes", "--fingerprint", a.fingerprint())["accepted"]
     f.check([k["id"] for k in accepted] == ["wait01"], f"accepted {accepted}")
     f.check(master.key_state("wait02") == ["pending"], "wait02 was accepted too")
     f.verdict(master)

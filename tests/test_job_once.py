@@ -64,3 +64,54 @@ def test_a_job_sent_again_while_queued_running_or_done_runs_once(tmp, agent_and_
     assert send_apply(router, ident, "job-count", counted).get("note") == "already known"
     time.sleep(1)
     assert runs.read_text().splitlines() == ["slow", "counted"]
+
+
+def test_a_stopped_agent_records_the_running_and_the_queued_job_and_starts_neither_again(tmp, agent_and_master):
+    """SIGTERM while one job runs and another waits its turn: the running command is ended, the
+    queued job never starts, and both are kept on disk as interrupted, saying what ran."""
+    import json
+    import signal
+
+    agent, router, ident = agent_and_master
+    runs = tmp / "runs"
+    slow = [{"id": "slow", "fun": "cmd.run", "name": f"touch {tmp}/started; sleep 30; echo slow >> {runs}", "args": {}}]
+    queued = [{"id": "queued", "fun": "cmd.run", "name": f"echo queued >> {runs}", "args": {}}]
+    assert send_apply(router, ident, "job-slow", slow).get("accepted")
+    assert send_apply(router, ident, "job-queued", queued).get("accepted")
+    deadline = time.monotonic() + 30
+    while not (tmp / "started").exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+
+    asked = time.monotonic()
+    assert agent.stop(signal.SIGTERM, timeout=40) == 0
+    assert time.monotonic() - asked < 15
+    time.sleep(1)
+    assert not runs.exists()
+    kept = {p.stem: json.loads(p.read_text()) for p in (agent.state_dir / "results").iterdir()}
+    assert kept["job-slow"]["interrupted"] and kept["job-queued"]["interrupted"]
+    assert [r["status"] for r in kept["job-slow"]["results"]] == ["failed"]
+    assert kept["job-slow"]["results"][0]["comment"].startswith("interrupted:")
+    assert [r["status"] for r in kept["job-queued"]["results"]] == ["not_run"]
+    assert not list((agent.state_dir / "jobs").iterdir())  # nothing left to be "recovered" at the next start
+
+
+def test_a_result_kept_just_before_a_kill_is_not_replaced_by_an_empty_one_at_start(tmp):
+    """Killed between keeping the result and removing the job's "running" marker: at the next start
+    the complete result stands (the marker alone would say "interrupted, nothing known")."""
+    import json
+    import logging
+
+    from piagent.jobs import JobRunner
+
+    async def no_send(msg) -> bool:
+        return False
+
+    (tmp / "jobs").mkdir()
+    (tmp / "results").mkdir()
+    (tmp / "jobs" / "job-1.json").write_text(json.dumps({"job": "job-1", "started": 1.0, "test": False}))
+    kept = {"job": "job-1", "results": [{"id": "a", "status": "changed"}], "summary": {"changed": 1},
+            "started": 1.0, "finished": 2.0, "test": False, "interrupted": False}
+    (tmp / "results" / "job-1.json").write_text(json.dumps(kept))
+    JobRunner(str(tmp), no_send, logging.getLogger("test")).recover_interrupted()
+    assert json.loads((tmp / "results" / "job-1.json").read_text()) == kept
+    assert not list((tmp / "jobs").iterdir())

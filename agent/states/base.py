@@ -15,7 +15,9 @@ import os
 import re
 import pwd
 import shutil
+import signal
 import subprocess
+import threading
 import time
 from dataclasses import dataclass, field
 
@@ -121,12 +123,90 @@ class CommandResult:
         return self.returncode == 0
 
 
+KILL_GRACE_S = 5.0  # a command asked to end (SIGTERM) has this long before SIGKILL
+
+
+def _signal_group(pgid: int, sig: int) -> None:
+    try:
+        os.killpg(pgid, sig)
+    except (ProcessLookupError, PermissionError):  # gone already
+        pass
+
+
+class StopSwitch:
+    """Ends a job's commands when the agent is asked to stop (SIGTERM: shutdown, `systemctl stop`).
+
+    Each command runs in a session of its own, so its process group holds whatever it started (a
+    shell's children, apt's dpkg). ``trip`` ends those groups -- SIGTERM, then SIGKILL after
+    KILL_GRACE_S for what ignores it -- and from then on no command starts. ``cut_short`` counts
+    the commands it ended or refused: how the engine tells which state the stop interrupted.
+    Called from the agent's event loop while the job's thread runs commands, hence the lock.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._tripped = threading.Event()
+        self._groups: set[int] = set()
+        self.cut_short = 0
+
+    @property
+    def tripped(self) -> bool:
+        return self._tripped.is_set()
+
+    def trip(self) -> None:
+        with self._lock:
+            if self._tripped.is_set():
+                return
+            self._tripped.set()
+            groups = list(self._groups)
+            self.cut_short += len(groups)
+        for pgid in groups:
+            _signal_group(pgid, signal.SIGTERM)
+        if groups:
+            timer = threading.Timer(KILL_GRACE_S, self._kill_remaining)
+            timer.daemon = True
+            timer.start()
+
+    def _kill_remaining(self) -> None:
+        with self._lock:
+            groups = list(self._groups)
+        for pgid in groups:
+            _signal_group(pgid, signal.SIGKILL)
+
+    def refuse(self) -> bool:
+        """True (and counted) when no command may start any more."""
+        with self._lock:
+            if self._tripped.is_set():
+                self.cut_short += 1
+                return True
+            return False
+
+    def started(self, proc: subprocess.Popen) -> bool:
+        """Track a command just started; False when the switch tripped meanwhile (the command is
+        then ended here, and counted)."""
+        with self._lock:
+            if not self._tripped.is_set():
+                self._groups.add(proc.pid)
+                return True
+            self.cut_short += 1
+        _signal_group(proc.pid, signal.SIGKILL)
+        return False
+
+    def ended(self, proc: subprocess.Popen) -> None:
+        with self._lock:
+            self._groups.discard(proc.pid)
+
+
+STOPPED_RETURNCODE = 143  # 128 + SIGTERM, as a shell reports a command ended by SIGTERM
+
+
 @dataclass
 class StateContext:
     test: bool = False                 # test mode: report what would change, change nothing
     state_dir: str = "/var/lib/piagent"
     watch_changed: bool = False        # a `watch` requisite changed: e.g. service.running restarts
     env: dict = field(default_factory=dict)
+    stop: StopSwitch | None = None     # the job's: ends its commands when the agent stops
 
     @property
     def backup_dir(self) -> str:
@@ -143,14 +223,31 @@ class StateContext:
         if runas:
             argv = ["runuser", "-u", runas, "--"] + (["sh", "-c", argv] if shell else list(argv))
             shell = False
+        if self.stop is not None and self.stop.refuse():
+            return CommandResult(STOPPED_RETURNCODE, "", "not started: the agent is stopping")
         try:
-            proc = subprocess.run(argv, shell=shell, env=full_env, cwd=cwd, timeout=timeout, input=input,
-                                  capture_output=True, text=True, errors="replace")
+            # A session (and so a process group) of its own: a timeout or the agent's stop ends the
+            # command with everything it started, not only its first process.
+            proc = subprocess.Popen(argv, shell=shell, env=full_env, cwd=cwd, text=True, errors="replace",
+                                    stdin=subprocess.PIPE if input is not None else None,
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
         except FileNotFoundError as exc:
             return CommandResult(127, "", f"{exc.filename}: command not found")
-        except subprocess.TimeoutExpired as exc:
-            return CommandResult(124, _clip(exc.stdout), f"timed out after {timeout:g} s")
-        return CommandResult(proc.returncode, _clip(proc.stdout), _clip(proc.stderr))
+        tracked = self.stop is not None and self.stop.started(proc)
+        try:
+            stdout, stderr = proc.communicate(input, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            _signal_group(proc.pid, signal.SIGKILL)
+            stdout, stderr = proc.communicate()
+            return CommandResult(124, _clip(stdout), f"timed out after {timeout:g} s")
+        except BaseException:  # e.g. Ctrl-C on `piagent state`: the command's session ends with it
+            _signal_group(proc.pid, signal.SIGKILL)
+            proc.wait()
+            raise
+        finally:
+            if tracked:
+                self.stop.ended(proc)
+        return CommandResult(proc.returncode, _clip(stdout), _clip(stderr))
 
     def which(self, program: str) -> str | None:
         return shutil.which(program)

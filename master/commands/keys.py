@@ -4,9 +4,10 @@ accepted, replaced, rejected or deleted) is `pimaster.enrollment`'s; this is its
 from __future__ import annotations
 
 import os
+import sys
 
 from . import handler
-from ..cli import EXIT_OK, ago, print_json, table
+from ..cli import EXIT_FAILED, EXIT_OK, EXIT_USAGE, ago, print_json, table
 from ..errors import ControlError
 
 ACTIONS = (("accept", "accept a pending key"), ("reject", "reject a key: it gets nothing"),
@@ -22,6 +23,8 @@ def add_parser(sub, name, summary, common, as_json) -> None:
         action.add_argument("node", nargs="?", help="node id (glob allowed)")
         action.add_argument("--fingerprint", help="only the key with this fingerprint")
         action.add_argument("--all", action="store_true", help=f"{action_name} every matching key")
+        action.add_argument("--yes", "-y", action="store_true",
+                            help=f"{action_name} more than one key without asking (needed when not on a terminal)")
         if action_name == "accept":
             action.add_argument("--replace", action="store_true",
                                 help="with --fingerprint: accept that denied key (re-flashed Pi) and drop the node's old key")
@@ -54,6 +57,15 @@ def _run_action(name: str):
         params = {"node": args.node, "fingerprint": args.fingerprint, "all": args.all}
         if name == "accept":
             params.update(replace=args.replace, include_rejected=args.include_rejected)
+        if not args.yes:
+            # Ask the master which keys match, show them if more than one, then act on exactly
+            # those: a key that comes between the question and the answer is not taken unseen.
+            keys = client.call(f"keys.{name}", **params, dry_run=True)["keys"]
+            if len(keys) > 1:
+                refused = _confirm(name, keys, args)
+                if refused is not None:
+                    return refused
+            params["fingerprints"] = [k["fingerprint"] for k in keys]
         result = client.call(f"keys.{name}", **params)
         if args.json:
             print_json(result)
@@ -62,6 +74,32 @@ def _run_action(name: str):
                 print(f"{PAST[name]} {key['id']} {key['fingerprint']}")
         return EXIT_OK
     return run
+
+
+def _confirm(name: str, keys: list[dict], args) -> int | None:
+    """Asks a person on a terminal before acting on several keys (salt-key's habit); elsewhere
+    --yes says it. None to go ahead, or the exit status (nothing was done)."""
+    widths = [max(len(k[field]) for k in keys) for field in ("id", "state")]
+    listing = "".join(f"  {k['id'].ljust(widths[0])}  {k['state'].ljust(widths[1])}  {k['fingerprint']}\n"
+                      for k in keys)
+    try:
+        on_terminal = sys.stdin.isatty()
+    except ValueError:  # stdin closed
+        on_terminal = False
+    if not on_terminal:
+        ids = ", ".join(k["id"] for k in keys[:10]) + (f" and {len(keys) - 10} more" if len(keys) > 10 else "")
+        message = f"this would {name} {len(keys)} keys ({ids}); not on a terminal to ask: add --yes to {name} them"
+        if args.json:
+            print_json({"error": message, "keys": keys})
+        sys.stderr.write(f"pimaster: this would {name} {len(keys)} keys:\n{listing}"
+                         f"pimaster: not on a terminal to ask: add --yes to {name} them\n")
+        return EXIT_USAGE
+    sys.stderr.write(f"{name.capitalize()} these {len(keys)} keys?\n{listing}[y/N] ")
+    sys.stderr.flush()
+    if sys.stdin.readline().strip().lower() not in ("y", "yes"):
+        sys.stderr.write(f"pimaster: no key {PAST[name]}\n")
+        return EXIT_FAILED
+    return None
 
 
 def run_fingerprint(client, args) -> int:
@@ -87,34 +125,48 @@ def run_fingerprint(client, args) -> int:
 
 @handler("keys.list")
 async def handle_list(master) -> dict:
-    routes, pending_routes = master.roster.routes, master.roster.pending_routes
     keys = []
     for key in master.store.keys():
         facts = key["facts"]
         keys.append({"id": key["node_id"], "state": key["state"], "fingerprint": key["fingerprint"],
                      "created": key["created"], "updated": key["updated"],
                      "hostname": facts.get("hostname"), "ips": facts.get("ips", []),
-                     "connected": key["node_id"] in routes and routes[key["node_id"]][1] == key["public_key"]
-                     or key["public_key"] in pending_routes})
+                     "connected": master.roster.key_connected(key["public_key"])})
     return {"master": master.fingerprint, "keys": keys}
 
 
+def _shown(fingerprints) -> set[str] | None:
+    """The fingerprints of the keys a person was shown (a list of them), or None for any."""
+    if fingerprints is None:
+        return None
+    if not isinstance(fingerprints, list) or not all(isinstance(f, str) for f in fingerprints):
+        raise ControlError("fingerprints: expected a list of fingerprints")
+    return set(fingerprints)
+
+
+# Each action: with `dry_run`, {"keys": [{id, fingerprint, state}]} it would take, taking none;
+# with `fingerprints`, only the matching keys that have one of them (the keys a person confirmed).
 @handler("keys.accept")
 async def handle_accept(master, node: str | None = None, fingerprint: str | None = None,
-                        replace: bool = False, include_rejected: bool = False, all: bool = False) -> dict:
-    return {"accepted": master.enrollment.accept_keys(node, fingerprint, replace, include_rejected, all)}
+                        replace: bool = False, include_rejected: bool = False, all: bool = False,
+                        dry_run: bool = False, fingerprints: list[str] | None = None) -> dict:
+    keys = master.enrollment.accept_keys(node, fingerprint, replace, include_rejected, all,
+                                         dry_run=bool(dry_run), only=_shown(fingerprints))
+    return {"keys": keys} if dry_run else {"accepted": keys}
 
 
 @handler("keys.reject")
 async def handle_reject(master, node: str | None = None, fingerprint: str | None = None,
-                        all: bool = False) -> dict:
-    return {"rejected": master.enrollment.reject_keys(node, fingerprint, all)}
+                        all: bool = False, dry_run: bool = False, fingerprints: list[str] | None = None) -> dict:
+    keys = master.enrollment.reject_keys(node, fingerprint, all, dry_run=bool(dry_run), only=_shown(fingerprints))
+    return {"keys": keys} if dry_run else {"rejected": keys}
 
 
 @handler("keys.delete")
 async def handle_delete(master, node: str | None = None, fingerprint: str | None = None,
-                        all: bool = False) -> dict:
-    return {"deleted": master.enrollment.delete_keys(node, fingerprint, all)}
+                        all: bool = False, dry_run: bool = False, fingerprints: list[str] | None = None) -> dict:
+    keys = master.enrollment.delete_keys(node, fingerprint, all, dry_run=bool(dry_run), only=_shown(fingerprints))
+    return {"keys": keys} if dry_run else {"deleted": keys}
 
 
 @handler("keys.fingerprint")

@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import json
+
 from . import handler
 from ..cli import EXIT_OK, ago, print_json, table
 
 
 def add_parser(sub, name, summary, common, as_json) -> None:
-    sub.add_parser(name, parents=[common, as_json], help=summary).set_defaults(run=run)
+    parser = sub.add_parser(name, parents=[common, as_json], help=summary)
+    parser.add_argument("--catalog", action="store_true",
+                        help="with --json: include each node's catalogue of state functions (large)")
+    parser.set_defaults(run=run)
 
 
 def run(client, args) -> int:
-    nodes = client.call("nodes")["nodes"]
+    nodes = client.call("nodes", catalog=args.catalog)["nodes"]
     if args.json:
         print_json({"nodes": nodes})
         return EXIT_OK
@@ -27,7 +32,7 @@ def run(client, args) -> int:
 
 
 @handler("nodes")
-async def handle_nodes(master) -> dict:
+async def handle_nodes(master, catalog: bool = False) -> dict:
     roster = master.roster
     accepted = set(roster.node_of_key.values())
     nodes = []
@@ -36,7 +41,11 @@ async def handle_nodes(master) -> dict:
         if node_id not in accepted:
             continue
         node["last_seen"] = roster.last_seen.get(node_id, node["last_seen"])
-        node["connected"] = node_id in roster.routes
+        node["connected"] = roster.connected(node_id)
         node["id"] = node.pop("node_id")
+        # Stored as JSON text; shown as an object, and only when asked: it runs to many kilobytes.
+        stored_catalog = node.pop("catalog", None)
+        if catalog:
+            node["catalog"] = json.loads(stored_catalog or "{}")
         nodes.append(node)
     return {"nodes": nodes}

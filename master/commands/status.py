@@ -31,7 +31,7 @@ async def handle_status(master) -> dict:
     transport, roster = master.transport, master.roster
     return {"version": __version__, "fingerprint": master.fingerprint, "port": master.port,
             "key_port": master.key_port, "listen": master.listen_host, "pid": os.getpid(),
-            "started": master.started, "connected": len(roster.routes),
+            "started": master.started, "connected": len(roster.connected_nodes()),
             "accepted": len(roster.node_of_key), "pending": len(roster.pending_routes),
             "dropped_messages": master.drops.total, "hostname": socket.gethostname(),
             "unauthenticated_connections": transport.sessions.untrusted(),

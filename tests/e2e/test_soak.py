@@ -125,7 +125,7 @@ def test_ping_every_second_over_the_lab_and_a_swarm_misses_nothing_and_memory_st
         lab.exec(SWARM_NODE, "systemctl", "stop", UNIT, check=False, timeout=120)
         lab.exec(SWARM_NODE, "rm", "-rf", STATE, CONF, check=False)
         # The swarm's keys go, so that the lab is its four nodes again for whoever comes next.
-        lab.pimaster("keys", "delete", f"{PREFIX}-*", check=False)
+        lab.pimaster("keys", "delete", "--yes", f"{PREFIX}-*", check=False)
 
     rss_samples.append((round(SOAK_S), rss_end))
     tail_from = min(rss_samples, key=lambda sample: abs(sample[0] - SOAK_S * 2 / 3))

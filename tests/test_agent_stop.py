@@ -1,0 +1,84 @@
+"""Stopping an agent (SIGTERM: `systemctl stop`, shutdown, reboot) while a job runs.
+
+The agent ends the running state's command with everything it started, starts no other state,
+exits promptly, and reports exactly what ran: the states that finished as they finished, the one
+cut short as failed ("interrupted"), the rest not run. The result is kept on disk and delivered
+when the agent is back; the job does not run again. Real master and agent processes on loopback.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import textwrap
+import time
+
+from harness import wait_for
+
+
+def processes_running(argv: list[str]) -> list[int]:
+    """Pids of the live processes whose command line is exactly ``argv`` (zombies have none)."""
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as fh:
+                cmdline = fh.read().split(b"\0")[:-1]
+        except OSError:
+            continue
+        if [part.decode(errors="replace") for part in cmdline] == argv:
+            found.append(int(pid))
+    return found
+
+
+def test_a_stopped_agent_ends_the_running_command_and_reports_what_ran(tmp, master, start_agent):
+    agent = start_agent("n1", master.token_config())
+    wait_for(lambda: master.up_nodes() == {"n1"}, what="n1 up")
+    # A length of sleep no other process on this machine has: how the test finds it afterwards.
+    sleep = ["sleep", f"{30 + random.randrange(1, 10**6) / 10**7:.7f}"]
+    state = tmp / "three.yaml"
+    state.write_text(textwrap.dedent(f"""
+        first:
+          cmd.run:
+            - name: echo ran >> {tmp}/A
+        slow:
+          cmd.run:
+            - name: touch {tmp}/slow-started; {' '.join(sleep)}; touch {tmp}/B
+        last:
+          cmd.run:
+            - name: touch {tmp}/C
+        """).lstrip())
+    running = subprocess.Popen([master.python, "-m", "pimaster", "apply", str(state), "--json",
+                                "--state-dir", str(master.state_dir)], env=master.env, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for(lambda: (tmp / "slow-started").exists() and processes_running(sleep), what="the slow state's sleep")
+
+        asked = time.monotonic()
+        returncode = agent.stop(signal.SIGTERM, timeout=40)
+        assert time.monotonic() - asked < 15, "the agent ran on after SIGTERM"
+        assert returncode == 0, agent.output()[-3000:]
+        time.sleep(2)  # what a job running on would do next
+        assert not processes_running(sleep), "the running command was left behind"
+        assert (tmp / "A").read_text() == "ran\n"
+        assert not (tmp / "B").exists() and not (tmp / "C").exists()
+
+        agent.start()  # delivers the kept result; the job must not run again
+        out, err = running.communicate(timeout=90)
+    finally:
+        if running.poll() is None:
+            running.kill()
+    report = json.loads(out)
+    node = report["nodes"]["n1"]
+    assert node["status"] == "interrupted" and not node["ok"], err
+    assert [s["status"] for s in node["states"]] == ["changed", "failed", "not_run"], node["states"]
+    assert node["changed"] == 1 and node["failed"] == 1 and node["not_run"] == 1
+    assert node["states"][1]["comment"].startswith("interrupted: the agent was stopped"), node["states"][1]
+    assert "stopped before this state" in node["states"][2]["comment"]
+    stored = json.loads(master.cli("job", report["job"], "--json", check=False).stdout)  # exits 1: n1 failed
+    assert stored["nodes"]["n1"]["states"] == node["states"]
+    time.sleep(2)
+    assert (tmp / "A").read_text() == "ran\n" and not (tmp / "B").exists() and not (tmp / "C").exists()
+    assert not list((agent.state_dir / "jobs").iterdir())  # no "running" marker left to report again
