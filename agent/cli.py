@@ -47,20 +47,42 @@ def _parser() -> argparse.ArgumentParser:
     trust.add_argument("--config", help=f"the agent's piagent.conf, whose fingerprint must agree (default {DEFAULT_CONFIG})")
     sub.add_parser("facts", help="print the facts this agent reports, as JSON")
     state = sub.add_parser("state", help="run one state on this node now, like a line of a state file",
-                           description="Example: piagent state file.managed name=/etc/motd contents='hello' --test")
-    state.add_argument("function", help="module.function, e.g. file.managed, or `list` for all of them")
+                           description="Example: piagent state file.managed name=/etc/motd contents='hello' --test. "
+                                       "`piagent state FUNCTION --help` prints that function's reference.",
+                           add_help=False)
+    state.add_argument("-h", "--help", action="store_true",
+                       help="show this help, or with FUNCTION that function's reference (its arguments, an example)")
+    state.add_argument("function", nargs="?", help="module.function, e.g. file.managed, or `list` for all of them")
     state.add_argument("args", nargs="*", metavar="ARG=VALUE",
                        help="arguments; a VALUE is read as JSON when it parses (true, 3, [\"a\"]), else as text")
     state.add_argument("--test", action="store_true", help="report what would change, change nothing")
     state.add_argument("--json", action="store_true", help="print the result as JSON")
     state.add_argument("--state-dir", default=os.environ.get("PIAGENT_STATE_DIR", DEFAULT_STATE_DIR))
+    state.set_defaults(state_parser=state)
     return parser
+
+
+def _unknown_function(function: str, known) -> str:
+    from .states import close_names
+
+    close = close_names(function, known)
+    hint = f"did you mean {', '.join(close)}? " if close else ""
+    return f"piagent: no state function {function!r} ({hint}see `piagent state list`)"
 
 
 def run_single_state(args) -> int:
     from .engine import FAILED, run_states
-    from .states import catalog
+    from .states import catalog, close_names, reference
 
+    if args.function is None or (args.help and args.function == "list"):
+        args.state_parser.print_help()
+        return 0 if args.help else 2
+    if args.help:
+        if args.function not in catalog():
+            print(_unknown_function(args.function, catalog()), file=sys.stderr)
+            return 2
+        sys.stdout.write(reference(args.function))
+        return 0
     if args.function == "list":
         for name, info in sorted(catalog().items()):
             print(f"{name:24} {info['summary']}")
@@ -79,8 +101,16 @@ def run_single_state(args) -> int:
         except ValueError:
             state_args[key] = value
     if args.function not in catalog():
-        print(f"piagent: no state function {args.function!r} (see `piagent state list`)", file=sys.stderr)
+        print(_unknown_function(args.function, catalog()), file=sys.stderr)
         return 2
+    known_args = catalog()[args.function]["args"]
+    for key in state_args:
+        if key not in known_args:
+            close = close_names(key, known_args)
+            print(f"piagent: {args.function} has no argument {key!r}"
+                  + (f" (did you mean {close[0]!r}?)" if close else "")
+                  + f"; `piagent state {args.function} --help` lists them", file=sys.stderr)
+            return 2
     name = state_args.pop("name", None)
     if name is None:
         print("piagent: name=... is required", file=sys.stderr)

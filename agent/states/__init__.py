@@ -164,6 +164,29 @@ def catalog() -> dict[str, dict]:
     return out
 
 
+def reference(full_name: str) -> str:
+    """A state function's user reference, as `pimaster doc` and `piagent state F --help` print it:
+    its docstring, then each argument with the types it takes and whether it is required."""
+    import inspect
+
+    entry = catalog()[full_name]
+    lines = [full_name, "", inspect.cleandoc(registry()[full_name].__doc__ or "(not documented)"), "",
+             "Argument types (checked before anything runs):"]
+    for arg in entry["args"]:
+        types = " or ".join(entry["types"].get(arg, ["any"]))
+        need = "required" if arg in entry["required"] else "default: the state's id" if arg == "name" else "optional"
+        lines.append(f"  {arg}: {types} ({need})")
+    lines.append("  plus what every state takes: " + ", ".join(COMMON_ARGS))
+    return "\n".join(lines) + "\n"
+
+
+def close_names(word: str, names) -> list[str]:
+    """The names ``word`` may be a typo of, best first: for "did you mean"."""
+    import difflib
+
+    return difflib.get_close_matches(word, list(names), n=3, cutoff=0.6)
+
+
 def catalog_signature() -> str:
     """Changes whenever a state module is added, removed or edited (cache key for the catalogue)."""
     from .. import __version__

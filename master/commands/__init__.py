@@ -34,6 +34,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "job": ("pimaster.commands.jobs", "one job's results"),
     "nodes": ("pimaster.commands.nodes", "enrolled nodes with their facts"),
     "status": ("pimaster.commands.status", "the master's own status"),
+    "doc": ("pimaster.commands.doc", "the reference of a state function (file.managed), or the list of them"),
     "lab": ("pimaster.commands.lab", "a simulated Pi cluster on this machine (see `pimaster lab --help`)"),
 }
 
