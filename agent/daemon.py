@@ -95,7 +95,7 @@ def backoff_delay(attempt: int) -> float:
 
 class Agent:
     """One agent's connection to its master, for as long as the daemon runs: connect, check the
-    master's key against the pin, enroll, answer requests (ping, facts, apply), deliver job results
+    master's key against the pin, enroll, answer requests (ping, facts, apply, cancel), deliver job results
     until acknowledged, heartbeat, reconnect.
 
     Over 300 lines on purpose: these steps share one socket, one enrollment status and one view of
@@ -299,7 +299,8 @@ class Agent:
             except zmq.ZMQError:
                 pass
             monitor.close(0)
-            sock.close(0)
+            # Stopping: what is queued (a job's result) may still leave, for up to 2 s.
+            sock.close(2000 if self._stop.is_set() else 0)
         return established
 
     async def _wait_handshake(self, monitor: zmq.asyncio.Socket) -> None:
@@ -331,6 +332,10 @@ class Agent:
                     polling.cancel()
                     if reconnect_wait.done():
                         self.log.info("reconnecting to the master (the network setting changed)")
+                    elif self.jobs.running:
+                        # Stopped mid-job: the job records what ran (bounded) and its result goes
+                        # out on this connection, so the master hears it now, not at the next start.
+                        await self.jobs.wind_down()
                     return
                 events = dict(polling.result())
                 if monitor in events:
@@ -513,6 +518,8 @@ class Agent:
                 body = await self.facts_source()
             elif msg.type == proto.APPLY:
                 body = self.jobs.accept(msg.body)
+            elif msg.type == proto.CANCEL:
+                body = self.jobs.cancel(msg.body)
             else:  # decode() only lets request types through that are listed above
                 body = {}
             await self._send(proto.reply(msg, proto.RESULT, body))

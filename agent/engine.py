@@ -123,6 +123,11 @@ def _run_one(index: int, state: dict, done: list[dict], functions: dict, test: b
     onlyif = _commands(state.get("onlyif"))
     if onlyif and not all(ctx.run(c, shell=True).ok for c in onlyif):
         return dict(make_result(name, True, comment="skipped: onlyif condition is false"), status=SKIPPED)
+    if stop is not None and stop.tripped:
+        # A guard the stop cut short proves nothing: an `unless` killed mid-check reads as false,
+        # and the state it guards must not run on that (run_states reports it interrupted).
+        return dict(make_result(name, None, comment="not run: the agent stopped while checking its conditions"),
+                    status=NOT_RUN)
 
     try:
         res = function(ctx, **args)

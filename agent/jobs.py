@@ -7,6 +7,7 @@ at the next start the agent reports that job as interrupted instead of leaving i
 
 Asked to stop (SIGTERM), the agent ends the running state's commands and starts no other state
 (`stop`); the job's result then says exactly what ran and is kept like any other (`wind_down`).
+The master's `cancel` does the same to one job (`cancel`), and the agent runs on.
 """
 
 from __future__ import annotations
@@ -37,6 +38,25 @@ WIND_DOWN_S = 10.0
 
 
 REQUISITE_KEYS = ("require", "watch", "onchanges", "onfail")
+
+# The engine words a state that a tripped StopSwitch ended or kept from running as the agent's
+# stop; for a cancelled job these say what happened instead (see _as_cancelled).
+STOPPED_WORDING = (
+    ("interrupted: the agent was stopped while this state ran, and ended its command",
+     "interrupted: the job was cancelled while this state ran; its command was ended"),
+    ("not run: the agent stopped before this state", "not run: the job was cancelled before this state"),
+)
+
+
+def _as_cancelled(res: dict) -> dict:
+    """A state's result worded for a cancelled job rather than a stopping agent."""
+    comment = res.get("comment")
+    if res.get("status") not in ("failed", "not_run") or not isinstance(comment, str):
+        return res
+    for stopped, cancelled in STOPPED_WORDING:
+        if comment.startswith(stopped):
+            return dict(res, comment=cancelled + comment[len(stopped):])
+    return res
 
 
 def _state_problem(state) -> str | None:
@@ -136,7 +156,12 @@ class JobRunner:
         # state starts after that, and the running job's switch ends its commands.
         self.stopping = False
         self._switch: StopSwitch | None = None  # the running job's
+        self._running_job: str | None = None    # ...and its id
         self._accepted: dict[str, None] = {}  # recent job ids, oldest first (an ordered set)
+        self._queued: set[str] = set()         # accepted, waiting for the job before them to end
+        # Jobs the master cancelled (an ordered set, bounded like _accepted): one cancelled before
+        # it arrived (the cancel overtook the apply) or while queued starts with its switch tripped.
+        self._cancelled: dict[str, None] = {}
 
     def _path(self, directory: str, job_id: str) -> str:
         return os.path.join(directory, job_id + ".json")
@@ -159,6 +184,7 @@ class JobRunner:
         self._accepted[job_id] = None
         while len(self._accepted) > ACCEPTED_MEMORY:
             self._accepted.pop(next(iter(self._accepted)))
+        self._queued.add(job_id)
         task = asyncio.ensure_future(self._run(job_id, states, bool(test), redact))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -190,6 +216,36 @@ class JobRunner:
         if self._switch is not None:
             self._switch.trip()
 
+    def cancel(self, body: dict) -> dict:
+        """The master's `cancel`: stop that job as `stop` would (its running command ended, no further
+        state started, the result saying exactly what ran, the job interrupted); the agent runs on.
+        The answer says whether this agent was running (or about to run) the job."""
+        job_id = body.get("job")
+        if not isinstance(job_id, str) or not JOB_ID_RE.fullmatch(job_id):
+            return {"error": "malformed job id"}
+        if self.stopping and (job_id in self._queued or job_id == self._running_job):
+            # Its switch is tripped already: the job ends anyway, worded as the agent's stop.
+            return {"job": job_id, "cancelled": True, "was": "running", "note": "the agent is stopping"}
+        if job_id == self._running_job and self._switch is not None:
+            self._remember_cancelled(job_id)
+            self._switch.trip()
+            self.log.info("job %s cancelled by the master: ending its running command", job_id)
+            return {"job": job_id, "cancelled": True, "was": "running"}
+        if job_id in self._queued:
+            self._remember_cancelled(job_id)
+            self.log.info("job %s cancelled by the master before it started", job_id)
+            return {"job": job_id, "cancelled": True, "was": "queued"}
+        if job_id in self._accepted or os.path.exists(self._path(self.results_dir, job_id)):
+            return {"job": job_id, "cancelled": False, "was": "finished"}
+        # Never seen: should the apply still be on its way, it must not run.
+        self._remember_cancelled(job_id)
+        return {"job": job_id, "cancelled": False, "was": "unknown"}
+
+    def _remember_cancelled(self, job_id: str) -> None:
+        self._cancelled[job_id] = None
+        while len(self._cancelled) > ACCEPTED_MEMORY:
+            self._cancelled.pop(next(iter(self._cancelled)))
+
     async def wind_down(self) -> None:
         """Wait (bounded) for the jobs to record what ran before the agent exits. A job still
         running after WIND_DOWN_S keeps its marker and is reported interrupted at the next start."""
@@ -205,17 +261,22 @@ class JobRunner:
         from .states.base import StopSwitch
 
         async with self._lock:
+            self._queued.discard(job_id)
             switch = StopSwitch()
-            if self.stopping:  # queued when the stop came: recorded with every state not run
+            # Queued when the stop or the cancel came: recorded with every state not run.
+            if self.stopping or job_id in self._cancelled:
                 switch.trip()
-            self._switch = switch
+            self._switch, self._running_job = switch, job_id
             os.makedirs(self.running_dir, mode=0o700, exist_ok=True)
             started = time.time()
             marker = self._path(self.running_dir, job_id)
             fileio.write_atomic(marker, json.dumps({"job": job_id, "started": started, "test": test}).encode(), 0o600)
             loop = asyncio.get_running_loop()
 
+            # Worded as cancelled only when the cancel came before any stop of the agent (see cancel).
             def on_result(index: int, res: dict) -> None:
+                if job_id in self._cancelled:
+                    res = _as_cancelled(res)
                 state = {k: res.get(k) for k in ("id", "fun", "status")}
                 state["comment"] = _redact(str(res.get("comment", ""))[:300], redact)
                 try:
@@ -237,13 +298,16 @@ class JobRunner:
                             "comment": f"{type(exc).__name__}: {exc}", "status": "failed"}]
                 interrupted = switch.tripped
             finally:
-                self._switch = None
+                self._switch, self._running_job = None, None
+            if job_id in self._cancelled:
+                results = [_as_cancelled(r) for r in results]
             results = _redact(_plain(results), redact)
             payload = {"job": job_id, "results": results, "summary": summarize(results),
                        "started": started, "finished": time.time(), "test": test, "interrupted": interrupted}
             self._keep(dict(payload, results=_without_sensitive(results)))
             os.unlink(marker)
-            self.log.info("job %s %s: %s", job_id, "interrupted" if interrupted else "done", payload["summary"])
+            self.log.info("job %s %s: %s", job_id, ("cancelled" if job_id in self._cancelled else "interrupted")
+                          if interrupted else "done", payload["summary"])
         await self._deliver(payload)  # sensitive output, if any, only in this first, live delivery
 
     def _keep(self, payload: dict) -> None:

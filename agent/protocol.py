@@ -67,6 +67,8 @@ HEARTBEAT_ACK = "heartbeat_ack"  # master -> agent: carries the master's clock
 PING = "ping"                    # master -> agent request: health
 FACTS = "facts"                  # master -> agent request: facts
 APPLY = "apply"                  # master -> agent request: run a job's states (acknowledged at once)
+CANCEL = "cancel"                # master -> agent request: stop a job (its commands ended, no further state);
+                                 # an agent older than this type drops it as unknown, and does not answer
 JOB_PROGRESS = "job_progress"    # agent -> master: one state of a job finished
 JOB_RESULT = "job_result"        # agent -> master: a job's results (kept on disk until acknowledged)
 JOB_RESULT_ACK = "job_result_ack"  # master -> agent: the result is recorded; the agent may forget it
@@ -75,7 +77,7 @@ MASTER_KEY = "master_key"        # key announce endpoint -> agent
 AGENT_TO_MASTER = frozenset({ENROLL, HEARTBEAT, RESULT, REFUSED, JOB_PROGRESS, JOB_RESULT})
 # What a key that the master has not accepted may send: enrollment and nothing else.
 UNAUTHENTICATED_ALLOWED = frozenset({ENROLL})
-REQUEST_TYPES = frozenset({PING, FACTS, APPLY})
+REQUEST_TYPES = frozenset({PING, FACTS, APPLY, CANCEL})
 MASTER_TO_AGENT = frozenset({ENROLLED, HEARTBEAT_ACK, JOB_RESULT_ACK}) | REQUEST_TYPES
 
 # Key states on the master.

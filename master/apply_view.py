@@ -1,12 +1,46 @@
-"""What `pimaster apply` and `pimaster job` show: a live view while results arrive, then a summary."""
+"""What `pimaster apply` and `pimaster job` show: a live view while results arrive, then a summary.
+
+One vocabulary everywhere (live view, plain progress lines, the table, `--json`'s ``result``):
+a state is changed, unchanged (the agent's and `--json`'s status "ok"), failed, not run or
+skipped; a node's result is changed, ok (nothing changed, nothing failed), failed, interrupted,
+no answer or no result yet. In test mode "changed" is what would change.
+"""
 
 from __future__ import annotations
 
-import sys
+import json
 
 STATUS_STYLE = {"ok": "green", "changed": "cyan", "failed": "red", "not_run": "yellow", "skipped": "dim",
                 "no_answer": "red", "interrupted": "red", "running": "yellow", "sent": "yellow"}
 LIVE_ROWS = 25  # beyond this many nodes, the live view lists only those still running
+# A state's status as the agent reports it (and `--json` keeps it) -> the word people read.
+STATE_WORDS = {"ok": "unchanged", "changed": "changed", "failed": "failed", "not_run": "not run",
+               "skipped": "skipped"}
+# The counts of a node's states, in the table's order: (summary key, word).
+COUNTS = (("changed", "changed"), ("failed", "failed"), ("not_run", "not run"), ("ok", "unchanged"),
+          ("skipped", "skipped"))
+INDENT = "    "
+
+
+def node_result(status: str, summary: dict | None) -> str:
+    """A node's result in one word (two for "no answer", "no result yet"): from its job status
+    (sent, running, done, interrupted, no_answer) and the counts of its states."""
+    summary = summary or {}
+    if status == "done":
+        return "failed" if summary.get("failed") else "changed" if summary.get("changed") else "ok"
+    return {"running": "no result yet", "sent": "no answer", "no_answer": "no answer"}.get(status, status)
+
+
+def counts_text(summary: dict | None) -> str:
+    """`changed 1, unchanged 3`: the node's non-zero counts, in the table's words and order."""
+    summary = summary or {}
+    return ", ".join(f"{word} {summary[key]}" for key, word in COUNTS
+                     if isinstance(summary.get(key), int) and summary[key])
+
+
+def indented(text: str) -> str:
+    """An agent's text with every line after the first indented: it cannot start a report line."""
+    return text.replace("\n", "\n" + INDENT)
 
 
 class LiveApply:
@@ -30,6 +64,8 @@ class LiveApply:
         return self
 
     def __exit__(self, *exc):
+        if exc[0] is KeyboardInterrupt:
+            self.live.transient = False  # Ctrl-C: what the nodes were doing stays on the screen
         self.live.__exit__(*exc)
 
     def _render(self):
@@ -47,10 +83,12 @@ class LiveApply:
             info = self.nodes[node]
             last = info.get("last") or {}
             # The state's id is the node's to report: never rich markup.
-            text = f"[{STATUS_STYLE.get(last.get('status'), 'white')}]{last.get('status', '')}[/] " \
+            status = last.get("status", "")
+            text = f"[{STATUS_STYLE.get(status, 'white')}]{STATE_WORDS.get(status, escape(str(status)))}[/] " \
                    f"{escape(str(last.get('fun', '')))} {escape(str(last.get('id', '')))}" if last else "[dim]waiting[/]"
             if info["status"] != "running":
-                text = f"[{STATUS_STYLE.get(info['status'], 'white')}]{info['status']}[/]"
+                text = f"[{STATUS_STYLE.get(info['status'].split()[0], 'red')}]{info['status']}[/]" \
+                       + (f" ({info['counts']})" if info.get("counts") else "")
             elif info.get("disconnected") is not None:
                 text = f"[red]disconnected[/], waiting up to {info['disconnected']:g} s for it to come back; " \
                        f"last: {text}"
@@ -73,11 +111,9 @@ class LiveApply:
             info["disconnected"] = (grace if isinstance(grace, (int, float)) else 0) \
                 if event.get("state") == "disconnected" else None
         elif kind == "node" and event.get("node") in self.nodes:
-            summary = event.get("summary") or {}
-            status = event["status"]
-            if status == "done":
-                status = "failed" if summary.get("failed") else "changed" if summary.get("changed") else "ok"
+            status = node_result(event["status"], event.get("summary"))
             info = self.nodes[event["node"]]
+            info["counts"] = counts_text(event.get("summary"))
             # A node given up on (no_answer) may still deliver its result: counted once.
             if info["status"] == "running" and self.task is not None:
                 self.progress.advance(self.task)
@@ -106,46 +142,49 @@ class PlainApply:
             else:
                 print(f"{event['node']}: reconnected", flush=True)
         elif event.get("type") == "node":
-            summary = event.get("summary") or {}
-            detail = ", ".join(f"{k} {v}" for k, v in summary.items() if v) if summary else event.get("error", "")
-            print(f"{event['node']}: {event['status']}" + (f" ({detail})" if detail else ""), flush=True)
+            summary = event.get("summary")
+            detail = counts_text(summary) if summary else event.get("error", "")
+            print(f"{event['node']}: {node_result(event['status'], summary)}" + (f" ({detail})" if detail else ""),
+                  flush=True)
 
 
-def print_report(report: dict, table) -> bool:
-    """The end of an apply: a row per node, then every failure in full. True if all is well."""
+def print_report(report: dict, table, quiet: bool = False) -> bool:
+    """The end of an apply: a row per node, every failure in full, then (unless ``quiet``) every
+    changed state, with its diff if it has one. True if all is well."""
     rows = []
     all_ok = True
     for node_id, node in sorted(report["nodes"].items()):
-        status = node["status"]
-        if status == "done":
-            verdict = "failed" if node["failed"] else "changed" if node["changed"] else "ok"
-        else:
-            verdict = {"running": "no result yet", "sent": "no answer", "no_answer": "no answer"}.get(status, status)
+        verdict = node_result(node["status"], {"failed": node["failed"], "changed": node["changed"]})
         all_ok &= node["ok"]
         rows.append([node_id, (verdict, STATUS_STYLE.get(verdict.split()[0], "red")), str(node["changed"]),
-                     str(node["failed"]), str(node["not_run"]), str(node["unchanged"]),
+                     str(node["failed"]), str(node["not_run"]), str(node["unchanged"]), str(node.get("skipped", 0)),
                      f"{node['duration_s']:.1f} s" if node["duration_s"] is not None else "-",
                      "reboot needed" if node["reboot_required"] else ""])
-    mode = "would change" if report["test"] else "changed"
+    changed = "would change" if report["test"] else "changed"
     table(f"job {report['job']}{' (test mode)' if report['test'] else ''}: {report['file']}",
-          ["NODE", "RESULT", mode.upper(), "FAILED", "NOT RUN", "UNCHANGED", "TIME", ""], rows)
+          ["NODE", "RESULT", changed.upper(), "FAILED", "NOT RUN", "UNCHANGED", "SKIPPED", "TIME", ""], rows)
+    # An agent's comments and diffs are its own text (control characters already replaced by the
+    # master): every line after a report line's first is indented, so none can pass for one.
     for node_id, node in sorted(report["nodes"].items()):
         for state in node["states"]:
             if state.get("status") == "failed":
-                print(f"\n{node_id}: FAILED {state.get('fun')} {state.get('id')} ({state.get('source') or ''})",
-                      file=sys.stdout)
-                print(f"    {state.get('comment', '')}".replace("\n", "\n    "))
+                print(f"\n{node_id}: FAILED {state.get('fun')} {state.get('id')} ({state.get('source') or ''})")
+                print(INDENT + indented(str(state.get("comment", ""))))
                 for key, value in (state.get("changes") or {}).items():
                     text = value if isinstance(value, str) else repr(value)
-                    print(f"    {key}: {text}".replace("\n", "\n    "))
-    if report["test"]:
-        for node_id, node in sorted(report["nodes"].items()):
-            for state in node["states"]:
-                if state.get("status") == "changed":
-                    diff = (state.get("changes") or {}).get("diff")
-                    # Continuation lines indented: a comment's own lines never start a line of the report.
-                    print(f"{node_id}: would change {state.get('fun')} {state.get('id')}: "
-                          + str(state.get("comment", "")).replace("\n", "\n    "))
-                    if diff:
-                        print("    " + diff.rstrip().replace("\n", "\n    "))
+                    print(INDENT + indented(f"{key}: {text}"))
+    if quiet:
+        return all_ok
+    for node_id, node in sorted(report["nodes"].items()):
+        for state in node["states"]:
+            if state.get("status") != "changed":
+                continue
+            comment = str(state.get("comment") or "")
+            print(f"{node_id}: {changed} {state.get('fun')} {state.get('id')}"
+                  + (f": {indented(comment)}" if comment else ""))
+            changes = state.get("changes")
+            diff = changes.get("diff") if isinstance(changes, dict) else None
+            if diff:
+                text = diff if isinstance(diff, str) else json.dumps(diff, sort_keys=True)
+                print(INDENT + indented(text.rstrip()))
     return all_ok

@@ -1,14 +1,25 @@
 """`pimaster`: the command line. Finds the invoked command in `commands.COMMANDS`, imports only its
-module, parses its arguments and runs it; and the output helpers the commands share.
+module, parses its arguments and runs it; and what the commands share: the output helpers, the
+errors and exit statuses, the target and duration syntax.
 
 Client commands reach the running master through its control socket (state dir/control.sock).
 Imports are kept lean on purpose: `pimaster ping` of 1000 nodes must finish in a quarter of a
 second, start-up included, so asyncio, zmq and rich are imported only by the commands that need them.
+
+Conventions every command follows:
+
+- Global options, `--state-dir DIR` and `--json` (for the commands that print JSON), go before the
+  command or after it: `pimaster --state-dir D ping` is `pimaster ping --state-dir D`.
+- A target (`add_target`) is a glob on node ids or `role:NAME`; a duration (`Duration`) is seconds
+  or a number with a unit: `90`, `90s`, `30m`, `24h`, `7d`.
+- Errors: `pimaster: MESSAGE` on stderr and, with --json, `{"error": MESSAGE, "code": CODE, ...}` on
+  stdout (`report_error`); the exit status says what went wrong (``EXIT_STATUS``).
 """
 
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import json
 import os
 import sys
@@ -20,7 +31,25 @@ from .commands import COMMANDS, load
 from .errors import ControlError
 
 DEFAULT_STATE_DIR = "/var/lib/pimaster"
-EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+# Exit statuses: 0 all went well; 1 a node failed, did not answer or is down (or the master failed
+# on the request: an internal error); 2 a usage error or input the master refused (nothing was
+# done); 3 no master to talk to (none running at the state dir, not this user's, no answer).
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
+# An error's code (`pimaster.errors`; `usage` for the command line's own) -> the exit status.
+# `confirmation_needed`: acting on several keys needs --yes off a terminal; `declined`: the person said no.
+EXIT_STATUS = {"usage": EXIT_USAGE, "refused": EXIT_USAGE, "confirmation_needed": EXIT_USAGE,
+               "internal": EXIT_FAILED, "declined": EXIT_FAILED,
+               "unreachable": EXIT_UNREACHABLE, "permission_denied": EXIT_UNREACHABLE}
+
+# Options `pimaster` takes before the command as well as after it (after it, for the commands that
+# have them): option -> whether it takes a value.
+GLOBAL_OPTIONS = {"--state-dir": True, "--json": False}
+
+ROLE_PREFIX = "role:"
+# {inventory}: where the command reads the nodes' roles from.
+TARGET_HELP = ("a glob on node ids (node0[1-4], 'pi*'), or role:NAME: the nodes whose roles include NAME in "
+               "{inventory}; default every accepted node")
 
 
 def parse_duration(text: str) -> float:
@@ -34,21 +63,123 @@ def parse_duration(text: str) -> float:
             value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a duration (e.g. 90s, 30m, 24h, 7d)") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError("a duration must be positive")
+    if not 0 < value < float("inf"):  # NaN too
+        raise argparse.ArgumentTypeError(f"{text!r}: a duration must be positive and finite")
     return value
 
 
-def _parser(name: str | None, module) -> argparse.ArgumentParser:
+class Duration:
+    """The argparse type of every duration option: `parse_duration`'s forms (plain seconds too),
+    at most ``maximum`` seconds when given."""
+
+    def __init__(self, maximum: float | None = None) -> None:
+        self.maximum = maximum
+
+    def __call__(self, text: str) -> float:
+        seconds = parse_duration(text)
+        if self.maximum is not None and seconds > self.maximum:
+            raise argparse.ArgumentTypeError(f"{text!r} is longer than the longest allowed, {_span(self.maximum)}")
+        return seconds
+
+
+def _span(seconds: float) -> str:
+    """``seconds`` in the largest unit that divides it: `600` -> `10m`, `2592000` -> `30d`."""
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size and seconds % size == 0:
+            return f"{seconds // size:.0f}{unit}"
+    return f"{seconds:g}s"
+
+
+def parse_target(text: str) -> str:
+    """The argparse type of a target: a glob on node ids, or `role:NAME` (node ids hold no `:`,
+    so any other `KIND:` is a mistake, not a glob)."""
+    kind, colon, name = text.partition(":")
+    if colon and kind != ROLE_PREFIX[:-1]:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a target: a glob on node ids (they hold no ':'), "
+                                         "or role:NAME")
+    if colon and not name.strip():
+        raise argparse.ArgumentTypeError("role: needs the role's name, e.g. role:compute")
+    if not text.strip():
+        raise argparse.ArgumentTypeError("an empty target matches no node (leave it out for every node)")
+    return text
+
+
+def target_matches(target: str | None, node_id: str, roles) -> bool:
+    """Whether node ``node_id``, which has ``roles`` (from the inventory), is in ``target``: every
+    node for none or `*`; `role:NAME` the nodes whose roles include NAME; otherwise a glob on the id.
+    The one meaning of a target: `ping`'s (`Roster.targets`) and `apply`'s."""
+    if not target or target == "*":
+        return True
+    if target.startswith(ROLE_PREFIX):
+        return target[len(ROLE_PREFIX):] in roles
+    return fnmatch.fnmatchcase(node_id, target)
+
+
+class _TargetAction(argparse.Action):
+    """Stores a target given as the positional TARGET or as --target: one of them, or both alike."""
+
+    def __call__(self, parser, namespace, value, option_string=None) -> None:
+        if value is None:  # the optional positional, not given
+            return
+        given = getattr(namespace, self.dest, None)
+        if given is not None and given != value:
+            raise argparse.ArgumentError(self, f"two targets, {given!r} and {value!r}: give one")
+        setattr(namespace, self.dest, value)
+
+
+def add_target(parser: argparse.ArgumentParser, positional: bool = False,
+               inventory: str = "the inventory next to the state file (cluster.yaml)") -> None:
+    """`--target TARGET` on ``parser`` (``args.target``, None for every node); with ``positional``,
+    also a TARGET argument that means the same (`pimaster ping 'pi*'`). ``inventory``: where the
+    command reads roles from, for the help."""
+    help = TARGET_HELP.format(inventory=inventory)
+    if positional:
+        parser.add_argument("target", nargs="?", metavar="TARGET", type=parse_target, action=_TargetAction, help=help)
+    parser.add_argument("--target", dest="target", metavar="TARGET", type=parse_target, action=_TargetAction,
+                        help="the same as TARGET" if positional else help)
+
+
+def report_error(args, message: str, code: str = "usage", text: str | None = None, **extra) -> int:
+    """Tells the user of an error and returns the exit status for ``code`` (``EXIT_STATUS``):
+    `pimaster: MESSAGE` (or ``text``) on stderr and, with --json, `{"error": MESSAGE, "code": CODE,
+    **extra}` on stdout, so that a script reading stdout always gets JSON."""
+    if getattr(args, "json", False):
+        print_json({**extra, "error": message, "code": code})
+        sys.stdout.flush()
+    sys.stderr.write(text if text is not None else f"pimaster: {message}\n")
+    return EXIT_STATUS.get(code, EXIT_FAILED)
+
+
+class _JsonUsageErrors(argparse.ArgumentParser):
+    """The parser when --json is on the command line: a usage error is also a JSON error object
+    on stdout (then argparse's usage and message on stderr, exit status 2)."""
+
+    def error(self, message: str):
+        print_json({"error": message, "code": "usage"})
+        sys.stdout.flush()
+        super().error(message)
+
+
+def _parser(name: str | None, module, json_errors: bool = False) -> argparse.ArgumentParser:
     """`pimaster`'s parser: every command is listed, only ``name``'s has its arguments (from ``module``)."""
+    parser_class = _JsonUsageErrors if json_errors else argparse.ArgumentParser
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--state-dir", default=os.environ.get("PIMASTER_STATE_DIR", DEFAULT_STATE_DIR),
+    # No default here: `main` settles it, from this, the same option before the command, the environment.
+    common.add_argument("--state-dir", metavar="DIR",
                         help=f"the master's state directory (default {DEFAULT_STATE_DIR}; env PIMASTER_STATE_DIR)")
     as_json = argparse.ArgumentParser(add_help=False)
     as_json.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
-    parser = argparse.ArgumentParser(prog="pimaster", description="Configuration management for Raspberry Pi clusters.")
+    # allow_abbrev off: `main` finds the command past the global options by their full names.
+    parser = parser_class(prog="pimaster", description="Configuration management for Raspberry Pi clusters.",
+                          allow_abbrev=False,
+                          epilog="--state-dir and --json may also come after the command. Exit status: 0 ok; "
+                                 "1 a node failed or is down; 2 usage error or refused input; 3 master unreachable.")
     parser.add_argument("--version", action="version", version=f"pimaster {__version__}")
+    parser.add_argument("--state-dir", dest="global_state_dir", metavar="DIR",
+                        help=f"the master's state directory (default {DEFAULT_STATE_DIR}; env PIMASTER_STATE_DIR)")
+    parser.add_argument("--json", dest="global_json", action="store_true",
+                        help="print JSON (the commands that have --json)")
     parser.set_defaults(needs_master=True)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for command, (_module, summary) in COMMANDS.items():
@@ -59,22 +190,47 @@ def _parser(name: str | None, module) -> argparse.ArgumentParser:
     return parser
 
 
+def _command_at(argv: list[str]) -> int | None:
+    """Where the command is in ``argv``: the first argument that is no global option (nor the
+    value of one), if it names a command."""
+    i = 0
+    while i < len(argv):
+        option, equals, _ = argv[i].partition("=")
+        if option not in GLOBAL_OPTIONS:
+            return i if argv[i] in COMMANDS else None
+        i += 1 if equals or not GLOBAL_OPTIONS[option] else 2
+    return None
+
+
+def _settle_global_options(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """One value per global option, whether given before the command or after it (after wins)."""
+    args.state_dir = (getattr(args, "state_dir", None) or args.global_state_dir
+                      or os.environ.get("PIMASTER_STATE_DIR") or DEFAULT_STATE_DIR)
+    if args.global_json:
+        if not hasattr(args, "json"):
+            parser.error(f"{args.command} has no --json output")
+        args.json = True
+    del args.global_state_dir, args.global_json
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    # The command is the first argument (`pimaster` itself has options only: --help, --version).
-    name = argv[0] if argv and argv[0] in COMMANDS else None
+    at = _command_at(argv)
+    name = argv[at] if at is not None else None
     module = load(name) if name else None
     if getattr(module, "OWN_ARGUMENTS", False):
-        return module.main(argv[1:])
-    args = _parser(name, module).parse_args(argv)
+        # It parses its own arguments: the global options given before it come after it.
+        return module.main(argv[at + 1:] + argv[:at])
+    parser = _parser(name, module, json_errors="--json" in argv)
+    args = parser.parse_args(argv)
+    _settle_global_options(parser, args)
     if not args.needs_master:
         return args.run(args)
     client = ControlClient(args.state_dir)
     try:
         return args.run(client, args)
     except ControlError as exc:
-        print(f"pimaster: {exc}", file=sys.stderr)
-        return EXIT_FAILED
+        return report_error(args, str(exc), exc.code)
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:  # `pimaster ping | head`: the reader left, which is not an error
@@ -166,8 +322,9 @@ def ago(ts: float | None) -> str:
 
 
 def local_time(ts: float | None) -> str:
-    """``ts`` as this machine's local date and time (`2026-12-02 01:23:45`), or `-`."""
-    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts)) if ts else "-"
+    """``ts`` as this machine's local date and time with its zone (`2026-12-02 03:15:30 CET`), or
+    `-`: every absolute time the CLI prints names its zone (tokens say UTC)."""
+    return time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime(ts)) if ts else "-"
 
 
 def duration(seconds: float | None) -> str:

@@ -10,9 +10,9 @@ import json
 import os
 import socket
 
-from .errors import ControlError
+from .errors import ControlError, MasterUnreachable
 
-__all__ = ["ControlClient", "ControlError"]
+__all__ = ["ControlClient", "ControlError", "MasterUnreachable"]
 
 
 class ControlClient:
@@ -23,22 +23,27 @@ class ControlClient:
         self.path = os.path.join(state_dir, "control.sock")
 
     def call(self, cmd: str, timeout_extra: float = 30.0, on_event=None, **args) -> dict:
-        """Send one request; events streamed before the answer go to ``on_event``."""
+        """Send one request; events streamed before the answer go to ``on_event``.
+
+        Raises MasterUnreachable when no master answers (none running, no answer in time, the
+        connection lost), ControlError with the master's code (`refused`, `internal`) when it
+        answers with an error."""
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         sock.settimeout(timeout_extra)
         try:
             try:
                 sock.connect(self.path)
             except FileNotFoundError:
-                raise ControlError(f"no master running: no control socket at {self.path} (start `pimaster serve`, "
+                raise MasterUnreachable(f"no master running: no control socket at {self.path} (start `pimaster serve`, "
                                    "or point --state-dir / PIMASTER_STATE_DIR at the master's state directory)") from None
             except PermissionError:
-                raise ControlError(f"permission denied on {self.path}: the control socket is usable only by "
-                                   "the user the master runs as (root for the service)") from None
+                raise MasterUnreachable(f"permission denied on {self.path}: the control socket is usable only by "
+                                        "the user the master runs as (root for the service)",
+                                        code="permission_denied") from None
             except ConnectionRefusedError:
-                raise ControlError(f"the master at {self.path} is not running (stale socket)") from None
+                raise MasterUnreachable(f"the master at {self.path} is not running (stale socket)") from None
             except OSError as exc:
-                raise ControlError(f"cannot reach the master at {self.path}: {exc.strerror}") from None
+                raise MasterUnreachable(f"cannot reach the master at {self.path}: {exc.strerror}") from None
             try:
                 sock.sendall(json.dumps({"cmd": cmd, "args": args}).encode() + b"\n")
             except (BrokenPipeError, ConnectionResetError):
@@ -60,16 +65,21 @@ class ControlClient:
                         data = line
                         break
         except socket.timeout:
-            raise ControlError(f"the master did not answer {cmd!r} in time") from None
+            raise MasterUnreachable(f"the master did not answer {cmd!r} in time") from None
         except OSError as exc:
             if exc.errno in (errno.ECONNRESET, errno.EPIPE):
-                raise ControlError("the master closed the connection") from None
+                raise MasterUnreachable("the master closed the connection") from None
             raise
         finally:
             sock.close()
         if not data:
-            raise ControlError("the master closed the connection without an answer")
-        response = json.loads(data)
+            raise MasterUnreachable("the master closed the connection without an answer")
+        try:
+            response = json.loads(data)
+        except ValueError:
+            raise ControlError("the master sent a malformed answer", code="internal") from None
         if "error" in response:
-            raise ControlError(response["error"])
+            # A master older than the codes sends none: taken as a refusal.
+            code = response.get("code")
+            raise ControlError(str(response["error"]), code=code if isinstance(code, str) else None)
         return response["result"]

@@ -1,7 +1,10 @@
 """The daemon's control socket: a Unix socket (mode 0600 in the 0700 state dir, the peer's uid
 checked with SO_PEERCRED) that answers JSON lines. Each request line, `{"cmd": NAME, "args": {..}}`,
 goes to the handler registered for NAME (`pimaster.commands.handler`); the answer is one line,
-`{"result": ..}` or `{"error": ..}`, after any `{"event": ..}` lines a streaming handler emits.
+`{"result": ..}` or `{"error": MESSAGE, "code": CODE}`, after any `{"event": ..}` lines a streaming
+handler emits. The code tells the client what kind of error it is (`pimaster.errors`): `refused`
+(a ControlError a handler raised, or arguments the handler does not take), `internal` (a bug: logged
+with its traceback), `permission_denied` (another user's client).
 
 The client side is `pimaster.client`.
 """
@@ -59,13 +62,13 @@ class ControlServer:
             _pid, uid, _gid = struct.unpack("3i", creds)
             if uid != os.getuid():
                 log.warning("control socket: refused a client with uid %d", uid)
-                writer.write(b'{"error": "permission denied"}\n')
+                writer.write(b'{"error": "permission denied", "code": "permission_denied"}\n')
                 return
             while True:
                 try:
                     line = await reader.readline()
                 except (ValueError, asyncio.LimitOverrunError):
-                    writer.write(b'{"error": "request too large"}\n')
+                    writer.write(b'{"error": "request too large", "code": "refused"}\n')
                     return
                 if not line:
                     return
@@ -99,11 +102,11 @@ class ControlServer:
                 args["emit"] = emit or (lambda event: None)
             return {"result": await handler.function(self.context, **args)}
         except ControlError as exc:
-            return {"error": str(exc)}
+            return {"error": str(exc), "code": exc.code}
         except TypeError as exc:
-            return {"error": f"bad arguments: {exc}"}
+            return {"error": f"bad arguments: {exc}", "code": "refused"}
         except ValueError as exc:
-            return {"error": f"bad request: {exc}"}
+            return {"error": f"bad request: {exc}", "code": "refused"}
         except Exception as exc:  # never let a client take the master down
             log.exception("control request failed")
-            return {"error": f"internal error: {type(exc).__name__}: {exc}"}
+            return {"error": f"internal error: {type(exc).__name__}: {exc}", "code": "internal"}

@@ -13,6 +13,7 @@ dropped messages through a ``drops`` log, so the policy is testable without Zero
 from __future__ import annotations
 
 import fnmatch
+import hashlib
 import logging
 import time
 from dataclasses import dataclass
@@ -23,6 +24,7 @@ from piagent import keys as pkeys
 from piagent import protocol as proto
 from piagent.protocol import Message
 
+from .cli import target_matches
 from .errors import ControlError
 from .facts import check_catalog, check_facts
 from .store import Store, identity_of
@@ -108,15 +110,20 @@ class Roster:
         if fd is not None:
             self.key_on_fd[fd] = key
 
-    def connection_closed(self, fd: int, peer: tuple | None) -> None:
+    def connection_closed(self, fd: int, peer: tuple | None, open_now_to: tuple | None = None) -> None:
         """The connection on descriptor ``fd`` (to ``peer``, if known) closed: if it was a key's
-        last, that key's agent is not connected any more."""
+        last, that key's agent is not connected any more. ``open_now_to``: where ``fd`` leads now
+        (the transport looks it up as it handles the event)."""
         key = self.key_on_fd.get(fd)
         if key is None:
             return
         link = self.links[key]
         if peer is not None and link.peer is not None and peer != link.peer:
             return  # a newer connection got the descriptor and spoke before this close was seen
+        if link.peer is not None and open_now_to == link.peer:
+            # The descriptor is open right now, to this key's agent: the close was of an older
+            # connection that had the same number (a stranger's, seen late), not of this one.
+            return
         self._drop_link(key)
 
     def drop_silent(self, now: float | None = None) -> list[str]:
@@ -158,12 +165,11 @@ class Roster:
     def accepted_nodes(self) -> set[str]:
         return set(self.node_of_key.values())
 
-    def targets(self, target: str | None) -> list[str]:
-        """Accepted nodes whose id matches the glob ``target`` (all of them for none or `*`)."""
-        accepted = sorted(self.accepted_nodes())
-        if not target or target == "*":
-            return accepted
-        return [n for n in accepted if fnmatch.fnmatchcase(n, target)]
+    def targets(self, target: str | None, roles: dict[str, list[str]] | None = None) -> list[str]:
+        """Accepted nodes in ``target`` (`cli.target_matches`: a glob on the id, all of them for none
+        or `*`, or `role:NAME` by ``roles``, node id -> its roles from the inventory)."""
+        roles = roles or {}
+        return [n for n in sorted(self.accepted_nodes()) if target_matches(target, n, roles.get(n, ()))]
 
 
 class Enrollment:
@@ -181,6 +187,9 @@ class Enrollment:
         self.drops = drops
         self.max_pending = max_pending
         self.refused_keys = 0  # new keys not stored because too many wait already
+        # Accepted key -> digest of the catalogue last checked: an agent re-enrolling with the same
+        # one (every reconnect) is neither checked nor written again.
+        self._catalog_digests: dict[str, bytes] = {}
 
     # ------------------------------------------------------------------ an agent enrolls
     def on_enroll(self, ident: bytes, key: str, msg: Message, address: str = "?") -> None:
@@ -198,9 +207,11 @@ class Enrollment:
                         "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5 else ""))
         if token is not None and not isinstance(token, str):
             token = None
-        # Checked now whatever the key's state: a key a person accepts is told at once and does
-        # not enroll again, so what it sent while waiting becomes its node's catalogue (accept).
-        catalog, catalog_problem = check_catalog(msg.body.get("catalog"))
+        # The catalogue is checked (up to 256 KiB: milliseconds) only where it is kept: for an
+        # accepted key when it changed, and for a key not yet accepted once, when it is first stored
+        # (a key a person accepts is told at once and does not enroll again, so what it sent while
+        # waiting becomes its node's catalogue). A stranger re-enrolling costs neither CPU nor writes.
+        raw_catalog = msg.body.get("catalog")
         record = self.store.key_by_public(key)
         if record is not None and record["node_id"] != node_id:
             self.drops.drop("key %s is enrolled as %r but claims to be %r", fp, record["node_id"], node_id, peer=key)
@@ -222,6 +233,7 @@ class Enrollment:
                 self.drops.drop("new key %s from %s (%r) not stored: %d keys wait already (the limit)",
                                 fp, address, node_id, self.max_pending, peer=address)
                 return
+            catalog, _ = check_catalog(raw_catalog)
             record = self.store.add_key(node_id, key, fp, state, facts, catalog)
             roster.key_states[key] = state
             if state == proto.DENIED:
@@ -240,10 +252,12 @@ class Enrollment:
             roster.routes[node_id] = (ident, key)
             roster.pending_routes.pop(key, None)
             self.store.upsert_node(node_id, facts, time.time())
-            if catalog is not None:
-                self.store.set_catalog(node_id, catalog)
-            elif self.drops.allowed(key):
-                log.warning("node %r: catalogue refused: %s", node_id, catalog_problem)
+            if self._catalog_changed(key, raw_catalog):
+                catalog, catalog_problem = check_catalog(raw_catalog)
+                if catalog is not None:
+                    self.store.set_catalog(node_id, catalog)
+                elif self.drops.allowed(key):
+                    log.warning("node %r: catalogue refused: %s", node_id, catalog_problem)
             roster.seen(node_id)
             self.send(ident, Message(type=proto.ENROLLED, reply_to=msg.id,
                                      body={"status": proto.ACCEPTED, "time": time.time(), "id": node_id}))
@@ -253,10 +267,23 @@ class Enrollment:
                          node_id, fp, address, node_id)
             roster.pending_routes[key] = ident
             self.store.update_key_facts(record["id"], facts)
-            if catalog is not None and catalog != record["catalog"]:
-                self.store.set_key_catalog(record["id"], catalog)
+            if not record["has_catalog"] and raw_catalog is not None:  # kept once, never rewritten
+                catalog, _ = check_catalog(raw_catalog)
+                if catalog is not None:
+                    self.store.set_key_catalog(record["id"], catalog)
             self.send(ident, Message(type=proto.ENROLLED, reply_to=msg.id,
                                      body={"status": proto.PENDING, "time": time.time(), "id": node_id}))
+
+    def _catalog_changed(self, key: str, raw) -> bool:
+        """Whether ``raw`` differs from the catalogue this accepted key sent last (and remember it).
+        repr of msgpack-decoded data is deterministic (maps keep the sender's order)."""
+        digest = hashlib.sha256(repr(raw).encode()).digest()
+        if self._catalog_digests.get(key) == digest:
+            return False
+        if len(self._catalog_digests) >= 4 * MAX_PENDING_KEYS + len(self.roster.node_of_key):
+            self._catalog_digests.clear()  # bounded; at worst a catalogue is checked once more
+        self._catalog_digests[key] = digest
+        return True
 
     def accept(self, record: dict, facts: dict | None = None, replace: bool = False) -> None:
         """Accepts the key ``record``; with ``replace``, the node's accepted key (if another) goes.
@@ -278,9 +305,11 @@ class Enrollment:
         self.store.upsert_node(node_id, facts, time.time())
         # The node's catalogue is this key's own (sent while it waited; checked then), or none
         # until its agent enrolls again: never what the node's previous key sent.
-        self.store.set_catalog(node_id, record.get("catalog") or {})
-        if record.get("catalog") is not None:
+        waited_with = self.store.key_catalog(record["id"]) if record.get("has_catalog") else None
+        self.store.set_catalog(node_id, waited_with or {})
+        if waited_with is not None:
             self.store.set_key_catalog(record["id"], None)
+        self._catalog_digests.pop(key, None)
 
     # ------------------------------------------------------------------ a person decides
     def pick_keys(self, node: str | None, fingerprint: str | None, states: set[str], all_: bool = False,
@@ -321,13 +350,17 @@ class Enrollment:
         candidates = self.pick_keys(node, fingerprint, states, all_, only)
         if not candidates:
             hint = ""
+            accepted = self.pick_keys(node, fingerprint, {proto.ACCEPTED}, True) if node or fingerprint else []
             if fingerprint and node and self.pick_keys(node, None, states, all_):
-                hint = f" (none with the fingerprint {fingerprint}: `pimaster keys list` shows the waiting keys')"
+                hint = f" (none with the fingerprint {fingerprint}: `pimaster keys list` shows the waiting keys)"
             elif node and any(k["state"] == proto.DENIED for k in self.store.keys(node)):
                 hint = (f" ({node} has a denied key: `pimaster keys accept --replace {node} --fingerprint FP` "
                         "replaces its accepted key)")
             elif node and any(k["state"] == proto.REJECTED for k in self.store.keys(node)):
                 hint = f" ({node} has a rejected key: add --include-rejected)"
+            elif accepted:
+                hint = (f" ({', '.join(sorted({k['node_id'] for k in accepted}))}: accepted already, nothing "
+                        "waits; `pimaster keys list` shows the keys)")
             raise ControlError(f"no key to accept for {node or 'any node'}{hint}")
         by_node: dict[str, list[dict]] = {}
         for key in candidates:
@@ -372,6 +405,7 @@ class Enrollment:
         for key in candidates:
             self.roster.forget_key(key["public_key"])
             self.store.set_key_state(key["id"], proto.REJECTED)
+            self.store.set_key_catalog(key["id"], None)  # a rejected key keeps nothing it sent
             self.roster.key_states[key["public_key"]] = proto.REJECTED
             log.info("key %s of %r rejected", key["fingerprint"], key["node_id"])
         return [{"id": k["node_id"], "fingerprint": k["fingerprint"]} for k in candidates]

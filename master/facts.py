@@ -245,6 +245,7 @@ def check_catalog(raw: Any) -> tuple[dict | None, str | None]:
         if not isinstance(args, list) or len(args) > MAX_FUNCTION_ARGS \
                 or not all(isinstance(a, str) and ARG_RE.fullmatch(a) for a in args) \
                 or not isinstance(required, list) or not all(isinstance(r, str) for r in required) \
+                or len(set(args)) != len(args) or len(set(required)) != len(required) \
                 or not set(required) <= set(args) \
                 or not isinstance(summary, str) \
                 or ("types" in spec and not _types_ok(spec["types"], set(args))):

@@ -14,12 +14,16 @@ waits the reconnect window (DISCONNECT_GRACE_S) for it to come back, then finish
 `no_answer` -- the master's word for "heard no result", not `interrupted` (the agent's word for a
 job it knows was cut short): the job may still finish on the node, and its result, delivered when
 the agent is back, then replaces `no_answer` (`pimaster job ID`).
+
+`pimaster job cancel ID` (``JobBoard.cancel``) asks the job's nodes that have not reported a result
+to stop it: each ends the running command, starts no further state and reports what ran, the job
+`interrupted`; a running apply of it sends no further stage (those nodes are recorded as never
+sent the job) and ends once the nodes it waits for have reported.
 """
 
 from __future__ import annotations
 
 import asyncio
-import fnmatch
 import functools
 import os
 import secrets
@@ -47,6 +51,11 @@ MAX_SENSITIVE_LENGTH = 4096
 # by systemd, a link that flapped) before it finishes the node as no_answer; how often it looks.
 DISCONNECT_GRACE_S = RECONNECT_GRACE_S
 CONNECTION_CHECK_S = 1.0
+# How long `job cancel` waits for each node's answer (an agent answers at once; one older than the
+# `cancel` request drops it without a word).
+CANCEL_TIMEOUT_S = 10.0
+# A node's status in the store once it has reported (or was finished for) a job: nothing to cancel.
+REPORTED = ("done", "interrupted")
 
 
 class ApplyRefused(Exception):
@@ -95,6 +104,8 @@ class JobWatch:
         self.queue: asyncio.Queue = asyncio.Queue()
         self.progress_queued = 0
         self.reported: set[str] = set()
+        self.sent: set[str] = set()   # the nodes the job was sent to so far (stage by stage)
+        self.cancelled = False        # `job cancel`: no further stage is sent
 
     def progress(self, node_id: str, body: dict) -> bool:
         if node_id not in self.nodes or self.progress_queued >= self.MAX_PROGRESS:
@@ -143,6 +154,35 @@ class JobBoard:
         self.drops = drops
         self.watchers: dict[str, JobWatch] = {}
         self.redactions: dict[str, dict[str, list[str]]] = {}
+        self.cancel_timeout = CANCEL_TIMEOUT_S
+
+    async def cancel(self, job_id: str) -> dict:
+        """Stop job ``job_id`` on its nodes that have not reported a result: {"job", "nodes": {node:
+        {"ok", "result", "detail"}}}, ``result`` one of cancelled (the node stops it and reports what
+        ran), not_sent (a later stage's node, which now never gets it), finished (its result is in),
+        not_running (the agent was not running it: it ended before the cancel came, or never
+        arrived; it will not start), failed (not connected, no answer: it may run on)."""
+        job = self.store.job(job_id)
+        if job is None:
+            raise ControlError(f"no job {job_id!r} (see `pimaster jobs`)")
+        watch = self.watchers.get(job_id)
+        if watch is not None:
+            watch.cancelled = True  # before asking: a stage about to be sent is not sent
+        nodes: dict[str, dict] = {}
+        ask: dict[str, dict] = {}
+        for node_id, item in job["nodes"].items():
+            if item["status"] in REPORTED:
+                nodes[node_id] = {"ok": True, "result": "finished", "detail": f"already finished ({item['status']})"}
+            elif watch is not None and node_id not in watch.sent:
+                nodes[node_id] = {"ok": True, "result": "not_sent",
+                                  "detail": "a later stage's node: the job is no longer sent to it"}
+            else:
+                # Running, not acknowledged yet (sent), or given up on (no_answer): it may run it.
+                ask[node_id] = {"job": job_id}
+        answers = await self.ask_following(ask, proto.CANCEL, timeout=self.cancel_timeout) if ask else {}
+        for node_id, answer in answers.items():
+            nodes[node_id] = cancel_answer(answer, self.cancel_timeout)
+        return {"job": job_id, "nodes": dict(sorted(nodes.items()))}
 
     def redact(self, value, job_id: str | None = None, node_id: str | None = None):
         """``value`` without any secret, nor the sensitive output of earlier stages that this
@@ -188,6 +228,23 @@ class JobBoard:
             watcher.result(node_id, result)
 
 
+def cancel_answer(answer: dict, timeout: float) -> dict:
+    """One node's answer to `cancel` (from ``ask_following``) as `job cancel` reports it."""
+    body = answer.get("body") or {}
+    if answer.get("ok") and body.get("cancelled") is True:
+        was = "before it started" if body.get("was") == "queued" else "its running command is ended"
+        return {"ok": True, "result": "cancelled",
+                "detail": f"stopping: {was}, no further state starts; it reports what ran"}
+    if answer.get("ok") and body.get("cancelled") is False:
+        return {"ok": True, "result": "not_running",
+                "detail": "its agent was not running the job (it ended, or never arrived); it will not start"}
+    error = one_line(answer.get("error") or body.get("error") or "malformed answer")
+    if error.startswith("no answer"):
+        # An agent that does not know `cancel` drops it as an unknown message type, unanswered.
+        error += ": this agent cannot cancel (a piagent older than this master?); the job runs on there"
+    return {"ok": False, "result": "failed", "detail": error}
+
+
 class Plan:
     """Everything an apply needs that does not depend on results: file, inventory, nodes, catalogues."""
 
@@ -210,6 +267,9 @@ class Plan:
             raise ApplyRefused(str(exc)) from None
         self.targets = select_targets(self.entries, target)
         if not self.targets:
+            if target and target.startswith("role:") and self.inventory.path is None:
+                raise ApplyRefused(f"{target}: roles come from the cluster.yaml next to the state file, and "
+                                   f"{self.root} has none")
             raise ApplyRefused(f"no accepted node matches {target or '*'}")
         if new_assignments:
             board.store.add_assignments(new_assignments)
@@ -296,12 +356,9 @@ def stage_groups(meta: dict, entries: dict[str, dict], targets: list[str]) -> li
 
 
 def select_targets(entries: dict[str, dict], target: str | None) -> list[str]:
-    if not target or target == "*":
-        return sorted(entries)
-    if target.startswith("role:"):
-        role = target[5:]
-        return sorted(n for n, e in entries.items() if role in e.get("roles", []))
-    return sorted(n for n in entries if fnmatch.fnmatchcase(n, target))
+    from .cli import target_matches  # the one meaning of a target, `ping`'s too
+
+    return sorted(n for n, e in entries.items() if target_matches(target, n, e.get("roles", [])))
 
 
 async def apply(board: JobBoard, emit, file: str, target: str | None = None, test: bool = False,
@@ -330,6 +387,10 @@ async def apply(board: JobBoard, emit, file: str, target: str | None = None, tes
               "nodes": {n: len(jobs.get(n, ())) for n in plan.targets}, "stages": [len(g) for g in groups]})
         refused: set[str] = set()
         for index, group in enumerate(groups):
+            if watch.cancelled:
+                for node_id in group:
+                    _not_sent(board, emit, job_id, node_id)
+                continue
             if index > 0:
                 jobs, carried, _, errors = await asyncio.to_thread(plan.render, group, to_attrdict(results_so_far))
                 for node_id, problems in errors.items():
@@ -368,6 +429,10 @@ async def _run_stage(board, emit, job_id, test, group, jobs, carried, watch, ack
     """Push one stage's jobs and wait for its results (raw, for the next stage's rendering)."""
     if not group:
         return {}
+    if watch.cancelled:  # cancelled while this stage was rendered: not sent (no await from here to sent)
+        for node_id in group:
+            _not_sent(board, emit, job_id, node_id)
+        return {}
     # Earlier stages' sensitive output: a node gets, to redact from what it reports, only the
     # strings its own job carries, never what was meant for other nodes; and the master redacts
     # only those from what that node reports (another node's output cannot rewrite its results).
@@ -376,6 +441,7 @@ async def _run_stage(board, emit, job_id, test, group, jobs, carried, watch, ack
         board.redactions[job_id][n] = _strings_used(extra, jobs[n])
     bodies = {n: {"job": job_id, "test": test, "states": jobs[n],
                   "redact": carried[n] + board.redactions[job_id][n]} for n in group}
+    watch.sent.update(group)
     acks = await board.ask_following(bodies, proto.APPLY, timeout=ack_timeout)
     waiting = set()
     for node_id, ack in acks.items():
@@ -457,8 +523,17 @@ def _refuse_node(board, emit, job_id: str, node_id: str, problems: list[StateFil
     emit({"type": "node", "node": node_id, "status": "done", "summary": {"failed": 1}})
 
 
+def _not_sent(board, emit, job_id: str, node_id: str) -> None:
+    """A later stage's node of a cancelled job: recorded as never sent it."""
+    result = {"id": "cancelled", "fun": "pimaster.cancel", "name": node_id, "result": None, "changes": {},
+              "comment": "not sent: the job was cancelled before this node's stage", "status": "not_run"}
+    board.store.record_result(job_id, node_id, "interrupted", {"not_run": 1}, [result], None, None)
+    emit({"type": "node", "node": node_id, "status": "interrupted", "summary": {"not_run": 1}})
+
+
 def job_report(job: dict, elapsed: float | None = None) -> dict:
-    """The `--json` shape: {"job": ID, "nodes": {ID: {"ok", "changed", "failed", "states", ...}}}."""
+    """The `--json` shape: {"job": ID, "nodes": {ID: {"ok", "result", "changed", "failed", "states", ...}}}."""
+    from .apply_view import node_result
     nodes = {}
     for node_id, item in job["nodes"].items():
         summary = item["summary"] or {}
@@ -466,6 +541,8 @@ def job_report(job: dict, elapsed: float | None = None) -> dict:
         nodes[node_id] = {
             "ok": done and summary.get("failed", 0) == 0,
             "status": item["status"],
+            # The word the table and the progress lines show (apply_view's vocabulary).
+            "result": node_result(item["status"], summary),
             "changed": summary.get("changed", 0),
             "failed": summary.get("failed", 0),
             "not_run": summary.get("not_run", 0),

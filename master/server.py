@@ -10,6 +10,10 @@ The rooms it wires together, one process, one asyncio loop:
 - `jobs`: the running applies (`JobBoard`) and the apply itself;
 - `control`: the control socket, whose requests go to the handlers of `pimaster.commands`.
 
+Job retention (`--keep-jobs`, `--keep-days`) prunes the job store at start, as each new job is
+recorded (the newest N stay N), and hourly (jobs age past D days without new ones); never a job
+that is running.
+
 Command handlers get the ``Master``: ``store``, ``roster``, ``enrollment``, ``rpc``, ``jobs``,
 ``transport``, ``drops`` and the daemon's own settings (``fingerprint``, ``port``, ...).
 """
@@ -20,6 +24,7 @@ import asyncio
 import fcntl
 import logging
 import os
+import sqlite3
 import time
 
 import zmq
@@ -29,27 +34,33 @@ from piagent import protocol as proto
 from piagent import sd
 
 from . import __version__, commands
+from .commands.serve import DEFAULT_KEEP_DAYS, DEFAULT_KEEP_JOBS
 from .control import ControlServer
 from .enrollment import MAX_PENDING_KEYS, Enrollment, Roster
 from .jobs import JobBoard
 from .rpc import Rpc
 from .secrets import SecretStore
 from .store import Store
-from .transport import DropLog, Transport
+from .transport import DropLog, ListenError, Transport
 
 log = logging.getLogger("pimaster")
 
 LAST_SEEN_FLUSH_S = 30.0
+# How often jobs past --keep-days are pruned when no new job prunes them.
+JOB_PRUNE_INTERVAL_S = 3600.0
 
 
 class Master:
     def __init__(self, state_dir: str, listen_host: str = "0.0.0.0", port: int = proto.DEFAULT_PORT,
-                 key_port: int | None = None, max_pending: int = MAX_PENDING_KEYS) -> None:
+                 key_port: int | None = None, max_pending: int = MAX_PENDING_KEYS,
+                 keep_jobs: int = DEFAULT_KEEP_JOBS, keep_days: float = DEFAULT_KEEP_DAYS) -> None:
+        """``keep_jobs``, ``keep_days``: the job store's bounds; 0 is no bound."""
         self.state_dir = os.path.abspath(state_dir)
         self.listen_host = listen_host
         self.port = port
         self.key_port = key_port or port + 1
         self.max_pending = max_pending
+        self.keep_jobs, self.keep_days = keep_jobs, keep_days
         self.control_path = os.path.join(self.state_dir, "control.sock")
         self.drops = DropLog()
         self.roster = Roster()
@@ -82,6 +93,8 @@ class Master:
         self.rpc = Rpc(self.roster, send, self.drops)
         self.jobs = JobBoard(self.store, self.secrets, self.state_dir, self.roster.accepted_nodes,
                              self.rpc.ask_following, send, self.drops, connected=self.roster.connected)
+        self.store.on_job_created = self.prune_jobs
+        self.prune_jobs()
         self.transport.on_enroll = self.enrollment.on_enroll
         self.transport.handlers.update({
             proto.JOB_PROGRESS: self.jobs.on_progress,
@@ -94,7 +107,7 @@ class Master:
         self.control = ControlServer(self.control_path, self, commands.load_all())
         await self.control.open()
 
-        for coro in loops + [self._flush_loop()]:
+        for coro in loops + [self._flush_loop(), self._prune_loop()]:
             self._tasks.append(asyncio.ensure_future(coro))
         watchdog = sd.watchdog_interval_s()
         if watchdog:
@@ -130,9 +143,28 @@ class Master:
             await asyncio.sleep(LAST_SEEN_FLUSH_S)
             self._flush_last_seen()
 
+    def prune_jobs(self, new_job_id: str | None = None) -> None:
+        """Drops the jobs past --keep-jobs and --keep-days, except those running (and the one
+        just recorded, which starts running next)."""
+        running = set(self.jobs.watchers) | ({new_job_id} if new_job_id else set())
+        cutoff = time.time() - self.keep_days * 86400 if self.keep_days else None
+        try:
+            pruned = self.store.prune_jobs(self.keep_jobs or None, cutoff, spare=running)
+        except sqlite3.Error as exc:  # a full or failing SD card must not stop a job from running
+            log.warning("pruning old jobs failed: %s", exc)
+            return
+        if pruned:
+            log.info("pruned %d old job(s) (--keep-jobs %d, --keep-days %g)", pruned, self.keep_jobs, self.keep_days)
+
+    async def _prune_loop(self) -> None:
+        while True:
+            await asyncio.sleep(JOB_PRUNE_INTERVAL_S)
+            self.prune_jobs()
+
 
 def serve(state_dir: str, listen_host: str, port: int, key_port: int | None,
-          max_pending: int = MAX_PENDING_KEYS) -> int:
+          max_pending: int = MAX_PENDING_KEYS, keep_jobs: int = DEFAULT_KEEP_JOBS,
+          keep_days: float = DEFAULT_KEEP_DAYS) -> int:
     import resource
     import signal
 
@@ -144,7 +176,7 @@ def serve(state_dir: str, listen_host: str, port: int, key_port: int | None,
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
     async def main() -> None:
-        master = Master(state_dir, listen_host, port, key_port, max_pending)
+        master = Master(state_dir, listen_host, port, key_port, max_pending, keep_jobs, keep_days)
         await master.start()
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
@@ -157,4 +189,6 @@ def serve(state_dir: str, listen_host: str, port: int, key_port: int | None,
         asyncio.run(main())
     except zmq.ZMQError as exc:
         raise SystemExit(f"pimaster: cannot listen on {listen_host}:{port}: {exc}") from None
+    except ListenError as exc:
+        raise SystemExit(f"pimaster: {exc}") from None
     return 0

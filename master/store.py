@@ -1,8 +1,11 @@
-"""The master's durable state: keys, enrollment tokens and nodes, in SQLite (state dir, mode 0600).
+"""The master's durable state: keys, enrollment tokens, nodes and jobs, in SQLite (state dir, mode 0600).
 
 SQLite gives atomic, crash-safe writes for free (WAL journal, synchronous=FULL for the key store:
 losing an accept or a token use after a power cut would be a security bug, not an inconvenience).
 Tokens are stored only as SHA-256 hashes: the token itself is shown once, when it is created.
+
+Jobs are kept within bounds (`prune_jobs`: the newest N, the last D days) so that the file on an SD
+card stops growing: deleted rows free their pages, which SQLite reuses for new jobs (no VACUUM).
 """
 
 from __future__ import annotations
@@ -78,7 +81,18 @@ CREATE TABLE IF NOT EXISTS job_nodes (
     results     TEXT NOT NULL DEFAULT '[]',
     PRIMARY KEY (job_id, node_id)
 );
+-- `pimaster jobs` (newest first) and pruning (oldest first) walk jobs by creation time.
+CREATE INDEX IF NOT EXISTS jobs_created ON jobs (created);
 """
+
+# Jobs deleted per transaction when pruning: each transaction's pages pass through the WAL, so
+# small ones keep it small even when a first start prunes years of jobs.
+PRUNE_CHUNK = 100
+# The WAL file is cut back to this size after a checkpoint (SQLite would otherwise leave it as large
+# as the largest transaction made it).
+WAL_SIZE_LIMIT = 4 * 1024 * 1024
+# `pimaster job PREFIX` names at most this many of the jobs an ambiguous prefix matches.
+MAX_AMBIGUOUS_SHOWN = 10
 
 
 def token_hash(token: str) -> str:
@@ -107,11 +121,17 @@ class Store:
         os.chmod(path, 0o600)
         self.db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         self.db.row_factory = sqlite3.Row
+        # Globs on node ids in queries (`pimaster jobs --target`), as the CLI matches them elsewhere
+        # (SQLite's GLOB writes a negated class [^...], fnmatch [!...]).
+        self.db.create_function("fnmatch", 2, lambda name, glob: fnmatch.fnmatchcase(name, glob), deterministic=True)
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=FULL")
         self.db.execute("PRAGMA busy_timeout=5000")
+        self.db.execute(f"PRAGMA journal_size_limit={WAL_SIZE_LIMIT}")
         self.db.executescript(SCHEMA)
         self._migrate()
+        # Called with each new job's id once it is recorded (the master prunes old jobs then).
+        self.on_job_created = None
 
     def _migrate(self) -> None:
         columns = {r["name"] for r in self.db.execute("PRAGMA table_info(nodes)")}
@@ -137,13 +157,23 @@ class Store:
         self.db.close()
 
     # ------------------------------------------------------------------ keys
+    # A key's row without its catalogue (up to 256 KiB a key, read only when the key is accepted:
+    # `keys list` and every enrollment must not parse 256 waiting keys' catalogues).
+    _KEY_COLUMNS = ("id, node_id, public_key, fingerprint, state, created, updated, facts, identity, "
+                    "catalog IS NOT NULL AS has_catalog")
+
     @staticmethod
     def _key_row(row: sqlite3.Row) -> dict:
         item = dict(row)
         item["facts"] = json.loads(item["facts"] or "{}")
         item["identity"] = json.loads(item["identity"]) if item.get("identity") else None
-        item["catalog"] = json.loads(item["catalog"]) if item.get("catalog") else None
+        item["has_catalog"] = bool(item.get("has_catalog"))
         return item
+
+    def key_catalog(self, key_id: int) -> dict | None:
+        """The catalogue a key sent while it waited (checked then), or None."""
+        row = self.db.execute("SELECT catalog FROM keys WHERE id = ?", (key_id,)).fetchone()
+        return json.loads(row["catalog"]) if row and row["catalog"] else None
 
     def count_keys(self, state: str) -> int:
         return self.db.execute("SELECT COUNT(*) FROM keys WHERE state = ?", (state,)).fetchone()[0]
@@ -155,17 +185,18 @@ class Store:
 
     def keys(self, node_id: str | None = None) -> list[dict]:
         if node_id is None:
-            rows = self.db.execute("SELECT * FROM keys ORDER BY node_id, created")
+            rows = self.db.execute(f"SELECT {self._KEY_COLUMNS} FROM keys ORDER BY node_id, created")
         else:
-            rows = self.db.execute("SELECT * FROM keys WHERE node_id = ? ORDER BY created", (node_id,))
+            rows = self.db.execute(f"SELECT {self._KEY_COLUMNS} FROM keys WHERE node_id = ? ORDER BY created",
+                                   (node_id,))
         return [self._key_row(r) for r in rows]
 
     def key_by_public(self, public_key: str) -> dict | None:
-        row = self.db.execute("SELECT * FROM keys WHERE public_key = ?", (public_key,)).fetchone()
+        row = self.db.execute(f"SELECT {self._KEY_COLUMNS} FROM keys WHERE public_key = ?", (public_key,)).fetchone()
         return self._key_row(row) if row else None
 
     def accepted_key(self, node_id: str) -> dict | None:
-        row = self.db.execute("SELECT * FROM keys WHERE node_id = ? AND state = 'accepted'",
+        row = self.db.execute(f"SELECT {self._KEY_COLUMNS} FROM keys WHERE node_id = ? AND state = 'accepted'",
                               (node_id,)).fetchone()
         return self._key_row(row) if row else None
 
@@ -200,7 +231,9 @@ class Store:
         return keys
 
     def update_key_facts(self, key_id: int, facts: dict) -> None:
-        self.db.execute("UPDATE keys SET facts = ? WHERE id = ?", (dumps(facts), key_id))
+        # Only when they differ: a waiting agent re-sends the same facts every 10 s, and an SD card
+        # should not be rewritten for that.
+        self.db.execute("UPDATE keys SET facts = ? WHERE id = ? AND facts != ?", (dumps(facts), key_id, dumps(facts)))
 
     def set_key_catalog(self, key_id: int, catalog: dict | None) -> None:
         """The catalogue a key not yet accepted sent (checked); None forgets it."""
@@ -291,6 +324,8 @@ class Store:
             self.db.execute("INSERT INTO jobs VALUES (?, ?, ?, ?, ?)", (job_id, file, target, int(test), now))
             self.db.executemany("INSERT INTO job_nodes (job_id, node_id, status, states, started) VALUES (?, ?, 'sent', ?, ?)",
                                 [(job_id, n, count, now) for n, count in states.items()])
+        if self.on_job_created is not None:
+            self.on_job_created(job_id)
 
     def job_node_states(self, job_id: str, node_id: str) -> int | None:
         """How many states the job sent this node; None when the node is not in that job."""
@@ -312,13 +347,65 @@ class Store:
             (status, dumps(summary), dumps(results), started, finished or time.time(), job_id, node_id))
         return cur.rowcount == 1
 
-    def jobs(self, limit: int = 50) -> list[dict]:
+    def jobs(self, limit: int = 50, node_globs: list[str] | None = None, target: str | None = None,
+             since: float | None = None) -> list[dict]:
+        """The newest ``limit`` jobs, newest first, with counts of their nodes. With ``node_globs``
+        or ``target``, only jobs that ran on a node whose id matches one of the globs, or were
+        applied with that very ``target``; ``since``: only jobs created at or after it (epoch)."""
+        where, params = [], []
+        if node_globs is not None or target is not None:
+            where.append("(j.target = ? OR EXISTS (SELECT 1 FROM job_nodes m, json_each(?) g "
+                         "WHERE m.job_id = j.id AND fnmatch(m.node_id, g.value)))")
+            params += [target, dumps(list(node_globs or []))]
+        if since is not None:
+            where.append("j.created >= ?")
+            params.append(since)
         rows = self.db.execute(
             "SELECT j.*, COUNT(n.node_id) AS nodes, "
             "SUM(n.status IN ('done', 'interrupted', 'no_answer')) AS finished_nodes, "
             "SUM(n.status = 'done' AND json_extract(n.summary, '$.failed') = 0) AS ok_nodes, MAX(n.finished) AS finished "
-            "FROM jobs j LEFT JOIN job_nodes n ON n.job_id = j.id GROUP BY j.id ORDER BY j.created DESC LIMIT ?", (limit,))
-        return [dict(r) for r in rows]
+            "FROM jobs j LEFT JOIN job_nodes n ON n.job_id = j.id "
+            + ("WHERE " + " AND ".join(where) + " " if where else "")
+            + "GROUP BY j.id ORDER BY j.created DESC, j.id DESC LIMIT ?", (*params, limit))
+        # `test` is a boolean, as in `apply --json` (SQLite has none).
+        return [dict(r, test=bool(r["test"])) for r in rows]
+
+    def newest_job_id(self) -> str | None:
+        row = self.db.execute("SELECT id FROM jobs ORDER BY created DESC, id DESC LIMIT 1").fetchone()
+        return row["id"] if row else None
+
+    def job_ids_starting(self, prefix: str, limit: int = MAX_AMBIGUOUS_SHOWN + 1) -> list[str]:
+        """Ids of jobs that start with ``prefix`` (at most ``limit``), newest first."""
+        return [r["id"] for r in self.db.execute(
+            "SELECT id FROM jobs WHERE substr(id, 1, ?) = ? ORDER BY created DESC, id DESC LIMIT ?",
+            (len(prefix), prefix, limit))]
+
+    def prune_jobs(self, keep: int | None = None, created_before: float | None = None,
+                   spare=(), chunk: int = PRUNE_CHUNK) -> int:
+        """Deletes the jobs (with their nodes' results) past the newest ``keep`` and those created
+        before ``created_before`` (epoch), except the ids in ``spare`` (jobs running now); None: no
+        such bound. In transactions of ``chunk`` jobs, oldest first. Returns how many went."""
+        if keep is None and created_before is None:
+            return 0
+        doomed = []
+        if keep is not None:
+            doomed.append("id NOT IN (SELECT id FROM jobs ORDER BY created DESC, id DESC LIMIT ?)")
+        if created_before is not None:
+            doomed.append("created < ?")
+        params = [p for p in (keep, created_before) if p is not None]
+        query = ("SELECT id FROM jobs WHERE id NOT IN (SELECT value FROM json_each(?)) AND (" + " OR ".join(doomed)
+                 + ") ORDER BY created, id LIMIT ?")
+        spared = dumps(sorted(spare))
+        pruned = 0
+        while True:
+            with self.transaction():
+                ids = [r["id"] for r in self.db.execute(query, (spared, *params, chunk))]
+                if not ids:
+                    return pruned
+                marks = ",".join("?" * len(ids))
+                self.db.execute(f"DELETE FROM job_nodes WHERE job_id IN ({marks})", ids)
+                self.db.execute(f"DELETE FROM jobs WHERE id IN ({marks})", ids)
+            pruned += len(ids)
 
     def job(self, job_id: str) -> dict | None:
         row = self.db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()

@@ -397,8 +397,27 @@ class _Environment(jinja2.Environment):
         return super().select_template(names, parent, globals)
 
 
+class _Undefined(jinja2.StrictUndefined):
+    """StrictUndefined that names what is missing in a person's words: `node.colour` says "node01
+    has no fact or inventory key 'colour' (did you mean 'color'?)", not "'pimaster.template.AttrDict
+    object' has no attribute 'colour'"."""
+
+    @property
+    def _undefined_message(self) -> str:
+        container, name = self._undefined_obj, self._undefined_name
+        if self._undefined_hint or not isinstance(container, dict) or not isinstance(name, str):
+            return super()._undefined_message
+        import difflib
+
+        close = difflib.get_close_matches(name, [k for k in container if isinstance(k, str)], n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        if "hostname" in container and isinstance(container.get("id"), str):  # a node: its facts + entry
+            return f"{container['id']} has no fact or inventory key {name!r}{hint}"
+        return f"no key {name!r} here{hint}"
+
+
 def _environment(searchpath: str, tree: StateTree, state: bool) -> jinja2.Environment:
-    env = _Environment(loader=_TreeLoader(searchpath, tree), undefined=jinja2.StrictUndefined,
+    env = _Environment(loader=_TreeLoader(searchpath, tree), undefined=_Undefined,
                              keep_trailing_newline=True, auto_reload=True,
                              autoescape=state, finalize=_finalize if state else None)
     env.tests["in_network"] = in_network

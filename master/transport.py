@@ -88,6 +88,13 @@ MessageHandler = Callable[[bytes, str, str, Message], None]
 EnrollHandler = Callable[[bytes, str, Message, str], None]
 
 
+class ListenError(Exception):
+    """A port the master must listen on is taken or not allowed: which one, and why."""
+
+    def __init__(self, host: str, port: int, why: str) -> None:
+        super().__init__(f"cannot listen on {host}:{port}: {why}")
+
+
 class Transport:
     """The sockets and their loops. ``handlers`` maps a message type (other than `enroll` and
     `heartbeat`, answered here) to what handles it; ``on_enroll`` gets every enrollment."""
@@ -144,7 +151,13 @@ class Transport:
         self.announce.linger = 0
         self.announce.maxmsgsize = 64 * 1024
         self.announce.ipv6 = self.router.ipv6
-        self.announce.bind(f"tcp://{self.bind_host()}:{self.key_port}")
+        try:
+            self.announce.bind(f"tcp://{self.bind_host()}:{self.key_port}")
+        except zmq.ZMQError as exc:
+            # Named as the key-announce port: "cannot listen on :4510" would send a person after
+            # the wrong port.
+            raise ListenError(self.listen_host, self.key_port, f"{exc.strerror} (the key-announce port, "
+                              f"--key-port; the agents' port {self.port} was free)") from None
         return [self._zap_loop(), self._router_loop(), self._announce_loop(), self._monitor_loop(),
                 self._sweep_loop()]
 
@@ -220,7 +233,7 @@ class Transport:
             else:
                 # An agent's connection closed (it stopped, was killed, its link died and libzmq's
                 # heartbeats gave up): it is no longer connected, whatever command asks.
-                self.roster.connection_closed(fd, self.sessions.gone(fd))
+                self.roster.connection_closed(fd, self.sessions.gone(fd), peer_of(fd))
 
     async def _sweep_loop(self) -> None:
         while True:

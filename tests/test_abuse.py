@@ -79,13 +79,16 @@ def test_the_control_socket_cannot_be_used_by_another_user(tmp, master, start_ag
                               env=dict(os.environ, PYTHONPATH=pysrc), timeout=60)
 
     refused = as_user("ping", "--json")
-    assert refused.returncode != 0 and "permission denied" in refused.stderr, refused.stderr
+    assert refused.returncode == 3 and "permission denied" in refused.stderr, refused.stderr
+    assert json.loads(refused.stdout) == {"error": refused.stderr.strip().removeprefix("pimaster: "),
+                                          "code": "permission_denied"}
     # Even if someone loosens the directory and socket modes, the master checks who is calling.
     os.chmod(master.state_dir, 0o755)
     os.chmod(master.state_dir / "control.sock", 0o666)
     refused = as_user("keys", "list", "--json")
-    assert refused.returncode != 0 and "permission denied" in refused.stderr, refused.stderr
-    assert refused.stdout == ""
+    assert refused.returncode == 3 and "permission denied" in refused.stderr, refused.stderr
+    # Nothing of the master's on stdout: only the JSON error (--json's errors are JSON too).
+    assert json.loads(refused.stdout) == {"error": "permission denied", "code": "permission_denied"}
     assert "refused a client with uid" in master.output()
     assert master.up_nodes() == {"n1"}  # the owner still can
 

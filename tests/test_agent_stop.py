@@ -82,3 +82,75 @@ def test_a_stopped_agent_ends_the_running_command_and_reports_what_ran(tmp, mast
     time.sleep(2)
     assert (tmp / "A").read_text() == "ran\n" and not (tmp / "B").exists() and not (tmp / "C").exists()
     assert not list((agent.state_dir / "jobs").iterdir())  # no "running" marker left to report again
+
+
+def test_a_stopped_agent_delivers_its_result_before_it_leaves_even_for_a_command_ignoring_sigterm(
+        tmp, master, start_agent):
+    # `systemctl stop piagent` during apt: the command ignores SIGTERM and is SIGKILLed 5 s later.
+    # The result used to be ready only after the connection was closed: the master, up all along,
+    # heard nothing until the agent's next start.
+    agent = start_agent("n1", master.token_config())
+    wait_for(lambda: master.up_nodes() == {"n1"}, what="n1 up")
+    sleep = ["sleep", f"{30 + random.randrange(1, 10**6) / 10**7:.7f}"]
+    state = tmp / "stubborn.yaml"
+    state.write_text(textwrap.dedent(f"""
+        stubborn:
+          cmd.run:
+            - name: trap '' TERM; touch {tmp}/started; {' '.join(sleep)}
+        after:
+          cmd.run:
+            - name: touch {tmp}/after
+        """).lstrip())
+    running = subprocess.Popen([master.python, "-m", "pimaster", "apply", str(state), "--json",
+                                "--state-dir", str(master.state_dir)], env=master.env, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for(lambda: (tmp / "started").exists() and processes_running(sleep), what="the stubborn command")
+        assert agent.stop(signal.SIGTERM, timeout=40) == 0, agent.output()[-3000:]
+        out, err = running.communicate(timeout=60)  # the agent is NOT started again
+    finally:
+        if running.poll() is None:
+            running.kill()
+    node = json.loads(out)["nodes"]["n1"]
+    assert node["status"] == "interrupted", (node, err)
+    assert [s["status"] for s in node["states"]] == ["failed", "not_run"], node["states"]
+    assert not (tmp / "after").exists() and not processes_running(sleep)
+
+
+def test_a_guard_cut_short_by_the_stop_does_not_let_its_state_run(tmp):
+    # An `unless` killed by the stop exits non-zero, which reads as "condition false": the state it
+    # guards used to run on that (here: write the file the guard was there to protect).
+    import threading
+
+    from piagent.engine import run_states
+    from piagent.states.base import StopSwitch
+
+    stop = StopSwitch()
+    target = tmp / "guarded"
+    threading.Timer(0.5, stop.trip).start()
+    (res,) = run_states([{"id": str(target), "fun": "file.managed", "name": str(target),
+                          "args": {"contents": "x"}, "unless": "sleep 3; true"}],
+                        state_dir=str(tmp / "state"), stop=stop)
+    assert not target.exists()
+    assert res["status"] in ("failed", "not_run") and res["result"] is not True, res
+
+
+def test_a_command_returns_when_it_ends_even_if_a_process_it_started_holds_its_output(tmp):
+    # `setsid daemon &` keeps the command's stdout open for as long as the daemon runs: the state
+    # used to wait for it (past its timeout), and the job with it.
+    import threading
+
+    from piagent.states.base import StateContext
+
+    marker = f"sleep 300.{random.randint(1000, 9999)}"
+    done = {}
+    worker = threading.Thread(target=lambda: done.update(
+        result=StateContext().run(f"setsid {marker} & echo started", shell=True, timeout=5)))
+    worker.start()
+    worker.join(60)
+    try:
+        assert not worker.is_alive(), "the command's result waited for the process it left running"
+        assert done["result"].stdout == "started\n"
+    finally:
+        for pid in processes_running(marker.split()):
+            os.kill(pid, signal.SIGKILL)

@@ -148,3 +148,16 @@ def test_a_wrong_type_through_pimaster_apply_is_refused_before_anything_is_sent(
     assert "nothing was sent" in result.stderr
     assert len(master.json("jobs")["jobs"]) == jobs_before
     assert not (agent.state_dir / "jobs").exists()
+
+
+def test_an_undefined_fact_is_named_in_a_persons_words(tmp_path):
+    # It used to say "'pimaster.render.AttrDict object' has no attribute 'hostnam'".
+    from pimaster.render import StateFileErrors, compile_for_node, to_attrdict
+
+    path = tmp_path / "typo.yaml"
+    path.write_text("/tmp/pm-never:\n  file.managed:\n    - contents: \"{{ node.hostnam }}\"\n")
+    with pytest.raises(StateFileErrors) as caught:
+        compile_for_node(str(path), {"node": to_attrdict({"id": "n1", "hostname": "n1"}), "nodes": {}, "cluster": {}},
+                         CATALOG, str(tmp_path))
+    assert str(caught.value) == ("typo.yaml:3: undefined in template: n1 has no fact or inventory key 'hostnam' "
+                                 "(did you mean 'hostname'?)")

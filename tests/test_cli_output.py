@@ -68,7 +68,7 @@ def test_ago_and_local_time():
     assert cli.ago(now - 2 * 86400) == "2d ago"
     assert cli.ago(now + 100) == "0s ago"  # a clock ahead: never "in the future"
     assert cli.local_time(None) == "-"
-    assert cli.local_time(now) == time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(now))
+    assert cli.local_time(now) == time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime(now))  # with its zone
 
 
 def test_a_command_imports_only_its_own_module(tmp_path):

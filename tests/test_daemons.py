@@ -335,3 +335,26 @@ def test_serve_refuses_other_zeromq_transports(tmp):
                             env=dict(os.environ, PYTHONPATH=source_path(tmp)))
     assert result.returncode == 2
     assert "--listen: only tcp:// addresses" in result.stderr
+
+
+def test_a_taken_key_port_is_named_as_such(tmp):
+    # The agents' port was free and the key-announce port (the next one) taken: the message used
+    # to name the agents' port.
+    from harness import free_port_pair, source_path
+    import subprocess
+    import sys
+
+    taken = socket.socket()
+    taken.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    port = free_port_pair()
+    taken.bind(("127.0.0.1", port + 1))
+    taken.listen()
+    try:
+        result = subprocess.run([sys.executable, "-m", "pimaster", "serve", "--state-dir", str(tmp / "m"),
+                                 "--listen", f"127.0.0.1:{port}"], capture_output=True, text=True, timeout=60,
+                                env=dict(os.environ, PYTHONPATH=source_path(tmp)))
+    finally:
+        taken.close()
+    assert result.returncode != 0
+    assert f"cannot listen on 127.0.0.1:{port + 1}" in result.stderr and "key-announce port" in result.stderr, \
+        result.stderr

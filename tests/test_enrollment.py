@@ -226,14 +226,18 @@ def catalogue(*functions: str) -> dict:
 
 def test_a_key_accepted_by_hand_gets_the_catalogue_it_enrolled_with(desk):
     key = new_key()
-    desk.enroll(key, "n1", catalog=catalogue("file.managed"), ident=b"c1")
-    # A later enrollment while pending brings a newer catalogue; a malformed one is not kept.
-    desk.enroll(key, "n1", catalog=catalogue("file.managed", "cmd.run"), ident=b"c1")
+    # A malformed catalogue is not kept; the first good one is, once: a key not yet accepted
+    # re-enrolling every few seconds with another one must not make the master rewrite it each time.
     desk.enroll(key, "n1", catalog={"not a function": 1}, ident=b"c1")
+    desk.enroll(key, "n1", catalog=catalogue("file.managed", "cmd.run"), ident=b"c1")
+    desk.enroll(key, "n1", catalog=catalogue("other.fun"), ident=b"c1")
     desk.enrollment.accept_keys("n1")
     # The agent is told at once and does not enroll again: what it sent while waiting is its own.
     assert desk.sent[-1][1].body["status"] == proto.ACCEPTED
     assert set(desk.store.catalogs()["n1"]) == {"file.managed", "cmd.run"}
+    # Once accepted, a changed catalogue (an upgraded agent enrolling again) is taken.
+    desk.enroll(key, "n1", catalog=catalogue("other.fun"), ident=b"c1")
+    assert set(desk.store.catalogs()["n1"]) == {"other.fun"}
 
 
 def test_a_key_without_a_kept_catalogue_gets_none_and_never_another_keys(desk):
@@ -252,7 +256,7 @@ def test_a_key_without_a_kept_catalogue_gets_none_and_never_another_keys(desk):
     desk.enrollment.accept_keys("n1", fingerprint=fingerprint(newer), replace=True)
     assert desk.store.catalogs()["n1"] == catalogue("newer.fun")
     # Kept only until it is the node's: the key's own copy is dropped.
-    assert desk.store.accepted_key("n1")["catalog"] is None
+    assert desk.store.key_catalog(desk.store.accepted_key("n1")["id"]) is None
 
 
 def test_all_takes_only_the_keys_matching_the_pattern_and_fingerprint(desk):
@@ -288,3 +292,31 @@ def test_a_dry_run_acts_on_nothing_and_only_takes_the_keys_shown(desk, action):
     assert desk.states("n3") == [proto.PENDING]
     with pytest.raises(ControlError, match=f"no key to {action}"):
         act("n3", only=[fingerprint(first)])
+
+
+def test_accepting_an_accepted_key_says_so_rather_than_no_key(desk):
+    # `keys accept n1` of an already accepted key used to say only "no key to accept".
+    key = new_key()
+    desk.enroll(key, "n1", token=desk.new_token())
+    with pytest.raises(ControlError, match=r"no key to accept for n1 \(n1: accepted already, nothing waits"):
+        desk.enrollment.accept_keys("n1")
+    with pytest.raises(ControlError, match="accepted already"):
+        desk.enrollment.accept_keys(None, fingerprint=fingerprint(key), all_=True)
+    other = new_key()
+    desk.enroll(other, "n2")
+    with pytest.raises(ControlError, match="none with the fingerprint"):
+        desk.enrollment.accept_keys("n2", fingerprint=fingerprint(key))
+
+
+def test_a_waiting_key_re_enrolling_writes_nothing_new(desk):
+    # A stranger's key re-enrolling (2 a second within its budget) with the same facts and a new
+    # catalogue each time used to rewrite its row each time: SD-card wear for free.
+    key = new_key()
+    desk.enroll(key, "n1", catalog=catalogue("file.managed"))
+    writes = desk.store.db.total_changes
+    for i in range(20):
+        desk.enroll(key, "n1", catalog=catalogue(f"m{i}.fun"))
+    assert desk.store.db.total_changes == writes
+    desk.enroll(key, "n1", facts={"hostname": "renamed"})  # facts that changed are kept, as before
+    assert desk.store.keys("n1")[0]["facts"] == {"hostname": "renamed"}
+    assert "catalog" not in desk.store.keys("n1")[0]  # lists of keys never carry catalogues

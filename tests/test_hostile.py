@@ -220,9 +220,10 @@ def apply_json(master, *args: str, wait: str = "30s") -> tuple[subprocess.Comple
     A hostile node may never answer (as a dead one would not): WAIT bounds how long that costs."""
     result = master.cli("apply", *args, "--json", "--timeout", wait, check=False, timeout=120)
     try:
-        return result, strict_json(result.stdout)
+        report = strict_json(result.stdout)
     except ValueError:
         return result, None
+    return result, None if "error" in report else report  # a refused apply prints a JSON error object
 
 
 def outcome(result, report) -> str:

@@ -13,7 +13,7 @@ from pimaster.facts import MAX_CATALOG_FUNCTIONS, MAX_FUNCTION_ARGS, check_catal
 from test_hostile import apply_json, hostile, honest_up, pi_facts, token_of, write  # noqa: F401 (hostile: a fixture)
 
 ESC = "\x1b"
-FORGED = "good01: done (changed 1)"
+FORGED = "good01: changed (changed 1)"  # good01's own progress line
 
 
 def test_a_catalogue_too_big_to_check_cheaply_is_refused():
@@ -74,8 +74,10 @@ def test_a_nodes_text_cannot_end_an_apply_nor_forge_lines(tmp, master, start_age
     out = plain.stdout + plain.stderr
     assert (tmp / "hello-good01").read_text() == "hi\n", out
     assert ESC not in out and "\a" not in out
-    # evil02's error holds "\ngood01: done (changed 1)": good01's progress line must stay the only one.
-    assert sum(line.startswith("good01:") for line in out.splitlines()) == 1, out
+    # evil02's error holds "\ngood01: changed (changed 1)": good01's progress line must stay the only
+    # one (the other good01 line lists its changed state).
+    assert sum(line.startswith("good01: changed (") for line in out.splitlines()) == 1, out
+    assert sum(line.startswith("good01:") for line in out.splitlines()) == 2, out
 
     ping = master.cli("ping", check=False)
     assert ESC not in ping.stdout

@@ -198,6 +198,22 @@ class StopSwitch:
 
 
 STOPPED_RETURNCODE = 143  # 128 + SIGTERM, as a shell reports a command ended by SIGTERM
+OUTPUT_GRACE_S = 2.0  # after a command ended: how long its output may still take to arrive
+
+
+def _output_of_ended(proc: subprocess.Popen) -> tuple[str, str]:
+    """The output of a command that has ended (or was killed), waiting at most OUTPUT_GRACE_S for
+    the rest: a process it started outside its group may hold the pipes open for as long as it runs."""
+    proc.wait()
+    try:
+        return proc.communicate(timeout=OUTPUT_GRACE_S)
+    except subprocess.TimeoutExpired as exc:
+        for pipe in (proc.stdout, proc.stderr):
+            if pipe is not None:
+                pipe.close()
+        partial = [part.decode(errors="replace") if isinstance(part, bytes) else (part or "")
+                   for part in (exc.stdout, exc.stderr)]
+        return partial[0], partial[1] + "\n[output cut: a process the command started still holds it]"
 
 
 @dataclass
@@ -234,12 +250,24 @@ class StateContext:
         except FileNotFoundError as exc:
             return CommandResult(127, "", f"{exc.filename}: command not found")
         tracked = self.stop is not None and self.stop.started(proc)
+        deadline = None if timeout is None else time.monotonic() + timeout
         try:
-            stdout, stderr = proc.communicate(input, timeout=timeout)
-        except subprocess.TimeoutExpired:
-            _signal_group(proc.pid, signal.SIGKILL)
-            stdout, stderr = proc.communicate()
-            return CommandResult(124, _clip(stdout), f"timed out after {timeout:g} s")
+            while True:
+                # In short steps: the command may end (or be ended by the agent's stop) while a
+                # process it started outside its group (setsid, a daemon) still holds its output.
+                step = 0.5 if deadline is None else max(0.0, min(0.5, deadline - time.monotonic()))
+                try:
+                    stdout, stderr = proc.communicate(input, timeout=step)
+                    break
+                except subprocess.TimeoutExpired:
+                    input = None  # written once; communicate goes on reading
+                if proc.poll() is not None:
+                    stdout, stderr = _output_of_ended(proc)
+                    break
+                if deadline is not None and time.monotonic() >= deadline:
+                    _signal_group(proc.pid, signal.SIGKILL)
+                    stdout, _ = _output_of_ended(proc)
+                    return CommandResult(124, _clip(stdout), f"timed out after {timeout:g} s")
         except BaseException:  # e.g. Ctrl-C on `piagent state`: the command's session ends with it
             _signal_group(proc.pid, signal.SIGKILL)
             proc.wait()

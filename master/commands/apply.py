@@ -7,8 +7,10 @@ import os
 import sys
 
 from . import handler
-from ..cli import EXIT_FAILED, EXIT_OK, parse_duration, print_json, table
+from ..cli import EXIT_FAILED, EXIT_OK, Duration, add_target, parse_duration, print_json, table
 from ..errors import ControlError
+
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a command ended by Ctrl-C
 
 
 def add_parser(sub, name, summary, common, as_json) -> None:
@@ -17,10 +19,12 @@ def add_parser(sub, name, summary, common, as_json) -> None:
                                        "targeted node, refuses the whole job if any node's rendering fails, "
                                        "then pushes it and shows results as they arrive.")
     apply.add_argument("file", help="state file (path or shipped name, e.g. slurm)")
-    apply.add_argument("--target", help="glob on node ids, or role:NAME (from the inventory)")
+    add_target(apply)
     apply.add_argument("--test", action="store_true", help="show what would change, change nothing")
-    apply.add_argument("--timeout", type=parse_duration, default=parse_duration("1h"),
+    apply.add_argument("--timeout", type=Duration(), default=parse_duration("1h"), metavar="DURATION",
                        help="how long to wait for results (default 1h); later results are still recorded")
+    apply.add_argument("--quiet", action="store_true",
+                       help="leave out the list of changed states and their diffs (failures are always shown)")
     apply.set_defaults(run=run)
 
 
@@ -36,13 +40,32 @@ def run(client, args) -> int:
         view = LiveApply(Console())
     else:
         view = PlainApply()
-    with view:
-        report = client.call("apply", file=args.file, target=args.target, test=args.test, timeout=args.timeout,
-                             cwd=os.getcwd(), timeout_extra=args.timeout + 120, on_event=view.event)
+    started: dict = {}
+
+    def on_event(event: dict) -> None:
+        if event.get("type") == "start":
+            started["job"] = event.get("job")
+        view.event(event)
+
+    try:
+        with view:  # left on Ctrl-C too: the terminal and its cursor are restored before the note below
+            report = client.call("apply", file=args.file, target=args.target, test=args.test, timeout=args.timeout,
+                                 cwd=os.getcwd(), timeout_extra=args.timeout + 120, on_event=on_event)
+    except KeyboardInterrupt:
+        print(interrupted_note(started.get("job")), file=sys.stderr, flush=True)
+        return EXIT_INTERRUPTED
     if args.json:
         print_json(report)
         return EXIT_OK if all(n["ok"] for n in report["nodes"].values()) else EXIT_FAILED
-    return EXIT_OK if print_report(report, table) else EXIT_FAILED
+    return EXIT_OK if print_report(report, table, quiet=args.quiet) else EXIT_FAILED
+
+
+def interrupted_note(job_id: str | None) -> str:
+    """What Ctrl-C leaves: the job is the master's and the nodes', and goes on without this command."""
+    if not job_id:
+        return "interrupted before the master announced the job; `pimaster jobs` shows whether it started"
+    return (f"job {job_id} continues on the nodes; `pimaster job {job_id}` to follow, "
+            f"`pimaster job cancel {job_id}` to stop it")
 
 
 @handler("apply", streaming=True)
@@ -53,3 +76,4 @@ async def handle_apply(master, emit, file: str, target: str | None = None, test:
     if not isinstance(file, str) or not file:
         raise ControlError("name a state file")
     return await apply(master.jobs, emit, file, target, bool(test), float(timeout), cwd=cwd)
+

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import sys
 
-from ..cli import EXIT_OK, EXIT_USAGE, print_json
+from ..cli import EXIT_OK, print_json, report_error
 
 
 def add_parser(sub, name, summary, common, as_json) -> None:
@@ -37,10 +37,9 @@ def run(args) -> int:
     if not chosen:
         modules = sorted({f.split(".")[0] for f in functions})
         close = close_names(wanted, list(functions) + modules)
-        print(f"pimaster: no state function or module {wanted!r}"
-              + (f" (did you mean {', '.join(close)}?)" if close else "")
-              + "; `pimaster doc` lists them", file=sys.stderr)
-        return EXIT_USAGE
+        return report_error(args, f"no state function or module {wanted!r}"
+                            + (f" (did you mean {', '.join(close)}?)" if close else "")
+                            + "; `pimaster doc` lists them")
     if args.json:
         print_json({"functions": {f: functions[f] for f in chosen}})
         return EXIT_OK

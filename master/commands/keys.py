@@ -7,7 +7,7 @@ import os
 import sys
 
 from . import handler
-from ..cli import EXIT_FAILED, EXIT_OK, EXIT_USAGE, ago, print_json, table
+from ..cli import EXIT_OK, ago, print_json, report_error, table
 from ..errors import ControlError
 
 ACTIONS = (("accept", "accept a pending key"), ("reject", "reject a key: it gets nothing"),
@@ -89,16 +89,13 @@ def _confirm(name: str, keys: list[dict], args) -> int | None:
     if not on_terminal:
         ids = ", ".join(k["id"] for k in keys[:10]) + (f" and {len(keys) - 10} more" if len(keys) > 10 else "")
         message = f"this would {name} {len(keys)} keys ({ids}); not on a terminal to ask: add --yes to {name} them"
-        if args.json:
-            print_json({"error": message, "keys": keys})
-        sys.stderr.write(f"pimaster: this would {name} {len(keys)} keys:\n{listing}"
-                         f"pimaster: not on a terminal to ask: add --yes to {name} them\n")
-        return EXIT_USAGE
+        return report_error(args, message, "confirmation_needed", keys=keys,
+                            text=f"pimaster: this would {name} {len(keys)} keys:\n{listing}"
+                                 f"pimaster: not on a terminal to ask: add --yes to {name} them\n")
     sys.stderr.write(f"{name.capitalize()} these {len(keys)} keys?\n{listing}[y/N] ")
     sys.stderr.flush()
     if sys.stdin.readline().strip().lower() not in ("y", "yes"):
-        sys.stderr.write(f"pimaster: no key {PAST[name]}\n")
-        return EXIT_FAILED
+        return report_error(args, f"no key {PAST[name]}", "declined")
     return None
 
 

@@ -1,19 +1,27 @@
 """`pimaster ping [TARGET]`: which nodes are up, and their health (rtt, uptime, load, temperature,
-throttling, clock offset, disk), one request per node answered by the agent."""
+throttling, clock offset, disk), one request per node answered by the agent.
+
+`role:NAME` needs the nodes' roles, which live in an inventory (cluster.yaml) next to state files,
+not in the master: ping reads the one `apply` used last (next to the last applied state file),
+resolved as `apply` resolves it (`inventory.resolve_nodes`), so that a target means the same in both.
+"""
 
 from __future__ import annotations
 
-import sys
-
 from . import handler
-from ..cli import EXIT_FAILED, EXIT_OK, ago, duration, print_json, table
+from ..cli import (EXIT_FAILED, EXIT_OK, ROLE_PREFIX, Duration, add_target, ago, duration,
+                   print_json, report_error, table)
 from ..errors import ControlError
+
+MAX_TIMEOUT_S = 600
+MAX_TARGET_TEXT = 256
 
 
 def add_parser(sub, name, summary, common, as_json) -> None:
     ping = sub.add_parser(name, parents=[common, as_json], help=summary)
-    ping.add_argument("target", nargs="?", help="glob on the node id (default: all accepted nodes)")
-    ping.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for answers (default 5)")
+    add_target(ping, positional=True, inventory="the cluster.yaml next to the last applied state file")
+    ping.add_argument("--timeout", type=Duration(maximum=MAX_TIMEOUT_S), default=5.0, metavar="DURATION",
+                      help="how long to wait for answers: seconds, or 2s, 1m (default 5, at most 10m)")
     ping.set_defaults(run=run)
 
 
@@ -28,9 +36,12 @@ def _note(node: dict) -> str | tuple[str, str]:
 def run(client, args) -> int:
     result = client.call("ping", target=args.target, timeout=args.timeout, timeout_extra=args.timeout + 10)
     nodes = result["nodes"]
+    if not nodes:
+        # As `apply` does: a target that matches nothing is refused input, not a node that failed.
+        return report_error(args, f"no accepted node matches {args.target or '*'}", "refused", nodes=[])
     if args.json:
         print_json({"nodes": nodes})
-    elif nodes:
+    else:
         rows = []
         for n in nodes:
             if not n["ok"]:
@@ -46,15 +57,60 @@ def run(client, args) -> int:
         table(None, ["NODE", "STATE", "RTT", "UPTIME", "LOAD", "TEMP", "THROTTLING", "CLOCK", "DISK /", "NOTE"], rows)
         down = sum(1 for n in nodes if not n["ok"])
         print(f"{len(nodes) - down} up, {down} down")
-    if not nodes:
-        print(f"pimaster: no accepted node matches {args.target or '*'}", file=sys.stderr)
-        return EXIT_FAILED
     return EXIT_OK if all(n["ok"] for n in nodes) else EXIT_FAILED
 
 
 @handler("ping")
 async def handle_ping(master, target: str | None = None, timeout: float = 5.0) -> dict:
+    import argparse
+
+    from ..cli import parse_target
+
     timeout = float(timeout)
-    if not 0 < timeout <= 600:
-        raise ControlError("--timeout must be between 0 and 600 seconds")
-    return {"nodes": await master.rpc.ping(target, timeout)}
+    if not 0 < timeout <= MAX_TIMEOUT_S:
+        raise ControlError(f"--timeout must be between 0 and {MAX_TIMEOUT_S} seconds")
+    roles = None
+    if target is not None:
+        if not isinstance(target, str) or len(target) > MAX_TARGET_TEXT:
+            raise ControlError(f"target: a glob on node ids or role:NAME, at most {MAX_TARGET_TEXT} characters")
+        try:
+            parse_target(target)
+        except argparse.ArgumentTypeError as exc:
+            raise ControlError(str(exc)) from None
+        if target.startswith(ROLE_PREFIX):
+            roles = await node_roles(master)
+    return {"nodes": await master.rpc.ping(target, timeout, roles)}
+
+
+async def node_roles(master) -> dict[str, list[str]]:
+    """Accepted node id -> its roles, from the cluster.yaml next to the last applied state file
+    (``inventory_roles``); the file is read in a thread. Refused (ControlError) when there is none."""
+    import asyncio
+
+    accepted = master.roster.accepted_nodes()
+    facts = {n["node_id"]: n["facts"] for n in master.store.nodes() if n["node_id"] in accepted}
+    last = master.store.jobs(1)
+    return await asyncio.to_thread(inventory_roles, last[0]["file"] if last else None, facts,
+                                   master.store.assignments(), master.store.identities())
+
+
+def inventory_roles(state_file: str | None, facts: dict[str, dict], assignments: dict[str, dict],
+                    identities: dict[str, dict]) -> dict[str, list[str]]:
+    """Node id -> its roles, from the inventory next to ``state_file`` (the last one applied), as
+    `apply` of that file resolves them now. Refused (ControlError) when there is none to read."""
+    import os
+
+    from ..inventory import load_inventory, resolve_nodes
+    from ..statetree import StateFileError
+
+    why = "role:NAME reads the roles from the cluster.yaml next to the last applied state file"
+    if state_file is None:
+        raise ControlError(f"{why}, and nothing was applied yet: target by node id (a glob), or apply first")
+    try:
+        inventory = load_inventory(os.path.dirname(state_file))
+        if inventory.path is None:
+            raise ControlError(f"{why} ({state_file}), and there is none next to it: target by node id (a glob)")
+        entries, _new = resolve_nodes(inventory, facts, assignments, identities)
+    except StateFileError as exc:
+        raise ControlError(f"{why}: {exc}") from None
+    return {node_id: list(entry.get("roles", [])) for node_id, entry in entries.items()}

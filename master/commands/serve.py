@@ -7,6 +7,10 @@ import sys
 from ..cli import EXIT_USAGE
 
 ZMQ_TCP_PREFIX = "tcp://"
+# Jobs kept by default (`--keep-jobs`, `--keep-days`): months of daily applies on a cluster, a few
+# megabytes on the SD card. Here rather than in pimaster.server, which `serve --help` does not import.
+DEFAULT_KEEP_JOBS = 500
+DEFAULT_KEEP_DAYS = 90
 
 
 def add_parser(sub, name, summary, common, as_json) -> None:
@@ -17,6 +21,12 @@ def add_parser(sub, name, summary, common, as_json) -> None:
     serve.add_argument("--log-level", default="INFO")
     serve.add_argument("--max-pending", type=int, default=256,
                        help="keys that may wait for a person at once; new keys past it are not stored (default 256)")
+    serve.add_argument("--keep-jobs", type=int, default=DEFAULT_KEEP_JOBS, metavar="N",
+                       help=f"keep the newest N jobs and their results, 0 for any number (default {DEFAULT_KEEP_JOBS})")
+    serve.add_argument("--keep-days", type=float, default=DEFAULT_KEEP_DAYS, metavar="D",
+                       help=f"keep jobs of the last D days, 0 for any age (default {DEFAULT_KEEP_DAYS}); older or past "
+                            "--keep-jobs, jobs are deleted at start, as new ones are recorded and hourly, "
+                            "never while they run")
     serve.set_defaults(run=run, needs_master=False)
 
 
@@ -49,4 +59,7 @@ def run(args) -> int:
     if args.max_pending < 1:
         print("pimaster: --max-pending must be at least 1", file=sys.stderr)
         return EXIT_USAGE
-    return serve(args.state_dir, host, port, args.key_port, args.max_pending)
+    if args.keep_jobs < 0 or not args.keep_days >= 0:  # `not >=`: NaN too
+        print("pimaster: --keep-jobs and --keep-days must be 0 (no bound) or more", file=sys.stderr)
+        return EXIT_USAGE
+    return serve(args.state_dir, host, port, args.key_port, args.max_pending, args.keep_jobs, args.keep_days)

@@ -8,7 +8,7 @@ import sys
 import time
 
 from . import handler
-from ..cli import EXIT_OK, ago, duration, parse_duration, print_json, table
+from ..cli import EXIT_OK, Duration, ago, duration, parse_duration, print_json, table
 from ..errors import ControlError
 
 # The longest a token may live (`token create --ttl`): a leaked piagent.conf expires.
@@ -20,8 +20,8 @@ TOKEN_IDS_RE = re.compile(r"[A-Za-z0-9._*?\[\]!-]{1,128}")
 def add_parser(sub, name, summary, common, as_json) -> None:
     token = sub.add_parser(name, help=summary).add_subparsers(dest="action", required=True)
     create = token.add_parser("create", parents=[common, as_json], help="create a token and print a piagent.conf")
-    create.add_argument("--ttl", type=parse_duration, default=parse_duration("24h"),
-                        help="valid for (default 24h, at most 30d)")
+    create.add_argument("--ttl", type=Duration(maximum=MAX_TOKEN_TTL_S), default=parse_duration("24h"),
+                        help="valid for: seconds, or 30m, 24h, 7d (default 24h, at most 30d)")
     create.add_argument("--uses", type=int, default=1, help="how many nodes it may enroll (default 1)")
     create.add_argument("--address", help="HOST[:PORT] the agents connect to (default: this host's name and port)")
     create.add_argument("--ids", metavar="GLOB", help="enroll only node ids matching GLOB (e.g. 'node*'); default any")
