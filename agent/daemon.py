@@ -119,6 +119,7 @@ class Agent:
         self.replay_guard = proto.ReplayGuard()
         self.master_clock = proto.MasterClock()
         self.status = "starting"          # starting, connecting, pending, accepted
+        self._token_refused: str | None = None  # why the master refused the join token, if it did
         self.accepted = asyncio.Event()   # set while accepted and connected
         self._stop = asyncio.Event()
         self._sock: zmq.asyncio.Socket | None = None
@@ -498,10 +499,15 @@ class Agent:
             self.accepted.clear()
             self._spawn(self._send_enroll())
         elif status == proto.PENDING:
-            if self.status != "pending":
+            refused = msg.body.get("token_refused")
+            refused = refused[:200] if isinstance(refused, str) else None
+            if self.status != "pending" or refused != self._token_refused:
                 self.log.warning("waiting for a person to accept this agent's key on the master "
-                                 "(pimaster keys accept %s); this agent's fingerprint is %s",
-                                 self.settings.node_id, keys.fingerprint(self.settings.public_key))
+                                 "(pimaster keys accept %s)%s; this agent's fingerprint is %s",
+                                 self.settings.node_id,
+                                 f": the master refused the join token ({refused})" if refused else "",
+                                 keys.fingerprint(self.settings.public_key))
+            self._token_refused = refused
             self.status = "pending"
             self.accepted.clear()
 

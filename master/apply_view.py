@@ -9,6 +9,7 @@ no answer or no result yet. In test mode "changed" is what would change.
 from __future__ import annotations
 
 import json
+import sys
 
 STATUS_STYLE = {"ok": "green", "changed": "cyan", "failed": "red", "not_run": "yellow", "skipped": "dim",
                 "no_answer": "red", "interrupted": "red", "running": "yellow", "sent": "yellow"}
@@ -110,6 +111,8 @@ class LiveApply:
             grace = event.get("grace_s")
             info["disconnected"] = (grace if isinstance(grace, (int, float)) else 0) \
                 if event.get("state") == "disconnected" else None
+        elif kind == "warning":
+            self.live.console.print(f"pimaster: warning: {event.get('message')}", markup=False, highlight=False)
         elif kind == "node" and event.get("node") in self.nodes:
             status = node_result(event["status"], event.get("summary"))
             info = self.nodes[event["node"]]
@@ -134,6 +137,8 @@ class PlainApply:
         if event.get("type") == "start":
             print(f"job {event['job']}: {len(event['nodes'])} node(s){' (test)' if event.get('test') else ''}",
                   flush=True)
+        elif event.get("type") == "warning":
+            print(f"pimaster: warning: {event.get('message')}", file=sys.stderr, flush=True)
         elif event.get("type") == "connection":
             if event.get("state") == "disconnected":
                 grace = event.get("grace_s")

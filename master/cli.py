@@ -265,12 +265,30 @@ def table(title: str | None, columns: list[str], rows: list[list]) -> None:
         sys.stdout.write("\n".join(lines) + "\n")
         sys.stdout.flush()
     else:
-        _rich_table(title, header, widths, cells)
+        _rich_table(title, columns, header, widths, cells)
 
 
-def _rich_table(title: str | None, header: str, widths: list[int], cells: list[list[tuple[str, str]]]) -> None:
+def _rich_table(title: str | None, columns: list[str], header: str, widths: list[int],
+                cells: list[list[tuple[str, str]]]) -> None:
     from rich.console import Console
     from rich.text import Text
+
+    console = Console(soft_wrap=True, highlight=False)
+    fixed = sum(widths[:-1]) + 2 * (len(widths) - 1)  # every column but the last, and the gaps
+    if console.is_terminal and fixed + widths[-1] > console.width and fixed + 16 <= console.width:
+        # Wider than this terminal: a rich Table fits it, the last column (a note, a detail)
+        # folded inside its own width. Slower, only then. Narrower still, the terminal wraps the
+        # lines as before: nothing is ever cut off (a fingerprint stays whole).
+        from rich.table import Table
+
+        fitted = Table(title=title, title_justify="left", title_style="bold", box=None, pad_edge=False,
+                       padding=(0, 2, 0, 0), header_style="bold", expand=False)
+        for i, name in enumerate(columns):  # the last column (a note, a detail) gives way first
+            fitted.add_column(name, overflow="fold", no_wrap=i < len(columns) - 1)
+        for row in cells:
+            fitted.add_row(*(Text(value, style=style or "") for value, style in row))
+        Console(highlight=False).print(fitted)
+        return
 
     text = Text()
     if title:
@@ -284,7 +302,7 @@ def _rich_table(title: str | None, header: str, widths: list[int], cells: list[l
             if not last:
                 text.append("  ")
     # soft_wrap: long lines are never folded (people compare fingerprints), the terminal wraps them.
-    Console(soft_wrap=True, highlight=False).print(text)
+    console.print(text)
 
 
 def _rich_would_print_as_is(lines: list[str]) -> bool:

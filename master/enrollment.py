@@ -239,8 +239,10 @@ class Enrollment:
             if state == proto.DENIED:
                 roster.pending_routes[key] = ident
                 return
+        token_refused = None
         if record["state"] == proto.PENDING and token:
             ok, why = self.store.consume_token(token, node_id)
+            token_refused = None if ok else why
             if ok:
                 self.accept(record, facts)
                 log.info("node %r enrolled by token, key %s, from %s", node_id, fp, address)
@@ -271,8 +273,10 @@ class Enrollment:
                 catalog, _ = check_catalog(raw_catalog)
                 if catalog is not None:
                     self.store.set_key_catalog(record["id"], catalog)
-            self.send(ident, Message(type=proto.ENROLLED, reply_to=msg.id,
-                                     body={"status": proto.PENDING, "time": time.time(), "id": node_id}))
+            body = {"status": proto.PENDING, "time": time.time(), "id": node_id}
+            if token_refused:  # so that the node's log says why it waits, not only that it does
+                body["token_refused"] = token_refused
+            self.send(ident, Message(type=proto.ENROLLED, reply_to=msg.id, body=body))
 
     def _catalog_changed(self, key: str, raw) -> bool:
         """Whether ``raw`` differs from the catalogue this accepted key sent last (and remember it).

@@ -385,6 +385,9 @@ async def apply(board: JobBoard, emit, file: str, target: str | None = None, tes
     try:
         emit({"type": "start", "job": job_id, "file": plan.path, "test": test,
               "nodes": {n: len(jobs.get(n, ())) for n in plan.targets}, "stages": [len(g) for g in groups]})
+        if not any(jobs.get(n) for n in plan.targets):
+            emit({"type": "warning", "message": f"{os.path.basename(plan.path)} has no state for any of the "
+                  f"{len(plan.targets)} node(s): an empty file, or every state under a condition none meets"})
         refused: set[str] = set()
         for index, group in enumerate(groups):
             if watch.cancelled:

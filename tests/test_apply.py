@@ -279,3 +279,14 @@ def test_a_bare_name_means_the_file_in_the_current_directory_before_a_shipped_on
         assert result.returncode == 0, result.stderr
         assert json.loads(result.stdout)["file"] == str(mine / f"{name}.{'yaml' if name == 'network' else 'yml'}")
     assert (out / "site-n1").read_text() == "site\n"
+
+
+def test_an_empty_state_file_warns(tmp, cluster):
+    master, _ = cluster
+    for text in ("", "# only a comment\n", "{% if node.id == 'nobody' %}\nx:\n  cmd.run: []\n{% endif %}\n"):
+        path = write(tmp / "empty.yaml", text)
+        rc, report, result = apply(master, path)
+        assert rc == 0 and report["nodes"]["n1"]["ok"], result.stderr
+        assert "warning: empty.yaml has no state for any of the 2 node(s)" in result.stderr, result.stderr
+    plain = master.cli("apply", str(path), check=False)  # the plain view (not on a terminal) too
+    assert plain.returncode == 0 and "warning: empty.yaml has no state" in plain.stderr, plain.stderr

@@ -96,9 +96,10 @@ def test_ctrl_c_on_apply_names_the_job_that_runs_on(tmp, master, n1):
     assert (tmp / "finished").exists()
 
 
-def test_ctrl_c_on_the_live_view_restores_the_cursor_before_the_note(tmp, master, n1):
+@pytest.mark.parametrize("sig, status", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_ctrl_c_on_the_live_view_restores_the_cursor_before_the_note(tmp, master, n1, sig, status):
     """On a terminal (rich's live view, which hides the cursor): the cursor comes back, and the
-    note is written after it, where the person sees it."""
+    note is written after it, where the person sees it; SIGTERM as Ctrl-C (it left the cursor off)."""
     leader, follower = pty.openpty()
     running = start_apply(master, slow_state(tmp), stdout=follower, stderr=follower,
                           env=dict(master.env, TERM="xterm-256color", COLUMNS="120", LINES="40"))
@@ -122,7 +123,7 @@ def test_ctrl_c_on_the_live_view_restores_the_cursor_before_the_note(tmp, master
         wait_for(lambda: read_some() or (tmp / "started").exists(), what="the job to run on n1")
         wait_for(lambda: read_some() or b"\x1b[?25l" in screen, what="the live view (cursor hidden)")
         job_id = current_job(master)
-        running.send_signal(signal.SIGINT)
+        running.send_signal(sig)
         deadline = time.monotonic() + 30
         while running.poll() is None and time.monotonic() < deadline:
             read_some()
@@ -132,7 +133,7 @@ def test_ctrl_c_on_the_live_view_restores_the_cursor_before_the_note(tmp, master
             running.kill()
         os.close(leader)
     text = screen.decode(errors="replace")
-    assert running.returncode == 130, text
+    assert running.returncode == status, text
     note = f"job {job_id} continues on the nodes"
     assert note in text, text
     assert text.rfind("\x1b[?25h") != -1 and text.rfind("\x1b[?25h") < text.index(note), text

@@ -35,7 +35,7 @@ def rich_table(title, columns, rows) -> None:
     cells = [[c if isinstance(c, tuple) else (str(c), "") for c in row] for row in rows]
     widths = [max([len(name)] + [len(row[i][0]) for row in cells]) for i, name in enumerate(columns)]
     header = "  ".join(name.ljust(widths[i]) for i, name in enumerate(columns)).rstrip()
-    cli._rich_table(title, header, widths, cells)
+    cli._rich_table(title, columns, header, widths, cells)
 
 
 @settings(max_examples=300, deadline=None)
@@ -88,3 +88,37 @@ def test_a_command_imports_only_its_own_module(tmp_path):
     assert "no master running" in result.stderr
     assert set(json.loads(result.stdout)) == {"pimaster", "pimaster.cli", "pimaster.client", "pimaster.commands",
                                               "pimaster.commands.ping", "pimaster.errors"}
+
+
+def test_a_table_wider_than_the_terminal_folds_its_last_column_and_loses_nothing():
+    # `pimaster ping` with a long NOTE on an 100-column terminal used to run past the edge.
+    import pty
+    import re
+    import subprocess
+    import sys
+
+    code = ("from pimaster import cli\n"
+            "cli.table('t', ['NODE', 'STATE', 'RTT', 'UPTIME', 'LOAD', 'TEMP', 'THROTTLING', 'CLOCK', 'DISK /', 'NOTE'],"
+            " [['node01', ('up', 'green'), '0.3 ms', '3d04h', '0.01', '42.0C', 'ok', '+0.1 ms', '12%',"
+            " 'network change (eth0 10.0.0.1) rolled back 5m ago: the master did not answer']])\n")
+    leader, follower = pty.openpty()
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=follower, stderr=follower,
+                            env=dict(os.environ, COLUMNS="100", LINES="20", TERM="xterm"))
+    os.close(follower)
+    out = b""
+    while True:
+        try:
+            chunk = os.read(leader, 65536)
+        except OSError:
+            break
+        if not chunk:
+            break
+        out += chunk
+    proc.wait(timeout=30)
+    os.close(leader)
+    lines = re.sub(r"\x1b\[[0-9;?]*[a-zA-Z]", "", out.decode()).replace("\r", "").splitlines()
+    assert max(len(line.rstrip()) for line in lines) <= 100, lines
+    note_at = lines[1].index("NOTE")
+    words = " ".join(line[note_at:].strip() for line in lines[2:])
+    assert "rolled back 5m ago: the master did not answer" in " ".join(words.split()), lines
+    assert lines[2].startswith("node01  up     0.3 ms"), lines

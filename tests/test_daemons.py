@@ -358,3 +358,16 @@ def test_a_taken_key_port_is_named_as_such(tmp):
     assert result.returncode != 0
     assert f"cannot listen on 127.0.0.1:{port + 1}" in result.stderr and "key-announce port" in result.stderr, \
         result.stderr
+
+
+def test_an_expired_token_is_named_on_the_node_and_the_master_writes_its_own_address(tmp, master, start_agent):
+    # An agent holding an expired token used to log only "waiting for a person to accept"; and a
+    # master listening on 127.0.0.1 wrote this host's name into the config it printed.
+    config = master.json("token", "create", "--ttl", "1s")["config"]
+    assert f"master = 127.0.0.1:{master.port}" in config, config
+    time.sleep(1.5)
+    agent = start_agent("late1", config)
+    wait_for(lambda: "refused the join token" in agent.output(), what="the agent saying why it waits")
+    assert "expired" in agent.output()
+    status = master.cli("status").stdout
+    assert "started: " in status and " ago)" in status.split("started: ")[1].splitlines()[0], status

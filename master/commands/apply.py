@@ -11,6 +11,16 @@ from ..cli import EXIT_FAILED, EXIT_OK, Duration, add_target, parse_duration, pr
 from ..errors import ControlError
 
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a command ended by Ctrl-C
+EXIT_TERMINATED = 143  # 128 + SIGTERM
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, taken the way Ctrl-C is: the live view restores the terminal (its cursor) and the
+    person is told the job goes on."""
+
+
+def _terminated(signum, frame) -> None:
+    raise Terminated
 
 
 def add_parser(sub, name, summary, common, as_json) -> None:
@@ -45,15 +55,20 @@ def run(client, args) -> int:
     def on_event(event: dict) -> None:
         if event.get("type") == "start":
             started["job"] = event.get("job")
+        if event.get("type") == "warning" and args.json:  # --json shows no events, but warnings matter
+            print(f"pimaster: warning: {event.get('message')}", file=sys.stderr, flush=True)
         view.event(event)
 
+    import signal
+
+    signal.signal(signal.SIGTERM, _terminated)
     try:
         with view:  # left on Ctrl-C too: the terminal and its cursor are restored before the note below
             report = client.call("apply", file=args.file, target=args.target, test=args.test, timeout=args.timeout,
                                  cwd=os.getcwd(), timeout_extra=args.timeout + 120, on_event=on_event)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
         print(interrupted_note(started.get("job")), file=sys.stderr, flush=True)
-        return EXIT_INTERRUPTED
+        return EXIT_TERMINATED if isinstance(exc, Terminated) else EXIT_INTERRUPTED
     if args.json:
         print_json(report)
         return EXIT_OK if all(n["ok"] for n in report["nodes"].values()) else EXIT_FAILED

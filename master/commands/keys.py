@@ -31,7 +31,7 @@ def add_parser(sub, name, summary, common, as_json) -> None:
             action.add_argument("--include-rejected", action="store_true", help="also accept rejected keys")
         action.set_defaults(run=_run_action(action_name))
     fp = keys_sub.add_parser("fingerprint", parents=[common, as_json], help="the master's fingerprint, or a node's")
-    fp.add_argument("node", nargs="?")
+    fp.add_argument("node", nargs="?", help="a node id: its accepted key's fingerprint (default: the master's own)")
     fp.set_defaults(run=run_fingerprint)
 
 

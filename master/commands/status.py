@@ -4,7 +4,7 @@ refused)."""
 from __future__ import annotations
 
 from . import handler
-from ..cli import EXIT_OK, print_json
+from ..cli import EXIT_OK, ago, local_time, print_json
 
 
 def add_parser(sub, name, summary, common, as_json) -> None:
@@ -17,7 +17,10 @@ def run(client, args) -> int:
         print_json(status)
     else:
         for key in sorted(status):
-            print(f"{key}: {status[key]}")
+            value = status[key]
+            if key == "started" and isinstance(value, (int, float)):  # an epoch means nothing to a person
+                value = f"{local_time(value)} ({ago(value)})"
+            print(f"{key}: {value}")
     return EXIT_OK
 
 

@@ -23,7 +23,8 @@ def add_parser(sub, name, summary, common, as_json) -> None:
     create.add_argument("--ttl", type=Duration(maximum=MAX_TOKEN_TTL_S), default=parse_duration("24h"),
                         help="valid for: seconds, or 30m, 24h, 7d (default 24h, at most 30d)")
     create.add_argument("--uses", type=int, default=1, help="how many nodes it may enroll (default 1)")
-    create.add_argument("--address", help="HOST[:PORT] the agents connect to (default: this host's name and port)")
+    create.add_argument("--address", help="HOST[:PORT] the agents connect to (default: the address the "
+                                           "master listens on, or this host's name when it listens on all)")
     create.add_argument("--ids", metavar="GLOB", help="enroll only node ids matching GLOB (e.g. 'node*'); default any")
     create.set_defaults(run=run_create)
     token.add_parser("list", parents=[common, as_json],
@@ -90,6 +91,10 @@ async def handle_create(master, ttl_s: float = 86400, uses: int = 1, address: st
             host, port = pconfig.parse_address(address, master.port)
         except pconfig.ConfigError as exc:
             raise ControlError(str(exc)) from None
+    elif master.listen_host and master.listen_host not in ("0.0.0.0", "::", "*"):
+        # Listening on one address only (127.0.0.1 on a test master): that address is the one
+        # agents can reach, not this host's name (which may resolve to another).
+        host, port = master.listen_host.strip("[]"), master.port
     else:
         host, port = socket.gethostname(), master.port
     where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
