@@ -37,7 +37,7 @@ from . import __version__, commands
 from .commands.serve import DEFAULT_KEEP_DAYS, DEFAULT_KEEP_JOBS
 from .control import ControlServer
 from .enrollment import MAX_PENDING_KEYS, Enrollment, Roster
-from .jobs import JobBoard
+from .board import JobBoard
 from .rpc import Rpc
 from .secrets import SecretStore
 from .store import Store

@@ -258,7 +258,7 @@ def test_an_agent_answers_a_cancel_of_a_job_it_is_not_running_and_never_starts_i
 
 
 def test_a_node_that_does_not_answer_a_cancel_is_reported_unable_to():
-    from pimaster.jobs import cancel_answer
+    from pimaster.board import cancel_answer
 
     old = cancel_answer({"ok": False, "error": "no answer within 10 s"}, 10)
     assert not old["ok"] and old["result"] == "failed" and "cannot cancel" in old["detail"]
