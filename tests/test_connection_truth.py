@@ -108,10 +108,11 @@ def test_nodes_status_and_keys_say_the_same_about_a_stopped_agent(master, start_
 
     agents["n1"].kill()                  # SIGKILL: no goodbye, the kernel closes the connection
     agents["n2"].stop(signal.SIGTERM)    # a clean stop
-    # Within a few seconds (the master sees the connection close), not at the next master restart.
+    # Within a heartbeat or two (usually at once: the master sees the connection close; at worst
+    # the 35 s silence backstop), not at the next master restart.
     wait_for(lambda: connected_everywhere(master) == ({"n1": (False, False), "n2": (False, False),
                                                      "n3": (True, True)}, 1),
-             timeout=20, what="nodes, keys list and status to say n1 and n2 are gone")
+             timeout=45, what="nodes, keys list and status to say n1 and n2 are gone")
     table = master.cli("nodes").stdout
     row = next(line for line in table.splitlines() if line.startswith("n1 "))
     assert " no " in row, table
