@@ -104,6 +104,19 @@ def parse_target(text: str) -> str:
     return text
 
 
+MAX_TARGET_TEXT = 256  # the longest target a control request may carry
+
+
+def checked_target(target) -> str:
+    """A target as a control request carried it (from any client: checked again), or ControlError."""
+    if not isinstance(target, str) or len(target) > MAX_TARGET_TEXT:
+        raise ControlError(f"target: a glob on node ids or role:NAME, at most {MAX_TARGET_TEXT} characters")
+    try:
+        return parse_target(target)
+    except argparse.ArgumentTypeError as exc:
+        raise ControlError(str(exc)) from None
+
+
 def target_matches(target: str | None, node_id: str, roles) -> bool:
     """Whether node ``node_id``, which has ``roles`` (from the inventory), is in ``target``: every
     node for none or `*`; `role:NAME` the nodes whose roles include NAME; otherwise a glob on the id.

@@ -11,10 +11,9 @@ from ..cli import EXIT_FAILED, EXIT_OK, Duration, local_time, parse_target, prin
 from ..errors import ControlError
 
 DEFAULT_LIMIT = 50
-# Longest job id (or prefix) and --target glob a request may carry.
+# Longest job id (or prefix) a request may carry.
 MAX_JOB_TEXT = 64
-MAX_TARGET_TEXT = 256
-# `pimaster job WORD ID`: actions on one job, by their first word (`cancel` will be one). A job id
+# `pimaster job WORD ID`: actions on one job, by their first word (`cancel`). A job id
 # starts with its date, so no action's name can be taken for a job's.
 JOB_ACTIONS: dict = {}
 
@@ -115,30 +114,18 @@ async def _target_globs(master, target) -> list[str]:
     """Globs on node ids for ``target``: itself, or for `role:NAME` the ids of the nodes the
     inventory gives that role now (none when there is no inventory: then the jobs applied with
     that very target still match)."""
-    import asyncio
+    from ..cli import ROLE_PREFIX, checked_target
+    from .ping import node_roles
 
-    from ..cli import ROLE_PREFIX
-    from .ping import inventory_roles
-
-    if not isinstance(target, str) or len(target) > MAX_TARGET_TEXT:
-        raise ControlError(f"target: a glob on node ids or role:NAME, at most {MAX_TARGET_TEXT} characters")
-    try:
-        parse_target(target)
-    except argparse.ArgumentTypeError as exc:
-        raise ControlError(str(exc)) from None
+    target = checked_target(target)
     if not target.startswith(ROLE_PREFIX):
         return [target]
-    role = target[len(ROLE_PREFIX):]
-    accepted = master.roster.accepted_nodes()
-    facts = {n["node_id"]: n["facts"] for n in master.store.nodes() if n["node_id"] in accepted}
-    last = master.store.jobs(1)
     try:
-        roles = await asyncio.to_thread(inventory_roles, last[0]["file"] if last else None, facts,
-                                        master.store.assignments(), master.store.identities())
+        roles = await node_roles(master)
     except ControlError:
         return []
     # Node ids hold no glob characters: each is a glob matching only itself.
-    return sorted(node_id for node_id, node_roles in roles.items() if role in node_roles)
+    return sorted(node_id for node_id, its_roles in roles.items() if target[len(ROLE_PREFIX):] in its_roles)
 
 
 def resolve_job_id(store, text) -> str:
