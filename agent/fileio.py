@@ -44,11 +44,9 @@ def write_atomic(path: str, data: bytes | str, mode: int | None = None, uid: int
         uid = current.st_uid
     if gid is None and current:
         gid = current.st_gid
-    remove_stale_temps(directory, base_name)
-    tmp = _temp_name(directory, base_name)
-    # 0600 until complete: nobody reads a half-written secret through a looser final mode.
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-    try:
+    with _replacing(target, base_name) as tmp:
+        # 0600 until complete: nobody reads a half-written secret through a looser final mode.
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
             fh.flush()
@@ -58,12 +56,6 @@ def write_atomic(path: str, data: bytes | str, mode: int | None = None, uid: int
                 os.fchown(fh.fileno(), -1 if uid is None else uid, -1 if gid is None else gid)
             if os.fstat(fh.fileno()).st_mode & 0o7777 != mode:
                 os.fchmod(fh.fileno(), mode)  # after chown, which clears setuid/setgid bits
-        os.replace(tmp, target)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    fsync_directory(directory)
 
 
 def copy_atomic(source: str, target: str, family: str | None = None) -> None:
@@ -73,16 +65,25 @@ def copy_atomic(source: str, target: str, family: str | None = None) -> None:
     target's). Backups are ``NAME.<stamp>``, each a new name: with ``family=NAME`` a copy killed
     under an earlier stamp is cleaned up by the next backup of NAME.
     """
-    directory, base_name = os.path.split(os.path.abspath(target))
-    remove_stale_temps(directory, family or base_name)
-    tmp = _temp_name(directory, base_name)
-    try:
+    with _replacing(os.path.abspath(target), family or os.path.basename(target)) as tmp:
         shutil.copy2(source, tmp)
         fd = os.open(tmp, os.O_RDONLY)
         try:
             os.fsync(fd)
         finally:
             os.close(fd)
+
+
+@contextlib.contextmanager
+def _replacing(target: str, family: str):
+    """A temp file's name next to ``target``, to be written in the ``with`` block: then renamed over
+    ``target`` and the rename made durable, or, on any error, removed. Left-over temps of ``family``
+    (writes killed before their rename) are removed first."""
+    directory, base_name = os.path.split(target)
+    remove_stale_temps(directory, family)
+    tmp = _temp_name(directory, base_name)
+    try:
+        yield tmp
         os.replace(tmp, target)
     except BaseException:
         with contextlib.suppress(OSError):
