@@ -1,4 +1,5 @@
-"""Client side of the master's control socket: one JSON request line, one JSON response line.
+"""Client side of the master's control socket: one JSON request line, one JSON response line
+(after the events, and the answers to the master's questions, of a streaming request).
 
 Imported by every client command: stdlib only (socket, json), nothing the daemon needs.
 """
@@ -22,8 +23,10 @@ class ControlClient:
         self.state_dir = state_dir
         self.path = os.path.join(state_dir, "control.sock")
 
-    def call(self, cmd: str, timeout_extra: float = 30.0, on_event=None, **args) -> dict:
-        """Send one request; events streamed before the answer go to ``on_event``.
+    def call(self, cmd: str, timeout_extra: float = 30.0, on_event=None, on_ask=None, **args) -> dict:
+        """Send one request; events streamed before the answer go to ``on_event``, and questions
+        the master asks meanwhile to ``on_ask(question) -> (answer, data)`` (`apply`'s for the
+        files of the state tree), whose answer goes back at once.
 
         Raises MasterUnreachable when no master answers (none running, no answer in time, the
         connection lost), ControlError with the master's code (`refused`, `internal`) when it
@@ -61,6 +64,11 @@ class ControlClient:
                     if line.startswith(b'{"event"'):
                         if on_event is not None:
                             on_event(json.loads(line)["event"])
+                    elif line.startswith(b'{"ask"'):
+                        answer, payload = (on_ask(json.loads(line)["ask"]) if on_ask is not None else
+                                           ({"kind": "error", "why": "this client answers no questions"}, b""))
+                        sock.sendall(json.dumps({"answer": dict(answer, size=len(payload))}).encode()
+                                     + b"\n" + payload)
                     else:
                         data = line
                         break

@@ -2,7 +2,9 @@
 checked with SO_PEERCRED) that answers JSON lines. Each request line, `{"cmd": NAME, "args": {..}}`,
 goes to the handler registered for NAME (`pimaster.commands.handler`); the answer is one line,
 `{"result": ..}` or `{"error": MESSAGE, "code": CODE}`, after any `{"event": ..}` lines a streaming
-handler emits. The code tells the client what kind of error it is (`pimaster.errors`): `refused`
+handler emits. A handler that asks (``asks=True``: `apply`, for the files of the client's state
+tree) may put questions to its client meanwhile: a line `{"ask": QUESTION}`, answered by a line
+`{"answer": {.., "size": N}}` and N bytes of data. The code tells the client what kind of error it is (`pimaster.errors`): `refused`
 (a ControlError a handler raised, or arguments the handler does not take), `internal` (a bug: logged
 with its traceback), `permission_denied` (another user's client).
 
@@ -24,6 +26,47 @@ from .errors import ControlError
 log = logging.getLogger("pimaster")
 
 CONTROL_LINE_LIMIT = 1024 * 1024
+# The data of one answer (a state tree's file: what a job message can carry), and how long a
+# client may take to answer.
+ANSWER_DATA_LIMIT = 16 * 1024 * 1024
+ANSWER_TIMEOUT_S = 60.0
+
+
+class ClientAsk:
+    """Puts a handler's questions to the client of one connection, one at a time. A connection
+    that fails to answer (closed, malformed, too slow) is closed: its stream is out of step."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader, self.writer = reader, writer
+        self.lock = asyncio.Lock()
+
+    async def __call__(self, question: dict) -> tuple[dict, bytes]:
+        async with self.lock:
+            if self.writer.is_closing():
+                raise ConnectionError("the client has gone")
+            try:
+                return await asyncio.wait_for(self._ask(question), ANSWER_TIMEOUT_S)
+            except asyncio.TimeoutError:
+                self.writer.close()
+                raise ConnectionError(f"the client did not answer in {ANSWER_TIMEOUT_S:.0f} s") from None
+            except (ValueError, asyncio.LimitOverrunError, asyncio.IncompleteReadError) as exc:
+                self.writer.close()
+                raise ConnectionError(f"the client's answer was malformed ({type(exc).__name__})") from None
+
+    async def _ask(self, question: dict) -> tuple[dict, bytes]:
+        self.writer.write(json.dumps({"ask": question}).encode() + b"\n")
+        await self.writer.drain()
+        line = await self.reader.readline()
+        if not line:
+            raise ConnectionError("the client has gone")
+        reply = json.loads(line)
+        answer = reply.get("answer") if isinstance(reply, dict) else None
+        if not isinstance(answer, dict):
+            raise ValueError("no answer")
+        size = answer.get("size", 0)
+        if not isinstance(size, int) or isinstance(size, bool) or not 0 <= size <= ANSWER_DATA_LIMIT:
+            raise ValueError(f"data size {size!r}")
+        return answer, await self.reader.readexactly(size) if size else b""
 
 
 class ControlServer:
@@ -78,7 +121,7 @@ class ControlServer:
                         # default=str: an event must never end the request it belongs to.
                         writer.write(json.dumps({"event": event}, default=str).encode() + b"\n")
 
-                response = await self.request(line, emit)
+                response = await self.request(line, emit, ClientAsk(reader, writer))
                 writer.write(json.dumps(response).encode() + b"\n")
                 await writer.drain()
         except (ConnectionError, OSError):
@@ -86,7 +129,7 @@ class ControlServer:
         finally:
             writer.close()
 
-    async def request(self, line: bytes, emit=None) -> dict:
+    async def request(self, line: bytes, emit=None, ask=None) -> dict:
         """One request line -> its answer (never raises: a client must not take the master down)."""
         try:
             request = json.loads(line)
@@ -100,6 +143,8 @@ class ControlServer:
                 raise ControlError("malformed arguments")
             if handler.streaming:
                 args["emit"] = emit or (lambda event: None)
+            if handler.asks:
+                args["ask"] = ask
             return {"result": await handler.function(self.context, **args)}
         except ControlError as exc:
             return {"error": str(exc), "code": exc.code}

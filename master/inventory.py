@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 
 import yaml
 
-from .statetree import StateFileError
+from .statetree import StateFileError, StateTree, state_tree
 
 INVENTORY_NAMES = ("cluster.yaml", "cluster.yml")
 MATCH_KEYS = ("id", "mac", "serial")
@@ -47,6 +47,7 @@ class Inventory:
     path: str | None = None
     cluster: dict = field(default_factory=dict)
     entries: list[dict] = field(default_factory=list)
+    text: str | None = None  # as read: `role:` targets of ping and jobs resolve from the last apply's
 
     @property
     def subnet(self) -> ipaddress.IPv4Network | None:
@@ -54,27 +55,35 @@ class Inventory:
         return ipaddress.ip_network(value, strict=False) if value else None
 
 
-def find_inventory(directory: str) -> str | None:
+def load_inventory(directory: str, tree: StateTree | None = None) -> Inventory:
+    """The inventory next to the state files in ``directory``, read through ``tree`` (default: this
+    file system); an empty one when there is none."""
+    tree = tree or state_tree(directory)
     for name in INVENTORY_NAMES:
         path = os.path.join(directory, name)
-        if os.path.isfile(path):
-            return path
-    return None
-
-
-def load_inventory(directory: str) -> Inventory:
-    path = find_inventory(directory)
-    if path is None:
+        if tree.isfile(path) or tree.refusal(path, name):
+            break
+    else:
         return Inventory()
     shown = os.path.basename(path)
+    refusal = tree.refusal(path, "the inventory")
+    if refusal:
+        raise StateFileError(shown, None, refusal)
     try:
-        with open(path, encoding="utf-8") as fh:
-            data = yaml.safe_load(fh) or {}
+        text = tree.read(path).decode("utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise StateFileError(shown, None, f"cannot read: {getattr(exc, 'strerror', None) or exc}") from None
+    return parse_inventory(text, path)
+
+
+def parse_inventory(text: str, path: str) -> Inventory:
+    """The inventory in ``text`` (read from ``path``), checked; StateFileError names what is wrong."""
+    shown = os.path.basename(path)
+    try:
+        data = yaml.safe_load(text) or {}
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         raise StateFileError(shown, mark.line + 1 if mark else None, f"YAML syntax error: {getattr(exc, 'problem', exc)}") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise StateFileError(shown, None, f"cannot read: {exc}") from None
     if not isinstance(data, dict):
         raise StateFileError(shown, 1, "the inventory is a mapping with `cluster:` and `nodes:`")
     unknown = set(data) - {"cluster", "nodes"}
@@ -88,7 +97,7 @@ def load_inventory(directory: str) -> Inventory:
         entries = [dict(v or {}, id=k) for k, v in entries.items()]
     if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
         raise StateFileError(shown, None, "`nodes:` must be a list of mappings")
-    inventory = Inventory(path, cluster, entries)
+    inventory = Inventory(path, cluster, entries, text)
     try:
         subnet = inventory.subnet
     except ValueError as exc:

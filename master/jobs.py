@@ -35,10 +35,10 @@ from .board import JobBoard, JobWatch
 from .errors import ControlError
 from .facts import missing_facts
 from .inventory import load_inventory, resolve_nodes
-from .render import (Pending, StateFileError, StateFileErrors, compile_for_node, resolve_state_path,
-                     to_attrdict)
+from .render import Pending, StateFileError, StateFileErrors, compile_for_node, to_attrdict
 from .results import one_line
 from .secrets import SecretError, string_leaves, strings_in
+from .statetree import StateTree, state_tree
 
 
 # What one node's sensitive states may add to the strings redacted from others' results.
@@ -50,18 +50,6 @@ CONNECTION_CHECK_S = 1.0
 
 class ApplyRefused(Exception):
     """The state file does not render or validate: nothing was sent."""
-
-
-def states_dir() -> str | None:
-    """Where bare names (`pimaster apply slurm`) are looked up: $PIMASTER_STATES_DIR, the .deb's
-    /usr/share/pimaster/states, the installed package's data (pimaster/states, a pip install), then
-    the source tree's states/."""
-    here = os.path.dirname(os.path.realpath(__file__))
-    for candidate in (os.environ.get("PIMASTER_STATES_DIR"), "/usr/share/pimaster/states",
-                      os.path.join(here, "states"), os.path.join(os.path.dirname(here), "states")):
-        if candidate and os.path.isdir(candidate):
-            return candidate
-    return None
 
 
 def new_job_id() -> str:
@@ -86,14 +74,12 @@ def _format_errors(per_node: dict[str, list[StateFileError]]) -> str:
 class Plan:
     """Everything an apply needs that does not depend on results: file, inventory, nodes, catalogues."""
 
-    def __init__(self, board: JobBoard, file: str, target: str | None, cwd: str | None) -> None:
+    def __init__(self, board: JobBoard, path: str, target: str | None, tree: StateTree) -> None:
+        """``path``: the state file, where ``tree`` (the client's, for `pimaster apply`) has it."""
+        self.path, self.tree = path, tree
+        self.root = tree.root
         try:
-            self.path = resolve_state_path(file, states_dir(), cwd)
-        except StateFileError as exc:
-            raise ApplyRefused(str(exc)) from None
-        self.root = os.path.dirname(self.path)
-        try:
-            self.inventory = load_inventory(self.root)
+            self.inventory = load_inventory(self.root, tree)
         except StateFileError as exc:
             raise ApplyRefused(str(exc)) from None
         accepted = board.accepted_nodes()
@@ -112,7 +98,6 @@ class Plan:
         if new_assignments:
             board.store.add_assignments(new_assignments)
         self.catalogs = board.store.catalogs()
-        self.forbidden = (board.state_dir,)
         self.secrets = board.secrets
         # A node whose agent has not reported the facts state files read of every node (or
         # reported them malformed: they were refused) is left out of `nodes`, and its own job
@@ -160,7 +145,7 @@ class Plan:
             own_catalog = self.catalogs.get(node_id)
             try:
                 jobs[node_id] = compile_for_node(self.path, context, own_catalog or self.fallback_catalog,
-                                                 self.root, meta, forbidden=self.forbidden)
+                                                 meta=meta, tree=self.tree)
                 carried[node_id] = list(used.values())
             except StateFileErrors as exc:
                 if own_catalog and self._valid_elsewhere(context, meta):
@@ -176,7 +161,7 @@ class Plan:
         """Whether the file compiles for this node with the state functions of the agent beside
         this master."""
         try:
-            compile_for_node(self.path, context, self.fallback_catalog, self.root, dict(meta), forbidden=self.forbidden)
+            compile_for_node(self.path, context, self.fallback_catalog, meta=dict(meta), tree=self.tree)
         except StateFileErrors:
             return False
         return True
@@ -200,9 +185,11 @@ def select_targets(entries: dict[str, dict], target: str | None) -> list[str]:
 
 
 async def apply(board: JobBoard, emit, file: str, target: str | None = None, test: bool = False,
-                timeout: float = 3600.0, ack_timeout: float = 15.0, cwd: str | None = None) -> dict:
+                timeout: float = 3600.0, ack_timeout: float = 15.0, tree: StateTree | None = None) -> dict:
+    """Apply the state file at ``file`` of ``tree`` (default: this file system, its directory)."""
+    tree = tree or state_tree(os.path.dirname(file), (board.state_dir,))
     try:
-        plan = await asyncio.to_thread(Plan, board, file, target, cwd)
+        plan = await asyncio.to_thread(Plan, board, file, target, tree)
         # Every node's file is rendered and checked before anything is sent. Nodes of later stages
         # see `results` as Pending here and are rendered again once the stages before them ran.
         jobs, carried, meta, errors = await asyncio.to_thread(plan.render, plan.targets, Pending())
@@ -213,6 +200,7 @@ async def apply(board: JobBoard, emit, file: str, target: str | None = None, tes
     groups = stage_groups(meta, plan.entries, plan.targets)
     job_id = new_job_id()
     board.store.create_job(job_id, plan.path, target, test, {n: len(jobs.get(n, ())) for n in plan.targets})
+    board.store.set_last_inventory(plan.path, plan.inventory.path, plan.inventory.text)
     watch = JobWatch(plan.targets)
     board.watchers[job_id] = watch
     board.redactions[job_id] = {}

@@ -38,7 +38,7 @@ import os
 from piagent.states import REQUISITES
 
 from .statefile import MODE_ARGS, State, load_file, parse_states, resolve_sources
-from .statetree import STATE_SUFFIXES, StateFileError, StateFileErrors, resolve_state_path
+from .statetree import STATE_SUFFIXES, StateFileError, StateFileErrors, StateTree, resolve_state_path, state_tree
 from .template import AttrDict, Pending, in_network, quote, render_state, render_template, to_attrdict
 from .validate import MASTER_ARGS, resolve_requisites, run_order, validate
 
@@ -51,26 +51,27 @@ __all__ = [  # what the master (jobs.py, inventory.py) and the tests import from
 
 
 def compile_for_node(path: str, context: dict, catalog: dict, root: str | None = None,
-                     meta: dict | None = None, forbidden: tuple[str, ...] = ()) -> list[dict]:
+                     meta: dict | None = None, forbidden: tuple[str, ...] = (),
+                     tree: StateTree | None = None) -> list[dict]:
     """The job for one node: ordered states with requisites as positions. Raises StateFileErrors.
 
-    `pimaster:` settings of the file (e.g. stages) are put into ``meta`` when given. Nothing
-    outside ``root`` (default: the file's directory) is read, nor anything under the directories
-    in ``forbidden``, even inside it.
+    `pimaster:` settings of the file (e.g. stages) are put into ``meta`` when given. Everything is
+    read through ``tree`` (an apply's: the client's files); without one, from this file system,
+    nothing outside ``root`` (default: the file's directory) nor under the directories in
+    ``forbidden``, even inside it.
     """
-    root = root or os.path.dirname(path)
-    forbidden = tuple(forbidden)
+    tree = tree or state_tree(root or os.path.dirname(path), tuple(forbidden))
     context = {k: v if callable(v) or isinstance(v, Pending) else to_attrdict(v) for k, v in context.items()}
-    states, errors = load_file(path, context, root, meta=meta, forbidden=forbidden)
-    return _job(states, errors, context, catalog, root, forbidden)
+    states, errors = load_file(path, context, tree, meta=meta)
+    return _job(states, errors, context, catalog, tree)
 
 
-def _job(states: list[State], errors: list[StateFileError], context: dict, catalog: dict, root: str,
-         forbidden: tuple[str, ...]) -> list[dict]:
+def _job(states: list[State], errors: list[StateFileError], context: dict, catalog: dict,
+         tree: StateTree) -> list[dict]:
     """Parsed states (and the problems found so far) checked, their sources read and their order
     found: the job, or StateFileErrors with every problem."""
     errors += validate(states, catalog)
-    errors += resolve_sources(states, context, root, forbidden)
+    errors += resolve_sources(states, context, tree)
     deps, requisite_errors = resolve_requisites(states)
     errors += requisite_errors
     if errors:

@@ -16,7 +16,7 @@ import jinja2
 import yaml
 from piagent.states import REQUISITES, REQUISITES_IN
 
-from .statetree import STATE_SUFFIXES, StateFileError, StateTree, display_path, state_tree
+from .statetree import STATE_SUFFIXES, StateFileError, StateTree, display_path
 from .template import Pending, Values, plain_data, render_state, render_template
 
 # Arguments whose YAML number is sent as the digits written (see _parse_state).
@@ -330,13 +330,14 @@ def _parse_refs(value, node, path, state_id, kind, errors) -> list | None:
 # ---------------------------------------------------------------------------------------------
 # A state file and what it includes; `source:` files
 
-def load_file(path: str, context: dict, root: str, stack: tuple = (), meta: dict | None = None,
-              forbidden: tuple[str, ...] = ()) -> tuple[list[State], list[StateFileError]]:
+def load_file(path: str, context: dict, tree: StateTree, stack: tuple = (), meta: dict | None = None
+              ) -> tuple[list[State], list[StateFileError]]:
     """The states of a state file, after those of the files it includes, and the problems found.
-    ``stack``: the files including this one, to refuse an include cycle."""
-    shown = display_path(path, root)
+    ``tree``: where it and they may be read; ``stack``: the files including this one, to refuse an
+    include cycle."""
+    shown = display_path(path, tree.root)
     try:
-        text, values = render_state(path, context, shown, root, forbidden)
+        text, values = render_state(path, context, shown, tree)
     except StateFileError as exc:
         return [], [exc]
     states, includes, errors = parse_states(text, shown, meta, values)
@@ -344,15 +345,15 @@ def load_file(path: str, context: dict, root: str, stack: tuple = (), meta: dict
         state.file = path
     included: list[State] = []
     for name, line in includes:
-        target, refusal = _include_path(os.path.dirname(path), name, state_tree(root, tuple(forbidden)))
+        target, refusal = _include_path(os.path.dirname(path), name, tree)
         if target is None:
             errors.append(StateFileError(shown, line, refusal or f"include: no state file {name!r} next to this one"))
             continue
         if target in stack + (path,):
-            chain = " -> ".join(display_path(p, root) for p in stack + (path, target))
+            chain = " -> ".join(display_path(p, tree.root) for p in stack + (path, target))
             errors.append(StateFileError(shown, line, f"include cycle: {chain}"))
             continue
-        sub_states, sub_errors = load_file(target, context, root, stack + (path,), meta, forbidden)
+        sub_states, sub_errors = load_file(target, context, tree, stack + (path,), meta)
         included += sub_states
         errors += sub_errors
     return included + states, errors
@@ -371,16 +372,14 @@ def _include_path(directory: str, name: str, tree: StateTree) -> tuple[str | Non
             why = tree.refusal(candidate, f"include {name!r}")
             if why:
                 refusal = refusal or why
-            elif os.path.isfile(candidate):
+            elif tree.isfile(candidate):
                 return candidate, None
     return None, refusal
 
 
-def resolve_sources(states: list[State], context: dict, root: str, forbidden: tuple[str, ...] = ()
-                    ) -> list[StateFileError]:
+def resolve_sources(states: list[State], context: dict, tree: StateTree) -> list[StateFileError]:
     """`source:` (relative to the state file, rendered with Jinja when `template: jinja`) -> `contents`."""
     errors = []
-    tree = state_tree(root, tuple(forbidden))
     for state in states:
         if state.fun != "file.managed" or "source" not in state.args:
             continue
@@ -395,8 +394,8 @@ def resolve_sources(states: list[State], context: dict, root: str, forbidden: tu
         if refusal:
             errors.append(StateFileError(state.path, line, f"{state.id}: {refusal}"))
             continue
-        shown = display_path(full, root)
-        if not os.path.isfile(full):
+        shown = display_path(full, tree.root)
+        if not tree.isfile(full):
             errors.append(StateFileError(state.path, line, f"{state.id}: source {source!r} not found ({shown})"))
             continue
         if template not in (None, "jinja"):
@@ -405,13 +404,12 @@ def resolve_sources(states: list[State], context: dict, root: str, forbidden: tu
             continue
         try:
             if template == "jinja":
-                state.args["contents"] = render_template(full, context, shown, root, forbidden)
+                state.args["contents"] = render_template(full, context, shown, tree)
             else:
-                with open(os.path.realpath(full), encoding="utf-8") as fh:
-                    state.args["contents"] = fh.read()
+                state.args["contents"] = tree.read(full).decode("utf-8")
             state.args.setdefault("contents_newline", False)  # a source file is copied exactly
         except StateFileError as exc:
             errors.append(exc)
         except (OSError, UnicodeDecodeError) as exc:
-            errors.append(StateFileError(shown, None, f"cannot read: {exc}"))
+            errors.append(StateFileError(shown, None, f"cannot read: {getattr(exc, 'strerror', None) or exc}"))
     return errors

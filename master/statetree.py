@@ -2,11 +2,16 @@
 and how a problem is reported.
 
 A state file reads only inside its state tree, the directory of the file applied: `source:` (with
-or without `salt://`), `include:` and Jinja's `{% include %}`, `{% import %}` and `{% from %}`
-refuse anything whose real path (symlinks followed) is outside it, and anything under the
-directories given as ``forbidden`` (the master's own state directory) even inside it. The
-confinement itself is StateTree.refusal; template.py's loader, statefile.py's includes and
-sources all ask it.
+or without `salt://`), `include:`, `cluster.yaml` and Jinja's `{% include %}`, `{% import %}` and
+`{% from %}` refuse anything whose real path (symlinks followed) is outside it, and anything under
+the directories given as ``forbidden`` (the master's own state directory) even inside it. Every
+read goes through a StateTree (``refusal``, ``isfile``, ``read``): template.py's loader,
+statefile.py's includes and sources and inventory.py all ask it.
+
+`pimaster apply` resolves the file where it runs (``resolve_state_path``, in its own file
+system) and serves the tree to the master over its control connection (``serve_tree_file`` with
+the client's LocalTree); the master renders from a ClientTree that asks for each file once. So
+the path a person types means what it means in their shell, wherever the master runs.
 
 Every problem is a StateFileError naming the file, the line and the reason; `compile_for_node`
 raises the whole list at once (StateFileErrors), so a person fixes a file in one go.
@@ -15,7 +20,9 @@ raises the whole list at once (StateFileErrors), so a person fixes a file in one
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+import posixpath
+import stat
+import threading
 
 STATE_SUFFIXES = (".yaml", ".yml", ".sls")
 
@@ -43,37 +50,224 @@ def _under(path: str, directory: str) -> bool:
     return path == directory or path.startswith(directory.rstrip(os.sep) + os.sep)
 
 
-@dataclass(frozen=True)
-class StateTree:
-    """The directory a state file may read in, and the ones inside it it may not. Frozen: the
-    Jinja environments are cached per tree."""
+# What one apply may read of a state tree the client serves: a file is at most what a job message
+# to a node can carry; all of them together, and how many paths are asked about, bounded too.
+MAX_TREE_FILE_BYTES = 16 * 1024 * 1024
+MAX_TREE_BYTES = 64 * 1024 * 1024
+MAX_TREE_LOOKUPS = 20000
 
-    root: str                                # as shown
-    real: str                                # its real path
-    forbidden: tuple[tuple[str, str], ...]   # (as shown, real path)
+
+class TreeFileMissing(OSError):
+    """A path the tree has no regular file at."""
+
+
+class StateTree:
+    """Where a state file may read, and the reading: ``refusal`` (why a path may not be read),
+    ``isfile``, ``read`` (bytes; OSError when there is nothing to read) and ``version`` (what tells
+    the template cache a file changed). Paths are absolute and normalised, in the file system of
+    whoever holds the files.
+
+    One tree serves one apply: its Jinja environments (compiled templates) are kept on it
+    (``envs``), so rendering one file for 200 nodes compiles it once."""
+
+    root: str  # as shown
+
+    def __init__(self) -> None:
+        self.envs: dict = {}
 
     def refusal(self, path: str, what: str) -> str | None:
-        """Why ``path`` may not be read (``what`` names it in the message), or None."""
-        real = os.path.realpath(path)
-        if not _under(real, self.real):
-            return f"{what} is outside the state tree {self.root}"
-        for shown, directory in self.forbidden:
-            if _under(real, directory):
-                return f"{what} is in {shown}, which state files may not read"
+        raise NotImplementedError
+
+    def isfile(self, path: str) -> bool:
+        raise NotImplementedError
+
+    def read(self, path: str) -> bytes:
+        raise NotImplementedError
+
+    def version(self, path: str):
         return None
 
 
-def state_tree(root: str, forbidden: tuple[str, ...] = ()) -> StateTree:
-    """The tree rooted at ``root``, with ``forbidden`` directories inside it (real paths resolved once)."""
-    root = os.path.abspath(root)
-    return StateTree(root, os.path.realpath(root),
-                     tuple((os.path.abspath(f), os.path.realpath(f)) for f in forbidden))
+class LocalTree(StateTree):
+    """A tree in this process's file system: ``root`` and, inside it, the ``forbidden`` directories
+    (the master's state directory) nothing is read from. A path's real path (symlinks followed)
+    decides."""
+
+    def __init__(self, root: str, forbidden: tuple[str, ...] = ()) -> None:
+        super().__init__()
+        self.root = os.path.abspath(root)
+        self.real = os.path.realpath(self.root)
+        self.forbidden = tuple((os.path.abspath(f), os.path.realpath(f)) for f in forbidden)
+
+    def where(self, path: str) -> tuple[str, str] | None:
+        """None when ``path`` may be read; else ("outside", root) or ("forbidden", the directory)."""
+        real = os.path.realpath(path)
+        if not _under(real, self.real):
+            return ("outside", self.root)
+        for shown, directory in self.forbidden:
+            if _under(real, directory):
+                return ("forbidden", shown)
+        return None
+
+    def refusal(self, path: str, what: str) -> str | None:
+        return refusal_text(self.where(path), what)
+
+    def isfile(self, path: str) -> bool:
+        return os.path.isfile(path)
+
+    def read(self, path: str) -> bytes:
+        with open(os.path.realpath(path), "rb") as fh:
+            return fh.read()
+
+    def version(self, path: str):
+        try:
+            return os.path.realpath(path), os.path.getmtime(path)
+        except OSError:
+            return None
+
+
+def refusal_text(where: tuple[str, str] | None, what: str) -> str | None:
+    if where is None:
+        return None
+    kind, directory = where
+    if kind == "outside":
+        return f"{what} is outside the state tree {directory}"
+    return f"{what} is in {directory}, which state files may not read"
+
+
+def state_tree(root: str, forbidden: tuple[str, ...] = ()) -> LocalTree:
+    """The tree rooted at ``root`` in this file system, with ``forbidden`` directories inside it."""
+    return LocalTree(root, forbidden)
+
+
+class ClientTree(StateTree):
+    """The state tree of the `pimaster apply` that asked for this job, read through its connection:
+    the client may see another file system than the master (the lab's node01, a PrivateTmp=
+    service, another host's mount), so the client resolves paths and checks them against its tree
+    (``answer``), and sends what a rendering reads, when it reads it.
+
+    ``ask(path) -> (answer, data)`` is blocking (rendering runs in a thread). Each path is asked
+    once and kept, so every node of the job renders the same files, and a later stage still has
+    them when the client has gone (a file only a later stage reads then fails to render, saying
+    why). Bounded: MAX_TREE_FILE_BYTES a file, MAX_TREE_BYTES in all, MAX_TREE_LOOKUPS paths."""
+
+    def __init__(self, root: str, ask, forbidden: tuple[str, ...] = ()) -> None:
+        super().__init__()
+        self.root = posixpath.normpath(root)
+        self.ask = ask
+        self.forbidden = tuple(posixpath.normpath(f) for f in forbidden)
+        self.answers: dict[str, tuple[dict, bytes]] = {}
+        self.total = 0
+        self.lock = threading.Lock()
+
+    def _lookup(self, path: str) -> tuple[dict, bytes]:
+        path = posixpath.normpath(path)
+        with self.lock:
+            if path in self.answers:
+                return self.answers[path]
+            # The client checks real paths (symlinks followed) in its file system; these, the
+            # obvious ones, whatever the client answers.
+            forbidden = next((f for f in self.forbidden if _under(path, f)), None)
+            if not _under(path, self.root):
+                found: tuple[dict, bytes] = ({"kind": "refused", "why": "outside", "dir": self.root}, b"")
+            elif forbidden:
+                found = ({"kind": "refused", "why": "forbidden", "dir": forbidden}, b"")
+            elif len(self.answers) >= MAX_TREE_LOOKUPS:
+                found = ({"kind": "error", "why": f"more than {MAX_TREE_LOOKUPS} paths looked up in one apply"}, b"")
+            else:
+                try:
+                    found = self.ask(path)
+                except Exception as exc:  # the client gone, or no answer in time: this path fails
+                    found = ({"kind": "error", "why": f"the `pimaster apply` serving the state tree is gone ({exc})"}, b"")
+                found = self._bounded(found)
+            self.answers[path] = found
+            return found
+
+    def _bounded(self, found: tuple[dict, bytes]) -> tuple[dict, bytes]:
+        answer, data = found
+        if not isinstance(answer, dict) or answer.get("kind") not in ("file", "missing", "refused", "error"):
+            return {"kind": "error", "why": "the client sent a malformed answer"}, b""
+        if answer["kind"] != "file":
+            return answer, b""
+        if len(data) > MAX_TREE_FILE_BYTES:
+            return {"kind": "error", "why": f"larger than {MAX_TREE_FILE_BYTES >> 20} MiB"}, b""
+        if self.total + len(data) > MAX_TREE_BYTES:
+            return {"kind": "error", "why": f"the files one apply reads are limited to {MAX_TREE_BYTES >> 20} MiB"}, b""
+        self.total += len(data)
+        return answer, data
+
+    def refusal(self, path: str, what: str) -> str | None:
+        answer, _ = self._lookup(path)
+        if answer["kind"] != "refused":
+            return None
+        return refusal_text(("outside" if answer.get("why") == "outside" else "forbidden", str(answer.get("dir"))), what)
+
+    def isfile(self, path: str) -> bool:
+        # A file the client cannot send (too large, unreadable) is there: reading it says why.
+        return self._lookup(path)[0]["kind"] in ("file", "error")
+
+    def read(self, path: str) -> bytes:
+        answer, data = self._lookup(path)
+        if answer["kind"] == "file":
+            return data
+        if answer["kind"] == "error":
+            raise OSError(answer.get("why") or "cannot read")
+        raise TreeFileMissing(f"no such file: {path}")
+
+    def version(self, path: str):
+        return 0  # what was read is kept: it does not change during the apply
+
+
+def serve_tree_file(tree: LocalTree, path: str) -> tuple[dict, bytes]:
+    """The client's answer to the master asking for ``path`` of ``tree``: (answer, the file's bytes).
+    answer["kind"]: `file`, `missing` (no regular file there), `refused` (outside the tree, or in a
+    forbidden directory: `why`, `dir`), `error` (`why`)."""
+    if not isinstance(path, str) or not os.path.isabs(path):
+        return {"kind": "error", "why": "not an absolute path"}, b""
+    where = tree.where(path)
+    if where is not None:
+        return {"kind": "refused", "why": where[0], "dir": where[1]}, b""
+    too_large = {"kind": "error", "why": f"larger than {MAX_TREE_FILE_BYTES >> 20} MiB"}
+    try:
+        # Non-blocking, and checked on the open file: a FIFO or device is "no file", never a hang.
+        fd = os.open(os.path.realpath(path), os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except (FileNotFoundError, NotADirectoryError):
+        return {"kind": "missing"}, b""
+    except OSError as exc:
+        return {"kind": "error", "why": exc.strerror or str(exc)}, b""
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            return {"kind": "missing"}, b""
+        if info.st_size > MAX_TREE_FILE_BYTES:
+            return too_large, b""
+        with os.fdopen(os.dup(fd), "rb") as fh:
+            data = fh.read(MAX_TREE_FILE_BYTES + 1)
+    except OSError as exc:
+        return {"kind": "error", "why": exc.strerror or str(exc)}, b""
+    finally:
+        os.close(fd)
+    if len(data) > MAX_TREE_FILE_BYTES:
+        return too_large, b""
+    return {"kind": "file", "size": len(data)}, data
 
 
 def display_path(path: str, root: str) -> str:
     """``path`` as messages show it: relative to the state tree, or whole when outside it."""
     rel = os.path.relpath(path, root)
     return path if rel.startswith("..") else rel
+
+
+def states_dir() -> str | None:
+    """Where bare names (`pimaster apply slurm`) are looked up: $PIMASTER_STATES_DIR, the .deb's
+    /usr/share/pimaster/states, the installed package's data (pimaster/states, a pip install), then
+    the source tree's states/."""
+    here = os.path.dirname(os.path.realpath(__file__))
+    for candidate in (os.environ.get("PIMASTER_STATES_DIR"), "/usr/share/pimaster/states",
+                      os.path.join(here, "states"), os.path.join(os.path.dirname(here), "states")):
+        if candidate and os.path.isdir(candidate):
+            return candidate
+    return None
 
 
 def resolve_state_path(spec: str, states_dir: str | None, cwd: str | None = None) -> str:

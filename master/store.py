@@ -81,6 +81,15 @@ CREATE TABLE IF NOT EXISTS job_nodes (
     results     TEXT NOT NULL DEFAULT '[]',
     PRIMARY KEY (job_id, node_id)
 );
+-- The inventory (cluster.yaml) of the last job's state file, as that apply read it: `role:NAME`
+-- targets of ping and jobs resolve from it (the file itself may be on another host's disk).
+CREATE TABLE IF NOT EXISTS last_inventory (
+    one         INTEGER PRIMARY KEY CHECK (one = 1),
+    state_file  TEXT NOT NULL,
+    path        TEXT,            -- NULL: that state file had no inventory next to it
+    text        TEXT,
+    saved       REAL NOT NULL
+);
 -- `pimaster jobs` (newest first) and pruning (oldest first) walk jobs by creation time.
 CREATE INDEX IF NOT EXISTS jobs_created ON jobs (created);
 """
@@ -326,6 +335,15 @@ class Store:
                                 [(job_id, n, count, now) for n, count in states.items()])
         if self.on_job_created is not None:
             self.on_job_created(job_id)
+
+    def set_last_inventory(self, state_file: str, path: str | None, text: str | None) -> None:
+        self.db.execute("INSERT OR REPLACE INTO last_inventory (one, state_file, path, text, saved) VALUES (1, ?, ?, ?, ?)",
+                        (state_file, path, text, time.time()))
+
+    def last_inventory(self) -> dict | None:
+        """The inventory the last job read: state_file, path (None: none), text."""
+        row = self.db.execute("SELECT state_file, path, text FROM last_inventory").fetchone()
+        return dict(row) if row else None
 
     def job_node_states(self, job_id: str, node_id: str) -> int | None:
         """How many states the job sent this node; None when the node is not in that job."""

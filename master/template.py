@@ -53,7 +53,7 @@ import jinja2.runtime
 import yaml
 from markupsafe import Markup
 
-from .statetree import StateFileError, StateTree, state_tree
+from .statetree import StateFileError, StateTree, TreeFileMissing, state_tree
 
 
 # ---------------------------------------------------------------------------------------------
@@ -131,7 +131,7 @@ class _Refused(jinja2.TemplateError):
 
 class _TreeLoader(jinja2.BaseLoader):
     """Template names relative to one directory (the rendered file's, as FileSystemLoader did),
-    read only inside the state tree; the real path is checked again when the cache asks."""
+    read only inside the state tree, through it (the client's files, for an apply)."""
 
     def __init__(self, searchpath: str, tree: StateTree) -> None:
         self.searchpath, self.tree = searchpath, tree
@@ -141,19 +141,18 @@ class _TreeLoader(jinja2.BaseLoader):
         why = self.tree.refusal(path, f"template {template!r}")
         if why:
             raise _Refused(why)
-        real = os.path.realpath(path)
+        version = self.tree.version(path)
         try:
-            with open(real, "rb") as fh:
-                source = fh.read().decode("utf-8")
-            mtime = os.path.getmtime(real)
-        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+            source = self.tree.read(path).decode("utf-8")
+        except (TreeFileMissing, FileNotFoundError, IsADirectoryError, NotADirectoryError):
             raise jinja2.TemplateNotFound(template) from None
+        except OSError as exc:
+            raise _Refused(f"template {template!r}: cannot read: {exc.strerror or exc}") from None
+        except UnicodeDecodeError:
+            raise _Refused(f"template {template!r} is not UTF-8 text") from None
 
         def uptodate() -> bool:
-            try:
-                return os.path.realpath(path) == real and os.path.getmtime(real) == mtime
-            except OSError:
-                return False
+            return self.tree.version(path) == version
 
         return source, path, uptodate
 
@@ -438,16 +437,13 @@ def _environment(searchpath: str, tree: StateTree, state: bool) -> jinja2.Enviro
     return env
 
 
-@functools.lru_cache(maxsize=64)
-def _state_env(searchpath: str, tree: StateTree) -> jinja2.Environment:
-    """One environment per directory: it caches compiled templates (reloaded when a file changes),
-    so rendering one file for 200 nodes compiles it once."""
-    return _environment(searchpath, tree, state=True)
-
-
-@functools.lru_cache(maxsize=64)
-def _file_env(searchpath: str, tree: StateTree) -> jinja2.Environment:
-    return _environment(searchpath, tree, state=False)
+def _env(searchpath: str, tree: StateTree, state: bool) -> jinja2.Environment:
+    """One environment per directory of a tree (kept on the tree: one apply): it caches compiled
+    templates, so rendering one file for 200 nodes compiles it once."""
+    key = (searchpath, state)
+    if key not in tree.envs:
+        tree.envs[key] = _environment(searchpath, tree, state=state)
+    return tree.envs[key]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -476,10 +472,9 @@ def _render(env: jinja2.Environment, path: str, context: dict, shown: str, tree:
     if why:
         raise StateFileError(shown, None, why)
     try:
-        with open(os.path.realpath(path), "rb") as fh:
-            raw = fh.read()
+        raw = tree.read(path)
     except OSError as exc:
-        raise StateFileError(shown, None, f"cannot read: {exc.strerror}") from None
+        raise StateFileError(shown, None, f"cannot read: {exc.strerror or exc}") from None
     if b"\0" in raw:
         raise StateFileError(shown, raw[:raw.index(b"\0")].count(b"\n") + 1, "binary data, not a text file")
     try:
@@ -496,21 +491,20 @@ def _render(env: jinja2.Environment, path: str, context: dict, shown: str, tree:
         raise error from None
 
 
-def render_template(path: str, context: dict, shown: str, root: str | None = None,
-                    forbidden: tuple[str, ...] = ()) -> str:
-    """A templated file's contents (`source:` + `template: jinja`): plain text, nothing escaped."""
-    tree = state_tree(root or os.path.dirname(path), tuple(forbidden))
-    return _render(_file_env(os.path.dirname(path), tree), path, context, shown, tree, f"source {shown!r}")
+def render_template(path: str, context: dict, shown: str, tree: StateTree | None = None) -> str:
+    """A templated file's contents (`source:` + `template: jinja`): plain text, nothing escaped.
+    ``tree``: where it may read (default: its own directory, in this file system)."""
+    tree = tree or state_tree(os.path.dirname(path))
+    return _render(_env(os.path.dirname(path), tree, False), path, context, shown, tree, f"source {shown!r}")
 
 
-def render_state(path: str, context: dict, shown: str, root: str | None = None,
-                 forbidden: tuple[str, ...] = ()) -> tuple[str, Values]:
+def render_state(path: str, context: dict, shown: str, tree: StateTree | None = None) -> tuple[str, Values]:
     """A state file's YAML text, with a token for each value, and the values (for parse_states)."""
-    tree = state_tree(root or os.path.dirname(path), tuple(forbidden))
+    tree = tree or state_tree(os.path.dirname(path))
     values = Values()
     reset = _rendering.set(values)
     try:
-        text = _render(_state_env(os.path.dirname(path), tree), path, context, shown, tree, f"state file {shown!r}")
+        text = _render(_env(os.path.dirname(path), tree, True), path, context, shown, tree, f"state file {shown!r}")
     finally:
         _rendering.reset(reset)
     return text, values

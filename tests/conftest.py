@@ -1,3 +1,5 @@
+import atexit
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -7,13 +9,17 @@ import pytest
 from harness import Agent, Master, source_path
 
 # Tests import the working tree's packages (master/ as pimaster, agent/ as piagent).
-sys.path.insert(0, source_path(Path(tempfile.mkdtemp(prefix="pimaster-src-"))))
+_SOURCE = Path(tempfile.mkdtemp(prefix="pimaster-src-"))
+sys.path.insert(0, source_path(_SOURCE))
+atexit.register(shutil.rmtree, _SOURCE, ignore_errors=True)
 
 
 @pytest.fixture
 def tmp(tmp_path_factory) -> Path:
     # Short paths: the control socket path must stay under the 108-byte Unix socket limit.
-    return Path(tempfile.mkdtemp(prefix="pm-", dir="/tmp"))
+    path = Path(tempfile.mkdtemp(prefix="pm-", dir="/tmp"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)  # after the processes using it (their fixture ends first)
 
 
 @pytest.fixture

@@ -66,12 +66,16 @@ def test_global_options_go_before_or_after_the_command(tmp):
 
 def test_an_unreachable_master_exits_3_with_a_json_error(tmp):
     none = str(tmp / "none")
+    (tmp / "x.yaml").write_text("hello:\n  cmd.run:\n    - name: true\n")
     for args in (["ping", "--json"], ["--json", "nodes"], ["status", "--json"], ["keys", "list", "--json"],
-                 ["apply", "states/x.yaml", "--json"], ["job", "20260101-000000-abcdef", "--json"]):
+                 ["apply", str(tmp / "x.yaml"), "--json"], ["job", "20260101-000000-abcdef", "--json"]):
         result = pimaster(tmp, *args, "--state-dir", none)
         assert result.returncode == 3, (args, result)
         error = json_error(result)
         assert error["code"] == "unreachable" and "no master running" in error["error"], (args, error)
+    # A state file that is not there is found out here, before any master is asked (as refused input).
+    result = pimaster(tmp, "apply", "states/x.yaml", "--json", "--state-dir", none)
+    assert result.returncode == 2 and json_error(result)["error"].endswith("states/x.yaml: no such state file")
     # Without --json: the message on stderr, nothing on stdout, the same status.
     result = pimaster(tmp, "ping", "--state-dir", none)
     assert result.returncode == 3 and result.stdout == "" and "no master running" in result.stderr

@@ -13,7 +13,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -780,26 +779,17 @@ def test_a_node_id_with_a_newline_cannot_enroll(tmp, master, start_agent, hostil
 # 10. Progress flood
 
 def _apply_over_control(master, file: str, target: str, events: list, done: dict) -> None:
-    """`pimaster apply` as the CLI does it (control socket, JSON lines), keeping every event."""
-    with socket.socket(socket.AF_UNIX) as sock:
-        sock.settimeout(120)
-        sock.connect(str(master.state_dir / "control.sock"))
-        sock.sendall(json.dumps({"cmd": "apply", "args": {"file": file, "target": target, "timeout": 60}}).encode()
-                     + b"\n")
-        buffer = b""
-        while True:
-            chunk = sock.recv(1 << 20)
-            if not chunk:
-                break
-            buffer += chunk
-            *lines, buffer = buffer.split(b"\n")
-            for line in lines:
-                message = json.loads(line)
-                if "event" in message:
-                    events.append(message["event"])
-                else:
-                    done.update(message)
-                    return
+    """`pimaster apply` as the CLI does it (the control socket, serving the state tree), keeping every event."""
+    from pimaster.client import ControlClient
+    from pimaster.commands.apply import state_tree_served
+
+    path, serve_file = state_tree_served(file, str(master.state_dir))
+    try:
+        done["result"] = ControlClient(str(master.state_dir)).call(
+            "apply", file=path, root=os.path.dirname(path), target=target, timeout=60, timeout_extra=120,
+            on_event=events.append, on_ask=serve_file)
+    except Exception as exc:  # the test reports what the apply ended with
+        done["error"] = repr(exc)
 
 
 PROGRESS_FLOOD = 10000

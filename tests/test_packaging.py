@@ -47,9 +47,9 @@ def test_pip_install_ships_the_state_files_and_apply_finds_them_by_name(tmp_path
                               "--target", str(target), str(wheel)], capture_output=True, text=True)
     assert install.returncode == 0, install.stderr[-3000:]
     probe = (
-        "import json, pimaster.jobs as jobs, pimaster.render as render\n"
-        "d = jobs.states_dir()\n"
-        "print(json.dumps({'dir': d, 'slurm': render.resolve_state_path('slurm', d), 'module': jobs.__file__}))\n"
+        "import json, pimaster.statetree as statetree\n"
+        "d = statetree.states_dir()\n"
+        "print(json.dumps({'dir': d, 'slurm': statetree.resolve_state_path('slurm', d), 'module': statetree.__file__}))\n"
     )
     env = {k: v for k, v in os.environ.items() if k != "PIMASTER_STATES_DIR"}
     env["PYTHONPATH"] = str(target)

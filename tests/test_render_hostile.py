@@ -469,11 +469,11 @@ def reference_job(path: str, context: dict, root: str) -> list[dict]:
     use) and that text parsed as YAML. Trustworthy here because nothing in these contexts is hostile."""
     context = {k: v if callable(v) or isinstance(v, Pending) else render.to_attrdict(v) for k, v in context.items()}
     tree = statetree.state_tree(root)
-    text = template._file_env(os.path.dirname(path), tree).get_template(os.path.basename(path)).render(**context)
+    text = template._env(os.path.dirname(path), tree, False).get_template(os.path.basename(path)).render(**context)
     states, _, errors = render.parse_states(text, statetree.display_path(path, root), {})
     for state in states:
         state.file = path
-    return render._job(states, errors, context, CATALOG, root, ())
+    return render._job(states, errors, context, CATALOG, tree)
 
 
 def test_the_shipped_states_compile_to_the_same_jobs_as_with_plain_jinja(tmp_path):

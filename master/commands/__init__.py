@@ -12,7 +12,8 @@ A command module has:
 - or, for a command that parses its own arguments (`lab`), ``main(argv) -> exit code`` and
   ``OWN_ARGUMENTS = True``;
 - server-side handlers, ``@handler("name")`` (``streaming=True`` when it emits events before its
-  answer): ``async def handle(master, **args) -> dict``; the arguments are the request's.
+  answer; ``asks=True`` when it asks its client for data, as `apply` asks for the state tree's
+  files): ``async def handle(master, **args) -> dict``; the arguments are the request's.
 
 Adding a command: a module here and its line in ``COMMANDS``.
 
@@ -42,23 +43,25 @@ COMMANDS: dict[str, tuple[str, str]] = {
 class Handler:
     """A control-socket request the daemon answers: ``function(master, **args)``."""
 
-    __slots__ = ("name", "function", "streaming")
+    __slots__ = ("name", "function", "streaming", "asks")
 
-    def __init__(self, name: str, function, streaming: bool) -> None:
-        self.name, self.function, self.streaming = name, function, streaming
+    def __init__(self, name: str, function, streaming: bool, asks: bool = False) -> None:
+        self.name, self.function, self.streaming, self.asks = name, function, streaming, asks
 
 
 # request name (e.g. "keys.accept") -> Handler; filled by the @handler decorators.
 HANDLERS: dict[str, Handler] = {}
 
 
-def handler(name: str, streaming: bool = False):
+def handler(name: str, streaming: bool = False, asks: bool = False):
     """Registers an ``async def f(master, **args) -> dict`` as the daemon's answer to ``name``.
-    A streaming handler also gets ``emit(event: dict)``, which sends an event line before the answer."""
+    A streaming handler also gets ``emit(event: dict)``, which sends an event line before the answer;
+    one that asks gets ``ask``: ``await ask(question) -> (answer, data)`` from its client
+    (`pimaster.control.ClientAsk`; None when the request came without a connection)."""
     def register(function):
         if name in HANDLERS:
             raise RuntimeError(f"two handlers for the control request {name!r}")
-        HANDLERS[name] = Handler(name, function, streaming)
+        HANDLERS[name] = Handler(name, function, streaming, asks)
         return function
     return register
 

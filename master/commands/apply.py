@@ -61,11 +61,13 @@ def run(client, args) -> int:
 
     import signal
 
+    path, serve_file = state_tree_served(args.file, client.state_dir)
     signal.signal(signal.SIGTERM, _terminated)
     try:
         with view:  # left on Ctrl-C too: the terminal and its cursor are restored before the note below
-            report = client.call("apply", file=args.file, target=args.target, test=args.test, timeout=args.timeout,
-                                 cwd=os.getcwd(), timeout_extra=args.timeout + 120, on_event=on_event)
+            report = client.call("apply", file=path, root=os.path.dirname(path), target=args.target,
+                                 test=args.test, timeout=args.timeout, timeout_extra=args.timeout + 120,
+                                 on_event=on_event, on_ask=serve_file)
     except KeyboardInterrupt as exc:
         print(interrupted_note(started.get("job")), file=sys.stderr, flush=True)
         return EXIT_TERMINATED if isinstance(exc, Terminated) else EXIT_INTERRUPTED
@@ -73,6 +75,27 @@ def run(client, args) -> int:
         print_json(report)
         return EXIT_OK if all(n["ok"] for n in report["nodes"].values()) else EXIT_FAILED
     return EXIT_OK if print_report(report, table, quiet=args.quiet) else EXIT_FAILED
+
+
+def state_tree_served(spec: str, state_dir: str):
+    """The state file ``spec`` names, resolved here (this command's directory first, then the
+    shipped states), and the answer to the master's questions for the files of its tree (the
+    file's directory, never the master's state directory): the master may see another file
+    system than this shell (the lab's node01, a service's private /tmp), so it reads through us."""
+    from ..statetree import StateFileError, resolve_state_path, serve_tree_file, state_tree, states_dir
+
+    try:
+        path = resolve_state_path(spec, states_dir(), os.getcwd())
+    except StateFileError as exc:
+        raise ControlError(f"refused, nothing was sent:\n{exc}") from None
+    tree = state_tree(os.path.dirname(path), (state_dir,))
+
+    def serve_file(question) -> tuple[dict, bytes]:
+        if not isinstance(question, dict) or not isinstance(question.get("read"), str):
+            return {"kind": "error", "why": "not a question this client answers"}, b""
+        return serve_tree_file(tree, question["read"])
+
+    return path, serve_file
 
 
 def interrupted_note(job_id: str | None) -> str:
@@ -83,12 +106,26 @@ def interrupted_note(job_id: str | None) -> str:
             f"`pimaster job cancel {job_id}` to stop it")
 
 
-@handler("apply", streaming=True)
-async def handle_apply(master, emit, file: str, target: str | None = None, test: bool = False,
-                       timeout: float = 3600.0, cwd: str | None = None) -> dict:
+@handler("apply", streaming=True, asks=True)
+async def handle_apply(master, emit, ask, file: str, root: str | None = None, target: str | None = None,
+                       test: bool = False, timeout: float = 3600.0) -> dict:
+    """``file``: the state file as the client resolved it, in the client's file system; ``root``:
+    its state tree there (default: the file's directory). Every file is read through ``ask``."""
+    import asyncio
+
+    from ..control import ANSWER_TIMEOUT_S
     from ..jobs import apply
+    from ..statetree import ClientTree
 
-    if not isinstance(file, str) or not file:
-        raise ControlError("name a state file")
-    return await apply(master.jobs, emit, file, target, bool(test), float(timeout), cwd=cwd)
+    if not isinstance(file, str) or not os.path.isabs(file) or not (
+            root is None or isinstance(root, str) and os.path.isabs(root)):
+        raise ControlError("name a state file and its tree (absolute paths, as `pimaster apply` sends them)")
+    if ask is None:
+        raise ControlError("apply reads the state tree through its client's connection, and this request has none")
+    loop = asyncio.get_running_loop()
 
+    def fetch(path: str) -> tuple[dict, bytes]:  # in the rendering thread
+        return asyncio.run_coroutine_threadsafe(ask({"read": path}), loop).result(ANSWER_TIMEOUT_S + 10)
+
+    tree = ClientTree(root or os.path.dirname(file), fetch, forbidden=(master.state_dir,))
+    return await apply(master.jobs, emit, file, target, bool(test), float(timeout), tree=tree)

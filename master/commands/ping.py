@@ -75,34 +75,30 @@ async def handle_ping(master, target: str | None = None, timeout: float = 5.0) -
 
 
 async def node_roles(master) -> dict[str, list[str]]:
-    """Accepted node id -> its roles, from the cluster.yaml next to the last applied state file
-    (``inventory_roles``); the file is read in a thread. Refused (ControlError) when there is none."""
+    """Accepted node id -> its roles, from the inventory the last apply read (``inventory_roles``).
+    Refused (ControlError) when there is none. Parsed in a thread: an inventory may be large."""
     import asyncio
 
     accepted = master.roster.accepted_nodes()
     facts = {n["node_id"]: n["facts"] for n in master.store.nodes() if n["node_id"] in accepted}
-    last = master.store.jobs(1)
-    return await asyncio.to_thread(inventory_roles, last[0]["file"] if last else None, facts,
+    return await asyncio.to_thread(inventory_roles, master.store.last_inventory(), facts,
                                    master.store.assignments(), master.store.identities())
 
 
-def inventory_roles(state_file: str | None, facts: dict[str, dict], assignments: dict[str, dict],
+def inventory_roles(saved: dict | None, facts: dict[str, dict], assignments: dict[str, dict],
                     identities: dict[str, dict]) -> dict[str, list[str]]:
-    """Node id -> its roles, from the inventory next to ``state_file`` (the last one applied), as
-    `apply` of that file resolves them now. Refused (ControlError) when there is none to read."""
-    import os
-
-    from ..inventory import load_inventory, resolve_nodes
+    """Node id -> its roles, from ``saved`` (the inventory the last apply read, as the store keeps
+    it), as an apply of that file resolves them now. Refused (ControlError) when there is none."""
+    from ..inventory import parse_inventory, resolve_nodes
     from ..statetree import StateFileError
 
-    why = "role:NAME reads the roles from the cluster.yaml next to the last applied state file"
-    if state_file is None:
+    why = "role:NAME reads the roles from the cluster.yaml of the last applied state file"
+    if saved is None:
         raise ControlError(f"{why}, and nothing was applied yet: target by node id (a glob), or apply first")
+    if saved["path"] is None:
+        raise ControlError(f"{why} ({saved['state_file']}), and there was none next to it: target by node id (a glob)")
     try:
-        inventory = load_inventory(os.path.dirname(state_file))
-        if inventory.path is None:
-            raise ControlError(f"{why} ({state_file}), and there is none next to it: target by node id (a glob)")
-        entries, _new = resolve_nodes(inventory, facts, assignments, identities)
+        entries, _new = resolve_nodes(parse_inventory(saved["text"], saved["path"]), facts, assignments, identities)
     except StateFileError as exc:
         raise ControlError(f"{why}: {exc}") from None
     return {node_id: list(entry.get("roles", [])) for node_id, entry in entries.items()}

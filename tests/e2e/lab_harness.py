@@ -43,11 +43,11 @@ def pythonpath() -> str:
 
 
 def pimaster_cli(*args: str, env: dict | None = None, input: str | None = None,
-                 timeout: float = 600) -> subprocess.CompletedProcess:
-    """`pimaster ARGS...` on the host, as a user would run it."""
+                 timeout: float = 600, cwd: str | Path | None = None) -> subprocess.CompletedProcess:
+    """`pimaster ARGS...` on the host, as a user would run it (in ``cwd``)."""
     full_env = {**os.environ, "PYTHONPATH": pythonpath(), **(env or {})}
     return subprocess.run([sys.executable, "-m", "pimaster", *args], capture_output=True, text=True,
-                          input=input, timeout=timeout, env=full_env)
+                          input=input, timeout=timeout, env=full_env, cwd=cwd)
 
 
 def describe(result: subprocess.CompletedProcess) -> str:

@@ -13,6 +13,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -98,6 +99,32 @@ def test_host_commands_reach_the_lab_master_through_its_state_dir(lab: Lab):
     keys = pimaster_cli("keys", "list", "--json", env=env)
     assert keys.returncode == 0, describe(keys)
     assert {k["id"]: k["state"] for k in json.loads(keys.stdout)["keys"]} == {n: "accepted" for n in lab.nodes}
+
+
+@pytest.mark.lab
+def test_apply_from_a_host_directory_node01_cannot_see(lab: Lab):
+    # A clone under the host's /tmp: node01 (the master) has a /tmp of its own, so only the client
+    # can read the state tree; it serves the files the master's rendering asks for.
+    site = Path(tempfile.mkdtemp(prefix="pimaster-hosttree-", dir="/tmp"))
+    try:
+        (site / "files").mkdir()
+        (site / "cluster.yaml").write_text("cluster:\n  name: hosttree\nnodes:\n  - id: node02\n    roles: [probe]\n")
+        (site / "files" / "probe.j2").write_text("{{ node.id }} {{ node.roles | join(',') }} {{ cluster.name }}\n")
+        (site / "probe.yaml").write_text(
+            "/run/pimaster-hosttree:\n  file.managed:\n    - source: files/probe.j2\n    - template: jinja\n")
+        assert lab.exec("node01", "test", "-e", str(site), check=False).returncode != 0, "node01 sees the host's /tmp"
+        env = {"PIMASTER_STATE_DIR": str(lab.master_state_dir)}
+        result = pimaster_cli("apply", "probe.yaml", "--target", "role:probe", "--json", env=env, cwd=site)
+        assert result.returncode == 0, describe(result)
+        assert list(json.loads(result.stdout)["nodes"]) == ["node02"]
+        assert lab.exec("node02", "cat", "/run/pimaster-hosttree").stdout == "node02 probe hosttree\n"
+        # `ping role:probe` reads the roles that apply read: the inventory node01 cannot see.
+        ping = pimaster_cli("ping", "--target", "role:probe", "--json", env=env)
+        assert ping.returncode == 0, describe(ping)
+        assert [n["id"] for n in json.loads(ping.stdout)["nodes"]] == ["node02"]
+    finally:
+        shutil.rmtree(site, ignore_errors=True)
+        lab.exec("node02", "rm", "-f", "/run/pimaster-hosttree", check=False)
 
 
 @pytest.mark.lab
