@@ -1,4 +1,4 @@
-"""The cluster inventory: `cluster.yaml` next to the state files (optional).
+"""The cluster inventory: `cluster.yaml` at the root of the state tree (optional).
 
     cluster:
       name: picluster
@@ -17,6 +17,9 @@
         hostname: node02
         ip: 10.77.0.12
         roles: [compute]
+
+A top-level `pillar:` is Salt's pillar for every node, deep-merged with an entry's own `pillar:`
+(the entry wins): templates see it as `pillar` and `salt['pillar.get']`.
 
 Any other key of a node entry (or of `cluster`) is passed to the templates as is. An enrolled node
 that no entry matches gets the next free name and address from the pattern, and keeps them (the
@@ -48,6 +51,7 @@ class Inventory:
     cluster: dict = field(default_factory=dict)
     entries: list[dict] = field(default_factory=list)
     text: str | None = None  # as read: `role:` targets of ping and jobs resolve from the last apply's
+    pillar: dict = field(default_factory=dict)  # Salt's pillar for every node (an entry's `pillar:` adds to it)
 
     @property
     def subnet(self) -> ipaddress.IPv4Network | None:
@@ -86,7 +90,7 @@ def parse_inventory(text: str, path: str) -> Inventory:
         raise StateFileError(shown, mark.line + 1 if mark else None, f"YAML syntax error: {getattr(exc, 'problem', exc)}") from None
     if not isinstance(data, dict):
         raise StateFileError(shown, 1, "the inventory is a mapping with `cluster:` and `nodes:`")
-    unknown = set(data) - {"cluster", "nodes"}
+    unknown = set(data) - {"cluster", "nodes", "pillar"}
     if unknown:
         raise StateFileError(shown, None, f"unknown top-level key(s): {', '.join(sorted(map(str, unknown)))}")
     cluster = data.get("cluster") or {}
@@ -97,7 +101,13 @@ def parse_inventory(text: str, path: str) -> Inventory:
         entries = [dict(v or {}, id=k) for k, v in entries.items()]
     if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
         raise StateFileError(shown, None, "`nodes:` must be a list of mappings")
-    inventory = Inventory(path, cluster, entries, text)
+    pillar = data.get("pillar") or {}
+    if not isinstance(pillar, dict):
+        raise StateFileError(shown, None, "`pillar:` must be a mapping")
+    for number, entry in enumerate(entries, 1):
+        if not isinstance(entry.get("pillar", {}), dict):
+            raise StateFileError(shown, None, f"node entry {number}: pillar must be a mapping")
+    inventory = Inventory(path, cluster, entries, text, pillar)
     try:
         subnet = inventory.subnet
     except ValueError as exc:

@@ -10,14 +10,15 @@ files in first (`other`, `other.yaml` or Salt's dotted `dir.other`, inside the s
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import jinja2
 import yaml
 from piagent.states import REQUISITES, REQUISITES_IN
 
-from .statetree import STATE_SUFFIXES, StateFileError, StateTree, display_path
-from .template import Pending, Values, plain_data, render_state, render_template
+from .salt import file_context
+from .statetree import STATE_SUFFIXES, StateFileError, StateTree, display_path, sls_name, sls_paths
+from .template import Pending, Values, plain_data, render_state, render_template, to_attrdict
 
 # Arguments whose YAML number is sent as the digits written (see _parse_state).
 MODE_ARGS = {"mode", "dir_mode", "file_mode"}
@@ -33,6 +34,7 @@ class State:
     path: str                  # as shown in messages (relative to the applied file's directory)
     line: int
     file: str = ""             # absolute path, for `source:` lookups
+    sls: str = ""              # Salt's SLS name of its file (`- sls: NAME` requisites)
     requisites: dict = field(default_factory=dict)   # kind -> [(module or None, ref, line)]
     extra: dict = field(default_factory=dict)         # unless / onlyif / order
     lines: dict = field(default_factory=dict)         # argument -> its line
@@ -162,13 +164,15 @@ def _check_meta(value) -> str | None:
     return None
 
 
-def parse_states(text: str, path: str, meta: dict | None = None, values: Values | None = None
-                 ) -> tuple[list[State], list[tuple[str, int]], list[StateFileError]]:
-    """States in file order, the include list, and the problems found; `pimaster:` settings go to ``meta``.
+def parse_states(text: str, path: str, meta: dict | None = None, values: Values | None = None,
+                 extends: list[State] | None = None) -> tuple[list[State], list[tuple[str, int]], list[StateFileError]]:
+    """States in file order, the include list, and the problems found; `pimaster:` settings go to
+    ``meta``, the states of an `extend:` block to ``extends`` (partial: only what they change).
 
     ``values`` are those of render_state, whose tokens in ``text`` they replace after YAML parsing.
     """
     meta = {} if meta is None else meta
+    extends = [] if extends is None else extends
     errors: list[StateFileError] = []
     pending: set[int] = set()  # ids of the nodes that stand for Pending values
     try:
@@ -210,6 +214,19 @@ def parse_states(text: str, path: str, meta: dict | None = None, values: Values 
             else:
                 includes += [(v, value_node.start_mark.line + 1) for v in value]
             continue
+        if state_id == "extend":
+            if not isinstance(value_node, yaml.MappingNode):
+                errors.append(StateFileError(path, line, "extend: takes state ids, each with `module:` and "
+                                                         "the arguments to change"))
+                continue
+            for ext_key, ext_node in value_node.value:
+                ext_id = _construct(ext_key)
+                if not isinstance(ext_id, (str, int, float)) or isinstance(ext_id, bool):
+                    errors.append(StateFileError(path, ext_key.start_mark.line + 1, "a state id must be a string"))
+                    continue
+                extends += _parse_state(str(ext_id), ext_node, path, ext_key.start_mark.line + 1, errors, pending,
+                                        extend=True)
+            continue
         if not isinstance(state_id, (str, int, float)) or isinstance(state_id, bool):
             errors.append(StateFileError(path, line, "a state id must be a string"))
             continue
@@ -223,7 +240,10 @@ def parse_states(text: str, path: str, meta: dict | None = None, values: Values 
     return states, includes, errors
 
 
-def _parse_state(state_id: str, node, path: str, line: int, errors: list, pending: set[int]) -> list[State]:
+def _parse_state(state_id: str, node, path: str, line: int, errors: list, pending: set[int],
+                 extend: bool = False) -> list[State]:
+    """The states under one id (one per function); ``extend``: an `extend:` entry, whose `file:`
+    may name no function (it changes whichever the state has)."""
     if isinstance(node, yaml.ScalarNode) and isinstance(_construct(node), str) and "." in _construct(node):
         return [State(state_id, _construct(node), {}, path, line)]  # `vim: pkg.installed`
     if not isinstance(node, yaml.MappingNode):
@@ -250,11 +270,12 @@ def _parse_state(state_id: str, node, path: str, line: int, errors: list, pendin
         if "." not in fun:
             # Salt's other spelling: `pkg:` followed by `- installed` among the arguments.
             names = [i for i in arg_items if isinstance(i, yaml.ScalarNode)]
-            if len(names) != 1:
+            if len(names) == 1:
+                fun = f"{fun}.{_construct(names[0])}"
+                arg_items = [i for i in arg_items if i is not names[0]]
+            elif not (extend and not names):
                 errors.append(StateFileError(path, fun_line, f"{state_id}: {fun!r} is not `module.function`"))
                 continue
-            fun = f"{fun}.{_construct(names[0])}"
-            arg_items = [i for i in arg_items if i is not names[0]]
         state = State(state_id, fun, {}, path, fun_line)
         for item in arg_items:
             item_line = item.start_mark.line + 1
@@ -299,7 +320,41 @@ def _parse_state(state_id: str, node, path: str, line: int, errors: list, pendin
                 state.args[key] = value
                 if id(arg_value_node) in pending:
                     state.pending.add(key)
-        out.append(state)
+        out += _expand_names(state, errors) if "names" in state.args else [state]
+    return out
+
+
+def _expand_names(state: State, errors: list) -> list[State]:
+    """Salt's `names:`: one state per name, all under the state's id. A name is a string, or a
+    one-key mapping of the name to the arguments it sets for itself (`- eth0: [{mtu: 9000}]`)."""
+    names = state.args.pop("names")
+    line = state.lines.get("names", state.line)
+    if "name" in state.args:
+        errors.append(StateFileError(state.path, line, f"{state.id}: give `name` or `names`, not both"))
+        return []
+    if not isinstance(names, list) or not names:
+        errors.append(StateFileError(state.path, line, f"{state.id}: names takes a list of names"))
+        return []
+    out = []
+    for item in names:
+        own: dict = {}
+        if isinstance(item, dict) and len(item) == 1:
+            (item, settings), = item.items()
+            settings = settings or []
+            if isinstance(settings, dict):
+                settings = [settings]
+            if not (isinstance(settings, list) and all(isinstance(x, dict) for x in settings)):
+                errors.append(StateFileError(state.path, line, f"{state.id}: names: the arguments of {item!r} are "
+                                                               "a list of `- name: value`"))
+                continue
+            for setting in settings:
+                own.update(setting)
+        if not isinstance(item, (str, int, float)) or isinstance(item, bool):
+            errors.append(StateFileError(state.path, line, f"{state.id}: names: each name is a string"))
+            continue
+        one = replace(state, args=dict(state.args, **own, name=str(item)), requisites=dict(state.requisites),
+                      extra=dict(state.extra), lines=dict(state.lines), pending=set(state.pending))
+        out.append(one)
     return out
 
 
@@ -330,81 +385,157 @@ def _parse_refs(value, node, path, state_id, kind, errors) -> list | None:
 # ---------------------------------------------------------------------------------------------
 # A state file and what it includes; `source:` files
 
-def load_file(path: str, context: dict, tree: StateTree, stack: tuple = (), meta: dict | None = None
+def load_file(path: str, context: dict, tree: StateTree, meta: dict | None = None
               ) -> tuple[list[State], list[StateFileError]]:
-    """The states of a state file, after those of the files it includes, and the problems found.
-    ``tree``: where it and they may be read; ``stack``: the files including this one, to refuse an
-    include cycle."""
+    """The states of a state file, after those of the files it includes, with every `extend:`
+    applied, and the problems found. ``tree``: where it and they may be read.
+
+    As Salt includes: each file once, however many files include it (files may include each
+    other), and a state id in two files is a conflict (`extend:` is how a file changes a state of
+    another)."""
+    loaded: set[str] = set()
+    extends: list[State] = []
+    states, errors = _load(path, context, tree, meta, loaded, extends)
+    errors += _conflicting_ids(states)
+    errors += _apply_extends(states, extends)
+    return states, errors
+
+
+def _load(path: str, context: dict, tree: StateTree, meta: dict | None, loaded: set[str],
+          extends: list[State]) -> tuple[list[State], list[StateFileError]]:
+    loaded.add(path)
     shown = display_path(path, tree.root)
     try:
-        text, values = render_state(path, context, shown, tree)
+        text, values = render_state(path, dict(context, **file_context(path, tree.root)), shown, tree)
     except StateFileError as exc:
         return [], [exc]
-    states, includes, errors = parse_states(text, shown, meta, values)
-    for state in states:
-        state.file = path
+    states, includes, errors = parse_states(text, shown, meta, values, extends)
+    sls = sls_name(path, tree.root)
+    for state in states + extends:
+        state.file = state.file or path
+        state.sls = state.sls or sls
     included: list[State] = []
     for name, line in includes:
-        target, refusal = _include_path(os.path.dirname(path), name, tree)
+        target, why = _include_path(path, name, tree)
         if target is None:
-            errors.append(StateFileError(shown, line, refusal or f"include: no state file {name!r} next to this one"))
+            errors.append(StateFileError(shown, line, why))
             continue
-        if target in stack + (path,):
-            chain = " -> ".join(display_path(p, tree.root) for p in stack + (path, target))
-            errors.append(StateFileError(shown, line, f"include cycle: {chain}"))
+        if target in loaded:
             continue
-        sub_states, sub_errors = load_file(target, context, tree, stack + (path,), meta)
+        sub_states, sub_errors = _load(target, context, tree, meta, loaded, extends)
         included += sub_states
         errors += sub_errors
     return included + states, errors
 
 
-def _include_path(directory: str, name: str, tree: StateTree) -> tuple[str | None, str | None]:
-    """`other`, `other.yaml` or Salt's dotted `dir.other` next to the including file, inside the
-    state tree; else None and why, when a candidate was outside (nothing outside is looked at)."""
-    bases = [name]
-    if "." in name and not name.endswith(STATE_SUFFIXES):
-        bases.append(name.replace(".", os.sep))
+def _include_path(including: str, name: str, tree: StateTree) -> tuple[str | None, str]:
+    """The file `include: NAME` of ``including`` means, or None and why.
+
+    As Salt: an SLS name from the tree's root (`a.b`: a/b.sls, a/b/init.sls, .yaml and .yml too),
+    `.b` from the including file's directory (`..b` one up); also a file name (`common`,
+    `common.yaml`) there, and then beside the including file (how pimaster read includes before
+    state trees had a root). Nothing outside the tree is looked at."""
+    root = tree.root
+    here = os.path.relpath(os.path.dirname(including), root).replace(os.sep, "/")
+    package = [] if here == "." else here.split("/")
+    if name.startswith("."):
+        up = len(name) - len(name.lstrip(".")) - 1
+        if up > len(package) or not name.lstrip("."):
+            return None, f"include {name!r} goes above the state tree {root}"
+        name = ".".join(package[:len(package) - up] + [name.lstrip(".")])
+        directories = [root]
+    else:
+        directories = [root, os.path.dirname(including)]
     refusal = None
-    for base in bases:
-        for suffix in ("",) + STATE_SUFFIXES:
-            candidate = os.path.normpath(os.path.join(directory, base + suffix))
+    tried: list[str] = []
+    for directory in directories:
+        bases = [name + suffix for suffix in ("",) + STATE_SUFFIXES]
+        if not name.endswith(STATE_SUFFIXES):
+            bases += sls_paths(name)
+        for base in bases:
+            candidate = os.path.normpath(os.path.join(directory, base))
+            if candidate in tried:
+                continue
+            tried.append(candidate)
             why = tree.refusal(candidate, f"include {name!r}")
             if why:
                 refusal = refusal or why
             elif tree.isfile(candidate):
-                return candidate, None
-    return None, refusal
+                return candidate, ""
+    return None, refusal or (f"include: no state file {name!r} in the state tree {root} "
+                             f"({', '.join(sls_paths(name)[:1] + sls_paths(name)[3:4])}, …)")
+
+
+def _conflicting_ids(states: list[State]) -> list[StateFileError]:
+    first: dict[str, State] = {}
+    errors = []
+    for state in states:
+        other = first.setdefault(state.id, state)
+        if other.file != state.file:
+            errors.append(StateFileError(state.path, state.line, f"conflicting ID {state.id!r}: also at {other.where} "
+                                         "(a file changes a state of another with `extend:`)"))
+    return errors
+
+
+def _apply_extends(states: list[State], extends: list[State]) -> list[StateFileError]:
+    """Salt's `extend:`: arguments of the named state replaced, its requisites added to."""
+    errors = []
+    for ext in extends:
+        targets = [s for s in states if s.id == ext.id and s.module == ext.module
+                   and ("." not in ext.fun or s.fun == ext.fun)]
+        if not targets:
+            errors.append(StateFileError(ext.path, ext.line, f"extend: no state {ext.id!r} with a {ext.module} "
+                                         "function in this file or what it includes"))
+            continue
+        for target in targets:
+            target.args.update(ext.args)
+            target.extra.update(ext.extra)
+            target.pending |= ext.pending
+            for kind, refs in ext.requisites.items():
+                target.requisites[kind] = target.requisites.get(kind, []) + refs
+    return errors
 
 
 def resolve_sources(states: list[State], context: dict, tree: StateTree) -> list[StateFileError]:
-    """`source:` (relative to the state file, rendered with Jinja when `template: jinja`) -> `contents`."""
+    """`file.managed`'s `source:` -> `contents`: `salt://path` from the state tree's root, a plain
+    path from the state file's directory, a list: the first that exists; rendered with Jinja when
+    `template: jinja` (with `defaults:` and then `context:` added to what templates see). And
+    `contents_pillar: a:b` -> `contents`, from the node's pillar."""
     errors = []
     for state in states:
-        if state.fun != "file.managed" or "source" not in state.args:
+        if state.fun != "file.managed":
+            continue
+        if "contents_pillar" in state.args:
+            errors += _contents_from_pillar(state, context)
+        if "source" not in state.args:
+            for arg in ("template", "context", "defaults"):
+                if arg in state.args:
+                    errors.append(StateFileError(state.path, state.lines.get(arg, state.line),
+                                                 f"{state.id}: {arg} goes with source"))
             continue
         source = state.args.pop("source")
         template = state.args.pop("template", None)
+        extra = {arg: state.args.pop(arg) for arg in ("defaults", "context") if arg in state.args}
         line = state.lines.get("source", state.line)
-        if not isinstance(source, str):
-            errors.append(StateFileError(state.path, line, f"{state.id}: source must be a file name"))
-            continue
-        full = os.path.normpath(os.path.join(os.path.dirname(state.file), source.removeprefix("salt://")))
-        refusal = tree.refusal(full, f"source {source!r}")
-        if refusal:
-            errors.append(StateFileError(state.path, line, f"{state.id}: {refusal}"))
-            continue
-        shown = display_path(full, tree.root)
-        if not tree.isfile(full):
-            errors.append(StateFileError(state.path, line, f"{state.id}: source {source!r} not found ({shown})"))
-            continue
         if template not in (None, "jinja"):
             errors.append(StateFileError(state.path, state.lines.get("template", line),
                                          f"{state.id}: template must be `jinja`"))
             continue
+        if extra and template != "jinja":
+            errors.append(StateFileError(state.path, line, f"{state.id}: {' and '.join(extra)} need template: jinja"))
+            continue
+        if any(not isinstance(v, dict) for v in extra.values()):
+            errors.append(StateFileError(state.path, line, f"{state.id}: defaults and context are mappings"))
+            continue
+        full, problem = _source_file(state, source, tree)
+        if full is None:
+            errors.append(StateFileError(state.path, line, f"{state.id}: {problem}"))
+            continue
+        shown = display_path(full, tree.root)
         try:
             if template == "jinja":
-                state.args["contents"] = render_template(full, context, shown, tree)
+                own = dict(extra.get("defaults", {}), **extra.get("context", {}))
+                state.args["contents"] = render_template(full, dict(context, **to_attrdict(own)), shown, tree)
             else:
                 state.args["contents"] = tree.read(full).decode("utf-8")
             state.args.setdefault("contents_newline", False)  # a source file is copied exactly
@@ -413,3 +544,44 @@ def resolve_sources(states: list[State], context: dict, tree: StateTree) -> list
         except (OSError, UnicodeDecodeError) as exc:
             errors.append(StateFileError(shown, None, f"cannot read: {getattr(exc, 'strerror', None) or exc}"))
     return errors
+
+
+def _source_file(state: State, source, tree: StateTree) -> tuple[str | None, str]:
+    """The file a `source:` means (the first of a list that exists), or None and why."""
+    sources = source if isinstance(source, list) and source else [source]
+    if not all(isinstance(s, str) and s for s in sources):
+        return None, "source must be a file name or a list of them"
+    missing = []
+    for one in sources:
+        if one.startswith("salt://"):  # from the tree's root, as Salt's fileserver reads it
+            full = os.path.normpath(os.path.join(tree.root, one[len("salt://"):].split("?", 1)[0]))
+        else:
+            full = os.path.normpath(os.path.join(os.path.dirname(state.file), one))
+        refusal = tree.refusal(full, f"source {one!r}")
+        if refusal:
+            return None, refusal
+        if tree.isfile(full):
+            return full, ""
+        missing.append(display_path(full, tree.root))
+    return None, (f"source {source!r} not found ({missing[0]})" if len(missing) == 1 else
+                  f"none of the sources exists ({', '.join(missing)})")
+
+
+def _contents_from_pillar(state: State, context: dict) -> list[StateFileError]:
+    """`contents_pillar: a:b` -> the text at that key of the node's pillar (a list: its lines)."""
+    key = state.args.pop("contents_pillar")
+    line = state.lines.get("contents_pillar", state.line)
+    if "contents" in state.args or "source" in state.args:
+        return [StateFileError(state.path, line, f"{state.id}: give one of contents, source, contents_pillar")]
+    value = context.get("pillar")
+    for part in str(key).split(":"):
+        if not isinstance(value, dict) or part not in value:
+            return [StateFileError(state.path, line, f"{state.id}: contents_pillar {key!r}: the node's pillar has "
+                                                     "no such key")]
+        value = value[part]
+    if isinstance(value, list) and all(isinstance(v, str) for v in value):
+        value = "\n".join(value) + "\n"
+    if not isinstance(value, str):
+        return [StateFileError(state.path, line, f"{state.id}: contents_pillar {key!r} is not text")]
+    state.args["contents"] = value
+    return []

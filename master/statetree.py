@@ -270,22 +270,94 @@ def states_dir() -> str | None:
     return None
 
 
-def resolve_state_path(spec: str, states_dir: str | None, cwd: str | None = None) -> str:
-    """The state file ``spec`` names: a path (relative to ``cwd``, the client's directory), or a bare
-    name (`slurm`: slurm, slurm.yaml, … in ``cwd`` first, then in ``states_dir``, the shipped ones).
+# Files that mark the root of a state tree: the inventory, or Salt's top file.
+TREE_MARKERS = ("cluster.yaml", "cluster.yml", "top.sls")
+# An SLS name's file: Salt's own suffix first.
+SLS_SUFFIXES = (".sls", ".yaml", ".yml")
+
+
+def sls_paths(name: str) -> list[str]:
+    """The paths (relative to the tree's root) Salt's SLS name ``name`` may be:
+    `ntp.client` -> ntp/client.sls (.yaml, .yml), then ntp/client/init.sls (…)."""
+    base = name.replace(".", "/")
+    return [base + s for s in SLS_SUFFIXES] + [f"{base}/init{s}" for s in SLS_SUFFIXES]
+
+
+def sls_name(path: str, root: str) -> str:
+    """Salt's SLS name of the state file ``path`` in the tree at ``root``: ntp/client.sls ->
+    `ntp.client`, ntp/init.sls -> `ntp`."""
+    rel = os.path.relpath(path, root).replace(os.sep, "/")
+    for suffix in SLS_SUFFIXES:
+        if rel.endswith(suffix):
+            rel = rel[:-len(suffix)]
+            break
+    if rel == "init" or rel.endswith("/init"):
+        rel = rel[:-len("init")].rstrip("/")
+    return rel.replace("/", ".")
+
+
+def tree_root(directory: str) -> str:
+    """The state tree a file in ``directory`` belongs to: the nearest directory, itself or above,
+    holding a cluster.yaml or a top.sls; else ``directory`` itself (a single file is its own tree)."""
+    start = current = os.path.abspath(directory)
+    while True:
+        if any(os.path.isfile(os.path.join(current, marker)) for marker in TREE_MARKERS):
+            return current
+        parent = os.path.dirname(current)
+        if parent == current:
+            return start
+        current = parent
+
+
+def _state_file_in(directory: str, name: str) -> str | None:
+    """``name`` in ``directory``: as given, with a suffix, or as an SLS name (a/b.sls, a/b/init.sls)."""
+    for rel in [name + suffix for suffix in ("",) + STATE_SUFFIXES] + sls_paths(name):
+        candidate = os.path.join(directory, rel)
+        if os.path.isfile(candidate):
+            return os.path.abspath(candidate)
+    return None
+
+
+def resolve_state_file(spec: str, states_dir: str | None, cwd: str | None = None,
+                       tree: str | None = None) -> tuple[str, str]:
+    """The state file ``spec`` names and the root of its state tree, as (path, root).
+
+    ``spec`` is a path (relative to ``cwd``, the client's directory; a directory means its
+    init.sls), or a name: in ``tree`` when one is given (`ntp`, `ntp.client`: Salt's SLS names,
+    or a file name with or without its suffix), else in ``cwd`` first, then in ``states_dir`` (the
+    shipped ones). The root is ``tree``; else, for a name, the directory it was found in; for a
+    path, the nearest directory above it holding a cluster.yaml or top.sls, else its own directory.
 
     The client's directory comes first: a person who copied the shipped files to edit their
     inventory and applies `network` from there means their copy, never the shipped example's.
     """
+    if tree is not None:
+        tree = os.path.abspath(tree if os.path.isabs(tree) or cwd is None else os.path.join(cwd, tree))
+        if not os.path.isdir(tree):
+            raise StateFileError(tree, None, "--tree: no such directory")
     path = spec if os.path.isabs(spec) or cwd is None else os.path.join(cwd, spec)
-    if os.path.exists(path):
-        return os.path.abspath(path)
+    if os.path.isdir(path):
+        found = _state_file_in(path, "init")
+        if found is None:
+            raise StateFileError(spec, None, "a directory without an init.sls (or init.yaml)")
+        path = found
+    if os.path.isfile(path):
+        path = os.path.abspath(path)
+        root = tree or tree_root(os.path.dirname(path))
+        if not _under(os.path.realpath(path), os.path.realpath(root)):
+            raise StateFileError(spec, None, f"is outside the state tree {root}")
+        return path, root
     if os.sep not in spec:
-        for directory in filter(None, (cwd, states_dir)):
-            for suffix in ("",) + STATE_SUFFIXES:
-                candidate = os.path.join(directory, spec + suffix)
-                if os.path.isfile(candidate):
-                    return os.path.abspath(candidate)
+        for directory in [tree] if tree else filter(None, (cwd, states_dir)):
+            found = _state_file_in(directory, spec)
+            if found:
+                return found, directory
+    if tree:
+        raise StateFileError(spec, None, f"no such state file, nor an SLS of that name in the state tree {tree}")
     raise StateFileError(spec, None, "no such state file" + (
         f" (nor a shipped one in {states_dir})" if states_dir and os.sep not in spec else ""))
 
+
+def resolve_state_path(spec: str, states_dir: str | None, cwd: str | None = None) -> str:
+    """The state file ``spec`` names (``resolve_state_file`` without its tree)."""
+    return resolve_state_file(spec, states_dir, cwd)[0]

@@ -42,6 +42,7 @@ import contextvars
 import functools
 import ipaddress
 import os
+import posixpath
 import re
 import secrets
 import shlex
@@ -130,11 +131,17 @@ class _Refused(jinja2.TemplateError):
 
 
 class _TreeLoader(jinja2.BaseLoader):
-    """Template names relative to one directory (the rendered file's, as FileSystemLoader did),
-    read only inside the state tree, through it (the client's files, for an apply)."""
+    """Template names relative to the state tree's root (``searchpath``), as Salt resolves them,
+    read only inside the tree, through it (the client's files, for an apply). _Environment.join_path
+    turns a name relative to the including template (`./x`, or one found only beside it) into
+    such a name."""
 
     def __init__(self, searchpath: str, tree: StateTree) -> None:
         self.searchpath, self.tree = searchpath, tree
+
+    def exists(self, template: str) -> bool:
+        path = os.path.normpath(os.path.join(self.searchpath, template))
+        return self.tree.refusal(path, "") is None and self.tree.isfile(path)
 
     def get_source(self, environment, template):
         path = os.path.normpath(os.path.join(self.searchpath, template))
@@ -395,6 +402,24 @@ class _Environment(jinja2.Environment):
         names = [str(n) if isinstance(n, str) else n for n in names] if not isinstance(names, jinja2.Undefined) else names
         return super().select_template(names, parent, globals)
 
+    def join_path(self, template, parent):
+        """A name in `{% include %}`/`{% import %}`/`{% from %}` of template ``parent``: from the
+        tree's root, as Salt reads it (`{% from "ntp/map.jinja" import … %}`); `./x` and `../x`
+        from the including template's directory; and a name found only beside the including
+        template as well (how pimaster read them before state trees had a root)."""
+        if not isinstance(template, str) or not isinstance(parent, str):
+            return template
+        template = str(template)
+        here = posixpath.dirname(parent)
+        if template.startswith(("./", "../")):
+            return posixpath.normpath(posixpath.join(here, template))
+        loader = self.loader
+        if here and isinstance(loader, _TreeLoader) and not loader.exists(template):
+            beside = posixpath.normpath(posixpath.join(here, template))
+            if loader.exists(beside):
+                return beside
+        return template
+
 
 class _Undefined(jinja2.StrictUndefined):
     """StrictUndefined that names what is missing in a person's words: `node.colour` says "node01
@@ -438,8 +463,8 @@ def _environment(searchpath: str, tree: StateTree, state: bool) -> jinja2.Enviro
 
 
 def _env(searchpath: str, tree: StateTree, state: bool) -> jinja2.Environment:
-    """One environment per directory of a tree (kept on the tree: one apply): it caches compiled
-    templates, so rendering one file for 200 nodes compiles it once."""
+    """One environment per tree (kept on it: one apply), names relative to ``searchpath`` (its
+    root): it caches compiled templates, so rendering one file for 200 nodes compiles it once."""
     key = (searchpath, state)
     if key not in tree.envs:
         tree.envs[key] = _environment(searchpath, tree, state=state)
@@ -483,7 +508,8 @@ def _render(env: jinja2.Environment, path: str, context: dict, shown: str, tree:
         line = raw[:exc.start].count(b"\n") + 1
         raise StateFileError(shown, line, "not UTF-8 text") from None
     try:
-        return env.get_template(os.path.basename(path)).render(**context)
+        name = os.path.relpath(path, env.loader.searchpath).replace(os.sep, "/")
+        return env.get_template(name).render(**context)
     except (jinja2.TemplateError, TypeError, ValueError, AttributeError, KeyError, ZeroDivisionError) as exc:
         error = _jinja_error(path, shown, exc)
         if error.line is None:
@@ -495,7 +521,7 @@ def render_template(path: str, context: dict, shown: str, tree: StateTree | None
     """A templated file's contents (`source:` + `template: jinja`): plain text, nothing escaped.
     ``tree``: where it may read (default: its own directory, in this file system)."""
     tree = tree or state_tree(os.path.dirname(path))
-    return _render(_env(os.path.dirname(path), tree, False), path, context, shown, tree, f"source {shown!r}")
+    return _render(_env(tree.root, tree, False), path, context, shown, tree, f"source {shown!r}")
 
 
 def render_state(path: str, context: dict, shown: str, tree: StateTree | None = None) -> tuple[str, Values]:
@@ -504,7 +530,7 @@ def render_state(path: str, context: dict, shown: str, tree: StateTree | None = 
     values = Values()
     reset = _rendering.set(values)
     try:
-        text = _render(_env(os.path.dirname(path), tree, True), path, context, shown, tree, f"state file {shown!r}")
+        text = _render(_env(tree.root, tree, True), path, context, shown, tree, f"state file {shown!r}")
     finally:
         _rendering.reset(reset)
     return text, values

@@ -23,7 +23,7 @@ if TYPE_CHECKING:
     from .statefile import State
 
 # Arguments the master resolves itself before sending: `source` (+`template`) become `contents`.
-MASTER_ARGS = {"file.managed": {"source", "template"}}
+MASTER_ARGS = {"file.managed": {"source", "template", "context", "defaults", "contents_pillar"}}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -50,7 +50,8 @@ def validate(states: list[State], catalog: dict) -> list[StateFileError]:
                 errors.append(StateFileError(state.path, state.line, f"{state.id}: {state.fun} has no argument "
                                              f"{arg!r}{_suggest(arg, allowed | set(COMMON_ARGS))}"))
         for required in spec["required"]:
-            if required not in state.args and not (required == "contents" and "source" in state.args):
+            if required not in state.args and not (required == "contents" and
+                                                   ("source" in state.args or "contents_pillar" in state.args)):
                 errors.append(StateFileError(state.path, state.line,
                                              f"{state.id}: {state.fun} needs the argument {required!r}"))
         if state.fun == "file.managed" and "source" in state.args and "contents" in state.args:
@@ -76,6 +77,8 @@ def _type_errors(state: State, types: dict[str, list[str]]) -> list[StateFileErr
 
 
 def _find(states: list[State], module: str | None, ref: str) -> list[int]:
+    if module == "sls":  # Salt's `- sls: NAME`: every state of that file
+        return [i for i, s in enumerate(states) if s.sls == ref]
     return [i for i, s in enumerate(states)
             if (module is None or s.module == module) and (s.id == ref or s.name == ref)]
 

@@ -783,10 +783,10 @@ def _apply_over_control(master, file: str, target: str, events: list, done: dict
     from pimaster.client import ControlClient
     from pimaster.commands.apply import state_tree_served
 
-    path, serve_file = state_tree_served(file, str(master.state_dir))
+    path, root, serve_file = state_tree_served(file, str(master.state_dir))
     try:
         done["result"] = ControlClient(str(master.state_dir)).call(
-            "apply", file=path, root=os.path.dirname(path), target=target, timeout=60, timeout_extra=120,
+            "apply", file=path, root=root, target=target, timeout=60, timeout_extra=120,
             on_event=events.append, on_ask=serve_file)
     except Exception as exc:  # the test reports what the apply ended with
         done["error"] = repr(exc)

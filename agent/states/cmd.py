@@ -1,4 +1,5 @@
-"""cmd: run a shell command, guarded by `creates` (and the engine's `unless`/`onlyif`)."""
+"""cmd: run a shell command, guarded by `creates` (and the engine's `unless`/`onlyif`); or, with
+Salt's cmd.wait, only when a state it watches changed."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import pwd
 
 from .base import Outcome, StateContext, StateError, string_list
 
-__states__ = ("run",)
+__states__ = ("run", "wait")
 
 
 def _environment(env: dict | list | None) -> dict[str, str]:
@@ -105,3 +106,45 @@ def run(ctx: StateContext, name: str, creates: str | list[str] | None = None, cw
     if res.returncode not in ok_codes:
         return out.fail(f"command failed with exit status {res.returncode}")
     return out.result()
+
+
+def wait(ctx: StateContext, name: str, creates: str | list[str] | None = None, cwd: str | None = None,
+         env: dict | list[dict] | None = None, runas: str | None = None, shell: str = "/bin/sh",
+         timeout: float | None = None, success_retcodes: list[int] | None = None) -> dict:
+    """Run a shell command only when a state it watches changed (Salt's cmd.wait).
+
+    On its own the state does nothing. With a ``watch`` requisite (or another state's
+    ``watch_in``) the command runs, exactly as cmd.run would, when one of the watched states
+    changed in this run -- the same trigger that makes service.running restart. ``onchanges``
+    alone does not trigger it, as in Salt: write cmd.run with ``onchanges`` for that, which Salt
+    itself recommends over cmd.wait. In test mode a watched state that would change makes it
+    report that it would run.
+
+    Arguments:
+      name: the command line, run by ``shell -c`` (default: the state's id).
+      creates: a path, or a list of paths: when all exist the command is not run.
+      cwd: the working directory (default: the home of ``runas``, root's home for root).
+      env: extra environment variables, a mapping (``{PATH: ..., LANG: C}``).
+      runas: a user to run the command as (``runuser``).
+      shell: the shell that runs it, default /bin/sh.
+      timeout: seconds before the command is killed (default: an hour).
+      success_retcodes: exit statuses besides 0 that count as success.
+
+    Example::
+
+        /etc/exports:
+          file.managed:
+            - contents: |
+                /srv/nfs 10.77.0.0/24(rw,no_subtree_check)
+        exportfs -ra:
+          cmd.wait:
+            - watch:
+              - file: /etc/exports
+    """
+    if not name.strip():
+        raise StateError("name must be the command to run")
+    if not ctx.watch_changed:
+        # Salt's cmd.wait: the state itself is a no-op; only its watch (mod_watch) runs the command.
+        return Outcome(ctx, name).result("nothing to run: no state it watches changed")
+    return run(ctx, name, creates=creates, cwd=cwd, env=env, runas=runas, shell=shell, timeout=timeout,
+               success_retcodes=success_retcodes)

@@ -1,26 +1,31 @@
-"""file: whole files, directories, single lines and marked blocks.
+"""file: whole files, directories, single lines, marked blocks, appended text, regex replacements
+and symlinks.
 
 Every write replaces the file atomically (temp file, fsync, rename) after keeping the old version
 under the agent's state dir (``/var/lib/piagent/backup/<path>.<time>``). Test mode shows a
-unified diff of what would change.
+unified diff of what would change. file.append, file.replace and file.symlink are Salt's states of
+those names, with Salt's arguments, so that Salt users' state files run unchanged.
 
-(Over 500 lines on purpose: most of it is the five states' user reference, and the text editing
-of file.line and file.blockreplace -- line_spec/edit_line, replace_block: text in, text out --
-sits next to the state it serves, as in every module.)
+(Over 500 lines on purpose: most of it is the states' user reference, and the text editing of
+file.line, file.blockreplace, file.append and file.replace -- line_spec/edit_line, replace_block,
+append_text, replace_text: text in, text out -- sits next to the state it serves, as in every module.)
 """
 
 from __future__ import annotations
 
 import os
 import re
+import secrets
 import shutil
 import stat
 from dataclasses import dataclass
 
+from ..fileio import TMP_TAG, fsync_directory, remove_stale_temps
+
 from .base import (Outcome, StateContext, StateError, Text, absolute_path, format_mode, group_name, join_words,
                    lookup_owner, owner_name, parse_mode, read_text, update_file)
 
-__states__ = ("managed", "directory", "absent", "line", "blockreplace")
+__states__ = ("managed", "directory", "absent", "line", "blockreplace", "append", "replace", "symlink")
 
 DIRECTORY_MODE = 0o755
 # Paths file.absent refuses: removing one would wreck the system, never what a state meant.
@@ -535,3 +540,358 @@ def blockreplace(ctx: StateContext, name: str, marker_start: Text = "#-- start m
                                       prepend_if_not_found, path)
     out.update(update_file(ctx, path, old, new), would, did)
     return out.result(f"{path} is as wanted")
+
+
+# ---------------------------------------------------------------------------------------------
+# file.append (Salt's): the text editing (pure) apart from the file
+
+def _chunk_key(lines: list[str], ignore_whitespace: bool) -> list[str]:
+    """Lines as they are compared: with ignore_whitespace, runs of blanks count as one space, ends
+    are stripped and blank lines left out (Salt matches such text whitespace-insensitively)."""
+    if not ignore_whitespace:
+        return [ln.rstrip("\r") for ln in lines]
+    return [" ".join(ln.split()) for ln in lines if ln.strip()]
+
+
+def _contains_run(haystack: list[str], needle: list[str]) -> bool:
+    if not needle:
+        return True
+    width = len(needle)
+    return any(haystack[i:i + width] == needle for i in range(len(haystack) - width + 1))
+
+
+def append_text(text: str, chunks: list[str], ignore_whitespace: bool = True) -> tuple[str, list[str]]:
+    """``text`` with each chunk appended (as whole lines) that is not in it yet, and the lines added.
+
+    A chunk is there when its lines appear as consecutive whole lines of the text (compared as
+    _chunk_key says); chunks appended earlier in the list count for the later ones.
+    """
+    lines = text.splitlines()
+    added: list[str] = []
+    for chunk in chunks:
+        chunk_lines = chunk.splitlines()
+        if _contains_run(_chunk_key(lines, ignore_whitespace), _chunk_key(chunk_lines, ignore_whitespace)):
+            continue
+        lines.extend(chunk_lines)
+        added.extend(chunk_lines)
+    if not added:
+        return text, []
+    if text and not text.endswith("\n"):
+        text += "\n"
+    return text + "".join(line + "\n" for line in added), added
+
+
+def append(ctx: StateContext, name: str, text: Text | list[Text], makedirs: bool = False,
+           ignore_whitespace: bool = True) -> dict:
+    """Text at the end of a file, each piece appended only if the file does not have it yet (Salt's).
+
+    ``text`` is one string or a list of them; each is looked for in the file as consecutive whole
+    lines and, if missing, appended at the end (a multi-line string is one piece: all its lines
+    must be there together). So a second run appends nothing. A missing file is created (0644).
+    Unlike file.line, nothing is ever replaced or removed: for a setting that has a value, use
+    file.line with ``key``/``value`` or file.replace.
+
+    Arguments:
+      name: the file's absolute path (default: the state's id). A symlink is followed.
+      text: the line(s) to have at the end: a string (may hold several lines) or a list of strings.
+      makedirs: create missing parent directories (0755) of a missing file, default false.
+      ignore_whitespace: compare lines with runs of spaces/tabs as one space and blank lines left
+        out, default true (as in Salt); false: the lines must be there exactly.
+
+    Example::
+
+        /etc/modules:
+          file.append:
+            - text:
+              - i2c-dev
+              - w1-gpio
+        motd-note:
+          file.append:
+            - name: /etc/motd
+            - text: |
+                This node is managed by pimaster.
+                Local changes are overwritten.
+    """
+    path = absolute_path(name)
+    items = text if isinstance(text, list) else [text]
+    chunks = [_as_text(item, "each item of text") for item in items]
+    if any("\0" in chunk for chunk in chunks):
+        raise StateError("text contains a NUL byte")
+    if os.path.isdir(path):
+        raise StateError(f"{path} is a directory")
+    out = Outcome(ctx, name)
+    old = read_text(path)
+    if old is None:
+        _parent_ready(ctx, path, makedirs, out)
+    new, added = append_text(old or "", chunks, ignore_whitespace)
+    lines_word = f"{len(added)} line{'s' * (len(added) != 1)}"
+    if old is None:
+        out.update(update_file(ctx, path, None, new), f"create {path} with {lines_word}",
+                   f"created {path} with {lines_word}")
+    else:
+        out.update(update_file(ctx, path, old, new), f"append {lines_word} to {path}",
+                   f"appended {lines_word} to {path}")
+    return out.result(f"{path} has the text")
+
+
+# ---------------------------------------------------------------------------------------------
+# file.replace (Salt's): the text editing (pure) apart from the file
+
+# Salt's flags are the names of Python's re flags (or their sum as a number); LOCALE is left out:
+# Python refuses it for text patterns.
+REGEX_FLAGS = {"A": re.A, "ASCII": re.A, "I": re.I, "IGNORECASE": re.I, "M": re.M, "MULTILINE": re.M,
+               "S": re.S, "DOTALL": re.S, "X": re.X, "VERBOSE": re.X, "U": re.U, "UNICODE": re.U}
+
+
+def regex_flags(flags: int | str | list[str]) -> int:
+    """Salt's ``flags``: a number (8 is re.MULTILINE, Salt's default) or flag names."""
+    if isinstance(flags, int) and not isinstance(flags, bool):
+        if flags < 0 or flags & ~(re.A | re.I | re.M | re.S | re.X | re.U):
+            raise StateError(f"flags {flags} is not a sum of re flags (IGNORECASE 2, MULTILINE 8, DOTALL 16, ...)")
+        return flags
+    names = [flags] if isinstance(flags, str) else flags
+    value = 0
+    for flag in names:
+        bit = REGEX_FLAGS.get(str(flag).strip().upper().removeprefix("RE."))
+        if bit is None:
+            raise StateError(f"flags: {flag!r} is not one of {', '.join(sorted(n for n in REGEX_FLAGS if len(n) > 1))}")
+        value |= bit
+    return value
+
+
+def _has_line(text: str, content: str) -> bool:
+    """Whether ``content`` is in ``text`` as whole line(s): starting a line and ending one."""
+    return re.search(r"(?m)^" + re.escape(content) + r"\r?$", text) is not None
+
+
+def replace_text(text: str, pattern: re.Pattern, repl: str, count: int = 0, append: bool = False,
+                 prepend: bool = False, not_found_content: str | None = None,
+                 backslash_literal: bool = False) -> tuple[str, tuple[str, str]]:
+    """``text`` with the pattern's matches replaced (Python's re.subn on the whole text), or, when
+    nothing matches, the content appended/prepended as a line unless a line already holds it;
+    and the words for what was done."""
+    replacement = (lambda match: repl) if backslash_literal else repl
+    try:
+        new, found = pattern.subn(replacement, text, count=count)
+    except (re.error, IndexError) as exc:
+        raise StateError(f"repl {repl!r} does not fit the pattern: {exc}") from None
+    if found:
+        matches = f"{found} match{'es' * (found != 1)}"
+        return new, (f"replace {matches}", f"replaced {matches}")
+    if not (append or prepend):
+        return text, ("", "")
+    content = repl if not_found_content is None else not_found_content
+    content = content.removesuffix("\n")
+    if _has_line(text, content):
+        return text, ("", "")  # added by an earlier run: what makes the state idempotent
+    if prepend:
+        return content + "\n" + text, ("prepend the content (the pattern is not found)",
+                                       "prepended the content (the pattern is not found)")
+    if text and not text.endswith("\n"):
+        text += "\n"
+    return text + content + "\n", ("append the content (the pattern is not found)",
+                                   "appended the content (the pattern is not found)")
+
+
+def replace(ctx: StateContext, name: str, pattern: Text, repl: Text, count: int = 0,
+            flags: int | str | list[str] = 8, append_if_not_found: bool = False,
+            prepend_if_not_found: bool = False, not_found_content: Text | None = None,
+            backup: str | bool | None = None, show_changes: bool = True, ignore_if_missing: bool = False,
+            backslash_literal: bool = False) -> dict:
+    """Text replaced by a regular expression over the whole file (Salt's file.replace).
+
+    The pattern is matched against the whole file's text at once (Python's ``re``; with Salt's
+    default flags, MULTILINE, ``^`` and ``$`` match at each line). Every match (or the first
+    ``count``) is replaced by ``repl``; when that gives the text the file has, nothing is written.
+    Write the pattern so that it also matches the replaced text (``^#?PermitRootLogin .*``), or
+    use ``append_if_not_found``: when nothing matches, ``not_found_content`` (default ``repl``) is
+    added as a line, unless a line of the file already is exactly that -- so a second run changes
+    nothing. The file is written atomically and its previous version kept under the agent's state
+    dir.
+
+    Arguments:
+      name: the file's absolute path (default: the state's id). A symlink is followed.
+      pattern: a Python regular expression.
+      repl: the replacement; ``\\1`` and ``\\g<name>`` refer to the pattern's groups.
+      count: how many matches to replace, 0 (default) for all.
+      flags: Python re flags by name (a list: ``[IGNORECASE, MULTILINE]``) or as a number; default
+        8 (MULTILINE), as in Salt. Giving flags replaces the default: list MULTILINE too if wanted.
+      append_if_not_found / prepend_if_not_found: when the pattern matches nothing, add the content
+        at the end / start of the file (not both).
+      not_found_content: what to add then, default ``repl`` (give it when repl uses ``\\1``).
+      backup: accepted for Salt's files; no ``.bak`` file is made next to the file: pimaster keeps
+        every previous version under /var/lib/piagent/backup whatever this says.
+      show_changes: false to leave the diff out of the result (it says only that the file changed).
+      ignore_if_missing: a missing file is not an error (nothing is done), default false.
+      backslash_literal: take backslashes in repl literally (no group references), default false.
+
+    Example::
+
+        no-root-login:
+          file.replace:
+            - name: /etc/ssh/sshd_config
+            - pattern: '^#?PermitRootLogin .*$'
+            - repl: PermitRootLogin no
+            - append_if_not_found: true
+        gpu-memory:
+          file.replace:
+            - name: /boot/firmware/config.txt
+            - pattern: '^gpu_mem=(\\d+)$'
+            - repl: gpu_mem=16
+    """
+    path = absolute_path(name)
+    if append_if_not_found and prepend_if_not_found:
+        raise StateError("give append_if_not_found or prepend_if_not_found, not both")
+    if isinstance(count, bool) or count < 0:
+        raise StateError(f"count must be 0 (all) or a positive number, not {count!r}")
+    compiled = _compile(pattern, "pattern")
+    if compiled.pattern == "":
+        raise StateError("pattern must not be empty")
+    try:
+        compiled = re.compile(compiled.pattern, regex_flags(flags))
+    except (re.error, ValueError) as exc:
+        raise StateError(f"pattern {pattern!r} with these flags is not a valid regular expression: {exc}") from None
+    repl = str(repl)
+    content = None if not_found_content is None else str(not_found_content)
+    out = Outcome(ctx, name)
+    if os.path.isdir(path):
+        raise StateError(f"{path} is a directory")
+    old = read_text(path)
+    if old is None:
+        if ignore_if_missing:
+            return out.result(f"{path} does not exist: nothing to replace (ignore_if_missing)")
+        if ctx.test:  # an earlier state in the same run may create it
+            forecast = f"edit {path}, which does not exist yet"
+            out.change("diff", f"{path} does not exist yet\n", forecast, forecast)
+            return out.result()
+        raise StateError(f"{path} does not exist (ignore_if_missing: true skips a missing file)")
+    new, (would, did) = replace_text(old, compiled, repl, count, append_if_not_found, prepend_if_not_found,
+                                     content, backslash_literal)
+    changes = update_file(ctx, path, old, new)
+    if changes and not show_changes:
+        changes = {"diff": "(not shown: show_changes is false)\n"}
+    out.update(changes, f"{would} in {path}", f"{did} in {path}")
+    return out.result(f"{path} is as wanted")
+
+
+# ---------------------------------------------------------------------------------------------
+# file.symlink (Salt's)
+
+def _backup_path(path: str, backupname: str) -> str:
+    """Salt's backupname: a bare name goes next to the symlink; else an absolute path."""
+    if "/" not in backupname:
+        return os.path.join(os.path.dirname(path), backupname)
+    return absolute_path(backupname, "backupname")
+
+
+def make_symlink(path: str, target: str, uid: int | None, gid: int | None) -> None:
+    """Point ``path`` at ``target`` whole or not at all: a link made under a temp name, owned, then
+    renamed over whatever link or file is there."""
+    directory, base = os.path.split(path)
+    remove_stale_temps(directory, base)
+    tmp = os.path.join(directory, f".{base}.{secrets.token_hex(4)}{TMP_TAG}")
+    try:
+        os.symlink(target, tmp)
+        if uid is not None or gid is not None:
+            os.lchown(tmp, -1 if uid is None else uid, -1 if gid is None else gid)
+        os.replace(tmp, path)
+    except OSError as exc:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise StateError(f"cannot make the symlink {path}: {exc.strerror or exc}") from None
+    fsync_directory(directory)
+
+
+def symlink(ctx: StateContext, name: str, target: Text, force: bool = False, backupname: str | None = None,
+            makedirs: bool = False, user: str | int | None = None, group: str | int | None = None) -> dict:
+    """A symbolic link pointing at a target (Salt's file.symlink).
+
+    A link pointing elsewhere is repointed (atomically: the new link replaces the old in one
+    rename). A file or directory where the link should be is left alone and the state fails,
+    unless ``backupname`` (moved there) or ``force`` (removed; a file's last version is kept
+    under the agent's state dir) says what to do with it. The target need not exist.
+
+    Arguments:
+      name: the link's absolute path (default: the state's id).
+      target: what it points at, exactly as given (a relative target is relative to the link's
+        directory).
+      force: replace a file or directory (removed with everything in it) at ``name``, and a file
+        at ``backupname``; default false. System directories such as /etc are refused.
+      backupname: move a file or directory at ``name`` here instead: a bare name stays in the
+        same directory, or an absolute path.
+      makedirs: create missing parent directories (0755), default false.
+      user, group: owner of the link itself, by name or number (default: root, who makes it).
+
+    Example::
+
+        /usr/local/bin/python:
+          file.symlink:
+            - target: /usr/bin/python3
+        /etc/nginx/sites-enabled/default:
+          file.symlink:
+            - target: ../sites-available/cluster
+            - force: true
+    """
+    path = absolute_path(name)
+    target = str(target)
+    if not target or "\0" in target:
+        raise StateError("target must be a non-empty path")
+    out = Outcome(ctx, name)
+    uid, gid = _wanted_owner(ctx, user, group, out)
+    link_text = f"{path} -> {target}"
+    if os.path.islink(path):
+        current = os.readlink(path)
+        if current == target:
+            owner = _owner_mode_changes(os.lstat(path), None, uid, gid)
+            if owner and not ctx.test:
+                try:
+                    os.lchown(path, -1 if uid is None else uid, -1 if gid is None else gid)
+                except OSError as exc:
+                    raise StateError(f"cannot set the owner of {path}: {exc.strerror}") from None
+            out.update(owner, f"set the owner of the symlink {path}", f"set the owner of the symlink {path}")
+            return out.result(f"{link_text} is as wanted")
+        out.change("old", current)
+        out.change("new", target, f"repoint {path} to {target} (from {current})",
+                   f"repointed {path} to {target} (from {current})")
+        if not ctx.test:
+            make_symlink(path, target, uid, gid)
+        return out.result()
+    if os.path.lexists(path):
+        is_dir = os.path.isdir(path)
+        kind = "directory" if is_dir else "file"
+        if backupname is not None:
+            backup = _backup_path(path, str(backupname))
+            if os.path.lexists(backup):
+                if not force:
+                    raise StateError(f"backupname {backup} exists already (force: true replaces it)")
+                if os.path.isdir(backup) and not os.path.islink(backup):
+                    raise StateError(f"backupname {backup} is a directory: not replaced")
+            out.change("backup", backup, f"move the {kind} {path} to {backup}", f"moved the {kind} {path} to {backup}")
+            if not ctx.test:
+                try:
+                    os.replace(path, backup)
+                except OSError as exc:
+                    raise StateError(f"cannot move {path} to {backup}: {exc.strerror}") from None
+        elif force:
+            if path in PROTECTED:
+                raise StateError(f"refusing to replace {path}")
+            out.change("removed", path, f"remove the {kind} {path}", f"removed the {kind} {path}")
+            if not ctx.test and is_dir:
+                try:
+                    shutil.rmtree(path)
+                except OSError as exc:
+                    raise StateError(f"cannot remove {path}: {exc.strerror}") from None
+            elif not ctx.test:
+                ctx.backup(path)  # the link then replaces the file in one rename
+        else:
+            raise StateError(f"{path} is a {kind}, not a symlink (force: true replaces it; backupname: "
+                             f"moves it aside)")
+    else:
+        _parent_ready(ctx, path, makedirs, out)
+    out.change("new", target, f"make the symlink {link_text}", f"made the symlink {link_text}")
+    out.update(_owner_mode_changes(None, None, uid, gid))
+    if not ctx.test:
+        make_symlink(path, target, uid, gid)
+    return out.result()

@@ -1,4 +1,8 @@
-"""kmod: kernel modules loaded now and at every boot (/etc/modules-load.d)."""
+"""kmod: kernel modules loaded now and at every boot (/etc/modules-load.d).
+
+``kmod.loaded`` is pimaster's own name; ``kmod.present`` is Salt's, with Salt's arguments (``persist``
+off by default, ``mods`` for several modules). Both load and list a module the same way.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +11,7 @@ import re
 
 from .base import Outcome, StateContext, StateError, output_tail, read_text, update_file
 
-__states__ = ("loaded",)
+__states__ = ("loaded", "present")
 
 MODULES_LOAD_FILE = "/etc/modules-load.d/pimaster.conf"
 HEADER = "# Kernel modules loaded at boot, managed by pimaster (kmod.loaded).\n"
@@ -49,31 +53,101 @@ def loaded(ctx: StateContext, name: str, persist: bool = True) -> dict:
           kmod.loaded:
             - persist: true
     """
-    if not MODULE_RE.match(name):
-        raise StateError(f"{name!r} is not a kernel module name")
+    _check_name(name)
     out = Outcome(ctx, name, before=f"{name}: ")
     if not is_loaded(name):
-        if not ctx.test:
-            res = ctx.run(["modprobe", "--", name], timeout=120)
-            if res.returncode == 127:
-                return out.fail(f"cannot load {name}: modprobe is not installed (package kmod)")
-            if not res.ok:
-                return out.fail(f"modprobe {name} failed: {output_tail(res, 4)}")
-            if not is_loaded(name):
-                return out.fail(f"modprobe {name} succeeded but the module is not loaded")
+        failed = _load(ctx, name)
+        if failed:
+            return out.fail(failed)
         out.change("loaded", True, "load it now", "loaded it now")
     if persist:
-        old = read_text(MODULES_LOAD_FILE)
-        new = list_module(old if old is not None else HEADER, name)
-        listed = (f"list it in {MODULES_LOAD_FILE} for boot", f"listed it in {MODULES_LOAD_FILE} for boot")
-        if new != old and old is None and not os.path.isdir(os.path.dirname(MODULES_LOAD_FILE)):
-            if ctx.test:
-                out.change("diff", f"{MODULES_LOAD_FILE} would be created\n", *listed)
-            else:
-                os.makedirs(os.path.dirname(MODULES_LOAD_FILE), mode=0o755, exist_ok=True)
-        if "diff" not in out.changes:
-            out.update(update_file(ctx, MODULES_LOAD_FILE, old, new), *listed)
+        _list_for_boot(ctx, [name], out, "it")
     return out.result(f"{name} is loaded" + (f" and listed in {MODULES_LOAD_FILE}" if persist else ""))
+
+
+def present(ctx: StateContext, name: str, persist: bool = False, mods: list[str] | None = None) -> dict:
+    """A kernel module loaded now (Salt's name and arguments; kmod.loaded persists by default).
+
+    The same as kmod.loaded, with Salt's defaults: the module is loaded now, and listed for boot
+    only with ``persist: true``. Salt lists it in /etc/modules; pimaster in
+    /etc/modules-load.d/pimaster.conf, which systemd-modules-load reads at boot just the same.
+    Built-in modules (in /sys/module) count as loaded.
+
+    Arguments:
+      name: the module, e.g. ``br_netfilter`` (default: the state's id); a label only when ``mods``
+        is given, as in Salt.
+      persist: also list it for boot, default false (as in Salt).
+      mods: a list of modules to load (and list) instead of ``name``.
+
+    Example::
+
+        br_netfilter:
+          kmod.present:
+            - persist: true
+        k8s-modules:
+          kmod.present:
+            - mods:
+              - overlay
+              - br_netfilter
+            - persist: true
+    """
+    modules = [name] if mods is None else [str(m) for m in mods]
+    if not modules:
+        raise StateError("mods must name at least one module")
+    for module in modules:
+        _check_name(module)
+    out = Outcome(ctx, name)
+    missing = [m for m in modules if not is_loaded(m)]
+    done: list[str] = []
+    for module in missing:
+        failed = _load(ctx, module)
+        if failed:
+            if done:  # a half-done state says what it did
+                out.change("loaded", done)
+            return out.fail(failed)
+        done.append(module)
+    if done:
+        words = ", ".join(done)
+        out.change("loaded", done, f"load {words}", f"loaded {words}")
+    if persist:
+        _list_for_boot(ctx, modules, out, ", ".join(modules))
+    shown = ", ".join(modules)
+    return out.result(f"{shown} {'is' if len(modules) == 1 else 'are'} loaded"
+                      + (f" and listed in {MODULES_LOAD_FILE}" if persist else ""))
+
+
+def _check_name(module: str) -> None:
+    if not MODULE_RE.match(module):
+        raise StateError(f"{module!r} is not a kernel module name")
+
+
+def _load(ctx: StateContext, module: str) -> str | None:
+    """modprobe the module (not in test mode); why it failed, or None."""
+    if ctx.test:
+        return None
+    res = ctx.run(["modprobe", "--", module], timeout=120)
+    if res.returncode == 127:
+        return f"cannot load {module}: modprobe is not installed (package kmod)"
+    if not res.ok:
+        return f"modprobe {module} failed: {output_tail(res, 4)}"
+    if not is_loaded(module):
+        return f"modprobe {module} succeeded but the module is not loaded"
+    return None
+
+
+def _list_for_boot(ctx: StateContext, modules: list[str], out: Outcome, what: str) -> None:
+    """List the modules in MODULES_LOAD_FILE (one update of the file for all of them)."""
+    old = read_text(MODULES_LOAD_FILE)
+    new = old if old is not None else HEADER
+    for module in modules:
+        new = list_module(new, module)
+    listed = (f"list {what} in {MODULES_LOAD_FILE} for boot", f"listed {what} in {MODULES_LOAD_FILE} for boot")
+    if new != old and old is None and not os.path.isdir(os.path.dirname(MODULES_LOAD_FILE)):
+        if ctx.test:
+            out.change("diff", f"{MODULES_LOAD_FILE} would be created\n", *listed)
+            return
+        os.makedirs(os.path.dirname(MODULES_LOAD_FILE), mode=0o755, exist_ok=True)
+    out.update(update_file(ctx, MODULES_LOAD_FILE, old, new), *listed)
 
 
 def list_module(text: str, module: str) -> str:

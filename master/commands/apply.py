@@ -28,7 +28,11 @@ def add_parser(sub, name, summary, common, as_json) -> None:
                            description="Renders FILE (a path, or the name of a shipped state file) for every "
                                        "targeted node, refuses the whole job if any node's rendering fails, "
                                        "then pushes it and shows results as they arrive.")
-    apply.add_argument("file", help="state file (path or shipped name, e.g. slurm)")
+    apply.add_argument("file", help="state file: a path, an SLS name in --tree (ntp.client), or a shipped name (slurm)")
+    apply.add_argument("--tree", metavar="DIR",
+                       help="the state tree: includes (a.b), salt:// sources and Jinja imports resolve from its "
+                            "root (default: the nearest directory above FILE holding a cluster.yaml or top.sls, "
+                            "else FILE's own directory)")
     add_target(apply)
     apply.add_argument("--test", action="store_true", help="show what would change, change nothing")
     apply.add_argument("--timeout", type=Duration(), default=parse_duration("1h"), metavar="DURATION",
@@ -61,11 +65,11 @@ def run(client, args) -> int:
 
     import signal
 
-    path, serve_file = state_tree_served(args.file, client.state_dir)
+    path, root, serve_file = state_tree_served(args.file, client.state_dir, args.tree)
     signal.signal(signal.SIGTERM, _terminated)
     try:
         with view:  # left on Ctrl-C too: the terminal and its cursor are restored before the note below
-            report = client.call("apply", file=path, root=os.path.dirname(path), target=args.target,
+            report = client.call("apply", file=path, root=root, target=args.target,
                                  test=args.test, timeout=args.timeout, timeout_extra=args.timeout + 120,
                                  on_event=on_event, on_ask=serve_file)
     except KeyboardInterrupt as exc:
@@ -77,25 +81,26 @@ def run(client, args) -> int:
     return EXIT_OK if print_report(report, table, quiet=args.quiet) else EXIT_FAILED
 
 
-def state_tree_served(spec: str, state_dir: str):
-    """The state file ``spec`` names, resolved here (this command's directory first, then the
-    shipped states), and the answer to the master's questions for the files of its tree (the
-    file's directory, never the master's state directory): the master may see another file
-    system than this shell (the lab's node01, a service's private /tmp), so it reads through us."""
-    from ..statetree import StateFileError, resolve_state_path, serve_tree_file, state_tree, states_dir
+def state_tree_served(spec: str, state_dir: str, tree_dir: str | None = None):
+    """The state file ``spec`` names and its tree's root, resolved here (statetree.resolve_state_file:
+    ``tree_dir``, this command's directory, the shipped states), and the answer to the master's
+    questions for the files of that tree (never the master's state directory): the master may see
+    another file system than this shell (the lab's node01, a service's private /tmp), so it reads
+    through us."""
+    from ..statetree import StateFileError, resolve_state_file, serve_tree_file, state_tree, states_dir
 
     try:
-        path = resolve_state_path(spec, states_dir(), os.getcwd())
+        path, root = resolve_state_file(spec, states_dir(), os.getcwd(), tree_dir)
     except StateFileError as exc:
         raise ControlError(f"refused, nothing was sent:\n{exc}") from None
-    tree = state_tree(os.path.dirname(path), (state_dir,))
+    tree = state_tree(root, (state_dir,))
 
     def serve_file(question) -> tuple[dict, bytes]:
         if not isinstance(question, dict) or not isinstance(question.get("read"), str):
             return {"kind": "error", "why": "not a question this client answers"}, b""
         return serve_tree_file(tree, question["read"])
 
-    return path, serve_file
+    return path, root, serve_file
 
 
 def interrupted_note(job_id: str | None) -> str:
