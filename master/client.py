@@ -65,8 +65,7 @@ class ControlClient:
                         if on_event is not None:
                             on_event(json.loads(line)["event"])
                     elif line.startswith(b'{"ask"'):
-                        answer, payload = (on_ask(json.loads(line)["ask"]) if on_ask is not None else
-                                           ({"kind": "error", "why": "this client answers no questions"}, b""))
+                        answer, payload = _answer(on_ask, json.loads(line)["ask"])
                         sock.sendall(json.dumps({"answer": dict(answer, size=len(payload))}).encode()
                                      + b"\n" + payload)
                     else:
@@ -91,3 +90,16 @@ class ControlClient:
             code = response.get("code")
             raise ControlError(str(response["error"]), code=code if isinstance(code, str) else None)
         return response["result"]
+
+
+def _answer(on_ask, question) -> tuple[dict, bytes]:
+    """``on_ask``'s answer to the master's question; a failure is an answer too (the master's
+    rendering then says why), never this command's traceback."""
+    if on_ask is None:
+        return {"kind": "error", "why": "this client answers no questions"}, b""
+    try:
+        return on_ask(question)
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except Exception as exc:
+        return {"kind": "error", "why": f"{type(exc).__name__}: {exc}"}, b""

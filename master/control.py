@@ -40,18 +40,23 @@ class ClientAsk:
         self.reader, self.writer = reader, writer
         self.lock = asyncio.Lock()
 
-    async def __call__(self, question: dict) -> tuple[dict, bytes]:
+    async def __call__(self, question: dict, timeout: float = ANSWER_TIMEOUT_S) -> tuple[dict, bytes]:
         async with self.lock:
             if self.writer.is_closing():
                 raise ConnectionError("the client has gone")
+            timeout = max(0.0, min(timeout, ANSWER_TIMEOUT_S))
             try:
-                return await asyncio.wait_for(self._ask(question), ANSWER_TIMEOUT_S)
+                return await asyncio.wait_for(self._ask(question), timeout)
             except asyncio.TimeoutError:
-                self.writer.close()
-                raise ConnectionError(f"the client did not answer in {ANSWER_TIMEOUT_S:.0f} s") from None
+                self._give_up(f"it did not answer in {timeout:.0f} s")
+                raise ConnectionError(f"the client did not answer in {timeout:.0f} s") from None
             except (ValueError, asyncio.LimitOverrunError, asyncio.IncompleteReadError) as exc:
-                self.writer.close()
+                self._give_up(f"its answer was malformed ({type(exc).__name__})")
                 raise ConnectionError(f"the client's answer was malformed ({type(exc).__name__})") from None
+
+    def _give_up(self, why: str) -> None:
+        log.warning("control socket: closed a client's connection: %s", why)
+        self.writer.close()
 
     async def _ask(self, question: dict) -> tuple[dict, bytes]:
         self.writer.write(json.dumps({"ask": question}).encode() + b"\n")

@@ -24,6 +24,7 @@ sent the job) and ends once the nodes it waits for have reported.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import functools
 import os
 import secrets
@@ -46,6 +47,8 @@ MAX_SENSITIVE_STRINGS = 256
 MAX_SENSITIVE_LENGTH = 4096
 # How often a running apply looks whether its nodes are still connected.
 CONNECTION_CHECK_S = 1.0
+# Applies rendering at once; more wait their turn (a rendering is CPU work, or a wait for a client).
+RENDER_THREADS = concurrent.futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="render")
 
 
 class ApplyRefused(Exception):
@@ -189,10 +192,24 @@ async def apply(board: JobBoard, emit, file: str, target: str | None = None, tes
     """Apply the state file at ``file`` of ``tree`` (default: this file system, its directory)."""
     tree = tree or state_tree(os.path.dirname(file), (board.state_dir,))
     try:
-        plan = await asyncio.to_thread(Plan, board, file, target, tree)
+        return await _apply(board, emit, file, target, test, timeout, ack_timeout, tree)
+    finally:
+        tree.release()
+
+
+async def _rendering(function, *args):
+    """``function(*args)`` in a rendering thread: reading a client's state tree may wait for the
+    client, so renderings have threads of their own, never those `ping` and the rest use."""
+    return await asyncio.get_running_loop().run_in_executor(RENDER_THREADS, functools.partial(function, *args))
+
+
+async def _apply(board: JobBoard, emit, file: str, target: str | None, test: bool, timeout: float,
+                 ack_timeout: float, tree: StateTree) -> dict:
+    try:
+        plan = await _rendering(Plan, board, file, target, tree)
         # Every node's file is rendered and checked before anything is sent. Nodes of later stages
         # see `results` as Pending here and are rendered again once the stages before them ran.
-        jobs, carried, meta, errors = await asyncio.to_thread(plan.render, plan.targets, Pending())
+        jobs, carried, meta, errors = await _rendering(plan.render, plan.targets, Pending())
     except ApplyRefused as exc:
         raise ControlError("refused, nothing was sent:\n" + str(exc)) from None
     if errors:
@@ -221,7 +238,7 @@ async def apply(board: JobBoard, emit, file: str, target: str | None = None, tes
                     _not_sent(board, emit, job_id, node_id)
                 continue
             if index > 0:
-                jobs, carried, _, errors = await asyncio.to_thread(plan.render, group, to_attrdict(results_so_far))
+                jobs, carried, _, errors = await _rendering(plan.render, group, to_attrdict(results_so_far))
                 for node_id, problems in errors.items():
                     _refuse_node(board, emit, job_id, node_id, problems)
             # Nodes whose facts or catalogue do not fit (found before, or by this rendering).

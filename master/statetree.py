@@ -23,6 +23,7 @@ import os
 import posixpath
 import stat
 import threading
+import time
 
 STATE_SUFFIXES = (".yaml", ".yml", ".sls")
 
@@ -55,6 +56,14 @@ def _under(path: str, directory: str) -> bool:
 MAX_TREE_FILE_BYTES = 16 * 1024 * 1024
 MAX_TREE_BYTES = 64 * 1024 * 1024
 MAX_TREE_LOOKUPS = 20000
+# How long one apply may wait for its client's answers, all of them together: a client that
+# answers slowly (or never) holds only its own apply, and only this long.
+MAX_TREE_WAIT_S = 120.0
+
+
+def _clean(path: str) -> str:
+    """An absolute path, normalised; POSIX keeps a leading `//`, which would slip past prefix checks."""
+    return "/" + posixpath.normpath(path).lstrip("/")
 
 
 class TreeFileMissing(OSError):
@@ -86,6 +95,11 @@ class StateTree:
 
     def version(self, path: str):
         return None
+
+    def release(self) -> None:
+        """Drops the compiled templates (the environments hold the tree: freed now, not at the
+        next full garbage collection)."""
+        self.envs.clear()
 
 
 class LocalTree(StateTree):
@@ -149,22 +163,34 @@ class ClientTree(StateTree):
     ``ask(path) -> (answer, data)`` is blocking (rendering runs in a thread). Each path is asked
     once and kept, so every node of the job renders the same files, and a later stage still has
     them when the client has gone (a file only a later stage reads then fails to render, saying
-    why). Bounded: MAX_TREE_FILE_BYTES a file, MAX_TREE_BYTES in all, MAX_TREE_LOOKUPS paths."""
+    why). Bounded: MAX_TREE_FILE_BYTES a file, MAX_TREE_BYTES in all, MAX_TREE_LOOKUPS paths,
+    MAX_TREE_WAIT_S of waiting for the client in all. ``release`` drops what was read (the apply's
+    end)."""
 
     def __init__(self, root: str, ask, forbidden: tuple[str, ...] = ()) -> None:
         super().__init__()
-        self.root = posixpath.normpath(root)
+        self.root = _clean(root)
         self.ask = ask
-        self.forbidden = tuple(posixpath.normpath(f) for f in forbidden)
+        self.forbidden = tuple(_clean(f) for f in forbidden)
         self.answers: dict[str, tuple[dict, bytes]] = {}
         self.total = 0
+        self.waited = 0.0
         self.lock = threading.Lock()
 
+    def release(self) -> None:
+        """Drops the files and compiled templates (they hold the tree: freed now, not at the next
+        full garbage collection)."""
+        with self.lock:
+            self.answers.clear()
+            self.envs.clear()
+
     def _lookup(self, path: str) -> tuple[dict, bytes]:
-        path = posixpath.normpath(path)
+        path = _clean(path)
         with self.lock:
             if path in self.answers:
                 return self.answers[path]
+            if len(self.answers) >= MAX_TREE_LOOKUPS:  # not kept: the count is the bound
+                return {"kind": "error", "why": f"more than {MAX_TREE_LOOKUPS} paths looked up in one apply"}, b""
             # The client checks real paths (symlinks followed) in its file system; these, the
             # obvious ones, whatever the client answers.
             forbidden = next((f for f in self.forbidden if _under(path, f)), None)
@@ -172,21 +198,28 @@ class ClientTree(StateTree):
                 found: tuple[dict, bytes] = ({"kind": "refused", "why": "outside", "dir": self.root}, b"")
             elif forbidden:
                 found = ({"kind": "refused", "why": "forbidden", "dir": forbidden}, b"")
-            elif len(self.answers) >= MAX_TREE_LOOKUPS:
-                found = ({"kind": "error", "why": f"more than {MAX_TREE_LOOKUPS} paths looked up in one apply"}, b"")
+            elif self.total >= MAX_TREE_BYTES:
+                found = ({"kind": "error", "why": f"the files one apply reads are limited to {MAX_TREE_BYTES >> 20} MiB"}, b"")
+            elif self.waited >= MAX_TREE_WAIT_S:
+                found = ({"kind": "error", "why": f"the `pimaster apply` serving the state tree took over "
+                                                  f"{MAX_TREE_WAIT_S:.0f} s to answer"}, b"")
             else:
+                started = time.monotonic()
                 try:
-                    found = self.ask(path)
+                    found = self.ask(path, MAX_TREE_WAIT_S - self.waited)
                 except Exception as exc:  # the client gone, or no answer in time: this path fails
                     found = ({"kind": "error", "why": f"the `pimaster apply` serving the state tree is gone ({exc})"}, b"")
-                found = self._bounded(found)
+                self.waited += time.monotonic() - started
+                found = self._bounded(path, found)
             self.answers[path] = found
             return found
 
-    def _bounded(self, found: tuple[dict, bytes]) -> tuple[dict, bytes]:
+    def _bounded(self, path: str, found: tuple[dict, bytes]) -> tuple[dict, bytes]:
         answer, data = found
         if not isinstance(answer, dict) or answer.get("kind") not in ("file", "missing", "refused", "error"):
             return {"kind": "error", "why": "the client sent a malformed answer"}, b""
+        if answer.get("read", path) != path:
+            return {"kind": "error", "why": "the client answered another question (its stream is out of step)"}, b""
         if answer["kind"] != "file":
             return answer, b""
         if len(data) > MAX_TREE_FILE_BYTES:
@@ -222,19 +255,22 @@ def serve_tree_file(tree: LocalTree, path: str) -> tuple[dict, bytes]:
     """The client's answer to the master asking for ``path`` of ``tree``: (answer, the file's bytes).
     answer["kind"]: `file`, `missing` (no regular file there), `refused` (outside the tree, or in a
     forbidden directory: `why`, `dir`), `error` (`why`)."""
-    if not isinstance(path, str) or not os.path.isabs(path):
+    if not isinstance(path, str) or not os.path.isabs(path) or "\0" in path:
         return {"kind": "error", "why": "not an absolute path"}, b""
-    where = tree.where(path)
-    if where is not None:
-        return {"kind": "refused", "why": where[0], "dir": where[1]}, b""
-    too_large = {"kind": "error", "why": f"larger than {MAX_TREE_FILE_BYTES >> 20} MiB"}
     try:
-        # Non-blocking, and checked on the open file: a FIFO or device is "no file", never a hang.
-        fd = os.open(os.path.realpath(path), os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        real = os.path.realpath(path)
+        where = tree.where(real)
+        if where is not None:
+            return {"kind": "refused", "why": where[0], "dir": where[1]}, b""
+        # Only a regular file is opened: opening a FIFO or a device can block or act (a watchdog).
+        if not stat.S_ISREG(os.stat(real).st_mode):
+            return {"kind": "missing"}, b""
+        fd = os.open(real, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC)
     except (FileNotFoundError, NotADirectoryError):
         return {"kind": "missing"}, b""
-    except OSError as exc:
-        return {"kind": "error", "why": exc.strerror or str(exc)}, b""
+    except (OSError, ValueError) as exc:  # ValueError: a path Python refuses (unencodable)
+        return {"kind": "error", "why": getattr(exc, "strerror", None) or str(exc)}, b""
+    too_large = {"kind": "error", "why": f"larger than {MAX_TREE_FILE_BYTES >> 20} MiB"}
     try:
         info = os.fstat(fd)
         if not stat.S_ISREG(info.st_mode):

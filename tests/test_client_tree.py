@@ -178,3 +178,67 @@ def test_a_source_too_large_to_push_is_refused_by_name(tmp, hidden_cluster, site
     assert result.returncode == 2, result.stdout + result.stderr
     error = json.loads(result.stdout)["error"]
     assert "files/big.img: cannot read: larger than 16 MiB" in error, error
+
+
+def test_clients_that_never_answer_hold_only_their_own_applies(tmp, hidden_cluster, site):
+    """Eight `apply` requests whose client never answers the master's questions: `ping` by role
+    (whose roles the master works out in a thread) and `status` still answer at once."""
+    import socket
+
+    master = hidden_cluster
+    assert cli(master, "apply", "web.yaml", "--json", cwd=site).returncode == 0  # roles to target by
+    stalled = []
+    try:
+        for _ in range(8):
+            sock = socket.socket(socket.AF_UNIX)
+            sock.connect(str(master.state_dir / "control.sock"))
+            sock.sendall(json.dumps({"cmd": "apply", "args": {"file": str(site / "web.yaml"), "root": str(site),
+                                                              "timeout": 30}}).encode() + b"\n")
+            stalled.append(sock)
+        # Renderings have threads of their own (4): those are all waiting on these clients' answers.
+        asked = 0
+        for sock in stalled:
+            sock.settimeout(10 if asked < 4 else 0.5)
+            try:
+                asked += sock.recv(4096).startswith(b'{"ask"')
+            except TimeoutError:
+                pass
+        assert asked == 4
+        ping = subprocess.run([master.python, "-m", "pimaster", "ping", "--target", "role:web", "--json",
+                               "--state-dir", str(master.state_dir)], capture_output=True, text=True,
+                              env=master.env, timeout=60)
+        assert ping.returncode == 0, ping.stderr
+        assert [n["id"] for n in json.loads(ping.stdout)["nodes"]] == ["n1"]
+    finally:
+        for sock in stalled:
+            sock.close()
+    # Their applies end (the client has gone) and nothing of them reached a node.
+    wait_for(lambda: len(json.loads(cli(master, "jobs", "--json", cwd=tmp).stdout)["jobs"]) == 1, 30,
+             what="only the first apply to be a job")
+
+
+def test_the_master_asks_nothing_outside_the_tree_and_the_client_opens_only_regular_files(tmp):
+    """Unit level: ClientTree's own checks (whatever the client would answer), serve_tree_file's."""
+    import threading
+
+    from pimaster.statetree import ClientTree, serve_tree_file, state_tree
+
+    asked = []
+    tree = ClientTree("/", lambda path, timeout: asked.append(path) or ({"kind": "missing"}, b""),
+                      forbidden=(str(tmp / "master"),))
+    for path in (f"/{tmp}/master/master.key", f"{tmp}/master/../master/master.key"):
+        assert tree.refusal(path, "source") == f"source is in {tmp}/master, which state files may not read"
+    assert asked == []
+    site = tmp / "site"
+    site.mkdir()
+    fifo = site / "fifo"
+    os.mkfifo(fifo)
+    writer = threading.Thread(target=lambda: open(fifo, "w").close(), daemon=True)
+    writer.start()  # blocks until someone opens the FIFO for reading
+    local = state_tree(str(site))
+    assert serve_tree_file(local, str(fifo))[0] == {"kind": "missing"}
+    writer.join(0.5)
+    assert writer.is_alive(), "the client opened the FIFO"
+    open(fifo).close()  # let the writer go
+    writer.join(5)
+    assert serve_tree_file(local, f"{site}/a\0b")[0]["kind"] == "error"

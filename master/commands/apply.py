@@ -98,7 +98,8 @@ def state_tree_served(spec: str, state_dir: str, tree_dir: str | None = None):
     def serve_file(question) -> tuple[dict, bytes]:
         if not isinstance(question, dict) or not isinstance(question.get("read"), str):
             return {"kind": "error", "why": "not a question this client answers"}, b""
-        return serve_tree_file(tree, question["read"])
+        answer, data = serve_tree_file(tree, question["read"])
+        return dict(answer, read=question["read"]), data  # which question it answers: checked
 
     return path, root, serve_file
 
@@ -129,8 +130,8 @@ async def handle_apply(master, emit, ask, file: str, root: str | None = None, ta
         raise ControlError("apply reads the state tree through its client's connection, and this request has none")
     loop = asyncio.get_running_loop()
 
-    def fetch(path: str) -> tuple[dict, bytes]:  # in the rendering thread
-        return asyncio.run_coroutine_threadsafe(ask({"read": path}), loop).result(ANSWER_TIMEOUT_S + 10)
+    def fetch(path: str, timeout: float) -> tuple[dict, bytes]:  # in the rendering thread
+        return asyncio.run_coroutine_threadsafe(ask({"read": path}, timeout), loop).result(min(timeout, ANSWER_TIMEOUT_S) + 10)
 
     tree = ClientTree(root or os.path.dirname(file), fetch, forbidden=(master.state_dir,))
     return await apply(master.jobs, emit, file, target, bool(test), float(timeout), tree=tree)
