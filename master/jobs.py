@@ -38,6 +38,7 @@ from .facts import missing_facts
 from .inventory import load_inventory, resolve_nodes
 from .render import Pending, StateFileError, StateFileErrors, compile_for_node, to_attrdict
 from .results import one_line
+from .salt import salt_context
 from .secrets import SecretError, string_leaves, strings_in
 from .statetree import StateTree, state_tree
 
@@ -144,7 +145,10 @@ class Plan:
                 return _used[name]
 
             context = {"node": self.node_context(node_id), "nodes": self.everyone,
-                       "cluster": self.inventory.cluster, "results": results, "secret": secret}
+                       "cluster": self.inventory.cluster, "results": results, "secret": secret,
+                       # Salt's names (grains, pillar, salt[...]): a layer over the above, for Salt's files.
+                       **salt_context(self.facts[node_id], self.entries[node_id], self.inventory.cluster,
+                                      self.inventory.pillar)}
             own_catalog = self.catalogs.get(node_id)
             try:
                 jobs[node_id] = compile_for_node(self.path, context, own_catalog or self.fallback_catalog,

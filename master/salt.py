@@ -51,6 +51,7 @@ from __future__ import annotations
 import copy
 import difflib
 import fnmatch
+import json
 import os
 import posixpath
 import re
@@ -198,7 +199,7 @@ def _os_grains(release: dict) -> dict:
     os_id = release.get("ID")
     if os_id:
         out["os"] = _OS_NAMES.get(os_id.lower(), os_id)
-        out["os_family"] = out["lsb_distrib_id"] = _OS_FAMILIES.get(out["os"], out["os"])
+        out["os_family"] = _OS_FAMILIES.get(out["os"], out["os"])
         out["lsb_distrib_id"] = out["os"]
     if release.get("VERSION_CODENAME"):
         out["oscodename"] = out["lsb_distrib_codename"] = release["VERSION_CODENAME"]
@@ -293,11 +294,11 @@ class SaltFunctions:
         if "." not in name:
             return (f"salt[{name!r}]: Salt's functions are named module.function, as in "
                     f"salt['pillar.get']('key', default)")
-        instead = _INSTEAD.get(module, "a state for what it does, the node's facts (`grains`, `node`), or "
-                                       "`results` of an earlier stage")
-        return (f"salt[{name!r}] would have to run on the node while this file renders, and pimaster renders "
-                f"state files on the master before anything is sent; use {instead} instead (functions "
-                f"available here: {', '.join(sorted(self._functions))})")
+        instead = _INSTEAD.get(module) or (
+            "a state for what it does, the node's facts (`grains`, `node`) or `results` of an earlier stage "
+            f"(salt[...] has only {', '.join(sorted(self._functions))} here)")
+        return (f"salt[{name!r}] cannot be called here: it would have to run on the node at render time, and "
+                f"pimaster renders state files on the master before anything is sent; instead, use {instead}")
 
     def pillar_get(self, key, default="", merge=False, merge_nested_lists=None, delimiter=":",
                    pillarenv=None, saltenv=None):
@@ -398,15 +399,16 @@ def defaults_get(context, key, default=""):
     `defaults.json`), read through the template loader (inside the state tree only), else ``default``."""
     formula, _, path = str(key).partition(":")
     environment = context.environment
-    for name in ("defaults.yaml", "defaults.json"):
+    for name, load, error in (("defaults.yaml", yaml.safe_load, yaml.YAMLError),
+                              ("defaults.json", json.loads, ValueError)):
         try:
             source, _, _ = environment.loader.get_source(environment, posixpath.join(formula, name))
         except jinja2.TemplateNotFound:
             continue
         try:
-            data = yaml.safe_load(source) or {}  # JSON is YAML to this loader
-        except yaml.YAMLError as exc:
-            raise TemplateRefusal(f"defaults.get: {formula}/{name} is not valid YAML/JSON: "
+            data = load(source) or {}
+        except error as exc:
+            raise TemplateRefusal(f"defaults.get: {formula}/{name} does not parse: "
                                   f"{getattr(exc, 'problem', None) or exc}") from None
         return traverse(data, path, default) if path else data
     return default
@@ -481,15 +483,16 @@ def _text(value) -> str:
 
 def regex_search(txt, rgx, ignorecase=False, multiline=False):
     """Jinja filter (Salt's): the groups of the first match of ``rgx`` anywhere in ``txt``, as a
-    list (empty when the pattern has no groups), or None when it does not match."""
+    tuple (empty, and so false, when the pattern has no groups), or None when it does not match:
+    `{{ 'abcd' | regex_search('^(.*)BC(.*)$', ignorecase=True) }}` is ('a', 'd')."""
     found = _compiled("regex_search", rgx, _flags(ignorecase, multiline)).search(_text(txt))
-    return None if found is None else [None if g is None else str(g) for g in found.groups()]
+    return None if found is None else found.groups()
 
 
 def regex_match(txt, rgx, ignorecase=False, multiline=False):
     """Jinja filter (Salt's): as regex_search, but ``rgx`` must match at the start of ``txt``."""
     found = _compiled("regex_match", rgx, _flags(ignorecase, multiline)).match(_text(txt))
-    return None if found is None else [None if g is None else str(g) for g in found.groups()]
+    return None if found is None else found.groups()
 
 
 def regex_replace(txt, rgx, val, ignorecase=False, multiline=False) -> str:

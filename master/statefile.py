@@ -438,7 +438,7 @@ def _include_path(including: str, name: str, tree: StateTree) -> tuple[str | Non
     root = tree.root
     here = os.path.relpath(os.path.dirname(including), root).replace(os.sep, "/")
     package = [] if here == "." else here.split("/")
-    if name.startswith("."):
+    if name.startswith(".") and "/" not in name:
         up = len(name) - len(name.lstrip(".")) - 1
         if up > len(package) or not name.lstrip("."):
             return None, f"include {name!r} goes above the state tree {root}"
@@ -534,7 +534,8 @@ def resolve_sources(states: list[State], context: dict, tree: StateTree) -> list
         shown = display_path(full, tree.root)
         try:
             if template == "jinja":
-                own = dict(extra.get("defaults", {}), **extra.get("context", {}))
+                own = dict(file_context(full, tree.root, state.file), **extra.get("defaults", {}),
+                           **extra.get("context", {}))
                 state.args["contents"] = render_template(full, dict(context, **to_attrdict(own)), shown, tree)
             else:
                 state.args["contents"] = tree.read(full).decode("utf-8")

@@ -25,15 +25,33 @@ the text around it:
 Templated file contents (`source:` with `template: jinja`) are not YAML and are rendered as
 plain Jinja text: no escaping, a value is printed as it is.
 
+Salt's Jinja, in both (salt.py has Salt's names, functions and data filters):
+
+- `{% do expr %}` (a call for its effect: `{% do settings.update(extra) %}`), `{% break %}` and
+  `{% continue %}`;
+- `{% import_yaml "x.yaml" as x %}`, `import_json`, `import_text`: the file is found and read as
+  `{% import %}` finds and reads it (inside the state tree only; `with context` too, which it
+  needs to see `grains`, `pillar` and `salt`), rendered with Jinja, and its text loaded as data;
+  `{% load_yaml as x %}...{% endload %}` (and `load_json`, `load_text`) does the same with the
+  block's text;
+- the filters (and functions) `load_yaml`, `load_json` (text to data), `load_text`; the filters
+  `json` (`sort_keys=True`, `indent=None`) and `yaml` (`flow_style=True`) as Salt has them, and
+  salt.py's `traverse`, `regex_search`, `regex_match`, `regex_replace`, `unique`, `sequence`,
+  `to_bool`.
+
+Each gives data: loaded YAML or JSON holds each `{{ }}` value as the value itself where it
+stands alone (the rules above; in JSON, unquoted), and in a state file a filter's result is a
+value like any other, never YAML text, whatever the data it was given held.
+
 Mechanism: autoescaping is on for state files, and "escaping" a value means replacing it with a
 token (`finalize`, and `_Text`, the Markup subclass whose joins and formats escape); compiled state
 templates use `_Text` where Jinja's runtime uses Markup (`_StateTemplate`), and string literals of
 the template are template text (`_StateCodeGenerator`). `_TreeLoader` reads templates only inside
 the state tree (statetree.py).
 
-(A little over 500 lines on purpose: the token scheme, the code generator hook and the filters
-that must agree with it are one piece; split, a reader would have to hold three files to check
-that no value becomes YAML.)
+(Over 500 lines on purpose: the token scheme, the code generator hook and the filters and
+loaders that must agree with it are one piece; split, a reader would have to hold three files to
+check that no value becomes YAML. Salt's filters that never see tokens are in salt.py.)
 """
 
 from __future__ import annotations
@@ -41,6 +59,7 @@ from __future__ import annotations
 import contextvars
 import functools
 import ipaddress
+import json
 import os
 import posixpath
 import re
@@ -49,11 +68,16 @@ import shlex
 
 import jinja2
 import jinja2.compiler
+import jinja2.environment
+import jinja2.ext
 import jinja2.filters
+import jinja2.nodes
 import jinja2.runtime
 import yaml
 from markupsafe import Markup
 
+from .salt import FILTERS as SALT_FILTERS
+from .salt import TemplateRefusal
 from .statetree import StateFileError, StateTree, TreeFileMissing, state_tree
 
 
@@ -338,10 +362,6 @@ def _plain_key(key, values: Values | None):
     return plain if plain is None or isinstance(plain, (str, int, float, bool)) else str(plain)
 
 
-def _yaml_text(value) -> str:
-    return yaml.safe_dump(plain_data(value), default_flow_style=True).strip()
-
-
 @jinja2.pass_eval_context
 def _tojson(eval_ctx, value, indent=None):
     return _Flow(str(jinja2.filters.do_tojson(eval_ctx, value, indent)), value)
@@ -391,15 +411,209 @@ def quote(value) -> str:
     return shlex.quote(str(value))
 
 
+# ---------------------------------------------------------------------------------------------
+# Salt's Jinja: its serializers, loading text as data, and its tags
+
+def _yaml_text(value, flow_style=True) -> str:
+    """Salt's `yaml` filter: the value as YAML (one line unless ``flow_style`` is false)."""
+    text = yaml.safe_dump(plain_data(value), default_flow_style=flow_style, allow_unicode=True).strip()
+    # A scalar alone ends with YAML's end-of-document mark, which Salt's filter leaves out.
+    return text[:-4] if text.endswith("\n...") else text
+
+
+def _json_text(value, sort_keys=True, indent=None) -> str:
+    """Salt's `json` filter: the value as JSON (keys sorted), not HTML-escaped as `tojson` is."""
+    return json.dumps(plain_data(value), sort_keys=sort_keys, indent=indent)
+
+
+def _loaded_text(value, what: str) -> tuple[str, str]:
+    """The text to load, and how to name it in an error (an imported file by its name)."""
+    if isinstance(value, jinja2.Undefined):
+        str(value)  # StrictUndefined: the error, at the template's line
+    name = getattr(value, "__name__", None) if isinstance(value, jinja2.environment.TemplateModule) else None
+    return str(value), (f"{what}: {name}" if name else what)
+
+
+def load_yaml(value):
+    """Jinja filter and function (Salt's): YAML text as data. In a state file, a `{{ }}` value in
+    the text stays that value (see the module docstring)."""
+    text, what = _loaded_text(value, "load_yaml")
+    values = _rendering.get()
+    try:
+        if values is None or not values.traced(text):
+            return yaml.load(text, Loader=_YAML_LOADER)
+        return _yaml_with_values(text, values)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" (its line {mark.line + 1})" if mark else ""
+        raise TemplateRefusal(f"{what}: not YAML: {getattr(exc, 'problem', None) or exc}{where}") from None
+
+
+def load_json(value):
+    """Jinja filter and function (Salt's): JSON text as data. In a state file, an unquoted `{{ }}`
+    in the text is that value itself, a quoted one is printed into its string."""
+    text, what = _loaded_text(value, "load_json")
+    values = _rendering.get()
+    try:
+        if values is None or not values.traced(text):
+            return json.loads(text)
+        return _json_with_values(text, values)
+    except json.JSONDecodeError as exc:
+        raise TemplateRefusal(f"{what}: not JSON: {exc.msg} (its line {exc.lineno})") from None
+
+
+def load_text(value) -> str:
+    """Jinja filter (Salt's): the text, as one string value (in a state file, never YAML text)."""
+    text, _ = _loaded_text(value, "load_text")
+    values = _rendering.get()
+    return values.substitute(text) if values is not None and values.traced(text) else text
+
+
+_YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+_STR_TAG = "tag:yaml.org,2002:str"
+
+
+def _yaml_with_values(text: str, values: Values):
+    """YAML text holding value tokens, loaded as a state file's YAML is (statefile.py): a token
+    alone as a plain scalar is its value, any other is printed into its string, keys are strings."""
+    root = yaml.compose(text, Loader=_YAML_LOADER)
+    if root is None:
+        return None
+    lines, alone, seen = text.split("\n"), set(), set()
+
+    def fill(node, key=False):
+        if isinstance(node, yaml.ScalarNode):
+            if not values.traced(node.value):
+                return
+            start, end = node.start_mark, node.end_mark
+            index = values.whole(node.value)
+            if (index is not None and not key and not node.style and node.tag == _STR_TAG
+                    and start.line == end.line and end.column - start.column == len(node.value)):
+                alone.add(index)  # put in after construction: the constructor knows only YAML types
+                return
+            dedent = _block_indent(lines, start.line) if node.style in ("|", ">") else 0
+            node.value = values.substitute(node.value, dedent=dedent)
+            if values.traced(node.value):
+                raise TemplateRefusal("load_yaml: a filter rewrote text that holds {{ }} values: apply it "
+                                      "to the values instead")
+        elif id(node) not in seen:  # an alias, or a node inside itself
+            seen.add(id(node))
+            for item in node.value:
+                if isinstance(node, yaml.MappingNode):
+                    fill(item[0], key=True)
+                    fill(item[1])
+                else:
+                    fill(item)
+
+    fill(root)
+    data = yaml.constructor.SafeConstructor().construct_object(root, deep=True)
+    return _put_values(data, values, alone, {})
+
+
+def _block_indent(lines: list[str], indicator_line: int) -> int:
+    for line in lines[indicator_line + 1:]:
+        if line.strip():
+            return len(line) - len(line.lstrip(" "))
+    return 0
+
+
+# A JSON string, or a token outside one.
+_JSON_PART = re.compile(r'"(?:[^"\\]|\\.)*"|' + _TOKEN.pattern)
+
+
+def _json_with_values(text: str, values: Values):
+    bare: set[int] = set()
+
+    def quoted(match) -> str:
+        part = match.group(0)
+        if part.startswith('"'):
+            return part
+        index = values.whole(part)
+        if index is not None:
+            bare.add(index)
+        return f'"{part}"'
+
+    data = json.loads(_JSON_PART.sub(quoted, text))
+    return _put_values(data, values, bare, {}, printed=True)
+
+
+def _put_values(data, values: Values, alone: set[int], done: dict, printed: bool = False):
+    """``data`` with each string that is a token of ``alone`` replaced by its value; with
+    ``printed``, every other token in a string (a key too) printed into it."""
+    if isinstance(data, str):
+        index = values.whole(data)
+        if index is not None and index in alone:
+            value = values.items[index]
+            return value.data if isinstance(value, _Flow) else value
+        if printed and values.traced(data):
+            text = values.substitute(data)
+            if values.traced(text):
+                raise TemplateRefusal("load_json: a filter rewrote text that holds {{ }} values: apply it "
+                                      "to the values instead")
+            return text
+        return data
+    if id(data) in done:
+        return done[id(data)]
+    if isinstance(data, list):
+        done[id(data)] = data
+        data[:] = [_put_values(v, values, alone, done, printed) for v in data]
+    elif isinstance(data, dict):
+        done[id(data)] = data
+        items = [(_put_values(k, values, set(), done, printed), _put_values(v, values, alone, done, printed))
+                 for k, v in data.items()]
+        data.clear()
+        data.update(items)
+    return data
+
+
+class _SaltExtension(jinja2.ext.Extension):
+    """Salt's `{% import_yaml "x.yaml" as x %}` (import_json, import_text): `{% import %}` of the
+    file, then `{% set x = x | load_yaml %}`; and `{% load_yaml as x %}...{% endload %}`: the
+    block's text, then the same. So the file is found, read (inside the state tree) and rendered
+    exactly as `{% import %}` does it, `with context` included."""
+
+    tags = {"import_yaml", "import_json", "import_text", "load_yaml", "load_json", "load_text"}
+
+    def parse(self, parser):
+        tag = parser.stream.current
+        kind = tag.value.split("_", 1)[1]
+        if tag.value.startswith("import_"):
+            node = parser.parse_import()  # takes the tag's name as it would take `import`
+            return [node, self._load(node.target, kind, tag.lineno)]
+        next(parser.stream)
+        parser.stream.expect("name:as")
+        target = parser.parse_assign_target(name_only=True).name
+        body = parser.parse_statements(("name:endload",), drop_needle=True)
+        block = jinja2.nodes.AssignBlock(jinja2.nodes.Name(target, "store"), None, body, lineno=tag.lineno)
+        return [block, self._load(target, kind, tag.lineno)]
+
+    @staticmethod
+    def _load(target: str, kind: str, lineno: int):
+        loaded = jinja2.nodes.Filter(jinja2.nodes.Name(target, "load"), f"load_{kind}", [], [], None, None)
+        return jinja2.nodes.Assign(jinja2.nodes.Name(target, "store"), loaded).set_lineno(lineno)
+
+
+_EXTENSIONS = ("jinja2.ext.do", "jinja2.ext.loopcontrols", _SaltExtension)
+
+
+def _template_name(name):
+    """A template name as plain text, with the values a state file put in it printed: formulas
+    import `tpldir ~ '/map.jinja'`. (Whatever a value holds, the loader reads inside the tree only.)"""
+    if not isinstance(name, str):
+        return name
+    values = _rendering.get()
+    return values.substitute(str(name)) if values is not None else str(name)
+
+
 class _Environment(jinja2.Environment):
     """Template names are plain strings: a literal name in a state file is state text (see
     _StateCodeGenerator), which Jinja would otherwise write into compiled code as it is."""
 
     def get_template(self, name, parent=None, globals=None):
-        return super().get_template(str(name) if isinstance(name, str) else name, parent, globals)
+        return super().get_template(_template_name(name), parent, globals)
 
     def select_template(self, names, parent=None, globals=None):
-        names = [str(n) if isinstance(n, str) else n for n in names] if not isinstance(names, jinja2.Undefined) else names
+        names = [_template_name(n) for n in names] if not isinstance(names, jinja2.Undefined) else names
         return super().select_template(names, parent, globals)
 
     def join_path(self, template, parent):
@@ -442,18 +656,21 @@ class _Undefined(jinja2.StrictUndefined):
 
 def _environment(searchpath: str, tree: StateTree, state: bool) -> jinja2.Environment:
     env = _Environment(loader=_TreeLoader(searchpath, tree), undefined=_Undefined,
-                             keep_trailing_newline=True, auto_reload=True,
+                             keep_trailing_newline=True, auto_reload=True, extensions=_EXTENSIONS,
                              autoescape=state, finalize=_finalize if state else None)
     env.tests["in_network"] = in_network
     env.filters["quote"] = quote
+    env.filters.update(SALT_FILTERS, load_yaml=load_yaml, load_json=load_json, load_text=load_text)
+    env.globals.update(load_yaml=load_yaml, load_json=load_json)
     if not state:
         env.filters["yaml"] = _yaml_text
-        env.filters["json"] = env.filters["tojson"]
+        env.filters["json"] = _json_text
         return env
     env.template_class = _StateTemplate
     env.code_generator_class = _StateCodeGenerator
     env.filters.update({
-        "tojson": _tojson, "json": _tojson, "yaml": lambda v: _Flow(_yaml_text(v), v),
+        "tojson": _tojson, "json": lambda v, sort_keys=True, indent=None: _Flow(_json_text(v, sort_keys, indent), v),
+        "yaml": lambda v, flow_style=True: _Flow(_yaml_text(v, flow_style), v),
         "escape": _Text.escape, "e": _Text.escape, "forceescape": lambda v: _Text.escape(str(v)),
         "safe": lambda v: _Text(v) if isinstance(v, Markup) else _Text(str(v)),
         "join": _join, "replace": _replace, "indent": _indent, "format": _format,
@@ -483,13 +700,35 @@ def _jinja_error(path: str, shown: str, exc: Exception) -> StateFileError:
         message = f"template syntax error: {message}"
     elif isinstance(exc, jinja2.TemplateNotFound):
         message = f"template not found: {exc.name}"
-    elif isinstance(exc, _Refused):
+    elif isinstance(exc, (_Refused, TemplateRefusal)):
         pass
     else:
         message = f"template error: {type(exc).__name__}: {message}"
+    where = None if isinstance(exc, jinja2.TemplateSyntaxError) else _innermost_template(exc)
+    if where is not None:
+        # Formulas call Salt's functions in their map.jinja: name the file and line of the call.
+        if where[0] != path:
+            shown = os.path.normpath(os.path.join(os.path.dirname(shown), os.path.relpath(where[0], os.path.dirname(path))))
+        line = where[1]
     if isinstance(exc, jinja2.TemplateSyntaxError) and exc.filename and os.path.abspath(exc.filename) != path:
         shown = exc.filename
     return StateFileError(shown, line, message)
+
+
+def _innermost_template(exc: Exception) -> tuple[str, int] | None:
+    """The file and line of the innermost template frame of ``exc`` (Jinja rewrites the frames of
+    templates to point at their own files and lines)."""
+    found = None
+    tb = exc.__traceback__
+    while tb is not None:
+        frame = tb.tb_frame
+        template = frame.f_globals.get("__jinja_template__")
+        if "__jinja_exception__" in frame.f_globals:  # a frame Jinja rewrote
+            found = (frame.f_code.co_filename, tb.tb_lineno)
+        elif template is not None and template.filename:
+            found = (template.filename, template.get_corresponding_lineno(tb.tb_lineno))
+        tb = tb.tb_next
+    return found
 
 
 def _render(env: jinja2.Environment, path: str, context: dict, shown: str, tree: StateTree, what: str) -> str:

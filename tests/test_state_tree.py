@@ -111,7 +111,7 @@ def test_the_same_id_in_two_files_is_a_conflict_and_extend_is_how_to_change_it(t
     write(tmp_path / "web.sls", "nginx:\n  pkg.installed: []\n  service.running:\n    - enable: true\n")
     clash = write(tmp_path / "clash.sls", "include: [web]\nnginx:\n  pkg.installed: []\n")
     assert errors_of(clash, tmp_path) == [
-        "clash.sls:2: conflicting ID 'nginx': also at web.sls:2 (a file changes a state of another with `extend:`)"]
+        "clash.sls:3: conflicting ID 'nginx': also at web.sls:2 (a file changes a state of another with `extend:`)"]
     change = write(tmp_path / "change.sls", """
         include: [web]
         extend:

@@ -719,8 +719,8 @@ def replace(ctx: StateContext, name: str, pattern: Text, repl: Text, count: int 
       append_if_not_found / prepend_if_not_found: when the pattern matches nothing, add the content
         at the end / start of the file (not both).
       not_found_content: what to add then, default ``repl`` (give it when repl uses ``\\1``).
-      backup: accepted for Salt's files; no ``.bak`` file is made next to the file: pimaster keeps
-        every previous version under /var/lib/piagent/backup whatever this says.
+      backup: accepted for Salt's files, and without effect: no ``.bak`` file is made next to the
+        file; pimaster keeps the previous version under /var/lib/piagent/backup whatever this says.
       show_changes: false to leave the diff out of the result (it says only that the file changed).
       ignore_if_missing: a missing file is not an error (nothing is done), default false.
       backslash_literal: take backslashes in repl literally (no group references), default false.
@@ -852,12 +852,13 @@ def symlink(ctx: StateContext, name: str, target: Text, force: bool = False, bac
                     raise StateError(f"cannot set the owner of {path}: {exc.strerror}") from None
             out.update(owner, f"set the owner of the symlink {path}", f"set the owner of the symlink {path}")
             return out.result(f"{link_text} is as wanted")
+        if not ctx.test:
+            make_symlink(path, target, uid, gid)
         out.change("old", current)
         out.change("new", target, f"repoint {path} to {target} (from {current})",
                    f"repointed {path} to {target} (from {current})")
-        if not ctx.test:
-            make_symlink(path, target, uid, gid)
         return out.result()
+    replaced_file = False  # a file that the new link replaces by its rename: removed once that is done
     if os.path.lexists(path):
         is_dir = os.path.isdir(path)
         kind = "directory" if is_dir else "file"
@@ -877,7 +878,6 @@ def symlink(ctx: StateContext, name: str, target: Text, force: bool = False, bac
         elif force:
             if path in PROTECTED:
                 raise StateError(f"refusing to replace {path}")
-            out.change("removed", path, f"remove the {kind} {path}", f"removed the {kind} {path}")
             if not ctx.test and is_dir:
                 try:
                     shutil.rmtree(path)
@@ -885,13 +885,21 @@ def symlink(ctx: StateContext, name: str, target: Text, force: bool = False, bac
                     raise StateError(f"cannot remove {path}: {exc.strerror}") from None
             elif not ctx.test:
                 ctx.backup(path)  # the link then replaces the file in one rename
+                replaced_file = True
+            if not replaced_file:
+                out.change("removed", path, f"remove the {kind} {path}", f"removed the {kind} {path}")
         else:
             raise StateError(f"{path} is a {kind}, not a symlink (force: true replaces it; backupname: "
                              f"moves it aside)")
     else:
         _parent_ready(ctx, path, makedirs, out)
+    if not ctx.test:
+        try:
+            make_symlink(path, target, uid, gid)
+        except StateError as exc:  # what was moved or removed before stays in the result
+            return out.fail(str(exc))
+    if replaced_file:
+        out.change("removed", path, f"remove the file {path}", f"removed the file {path}")
     out.change("new", target, f"make the symlink {link_text}", f"made the symlink {link_text}")
     out.update(_owner_mode_changes(None, None, uid, gid))
-    if not ctx.test:
-        make_symlink(path, target, uid, gid)
     return out.result()

@@ -86,9 +86,9 @@ def present(ctx: StateContext, name: str, gid: int | None = None, system: bool =
                              f"creates it)")
         out.note(f"user {join_words(unknown)} does not exist yet")  # an earlier state of the run may create it
 
+    # Each change is recorded once its command succeeded: a failure reports only what was done.
     group = get_group(name)
     if group is None:
-        out.change("created", name, f"create group {name}", f"created group {name}")
         if not ctx.test:
             failed = _run(ctx, ["groupadd", *(["-g", str(gid)] if gid is not None else []),
                                 *(["-r"] if system else []), "--", name])
@@ -98,15 +98,16 @@ def present(ctx: StateContext, name: str, gid: int | None = None, system: bool =
             if group is None:
                 return out.fail(f"groupadd succeeded but there is no group {name}")
             out.change("gid", group.gr_gid)
+        out.change("created", name, f"create group {name}", f"created group {name}")
         current: list[str] = []
     else:
         if gid is not None and group.gr_gid != gid:
-            out.change("gid", gid, f"change the gid of group {name} from {group.gr_gid} to {gid}",
-                       f"changed the gid of group {name} from {group.gr_gid} to {gid}")
             if not ctx.test:
                 failed = _run(ctx, ["groupmod", "-g", str(gid), "--", name])
                 if failed:
                     return out.fail(failed)
+            out.change("gid", gid, f"change the gid of group {name} from {group.gr_gid} to {gid}",
+                       f"changed the gid of group {name} from {group.gr_gid} to {gid}")
         current = list(group.gr_mem)
 
     if members is not None:
@@ -118,13 +119,13 @@ def present(ctx: StateContext, name: str, gid: int | None = None, system: bool =
     if joining or leaving:
         words = "; ".join(filter(None, [f"add {', '.join(joining)}" if joining else "",
                                         f"remove {', '.join(leaving)}" if leaving else ""]))
-        out.change("members", sorted(wanted), f"change the members of group {name} ({words})",
-                   f"changed the members of group {name} ({words})")
         if not ctx.test:
             # One command for the whole list: gpasswd -M replaces the members in /etc/group and gshadow.
             failed = _run(ctx, ["gpasswd", "-M", ",".join(wanted), "--", name])
             if failed:
                 return out.fail(failed)
+        out.change("members", sorted(wanted), f"change the members of group {name} ({words})",
+                   f"changed the members of group {name} ({words})")
     return out.result(f"group {name} is as wanted")
 
 
@@ -146,10 +147,9 @@ def absent(ctx: StateContext, name: str) -> dict:
     out = Outcome(ctx, name)
     if get_group(name) is None:
         return out.result(f"group {name} is absent")
-    out.change("removed", name, f"remove group {name}", f"removed group {name}")
     if not ctx.test:
         failed = _run(ctx, ["groupdel", "--", name])
         if failed:
-            out.changes.clear()
             return out.fail(failed)
+    out.change("removed", name, f"remove group {name}", f"removed group {name}")
     return out.result()

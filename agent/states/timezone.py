@@ -66,9 +66,10 @@ def system(ctx: StateContext, name: str, utc: bool = True) -> dict:
     """The system's time zone, e.g. Europe/Berlin (Salt's timezone.system).
 
     With systemd running it is set with ``timedatectl set-timezone``; otherwise /etc/localtime is
-    made a symlink to /usr/share/zoneinfo/NAME. Either way /etc/timezone, which Debian tools still
-    read, is kept to the same name. ``utc`` says whether the hardware clock (a Pi 5's RTC, or any
-    RTC module) keeps UTC or local time.
+    made a symlink to /usr/share/zoneinfo/NAME. /etc/timezone, which Debian tools still read, is
+    kept to the same name (written without systemd; with systemd, corrected if it exists and
+    differs). ``utc`` says whether the hardware clock (a Pi 5's RTC, or any RTC module) keeps UTC
+    or local time.
 
     Arguments:
       name: the zone's IANA name, as in /usr/share/zoneinfo (default: the state's id), e.g.

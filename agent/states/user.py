@@ -114,10 +114,10 @@ class _Failed(Exception):
 
 
 def _set_password(ctx: StateContext, name: str, password: str, out: Outcome) -> None:
-    # chpasswd reads the hash on stdin: on a command line every local user could read it in ps.
-    out.change("password", "changed", f"set the password of {name}", f"set the password of {name}")
     if not ctx.test:
+        # chpasswd reads the hash on stdin: on a command line every local user could read it in ps.
         _run(ctx, ["chpasswd", "-e"], input=f"{name}:{password}\n")
+    out.change("password", "changed", f"set the password of {name}", f"set the password of {name}")
 
 
 def present(ctx: StateContext, name: str, uid: int | None = None, gid: int | str | None = None,
@@ -199,9 +199,15 @@ def present(ctx: StateContext, name: str, uid: int | None = None, gid: int | str
     out = Outcome(ctx, name)
     # The groups as names; required ones that do not exist fail a real run (in test mode an
     # earlier group.present state of the same run may create them).
+    account = get_user(name)
+    # A new user's own group, which useradd creates as its primary group (Debian's default), may be
+    # listed in groups: it is not there yet, and it is not a supplementary group.
+    own_group = account is None and gid is None and usergroup is not False
     wanted: list[str] = []
     absent_groups: list[str] = []
     for group_name in required:
+        if own_group and group_name == name and get_group(name) is None:
+            continue
         found = get_group(group_name)
         if found is None:
             absent_groups.append(group_name)
@@ -220,7 +226,6 @@ def present(ctx: StateContext, name: str, uid: int | None = None, gid: int | str
             raise StateError(f"no group {listed} on this node (a group.present state before this one creates it)")
         out.note(f"group {listed} does not exist yet")
 
-    account = get_user(name)
     try:
         if account is None:
             return _create(ctx, out, name, uid, gid, wanted, home, createhome, password, shell, fullname, system,
@@ -244,8 +249,8 @@ def _create(ctx, out, name, uid, gid, wanted, home, createhome, password, shell,
         argv.append("-r")
     if usergroup is not None:
         argv.append("-U" if usergroup else "-N")
-    out.change("created", name, f"create user {name}", f"created user {name}")
     if ctx.test:
+        out.change("created", name, f"create user {name}", f"created user {name}")
         if password is not None:
             _set_password(ctx, name, password, out)
         return out.result()
@@ -253,6 +258,7 @@ def _create(ctx, out, name, uid, gid, wanted, home, createhome, password, shell,
     account = get_user(name)
     if account is None:
         raise _Failed(f"useradd succeeded but there is no user {name}")
+    out.change("created", name, f"create user {name}", f"created user {name}")
     out.update({"uid": account.pw_uid, "gid": account.pw_gid, "home": account.pw_dir, "shell": account.pw_shell,
                 "groups": sorted(memberships(name))})
     if password is not None and shadow_hash(name) != password:
@@ -274,30 +280,31 @@ def _modify(ctx, out, account, uid, primary, gid, wanted, remove_groups, home, c
         raise StateError("; ".join(refused))
 
     args: list[str] = []
+    changes: dict = {}  # recorded once usermod made them
     what: list[str] = []
     if uid is not None and account.pw_uid != uid:
         args += ["-u", str(uid)]
-        out.change("uid", uid)
+        changes["uid"] = uid
         what.append("uid")
     if primary is not None and account.pw_gid != primary.gr_gid:
         args += ["-g", str(primary.gr_gid)]
-        out.change("gid", primary.gr_gid)
+        changes["gid"] = primary.gr_gid
         what.append("primary group")
     elif gid is not None and primary is None:  # test mode: the group comes with an earlier state
-        out.change("gid", str(gid))
+        changes["gid"] = str(gid)
         what.append("primary group")
     if home is not None and os.path.normpath(account.pw_dir) != home:
         args += ["-d", home]
-        out.change("home", home)
+        changes["home"] = home
         what.append("home")
     if shell is not None and account.pw_shell != shell:
         args += ["-s", shell]
-        out.change("shell", shell)
+        changes["shell"] = shell
         what.append("shell")
     gecos = account.pw_gecos.split(",")
     if fullname is not None and gecos[0] != fullname:
         args += ["-c", ",".join([fullname] + gecos[1:])]
-        out.change("fullname", fullname)
+        changes["fullname"] = fullname
         what.append("full name")
     if wanted is not None:
         current = memberships(name)
@@ -307,20 +314,21 @@ def _modify(ctx, out, account, uid, primary, gid, wanted, remove_groups, home, c
         if add or drop:
             final = sorted((current - drop) | add)
             args += ["-G", ",".join(final)] if remove_groups else ["-a", "-G", ",".join(sorted(add))]
-            out.change("groups", final)
-            what.append("groups (" + "; ".join(filter(None, [
-                f"add {', '.join(sorted(add))}" if add else "", f"remove {', '.join(sorted(drop))}" if drop else ""])) + ")")
+            changes["groups"] = final
+            words = [f"add {', '.join(sorted(add))}"] if add else []
+            words += [f"remove {', '.join(sorted(drop))}"] if drop else []
+            what.append(f"groups ({'; '.join(words)})")
     if args:
-        out.say(f"change {join_words(what)} of user {name}", f"changed {join_words(what)} of user {name}")
         if not ctx.test:
             _run(ctx, ["usermod", *args, "--", name])
-    home_dir = home
-    if createhome and home_dir is not None and not os.path.isdir(home_dir):
-        out.change("home_created", home_dir, f"create the home directory {home_dir}",
-                   f"created the home directory {home_dir}")
+        out.update(changes, f"change {join_words(what)} of user {name}", f"changed {join_words(what)} of user {name}")
+    # As Salt: only a home given in the state is created for an existing user (a system user's
+    # /nonexistent stays so).
+    if createhome and home is not None and not os.path.isdir(home):
         if not ctx.test:
-            _make_home(home_dir, uid if uid is not None else account.pw_uid,
+            _make_home(home, uid if uid is not None else account.pw_uid,
                        primary.gr_gid if primary is not None else account.pw_gid)
+        out.change("home_created", home, f"create the home directory {home}", f"created the home directory {home}")
     if password is not None:
         current_hash = shadow_hash(name)
         if current_hash != password:
@@ -371,15 +379,13 @@ def absent(ctx: StateContext, name: str, purge: bool = False, force: bool = Fals
     if get_user(name) is None:
         return out.result(f"user {name} is absent")
     extra = " and its home directory" if purge else ""
+    if not ctx.test:
+        res = ctx.run(["userdel", *(["-r"] if purge else []), *(["-f"] if force else []), "--", name], timeout=120)
+        if get_user(name) is not None:
+            if res.returncode == 127:
+                return out.fail("userdel is not installed (package passwd)")
+            return out.fail(f"userdel failed (exit status {res.returncode}): {output_tail(res, 4)}")
+        if not res.ok:  # e.g. exit 12: the user is gone, but its home directory was missing already
+            out.note(f"userdel said: {output_tail(res, 2)}")
     out.change("removed", name, f"remove user {name}{extra}", f"removed user {name}{extra}")
-    if ctx.test:
-        return out.result()
-    res = ctx.run(["userdel", *(["-r"] if purge else []), *(["-f"] if force else []), "--", name], timeout=120)
-    if get_user(name) is not None:
-        out.changes.clear()
-        if res.returncode == 127:
-            return out.fail("userdel is not installed (package passwd)")
-        return out.fail(f"userdel failed (exit status {res.returncode}): {output_tail(res, 4)}")
-    if not res.ok:  # e.g. exit 12: the user is gone but the home directory was missing already
-        out.note(f"userdel said: {output_tail(res, 2)}")
     return out.result()

@@ -1,0 +1,3 @@
+a:
+  cmd.run:
+    - name: echo the included a
