@@ -314,14 +314,16 @@ def resolve_state_path(spec: str, states_dir: str | None, cwd: str | None = None
     inventory and applies `network` from there means their copy, never the shipped example's.
     """
     path = spec if os.path.isabs(spec) or cwd is None else os.path.join(cwd, spec)
-    if os.path.exists(path):
+    if os.path.isfile(path):
         return os.path.abspath(path)
-    if os.sep not in spec:
+    if os.sep not in spec:  # a name: a directory of that name (`time/`) hides no state file
         for directory in filter(None, (cwd, states_dir)):
             for suffix in ("",) + STATE_SUFFIXES:
                 candidate = os.path.join(directory, spec + suffix)
                 if os.path.isfile(candidate):
                     return os.path.abspath(candidate)
+    if os.path.isdir(path):
+        raise StateFileError(spec, None, "is a directory, not a state file")
     raise StateFileError(spec, None, "no such state file" + (
         f" (nor a shipped one in {states_dir})" if states_dir and os.sep not in spec else ""))
 
