@@ -55,7 +55,10 @@ class ClientAsk:
                 raise ConnectionError(f"the client's answer was malformed ({type(exc).__name__})") from None
 
     def _give_up(self, why: str) -> None:
+        """Ends the connection, telling the client why first: what it sends now is out of step."""
         log.warning("control socket: closed a client's connection: %s", why)
+        message = {"error": f"the master stopped waiting for this command: {why}", "code": "client_too_slow"}
+        self.writer.write(json.dumps(message).encode() + b"\n")
         self.writer.close()
 
     async def _ask(self, question: dict) -> tuple[dict, bytes]:
@@ -154,7 +157,9 @@ class ControlServer:
         except ControlError as exc:
             return {"error": str(exc), "code": exc.code}
         except TypeError as exc:
-            return {"error": f"bad arguments: {exc}", "code": "refused"}
+            # Mostly a command of another version than this daemon (an upgrade without a restart).
+            return {"error": f"bad arguments: {exc} (if pimaster was upgraded, restart the master: "
+                             "`systemctl restart pimaster`)", "code": "refused"}
         except ValueError as exc:
             return {"error": f"bad request: {exc}", "code": "refused"}
         except Exception as exc:  # never let a client take the master down

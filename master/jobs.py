@@ -243,6 +243,8 @@ async def _apply(board: JobBoard, emit, file: str, target: str | None, test: boo
                 continue
             if index > 0:
                 jobs, carried, _, errors = await _rendering(plan.render, group, to_attrdict(results_so_far))
+                # Results may add or remove states: each node's result is checked against its job as sent.
+                board.store.set_job_node_states(job_id, {n: len(jobs[n]) for n in group if n in jobs})
                 for node_id, problems in errors.items():
                     _refuse_node(board, emit, job_id, node_id, problems)
             # Nodes whose facts or catalogue do not fit (found before, or by this rendering).

@@ -372,22 +372,21 @@ def resolve_state_file(spec: str, states_dir: str | None, cwd: str | None = None
         if not os.path.isdir(tree):
             raise StateFileError(tree, None, "--tree: no such directory")
     path = spec if os.path.isabs(spec) or cwd is None else os.path.join(cwd, spec)
-    if os.path.isdir(path):
-        found = _state_file_in(path, "init")
-        if found is None:
-            raise StateFileError(spec, None, "a directory without an init.sls (or init.yaml)")
-        path = found
+    if os.path.isdir(path):  # a directory means its init.sls, as an SLS name does
+        path = _state_file_in(path, "init") or path
     if os.path.isfile(path):
         path = os.path.abspath(path)
         root = tree or tree_root(os.path.dirname(path))
         if not _under(os.path.realpath(path), os.path.realpath(root)):
             raise StateFileError(spec, None, f"is outside the state tree {root}")
         return path, root
-    if os.sep not in spec:
+    if os.sep not in spec:  # a name: a directory of that name without an init.sls (`time/`) hides nothing
         for directory in [tree] if tree else filter(None, (cwd, states_dir)):
             found = _state_file_in(directory, spec)
             if found:
                 return found, directory
+    if os.path.isdir(path):
+        raise StateFileError(spec, None, "is a directory, not a state file (nor one holding an init.sls)")
     if tree:
         raise StateFileError(spec, None, f"no such state file, nor an SLS of that name in the state tree {tree}")
     raise StateFileError(spec, None, "no such state file" + (

@@ -341,9 +341,15 @@ class Store:
                         (state_file, path, text, time.time()))
 
     def last_inventory(self) -> dict | None:
-        """The inventory the last job read: state_file, path (None: none), text."""
-        row = self.db.execute("SELECT state_file, path, text FROM last_inventory").fetchone()
+        """The inventory the last job read: state_file, path (None: none), text, saved (when)."""
+        row = self.db.execute("SELECT state_file, path, text, saved FROM last_inventory").fetchone()
         return dict(row) if row else None
+
+    def set_job_node_states(self, job_id: str, states: dict[str, int]) -> None:
+        """How many states each node's job has, as a later stage's rendering made it (its result is
+        checked against this)."""
+        self.db.executemany("UPDATE job_nodes SET states = ? WHERE job_id = ? AND node_id = ?",
+                            [(count, job_id, node_id) for node_id, count in states.items()])
 
     def job_node_states(self, job_id: str, node_id: str) -> int | None:
         """How many states the job sent this node; None when the node is not in that job."""

@@ -5,6 +5,7 @@ Real master and agent processes; the states touch only files under the test's te
 
 import json
 import os
+import re
 import signal
 import textwrap
 import time
@@ -279,6 +280,48 @@ def test_a_bare_name_means_the_file_in_the_current_directory_before_a_shipped_on
         assert result.returncode == 0, result.stderr
         assert json.loads(result.stdout)["file"] == str(mine / f"{name}.{'yaml' if name == 'network' else 'yml'}")
     assert (out / "site-n1").read_text() == "site\n"
+
+
+def test_a_directory_named_like_a_shipped_state_hides_nothing_and_a_gone_directory_is_named(tmp, cluster):
+    import subprocess
+
+    master, _ = cluster
+    here = tmp / "work"
+    (here / "time").mkdir(parents=True)  # a directory, not a state file: the shipped `time` is meant
+    run = lambda *args, cwd=here: subprocess.run([master.python, "-m", "pimaster", *args, "--json", "--state-dir",
+                                                  str(master.state_dir)], capture_output=True, text=True,
+                                                 env=master.env, cwd=cwd, timeout=120)
+    result = run("apply", "time", "--test", "--target", "n1")
+    assert json.loads(result.stdout).get("file", "").endswith("states/time.yaml"), result.stdout + result.stderr
+    result = run("apply", "time/")
+    assert result.returncode == 2 and json.loads(result.stdout)["error"].endswith("time/: is a directory, not a state file (nor one holding an init.sls)")
+    gone = tmp / "gone"
+    gone.mkdir()
+    proc = subprocess.run(["sh", "-c", f'cd {gone} && rmdir {gone} && exec "$@"', "sh", master.python, "-m",
+                           "pimaster", "apply", "x.yaml", "--state-dir", str(master.state_dir)],
+                          capture_output=True, text=True, env=master.env, timeout=120)
+    assert proc.returncode == 2 and "this shell's directory no longer exists" in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_role_targets_say_which_apply_their_roles_come_from(tmp, cluster):
+    import sqlite3
+
+    master, _ = cluster
+    write(tmp / "site" / "cluster.yaml", "nodes:\n  - id: n1\n    roles: [web]\n")
+    state = write(tmp / "site" / "hello.yaml", "hello:\n  cmd.run:\n    - name: 'true'\n")
+    assert apply(master, state)[0] == 0
+    write(tmp / "site" / "cluster.yaml", "nodes:\n  - id: n1\n    roles: [web, db]\n")  # edited, not applied
+    code, data = master.ping("--target", "role:db")
+    assert code == 2 and re.search(rf"no accepted node matches role:db \(roles as the apply of {tmp}/site/hello.yaml "
+                                   r"read them \d+s ago: apply again to use an edited cluster.yaml\)", data["error"]), data
+    assert apply(master, state)[0] == 0
+    assert [n["id"] for n in master.ping("--target", "role:db")[1]["nodes"]] == ["n1"]
+    # A master upgraded from a version that kept no inventory: jobs exist, the inventory does not.
+    with sqlite3.connect(master.state_dir / "pimaster.db") as db:
+        db.execute("DELETE FROM last_inventory")
+    code, data = master.ping("--target", "role:db")
+    assert code == 2 and "no apply has run since this master was upgraded" in data["error"], data
 
 
 def test_an_empty_state_file_warns(tmp, cluster):

@@ -14,6 +14,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+import yaml
 
 from piagent.states import catalog
 from pimaster.render import Pending, StateFileErrors, compile_for_node, render_template
@@ -265,11 +266,11 @@ def test_a_formula_map_jinja_with_filter_by_pillar_get_and_import_yaml_renders_u
     assert list(job) == ["chrony", "chrony-conf", "chrony-done"]
     assert job["chrony"]["name"] == "chrony-custom" and job["chrony"]["fun"] == "service.running"
     assert job["chrony-conf"]["name"] == "/etc/chrony/chrony.conf"
-    assert job["chrony-conf"]["args"]["contents"] == "\nserver 10.77.0.1 iburst\n"
+    assert job["chrony-conf"]["args"]["contents"] == "server 10.77.0.1 iburst\n"
     assert job["chrony-done"]["name"] == "echo Debian-12 node01"
     fedora = by_id(compile_file(tmp_path, "chrony/init.sls", context_for(facts(os={"ID": "fedora", "VERSION_ID": "40"}))))
     assert fedora["chrony"]["name"] == "chronyd" and fedora["chrony-conf"]["name"] == "/etc/chrony.conf"
-    assert fedora["chrony-conf"]["args"]["contents"] == "\nserver pool.ntp.org iburst\n"
+    assert fedora["chrony-conf"]["args"]["contents"] == "server pool.ntp.org iburst\n"
 
 
 def test_defaults_get_reads_the_formulas_defaults_file_in_the_tree(tmp_path):
@@ -293,7 +294,7 @@ def test_defaults_get_reads_the_formulas_defaults_file_in_the_tree(tmp_path):
 @pytest.mark.parametrize("call, instead", [
     ("salt['cmd.run']('hostname')", "a cmd.run state"),
     ("salt['mine.get']('*', 'network.ip_addrs')", "`nodes`"),
-    ("salt['network.ip_addrs']()", "grains `ipv4`"),
+    ("salt['network.ip_addrs']()", "the grains `ipv4`"),
     ("salt['test.ping']()", "a state for what it does"),
 ])
 def test_a_function_that_would_run_on_the_node_is_refused_at_its_line(tmp_path, call, instead):
@@ -399,9 +400,9 @@ def test_import_yaml_outside_the_tree_or_missing_is_an_error_at_its_line(tmp_pat
     text = "{% import_yaml '../outside.yaml' as x %}\na:\n  cmd.run: [{name: x}]\n"
     message = refused(root, text)
     assert message.startswith("s.sls:1:") and "outside the state tree" in message
-    assert refused(root, "\n{% import_yaml 'nope.yaml' as x %}\n").startswith("s.sls:2: template not found: nope.yaml")
+    assert refused(root, "a: {}\n{% import_yaml 'nope.yaml' as x %}\n").startswith("s.sls:2: template not found: nope.yaml")
     write(root / "bad.yaml", "a: [1,\n")
-    message = refused(root, "\n\n{% import_yaml 'bad.yaml' as x %}\n")
+    message = refused(root, "a: {}\nb: {}\n{% import_yaml 'bad.yaml' as x %}\n")
     assert message.startswith("s.sls:3: load_yaml: bad.yaml: not YAML:")
 
 
@@ -481,19 +482,30 @@ def test_a_bad_regular_expression_is_an_error_at_its_line(tmp_path):
 # ---------------------------------------------------------------------------------------------
 # Facts are hostile: through every Salt name and filter, a fact stays one value
 
+def _yaml(value) -> str:
+    text = yaml.safe_dump(value, default_flow_style=True, allow_unicode=True).strip()
+    return text[:-4] if text.endswith("\n...") else text
+
+
+# Each expression, what it gives standing alone (the value), and printed into longer text.
+SAME, LISTED = (lambda e: e, str), (lambda e: [e], lambda e: str([e]))
 EXPRESSIONS = [
-    "grains.host", "grains['nodename']", "salt['grains.get']('fqdn')", "salt['config.get']('host')",
-    "salt['pillar.get']('copied')", "pillar.copied", "salt['grains.filter_by']({'*': grains.host}, grain='host')",
-    "grains.host | json", "grains.host | yaml", "grains | traverse('host')", "grains.host | regex_replace('^', '')",
-    "(grains.host | regex_search('(.*)', multiline=False))[0]", "(grains.host | regex_match('(?s)(.*)'))[0]",
-    "[grains.host, grains.host] | unique", "grains.host | sequence", "grains.host | load_text",
-    "{'h': grains.host} | json | load_json", "[grains.host] | yaml | load_yaml",
+    ("grains.host", *SAME), ("grains['nodename']", *SAME), ("salt['grains.get']('fqdn')", *SAME),
+    ("salt['config.get']('host')", *SAME), ("salt['pillar.get']('copied')", *SAME), ("pillar.copied", *SAME),
+    ("salt['grains.filter_by']({'*': grains.host}, grain='host')", *SAME),
+    ("salt['defaults.merge']({}, {'h': grains.host}).h", *SAME),
+    ("grains.host | json", lambda e: e, json.dumps), ("grains.host | yaml", lambda e: e, _yaml),
+    ("grains | traverse('host')", *SAME), ("grains.host | regex_replace('^', '')", *SAME),
+    ("(grains.host | regex_search('(?s)(.*)'))[0]", *SAME), ("(grains.host | regex_match('(?s)(.*)'))[0]", *SAME),
+    ("grains.host | load_text", *SAME), ("({'h': grains.host} | json | load_json).h", *SAME),
+    ("[grains.host, grains.host] | unique", *LISTED), ("grains.host | sequence", *LISTED),
+    ("[grains.host] | yaml | load_yaml", *LISTED),
 ]
 
 
 @pytest.mark.parametrize("evil", HOSTILE)
-@pytest.mark.parametrize("expression", EXPRESSIONS)
-def test_a_hostile_fact_stays_one_value_through_every_salt_name_and_filter(tmp_path, evil, expression):
+@pytest.mark.parametrize("expression, alone, printed", EXPRESSIONS, ids=[e[0] for e in EXPRESSIONS])
+def test_a_hostile_fact_stays_one_value_through_every_salt_name_and_filter(tmp_path, evil, expression, alone, printed):
     node_facts = facts(hostname=evil, fqdn=evil)
     ctx = context_for(node_facts, pillar={"copied": evil})
     text = f"""
@@ -507,13 +519,11 @@ def test_a_hostile_fact_stays_one_value_through_every_salt_name_and_filter(tmp_p
             - name: "{{{{ {expression} }}}}"
         """
     job = compile_text(tmp_path, text, ctx, UNTYPED)
-    assert len(job) == 2 and [s["fun"] for s in job] == ["cmd.run", "cmd.run"]
+    assert [(s["id"], s["fun"]) for s in job] == [(printed(evil), "cmd.run"), ("after", "cmd.run")]
     first, after = job
-    expected = [evil] if expression.endswith(("unique", "sequence", "load_yaml")) else evil
-    assert first["args"]["env"] == expected
-    assert first["id"] == str(expected) and first["name"] == str(expected)
-    assert first["args"]["cwd"] == f"at {expected} end"
-    assert after["id"] == "after" and after["name"] == str(expected) and set(after["args"]) == set()
+    assert first["args"] == {"env": alone(evil), "cwd": f"at {printed(evil)} end"}
+    assert first["name"] == printed(evil) or first["name"] == alone(evil)
+    assert after["name"] == printed(evil) and after["args"] == {}
     assert "49" not in json.dumps(job)  # "{{ 7*7 }}" in a fact is never Jinja
 
 
@@ -535,11 +545,11 @@ def test_a_fact_in_a_loaded_yaml_block_stays_that_value(tmp_path):
     ctx = context_for(facts(hostname="x\nevil: true", fqdn="y\n- z"))
     job = compile_text(tmp_path, """
         {% load_yaml as data %}
-        host: {{ grains.host }}
-        list: [{{ grains.fqdn }}, {{ grains.host }}]
-        text: "{{ grains.host }}"
-        joined: {{ grains.host }}/{{ grains.fqdn }}
-        {{ grains.host }}: key
+        host: {{ grains.nodename }}
+        list: [{{ grains.fqdn }}, {{ grains.nodename }}]
+        text: "{{ grains.nodename }}"
+        joined: {{ grains.nodename }}/{{ grains.fqdn }}
+        {{ grains.nodename }}: key
         {% endload %}
         a:
           cmd.run:

@@ -104,3 +104,31 @@ def test_stages_hand_sensitive_results_to_later_nodes(tmp, master, start_agent):
     found = {where: data.count(token.encode()) for where, data in everything_shown_or_stored(master, agents, outputs).items()}
     print("join token occurrences:", found)
     assert sum(found.values()) == 0
+
+
+def test_a_later_stage_whose_results_add_states_is_recorded_not_dropped(tmp, master, start_agent):
+    """Rendered first with `results` unknown, the worker's file has one state; rendered again with
+    the control plane's results, it has two: the worker's result (two states) is the job's."""
+    config = master.token_config(uses=2)
+    for node_id in ("n1", "n2"):
+        start_agent(node_id, config)
+    wait_for(lambda: master.up_nodes() == {"n1", "n2"}, what="agents up")
+    write(tmp / "site" / "cluster.yaml", "nodes:\n  - id: n1\n    roles: [control-plane]\n")
+    state = write(tmp / "site" / "grow.yaml", f"""
+        pimaster:
+          stages: [control-plane]
+        {tmp}/first-{{{{ node.id }}}}:
+          file.managed:
+            - contents: first
+        {{% if results.n1 is defined and results.n1 %}}
+        {tmp}/second-{{{{ node.id }}}}:
+          file.managed:
+            - contents: added once n1 had run
+        {{% endif %}}
+        """)
+    result = master.cli("apply", str(state), "--json", "--timeout", "60s", timeout=120)
+    report = json.loads(result.stdout)
+    assert result.returncode == 0, report
+    assert report["nodes"]["n2"]["status"] == "done" and report["nodes"]["n2"]["changed"] == 2, report
+    assert (tmp / "second-n2").read_text().strip() == "added once n1 had run"
+    assert "malformed job result" not in master.output()

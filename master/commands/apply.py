@@ -8,7 +8,7 @@ import sys
 
 from . import handler
 from ..cli import EXIT_FAILED, EXIT_OK, Duration, add_target, parse_duration, print_json, table
-from ..errors import ControlError
+from ..errors import ControlError, MasterUnreachable
 
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a command ended by Ctrl-C
 EXIT_TERMINATED = 143  # 128 + SIGTERM
@@ -25,10 +25,12 @@ def _terminated(signum, frame) -> None:
 
 def add_parser(sub, name, summary, common, as_json) -> None:
     apply = sub.add_parser(name, parents=[common, as_json], help=summary,
-                           description="Renders FILE (a path, or the name of a shipped state file) for every "
+                           description="Renders FILE (a path, or a name: in this directory first, then among "
+                                       "the shipped state files) for every "
                                        "targeted node, refuses the whole job if any node's rendering fails, "
                                        "then pushes it and shows results as they arrive.")
-    apply.add_argument("file", help="state file: a path, an SLS name in --tree (ntp.client), or a shipped name (slurm)")
+    apply.add_argument("file", help="state file: a path, an SLS name in --tree (ntp.client), or a name looked up "
+                                    "in this directory, then among the shipped ones (slurm)")
     apply.add_argument("--tree", metavar="DIR",
                        help="the state tree: includes (a.b), salt:// sources and Jinja imports resolve from its "
                             "root (default: the nearest directory above FILE holding a cluster.yaml or top.sls, "
@@ -75,6 +77,14 @@ def run(client, args) -> int:
     except KeyboardInterrupt as exc:
         print(interrupted_note(started.get("job")), file=sys.stderr, flush=True)
         return EXIT_TERMINATED if isinstance(exc, Terminated) else EXIT_INTERRUPTED
+    except (ControlError, MasterUnreachable) as exc:
+        if not started.get("job"):
+            raise
+        # The job was sent: the master goes on with it, whatever ended this command's wait.
+        print(f"pimaster: {exc}\n{interrupted_note(started['job'])}", file=sys.stderr, flush=True)
+        if args.json:
+            print_json({"error": str(exc), "code": getattr(exc, "code", None) or "refused", "job": started["job"]})
+        return EXIT_FAILED
     if args.json:
         print_json(report)
         return EXIT_OK if all(n["ok"] for n in report["nodes"].values()) else EXIT_FAILED
@@ -90,9 +100,22 @@ def state_tree_served(spec: str, state_dir: str, tree_dir: str | None = None):
     from ..statetree import StateFileError, resolve_state_file, serve_tree_file, state_tree, states_dir
 
     try:
-        path, root = resolve_state_file(spec, states_dir(), os.getcwd(), tree_dir)
+        spec.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ControlError(f"{spec!r}: not a UTF-8 file name (state files need UTF-8 names)") from None
+    try:
+        relative = not os.path.isabs(spec) or (tree_dir is not None and not os.path.isabs(tree_dir))
+        path, root = resolve_state_file(spec, states_dir(), os.getcwd() if relative else None, tree_dir)
     except StateFileError as exc:
         raise ControlError(f"refused, nothing was sent:\n{exc}") from None
+    except FileNotFoundError:  # getcwd() of a directory removed under this shell
+        raise ControlError("this shell's directory no longer exists: cd somewhere, or give FILE as an absolute "
+                           "path") from None
+    try:
+        root.encode("utf-8")
+        path.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ControlError(f"{path!r}: not a UTF-8 path (state trees need UTF-8 names)") from None
     tree = state_tree(root, (state_dir,))
 
     def serve_file(question) -> tuple[dict, bytes]:

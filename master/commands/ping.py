@@ -2,7 +2,7 @@
 throttling, clock offset, disk), one request per node answered by the agent.
 
 `role:NAME` needs the nodes' roles, which live in an inventory (cluster.yaml) next to state files,
-not in the master: ping reads the one `apply` used last (next to the last applied state file),
+not in the master: ping uses the one the last apply read (the master keeps it, as read then),
 resolved as `apply` resolves it (`inventory.resolve_nodes`), so that a target means the same in both.
 """
 
@@ -18,7 +18,7 @@ MAX_TIMEOUT_S = 600
 
 def add_parser(sub, name, summary, common, as_json) -> None:
     ping = sub.add_parser(name, parents=[common, as_json], help=summary)
-    add_target(ping, positional=True, inventory="the cluster.yaml next to the last applied state file")
+    add_target(ping, positional=True, inventory="the cluster.yaml the last apply read (as it read it)")
     ping.add_argument("--timeout", type=Duration(maximum=MAX_TIMEOUT_S), default=5.0, metavar="DURATION",
                       help="how long to wait for answers: seconds, or 2s, 1m (default 5, at most 10m)")
     ping.set_defaults(run=run)
@@ -37,7 +37,10 @@ def run(client, args) -> int:
     nodes = result["nodes"]
     if not nodes:
         # As `apply` does: a target that matches nothing is refused input, not a node that failed.
-        return report_error(args, f"no accepted node matches {args.target or '*'}", "refused", nodes=[])
+        roles_from = result.get("roles_from") or {}
+        hint = (f" (roles as the apply of {roles_from.get('file')} read them {ago(roles_from.get('saved'))}: "
+                "apply again to use an edited cluster.yaml)" if roles_from else "")
+        return report_error(args, f"no accepted node matches {args.target or '*'}{hint}", "refused", nodes=[])
     if args.json:
         print_json({"nodes": nodes})
     else:
@@ -67,11 +70,14 @@ async def handle_ping(master, target: str | None = None, timeout: float = 5.0) -
     if not 0 < timeout <= MAX_TIMEOUT_S:
         raise ControlError(f"--timeout must be between 0 and {MAX_TIMEOUT_S} seconds")
     roles = None
+    answer: dict = {}
     if target is not None:
         target = checked_target(target)
         if target.startswith(ROLE_PREFIX):
             roles = await node_roles(master)
-    return {"nodes": await master.rpc.ping(target, timeout, roles)}
+            saved = master.store.last_inventory() or {}
+            answer["roles_from"] = {"file": saved.get("state_file"), "saved": saved.get("saved")}
+    return {"nodes": await master.rpc.ping(target, timeout, roles), **answer}
 
 
 async def node_roles(master) -> dict[str, list[str]]:
@@ -81,8 +87,12 @@ async def node_roles(master) -> dict[str, list[str]]:
 
     accepted = master.roster.accepted_nodes()
     facts = {n["node_id"]: n["facts"] for n in master.store.nodes() if n["node_id"] in accepted}
-    return await asyncio.to_thread(inventory_roles, master.store.last_inventory(), facts,
-                                   master.store.assignments(), master.store.identities())
+    saved = master.store.last_inventory()
+    if saved is None and master.store.newest_job_id():
+        raise ControlError("role:NAME reads the roles from the cluster.yaml the last apply read, and no apply "
+                           "has run since this master was upgraded: apply again, or target by node id (a glob)")
+    return await asyncio.to_thread(inventory_roles, saved, facts, master.store.assignments(),
+                                   master.store.identities())
 
 
 def inventory_roles(saved: dict | None, facts: dict[str, dict], assignments: dict[str, dict],
