@@ -69,8 +69,9 @@ def present(ctx: StateContext, name: str, persist: bool = False, mods: list[str]
     """A kernel module loaded now (Salt's name and arguments; kmod.loaded persists by default).
 
     The same as kmod.loaded, with Salt's defaults: the module is loaded now, and listed for boot
-    only with ``persist: true``. Salt lists it in /etc/modules; pimaster in
-    /etc/modules-load.d/pimaster.conf, which systemd-modules-load reads at boot just the same.
+    only with ``persist: true``. Salt lists it in /etc/modules (with systemd,
+    /etc/modules-load.d/salt_managed.conf); pimaster in /etc/modules-load.d/pimaster.conf, which
+    systemd-modules-load reads at boot just the same.
     Built-in modules (in /sys/module) count as loaded.
 
     Arguments:
