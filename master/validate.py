@@ -93,6 +93,12 @@ def resolve_requisites(states: list[State]) -> tuple[list[dict[str, list[int]]],
             base = kind[:-3] if kind.endswith("_in") else kind
             for module, ref, line in refs:
                 found = _find(states, module, ref)
+                if not found and module == "sls":
+                    names = sorted({s.sls for s in states})
+                    errors.append(StateFileError(state.path, line, f"{state.id}: {kind} names `sls: {ref}`, and no "
+                                                 f"state of this apply comes from an SLS of that name (an SLS that "
+                                                 f"only includes others has none){_suggest(ref, names)}"))
+                    continue
                 if not found:
                     wanted = f"{module}: {ref}" if module else ref
                     errors.append(StateFileError(state.path, line, f"{state.id}: {kind} names {wanted!r}, which "

@@ -436,8 +436,8 @@ def test_salt_filters_give_salts_results_as_values(tmp_path):
                 traverse_default: {{ pillar | traverse('d:nope', 'dflt') }}
                 search: {{ 'abcd' | regex_search('^(.*)BC(.*)$', ignorecase=True) }}
                 search_none: {{ 'abcd' | regex_search('x(y)') }}
-                match: {{ grains.fqdn | regex_match('([a-z]+)(\\d+)\\.') }}
-                replace: {{ 'lets replace spaces' | regex_replace('\\s+', '__') }}
+                match: {{ grains.fqdn | regex_match('([a-z]+)([0-9]+)[.]') }}
+                replace: {{ 'lets replace spaces' | regex_replace('[ ]+', '__') }}
                 unique: {{ pillar.d.list | unique }}
                 sequence_one: {{ 'foo' | sequence }}
                 sequence_list: {{ ['bar'] | sequence }}

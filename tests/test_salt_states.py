@@ -423,6 +423,8 @@ def tz_replay(case: dict, root: Path, monkeypatch) -> tuple[dict, object]:
     """replay() with systemd running and /etc/timezone under the replay's root."""
     monkeypatch.setattr(timezone_module, "systemd_running", lambda: True)
     monkeypatch.setattr(timezone_module, "TIMEZONE_FILE", str(root / "etc" / "timezone"))
+    # Never this machine's: the state also reads (and may repair) the link timedated keeps.
+    monkeypatch.setattr(timezone_module, "LOCALTIME", str(root / "etc" / "localtime"))
     return replay(case, root, monkeypatch)
 
 
@@ -772,3 +774,18 @@ def test_timezone_system_without_systemd_on_a_private_copy_of_etc(private_etc):
         res = run("timezone.system", zone)
         assert res["status"] == "failed" and message in res["comment"], res
     assert ns.sh("readlink /etc/localtime").strip() == "/usr/share/zoneinfo/UTC"
+
+
+def test_timezone_system_replayed_repairs_a_localtime_that_timedated_does_not_know_of(tmp_path, monkeypatch,
+                                                                                          real_commands):
+    """timedated still remembers Europe/Berlin, but /etc/localtime was changed behind it (by hand, a
+    package): the link decides, and is repaired even though `set-timezone` thought nothing to do."""
+    root = tmp_path / "behind"
+    (root / "etc").mkdir(parents=True)
+    (root / "etc" / "localtime").symlink_to("/usr/share/zoneinfo/Etc/UTC")
+    res, ctx = tz_replay(timedatectl_case([show("Europe/Berlin"), SET_BERLIN], tz_file="Europe/Berlin\n"), root,
+                         monkeypatch)
+    assert res["status"] == "changed" and "(from Etc/UTC)" in res["comment"], res
+    assert ctx.ran == [show("Europe/Berlin")["argv"], SET_BERLIN["argv"]]
+    assert os.readlink(root / "etc" / "localtime") == "/usr/share/zoneinfo/Europe/Berlin"
+    assert real_commands == []

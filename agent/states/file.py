@@ -118,9 +118,12 @@ def managed(ctx: StateContext, name: str, contents: Text | list[Text] | None = N
       name: the file's absolute path (default: the state's id). A symlink is followed.
       contents: the text the file should hold; a list is joined as lines. Without contents (and
         without source) the file is created empty if missing and only its mode/owner are managed.
-      source: a file next to the state file whose text becomes the contents (the master reads it;
-        ``salt://`` prefixes are accepted and ignored).
-      template: ``jinja`` to render ``source`` with the node's facts first (on the master).
+      source: a file whose text becomes the contents (the master reads it from the state tree):
+        ``salt://a/f`` from the tree's root, a plain path beside the state file; a list of them
+        means the first that exists.
+      template: ``jinja`` to render ``source`` with the node's facts first (on the master);
+        ``defaults:`` and then ``context:`` (mappings) are added to what the template sees.
+      contents_pillar: a key of the node's pillar (``a:b``) whose text becomes the contents.
       mode: octal permissions as a string, e.g. "0644" (quote it: YAML reads 0644 as the number
         420); a new file defaults to 0644, an existing one keeps its mode.
       user, group: owner by name or number; an existing file keeps its owner when not given.

@@ -94,6 +94,11 @@ def system(ctx: StateContext, name: str, utc: bool = True) -> dict:
             raise StateError(f"timedatectl show failed: {output_tail(res)}")
         props = dict(line.partition("=")[::2] for line in res.stdout.splitlines() if "=" in line)
         current, local_rtc = props.get("Timezone", ""), props.get("LocalRTC") == "yes"
+        # timedated remembers the zone it last saw until it exits idle: /etc/localtime changed
+        # meanwhile (by hand, by a package) is what the system uses, so it decides too.
+        linked = linked_zone()
+        if linked is not None and linked != current:
+            current = linked
         if current != name:
             out.change("timezone", name, f"set the time zone to {name} (from {current or 'none'})",
                        f"set the time zone to {name} (from {current or 'none'})")
@@ -101,6 +106,9 @@ def system(ctx: StateContext, name: str, utc: bool = True) -> dict:
             if failed:
                 out.changes.clear()
                 return out.fail(failed)
+            if not ctx.test and linked_zone() not in (None, name):
+                # timedated believed the zone was already set, so it left /etc/localtime as it was.
+                make_symlink(LOCALTIME, os.path.join(ZONEINFO, name), None, None)
         if local_rtc == utc:
             mode = "UTC" if utc else "local time"
             out.change("utc", utc, f"set the hardware clock to {mode}", f"set the hardware clock to {mode}")

@@ -1,0 +1,2 @@
+include:
+  - .config                       # relative: motd/config.sls
