@@ -447,6 +447,8 @@ def load_yaml(value):
         mark = getattr(exc, "problem_mark", None)
         where = f" (its line {mark.line + 1})" if mark else ""
         raise TemplateRefusal(f"{what}: not YAML: {getattr(exc, 'problem', None) or exc}{where}") from None
+    except RecursionError:
+        raise TemplateRefusal(f"{what}: nested too deeply") from None
 
 
 def load_json(value):
@@ -460,6 +462,8 @@ def load_json(value):
         return _json_with_values(text, values)
     except json.JSONDecodeError as exc:
         raise TemplateRefusal(f"{what}: not JSON: {exc.msg} (its line {exc.lineno})") from None
+    except RecursionError:
+        raise TemplateRefusal(f"{what}: nested too deeply") from None
 
 
 def load_text(value) -> str:
@@ -706,9 +710,11 @@ def _jinja_error(path: str, shown: str, exc: Exception) -> StateFileError:
         message = f"template error: {type(exc).__name__}: {message}"
     where = None if isinstance(exc, jinja2.TemplateSyntaxError) else _innermost_template(exc)
     if where is not None:
-        # Formulas call Salt's functions in their map.jinja: name the file and line of the call.
+        # The innermost template's file and line: a formula's salt[...] call or undefined name
+        # is in its map.jinja, not on the state file's `{% from %}` line. Shown as `shown` is.
         if where[0] != path:
-            shown = os.path.normpath(os.path.join(os.path.dirname(shown), os.path.relpath(where[0], os.path.dirname(path))))
+            beside = os.path.relpath(where[0], os.path.dirname(path))
+            shown = os.path.normpath(os.path.join(os.path.dirname(shown), beside))
         line = where[1]
     if isinstance(exc, jinja2.TemplateSyntaxError) and exc.filename and os.path.abspath(exc.filename) != path:
         shown = exc.filename

@@ -17,14 +17,15 @@ import pytest
 import yaml
 
 from piagent.states import catalog
-from pimaster.render import Pending, StateFileErrors, compile_for_node, render_template
+from pimaster.render import Pending, StateFileErrors, compile_for_node, render_template, to_attrdict
 from pimaster.salt import SaltFunctions, TemplateRefusal, file_context, grains_from_facts, salt_context
 from pimaster.statetree import state_tree
 
 CATALOG = catalog()
 # Without argument types: for the tests that carry values of every type in cmd.run's arguments.
 UNTYPED = {fun: {k: v for k, v in spec.items() if k != "types"} for fun, spec in CATALOG.items()}
-BOOKWORM = {"ID": "debian", "VERSION_ID": "12", "VERSION_CODENAME": "bookworm", "PRETTY_NAME": "Debian GNU/Linux 12 (bookworm)"}
+BOOKWORM = {"ID": "debian", "VERSION_ID": "12", "VERSION_CODENAME": "bookworm",
+            "PRETTY_NAME": "Debian GNU/Linux 12 (bookworm)"}
 # What a lying node might report (the schema refuses most of this; rendering must not rely on it).
 HOSTILE = ["x\nevil: true", "{{ 7*7 }}", "a: [1, 2]", "- item", "pmv0123456789abx0y"]
 
@@ -139,7 +140,8 @@ def test_pillar_is_the_inventory_block_with_the_entrys_own_on_top():
 
 
 @pytest.mark.parametrize("rel, sls_rel, expected", [
-    ("ntp/init.sls", None, {"sls": "ntp", "slspath": "ntp", "tpldir": "ntp", "tplfile": "ntp/init.sls", "tpldot": "ntp"}),
+    ("ntp/init.sls", None,
+     {"sls": "ntp", "slspath": "ntp", "tpldir": "ntp", "tplfile": "ntp/init.sls", "tpldot": "ntp"}),
     ("ntp/client.sls", None, {"sls": "ntp.client", "slspath": "ntp", "tpldir": "ntp", "tplfile": "ntp/client.sls"}),
     ("top.sls", None, {"sls": "top", "slspath": "", "tpldir": ".", "tpldot": "", "sls_path": ""}),
     ("a/b/c.yaml", None, {"sls": "a.b.c", "slspath": "a/b", "sls_path": "a_b", "slsdotpath": "a.b",
@@ -268,7 +270,8 @@ def test_a_formula_map_jinja_with_filter_by_pillar_get_and_import_yaml_renders_u
     assert job["chrony-conf"]["name"] == "/etc/chrony/chrony.conf"
     assert job["chrony-conf"]["args"]["contents"] == "server 10.77.0.1 iburst\n"
     assert job["chrony-done"]["name"] == "echo Debian-12 node01"
-    fedora = by_id(compile_file(tmp_path, "chrony/init.sls", context_for(facts(os={"ID": "fedora", "VERSION_ID": "40"}))))
+    fedora_facts = facts(os={"ID": "fedora", "VERSION_ID": "40"})
+    fedora = by_id(compile_file(tmp_path, "chrony/init.sls", context_for(fedora_facts)))
     assert fedora["chrony"]["name"] == "chronyd" and fedora["chrony-conf"]["name"] == "/etc/chrony.conf"
     assert fedora["chrony-conf"]["args"]["contents"] == "server pool.ntp.org iburst\n"
 
@@ -366,7 +369,8 @@ def test_import_yaml_json_and_text_read_inside_the_tree_as_import_does(tmp_path)
     write(tmp_path / "data/settings.yaml", "servers: [a, b]\nport: 123\nflag: 'true'\n")
     write(tmp_path / "data/settings.json", '{"servers": ["c"], "nested": {"k": [1, 2]}}')
     write(tmp_path / "data/banner.txt", "line one\nline two: with a colon\n")
-    write(tmp_path / "data/host.yaml", "host: {{ grains.host }}\nhosts: {{ [grains.host] | json }}\nfqdn: '{{ grains.fqdn }}'\n")
+    write(tmp_path / "data/host.yaml",
+          "host: {{ grains.host }}\nhosts: {{ [grains.host] | json }}\nfqdn: '{{ grains.fqdn }}'\n")
     job = compile_text(tmp_path, """
         {% import_yaml "data/settings.yaml" as y %}
         {% import_json "data/settings.json" as j %}
@@ -400,7 +404,8 @@ def test_import_yaml_outside_the_tree_or_missing_is_an_error_at_its_line(tmp_pat
     text = "{% import_yaml '../outside.yaml' as x %}\na:\n  cmd.run: [{name: x}]\n"
     message = refused(root, text)
     assert message.startswith("s.sls:1:") and "outside the state tree" in message
-    assert refused(root, "a: {}\n{% import_yaml 'nope.yaml' as x %}\n").startswith("s.sls:2: template not found: nope.yaml")
+    message = refused(root, "a: {}\n{% import_yaml 'nope.yaml' as x %}\n")
+    assert message.startswith("s.sls:2: template not found: nope.yaml")
     write(root / "bad.yaml", "a: [1,\n")
     message = refused(root, "a: {}\nb: {}\n{% import_yaml 'bad.yaml' as x %}\n")
     assert message.startswith("s.sls:3: load_yaml: bad.yaml: not YAML:")
@@ -466,8 +471,11 @@ def test_salt_filters_and_functions_in_a_templated_file(tmp_path):
         {%- import_yaml "data.yaml" as d %} {{ d.k }}
         """)
     write(tmp_path / "data.yaml", "k: from yaml\n")
-    ctx = dict(context_for(facts(), pillar={"servers": ["a", "b"]}), **file_context(str(tmp_path / "conf.j2"), str(tmp_path)))
-    ctx = {k: v if callable(v) or isinstance(v, (Pending, SaltFunctions)) else v for k, v in ctx.items()}
+    ctx = dict(context_for(facts(), pillar={"servers": ["a", "b"]}),
+               **file_context(str(tmp_path / "conf.j2"), str(tmp_path)))
+    # As compile_for_node converts a context:
+    ctx = {k: v if callable(v) or isinstance(v, Pending) else to_attrdict(v) for k, v in ctx.items()}
+    assert isinstance(ctx["salt"], SaltFunctions)  # passed through as it is
     text = render_template(str(tmp_path / "conf.j2"), ctx, "conf.j2", state_tree(str(tmp_path)))
     assert text == ('{"a": "<x>", "b": 1}\n{k: v} plain\na b Debian-12 .\n'
                     "a_b ('b', 'c') [1, 2] from yaml\n")
@@ -559,3 +567,11 @@ def test_a_fact_in_a_loaded_yaml_block_stays_that_value(tmp_path):
     assert job[0]["args"]["env"] == {"host": "x\nevil: true", "list": ["y\n- z", "x\nevil: true"],
                                      "text": "x\nevil: true", "joined": "x\nevil: true/y\n- z",
                                      "x\nevil: true": "key"}
+
+
+def test_text_that_cannot_be_loaded_is_an_error_not_a_traceback(tmp_path):
+    deep = "[" * 5000 + "]" * 5000
+    for text in (f"{{{{ '{deep}' | load_yaml }}}}", f"{{{{ '{deep}' | load_json }}}}",
+                 "{{ '!!python/object/apply:os.system [echo]' | load_yaml }}"):
+        message = refused(tmp_path, f"a:\n  cmd.run:\n    - name: {text}\n")
+        assert message.startswith("s.sls:3: load_") and "Traceback" not in message
