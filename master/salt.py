@@ -253,6 +253,18 @@ _INSTEAD = {
 }
 
 
+class _SaltModule:
+    """`salt.pillar` of `salt.pillar.get(...)`: its attributes are `salt['pillar.get']`, ...."""
+
+    def __init__(self, functions: "SaltFunctions", module: str) -> None:
+        self._functions, self._module = functions, module
+
+    def __getattr__(self, function: str):
+        if function.startswith("_"):
+            raise AttributeError(function)
+        return self._functions[f"{self._module}.{function}"]
+
+
 class SaltFunctions:
     """`salt` in templates: Salt's data-only functions, by name (`salt['pillar.get']('ntp:servers', [])`).
 
@@ -276,6 +288,12 @@ class SaltFunctions:
         if function is None:
             raise TemplateRefusal(self._refusal(name))
         return function
+
+    def __getattr__(self, module: str):
+        """Salt's other spelling, `salt.pillar.get('key')`: the module, whose attributes are its functions."""
+        if module.startswith("_"):
+            raise AttributeError(module)
+        return _SaltModule(self, module)
 
     def __contains__(self, name) -> bool:
         return str(name) in self._functions

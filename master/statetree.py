@@ -327,8 +327,8 @@ def sls_name(path: str, root: str) -> str:
         if rel.endswith(suffix):
             rel = rel[:-len(suffix)]
             break
-    if rel == "init" or rel.endswith("/init"):
-        rel = rel[:-len("init")].rstrip("/")
+    if rel.endswith("/init"):  # a directory's init.sls is the directory (a root-level init.sls is `init`)
+        rel = rel[:-len("/init")]
     return rel.replace("/", ".")
 
 

@@ -708,6 +708,8 @@ def _jinja_error(path: str, shown: str, exc: Exception) -> StateFileError:
         pass
     else:
         message = f"template error: {type(exc).__name__}: {message}"
+    # Python names the context's mappings by their class: a person wrote a mapping.
+    message = message.replace("'AttrDict'", "'dict'").replace("AttrDict", "dict")
     where = None if isinstance(exc, jinja2.TemplateSyntaxError) else _innermost_template(exc)
     if where is not None:
         # The innermost template's file and line: a formula's salt[...] call or undefined name

@@ -30,9 +30,9 @@ def compile(path: Path, root: Path, context: dict | None = None) -> list[dict]:
                             tree=state_tree(str(root)))
 
 
-def errors_of(path: Path, root: Path) -> list[str]:
+def errors_of(path: Path, root: Path, context: dict | None = None) -> list[str]:
     with pytest.raises(StateFileErrors) as caught:
-        compile(path, root)
+        compile(path, root, context)
     return [str(e) for e in caught.value.errors]
 
 
@@ -203,3 +203,17 @@ def test_contents_pillar_reads_the_nodes_pillar(tmp_path):
     missing = write(tmp_path / "missing.sls", "m:\n  file.managed:\n    - name: /x\n    - contents_pillar: motd:nope\n")
     assert errors_of(missing, tmp_path) == ["missing.sls:4: m: contents_pillar 'motd:nope': the node's pillar has "
                                             "no such key"]
+
+
+def test_salts_dot_spelling_and_errors_name_no_internal_class(tmp_path):
+    from pimaster.salt import salt_context
+
+    context = salt_context({"hostname": "n1"}, {"id": "n1"}, {}, {"ntp": {"server": "pool.example"}})
+    path = write(tmp_path / "dots.sls", "a:\n  cmd.run:\n    - name: echo {{ salt.pillar.get('ntp:server') }} "
+                                        "{{ salt.grains.get('id') }}\n")
+    assert compile(path, tmp_path, context)[0]["name"] == "echo pool.example n1"
+    run = write(tmp_path / "run.sls", "a:\n  cmd.run:\n    - name: {{ salt.cmd.run('whoami') }}\n")
+    assert "salt['cmd.run'] cannot be called here" in errors_of(run, tmp_path, context)[0]
+    sums = write(tmp_path / "sums.sls", "a:\n  cmd.run:\n    - name: echo {{ node + 1 }}\n")
+    error = errors_of(sums, tmp_path)[0]
+    assert "'dict' and 'int'" in error and "AttrDict" not in error, error
