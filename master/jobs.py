@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import logging
 import functools
 import os
 import secrets
@@ -42,6 +43,8 @@ from .salt import salt_context
 from .secrets import SecretError, string_leaves, strings_in
 from .statetree import StateTree, state_tree
 
+
+log = logging.getLogger("pimaster")
 
 # What one node's sensitive states may add to the strings redacted from others' results.
 MAX_SENSITIVE_STRINGS = 256
@@ -120,8 +123,17 @@ class Plan:
         return catalog()
 
     def node_context(self, node_id: str) -> dict:
-        # The inventory's keys win over facts of the same name; facts are only the schema's.
-        return dict(self.facts[node_id], **self.entries[node_id], facts=self.facts[node_id])
+        # The inventory's keys win over facts of the same name; facts are only the schema's. An
+        # entry's `pillar:` is that node's own (as a minion's pillar is): it is `pillar` in its
+        # own renderings only, never in `node`/`nodes`, which every node's rendering sees.
+        entry = {k: v for k, v in self.entries[node_id].items() if k != "pillar"}
+        return dict(self.facts[node_id], **entry, facts=self.facts[node_id])
+
+    def claimed(self, node_id: str) -> set[str]:
+        """The names and addresses the inventory gives the other nodes: a node reporting one of
+        them as its own must not be taken for that node (grains select files and data)."""
+        return {str(e[k]) for n, e in self.entries.items() if n != node_id
+                for k in ("id", "hostname", "ip") if e.get(k)}
 
     def unfit_errors(self, node_id: str) -> list[StateFileError]:
         return [StateFileError(os.path.basename(self.path), None, f"{node_id}: {reason}")
@@ -148,12 +160,18 @@ class Plan:
                        "cluster": self.inventory.cluster, "results": results, "secret": secret,
                        # Salt's names (grains, pillar, salt[...]): a layer over the above, for Salt's files.
                        **salt_context(self.facts[node_id], self.entries[node_id], self.inventory.cluster,
-                                      self.inventory.pillar)}
+                                      self.inventory.pillar, claimed=self.claimed(node_id))}
             own_catalog = self.catalogs.get(node_id)
             try:
                 jobs[node_id] = compile_for_node(self.path, context, own_catalog or self.fallback_catalog,
                                                  meta=meta, tree=self.tree)
                 carried[node_id] = list(used.values())
+            except (RecursionError, MemoryError) as exc:
+                # Data built to be too deep or too large (a stage's results through load_yaml...):
+                # this node's job fails, the apply and the others go on.
+                errors[node_id] = [StateFileError(os.path.basename(self.path), None,
+                                                  f"{node_id}: rendering failed: {type(exc).__name__} (data nested "
+                                                  "too deeply or too large)")]
             except StateFileErrors as exc:
                 if own_catalog and self._valid_elsewhere(context, meta):
                     # The file is fine; this node's agent lacks what it uses (an older piagent, or
@@ -242,7 +260,13 @@ async def _apply(board: JobBoard, emit, file: str, target: str | None, test: boo
                     _not_sent(board, emit, job_id, node_id)
                 continue
             if index > 0:
-                jobs, carried, _, errors = await _rendering(plan.render, group, to_attrdict(results_so_far))
+                try:
+                    jobs, carried, _, errors = await _rendering(plan.render, group, to_attrdict(results_so_far))
+                except Exception as exc:  # a bug, or data no check foresaw: this stage's nodes fail, not the job
+                    log.exception("job %s: rendering a later stage failed", job_id)
+                    jobs, carried = {}, {}
+                    errors = {n: [StateFileError(os.path.basename(plan.path), None, f"{n}: rendering failed: "
+                                                 f"{type(exc).__name__}: {exc}")] for n in group}
                 # Results may add or remove states: each node's result is checked against its job as sent.
                 board.store.set_job_node_states(job_id, {n: len(jobs[n]) for n in group if n in jobs})
                 for node_id, problems in errors.items():

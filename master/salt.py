@@ -77,7 +77,7 @@ def traverse(data, key, default=None, delimiter=":"):
     lists (a number indexes a list; another name looks in the mappings the list holds), else
     ``default``: `{{ pillar | traverse('ntp:servers:0', 'pool.ntp.org') }}`."""
     if isinstance(key, str):
-        parts = str(key).split(str(delimiter))
+        parts = _text(key).split(_text(delimiter))
     elif isinstance(key, int) and not isinstance(key, bool):
         parts = [key]
     else:
@@ -166,13 +166,24 @@ _VIRTUAL = {"none": ("physical", None), "qemu": ("qemu", None), "kvm": ("kvm", N
             "docker": ("container", "Docker"), "amazon": ("Nitro", "Amazon EC2")}
 
 
-def grains_from_facts(facts: dict, node_id: str) -> dict:
-    """Salt's grains for a node with these (schema-checked) facts; a grain nothing tells is absent."""
+def grains_from_facts(facts: dict, node_id: str, hostname: str | None = None,
+                      claimed: set[str] | frozenset = frozenset()) -> dict:
+    """Salt's grains for a node with these (schema-checked) facts; a grain nothing tells is absent.
+
+    Grains that formulas select files and data by must not let a node pass for another:
+    ``hostname`` (the inventory's, when it has one) wins over the reported one, a reported fqdn
+    counts only when its first label is that name, and an address in ``claimed`` (another node's
+    name or address in the inventory) is left out of `ipv4`/`ipv6`. `id` is the one grain no node
+    chooses."""
     grains: dict = {"id": node_id, "kernel": "Linux"}  # piagent runs on Linux only
-    hostname = facts.get("hostname")
+    hostname = hostname or facts.get("hostname")
+    if hostname in claimed:
+        hostname = node_id
     if hostname:
         grains["nodename"] = grains["localhost"] = hostname
-    fqdn = facts.get("fqdn") or hostname
+    fqdn = facts.get("fqdn")
+    if not fqdn or fqdn.partition(".")[0] != hostname:
+        fqdn = hostname
     if fqdn:
         grains["fqdn"] = fqdn
         grains["host"], _, grains["domain"] = fqdn.partition(".")
@@ -181,7 +192,7 @@ def grains_from_facts(facts: dict, node_id: str) -> dict:
                         ("num_cpus", "cpu_count"), ("mem_total", "memory_mb"), ("machine_id", "machine_id")):
         if facts.get(fact) is not None:
             grains[grain] = facts[fact]
-    grains.update(_ip_grains(facts))
+    grains.update(_ip_grains(facts, claimed))
     virtual = facts.get("virtualization")
     if virtual:
         # Another answer still says it is not bare metal; Salt calls that "virtual".
@@ -197,6 +208,8 @@ def grains_from_facts(facts: dict, node_id: str) -> dict:
 def _os_grains(release: dict) -> dict:
     out: dict = {}
     os_id = release.get("ID")
+    if os_id and not re.fullmatch(r"[A-Za-z0-9_-]+", os_id):
+        os_id = None  # an os-release ID is a plain word: dots would be directories in an SLS name
     if os_id:
         out["os"] = _OS_NAMES.get(os_id.lower(), os_id)
         out["os_family"] = _OS_FAMILIES.get(out["os"], out["os"])
@@ -215,17 +228,18 @@ def _os_grains(release: dict) -> dict:
     return out
 
 
-def _ip_grains(facts: dict) -> dict:
+def _ip_grains(facts: dict, claimed: set[str] | frozenset = frozenset()) -> dict:
     out: dict = {}
     if isinstance(facts.get("ips"), list):
-        out["ipv4"] = [ip for ip in facts["ips"] if ":" not in ip]
-        out["ipv6"] = [ip for ip in facts["ips"] if ":" in ip]
+        own = [ip for ip in facts["ips"] if ip not in claimed]
+        out["ipv4"] = [ip for ip in own if ":" not in ip]
+        out["ipv6"] = [ip for ip in own if ":" in ip]
     interfaces = facts.get("interfaces")
     if isinstance(interfaces, list):
         v4, v6, both, macs = {}, {}, {}, {}
         for interface in interfaces:
             name = interface.get("name")
-            addresses = [a.split("/")[0] for a in interface.get("addresses", [])]
+            addresses = [a for a in (a.split("/")[0] for a in interface.get("addresses", [])) if a not in claimed]
             v4[name] = [a for a in addresses if ":" not in a]
             v6[name] = [a for a in addresses if ":" in a]
             both[name] = addresses
@@ -251,6 +265,17 @@ _INSTEAD = {
     "grains": "salt['grains.get'] or `grains`",
     "pillar": "salt['pillar.get'] or `pillar`",
 }
+
+
+def _with_values(function):
+    """``function`` called with its text arguments as the text they stand for: a key built in a
+    state file (`tplroot ~ ':lookup'`) holds a value's token until printed."""
+    def call(*args, **kwargs):
+        args = [_text(a) if isinstance(a, str) else a for a in args]
+        kwargs = {k: _text(v) if isinstance(v, str) else v for k, v in kwargs.items()}
+        return function(*args, **kwargs)
+    call.__name__ = getattr(function, "__name__", "salt_function")
+    return call
 
 
 class _SaltModule:
@@ -283,11 +308,11 @@ class SaltFunctions:
         }
 
     def __getitem__(self, name):
-        name = str(name)
+        name = _text(name)
         function = self._functions.get(name)
         if function is None:
             raise TemplateRefusal(self._refusal(name))
-        return function
+        return _with_values(function)
 
     def __getattr__(self, module: str):
         """Salt's other spelling, `salt.pillar.get('key')`: the module, whose attributes are its functions."""
@@ -435,14 +460,17 @@ def defaults_get(context, key, default=""):
 # ---------------------------------------------------------------------------------------------
 # The context
 
-def salt_context(facts: dict, entry: dict, cluster: dict, pillar: dict | None = None) -> dict:
+def salt_context(facts: dict, entry: dict, cluster: dict, pillar: dict | None = None,
+                 claimed: set[str] | frozenset = frozenset()) -> dict:
     """The Salt names one node's templates see (see the module docstring): `grains`, `pillar`,
     `opts`, `saltenv` and `salt`. ``facts``: the node's (schema-checked) facts; ``entry``: its
     resolved inventory entry (its `id`, and its own `pillar:`); ``cluster``: the inventory's
     `cluster:` block (nothing in it is Salt's, so nothing is taken from it yet); ``pillar``:
-    the inventory's top-level `pillar:` block."""
+    the inventory's top-level `pillar:` block; ``claimed``: the other nodes' names and addresses
+    (see grains_from_facts)."""
     node_id = str(entry.get("id", facts.get("hostname", "")))
-    grains = grains_from_facts(facts, node_id)
+    hostname = entry.get("hostname")
+    grains = grains_from_facts(facts, node_id, str(hostname) if hostname else None, claimed)
     entry_pillar = entry.get("pillar")
     for what, layer in (("the inventory's `pillar:`", pillar), (f"{node_id}'s `pillar:`", entry_pillar)):
         if layer is not None and not isinstance(layer, Mapping):
@@ -493,23 +521,39 @@ def _compiled(what: str, pattern, flags: int) -> re.Pattern:
         raise TemplateRefusal(f"{what}: {str(pattern)!r} is not a regular expression: {exc}") from None
 
 
-def _text(value) -> str:
+# The most text a regular expression filter looks at: Python's `re` cannot be stopped, and a
+# pattern that backtracks takes time growing fast with the text, which may be a node's (a fact, a
+# stage's result): the master would stop for as long.
+MAX_REGEX_TEXT = 16 * 1024
+
+
+def _text(value, what: str | None = None) -> str:
+    """``value`` as the text it stands for: a value a state file put in it printed (not its token)."""
     if isinstance(value, jinja2.Undefined):
         str(value)  # StrictUndefined: the error, at the template's line
-    return str(value)
+    from .template import _rendering  # template.py imports this module
+
+    text = str(value)
+    values = _rendering.get()
+    if values is not None and values.traced(text):
+        text = values.substitute(text)
+    if what and len(text) > MAX_REGEX_TEXT:
+        raise TemplateRefusal(f"{what}: the text is {len(text)} characters, over the {MAX_REGEX_TEXT} a regular "
+                              "expression may look at here (cut it first, e.g. with `[:1000]`)")
+    return text
 
 
 def regex_search(txt, rgx, ignorecase=False, multiline=False):
     """Jinja filter (Salt's): the groups of the first match of ``rgx`` anywhere in ``txt``, as a
     tuple (empty, and so false, when the pattern has no groups), or None when it does not match:
     `{{ 'abcd' | regex_search('^(.*)BC(.*)$', ignorecase=True) }}` is ('a', 'd')."""
-    found = _compiled("regex_search", rgx, _flags(ignorecase, multiline)).search(_text(txt))
+    found = _compiled("regex_search", rgx, _flags(ignorecase, multiline)).search(_text(txt, "regex_search"))
     return None if found is None else found.groups()
 
 
 def regex_match(txt, rgx, ignorecase=False, multiline=False):
     """Jinja filter (Salt's): as regex_search, but ``rgx`` must match at the start of ``txt``."""
-    found = _compiled("regex_match", rgx, _flags(ignorecase, multiline)).match(_text(txt))
+    found = _compiled("regex_match", rgx, _flags(ignorecase, multiline)).match(_text(txt, "regex_match"))
     return None if found is None else found.groups()
 
 
@@ -518,7 +562,7 @@ def regex_replace(txt, rgx, val, ignorecase=False, multiline=False) -> str:
     group): one string value."""
     pattern = _compiled("regex_replace", rgx, _flags(ignorecase, multiline))
     try:
-        return str(pattern.sub(str(val), _text(txt)))
+        return str(pattern.sub(str(val), _text(txt, "regex_replace")))
     except re.error as exc:
         raise TemplateRefusal(f"regex_replace: {str(val)!r} is not a replacement for {str(rgx)!r}: {exc}") from None
 

@@ -39,6 +39,7 @@ class State:
     extra: dict = field(default_factory=dict)         # unless / onlyif / order
     lines: dict = field(default_factory=dict)         # argument -> its line
     pending: set = field(default_factory=set)         # arguments whose value is a result not known yet
+    names_valued: tuple = (False, [])                 # `names:` a value as a whole; each item a value
 
     @property
     def module(self) -> str:
@@ -106,25 +107,27 @@ def _block_indent(lines: list[str], indicator_line: int) -> int:
     return 0
 
 
-def _fill(node, values: Values, done: dict, lines: list[str], pending: set[int], key: bool = False):
+def _fill(node, values: Values, done: dict, lines: list[str], pending: set[int], valued: set[int],
+          key: bool = False):
     """The composed node with every value token replaced (see template.py's docstring); a value
     standing alone as a plain scalar becomes a node of its own type, as one value. ``lines``:
     the rendered text, for the indentation of block scalars. ``pending`` gets the id of each node
     that stands for a Pending value (a result not known yet: its type is not known either)."""
     if isinstance(node, yaml.ScalarNode):
-        return _fill_scalar(node, values, key, lines, pending)
+        return _fill_scalar(node, values, key, lines, pending, valued)
     if id(node) in done:  # an alias, or a node inside itself
         return done[id(node)]
     done[id(node)] = node
     if isinstance(node, yaml.SequenceNode):
-        node.value = [_fill(item, values, done, lines, pending) for item in node.value]
+        node.value = [_fill(item, values, done, lines, pending, valued) for item in node.value]
     elif isinstance(node, yaml.MappingNode):
-        node.value = [(_fill(k, values, done, lines, pending, key=True), _fill(v, values, done, lines, pending))
+        node.value = [(_fill(k, values, done, lines, pending, valued, key=True),
+                       _fill(v, values, done, lines, pending, valued))
                       for k, v in node.value]
     return node
 
 
-def _fill_scalar(node, values: Values, key: bool, lines: list[str], pending: set[int]):
+def _fill_scalar(node, values: Values, key: bool, lines: list[str], pending: set[int], valued: set[int]):
     if not values.traced(node.value):
         return node
     start, end = node.start_mark, node.end_mark
@@ -137,6 +140,7 @@ def _fill_scalar(node, values: Values, key: bool, lines: list[str], pending: set
             filled = _value_node(plain_data(values.items[index], values), start, end)
             if isinstance(values.items[index], Pending):
                 pending.add(id(filled))  # the tree holds the node: the id stays its own while parsing
+            valued.add(id(filled))
             return filled
         block = node.style in ("|", ">")
         text = values.substitute(node.value, dedent=_block_indent(lines, start.line) if block else 0)
@@ -175,6 +179,7 @@ def parse_states(text: str, path: str, meta: dict | None = None, values: Values 
     extends = [] if extends is None else extends
     errors: list[StateFileError] = []
     pending: set[int] = set()  # ids of the nodes that stand for Pending values
+    valued: set[int] = set()   # ids of the nodes that stand for a {{ }} value (data, maybe a node's)
     try:
         root = yaml.compose(text, Loader=_LOADER)
     except yaml.YAMLError as exc:
@@ -185,7 +190,7 @@ def parse_states(text: str, path: str, meta: dict | None = None, values: Values 
         return [], [], [StateFileError(path, mark.line + 1 if mark else None, reason)]
     if root is not None and values is not None:
         try:
-            root = _fill(root, values, {}, text.splitlines(), pending)
+            root = _fill(root, values, {}, text.splitlines(), pending, valued)
         except _FillError as exc:
             return [], [], [StateFileError(path, exc.line, exc.reason)]
     if root is None:
@@ -225,7 +230,7 @@ def parse_states(text: str, path: str, meta: dict | None = None, values: Values 
                     errors.append(StateFileError(path, ext_key.start_mark.line + 1, "a state id must be a string"))
                     continue
                 extends += _parse_state(str(ext_id), ext_node, path, ext_key.start_mark.line + 1, errors, pending,
-                                        extend=True)
+                                        valued, extend=True)
             continue
         if not isinstance(state_id, (str, int, float)) or isinstance(state_id, bool):
             errors.append(StateFileError(path, line, "a state id must be a string"))
@@ -236,12 +241,12 @@ def parse_states(text: str, path: str, meta: dict | None = None, values: Values 
                                                      f"(first at line {seen_ids[state_id]})"))
             continue
         seen_ids[state_id] = line
-        states += _parse_state(state_id, value_node, path, line, errors, pending)
+        states += _parse_state(state_id, value_node, path, line, errors, pending, valued)
     return states, includes, errors
 
 
 def _parse_state(state_id: str, node, path: str, line: int, errors: list, pending: set[int],
-                 extend: bool = False) -> list[State]:
+                 valued: set[int], extend: bool = False) -> list[State]:
     """The states under one id (one per function); ``extend``: an `extend:` entry, whose `file:`
     may name no function (it changes whichever the state has)."""
     if isinstance(node, yaml.ScalarNode) and isinstance(_construct(node), str) and "." in _construct(node):
@@ -320,6 +325,9 @@ def _parse_state(state_id: str, node, path: str, line: int, errors: list, pendin
                 state.args[key] = value
                 if id(arg_value_node) in pending:
                     state.pending.add(key)
+                if key == "names":  # which items are values (data): those give names, never arguments
+                    items = arg_value_node.value if isinstance(arg_value_node, yaml.SequenceNode) else []
+                    state.names_valued = (id(arg_value_node) in valued, [id(i) in valued for i in items])
         out += _expand_names(state, errors) if "names" in state.args else [state]
     return out
 
@@ -336,8 +344,14 @@ def _expand_names(state: State, errors: list) -> list[State]:
         errors.append(StateFileError(state.path, line, f"{state.id}: names takes a list of names"))
         return []
     out = []
-    for item in names:
+    whole, items_valued = state.names_valued
+    for index, item in enumerate(names):
         own: dict = {}
+        if isinstance(item, dict) and (whole or (items_valued[index] if index < len(items_valued) else True)):
+            # A mapping that came from data (a fact, a stage's result) would set arguments: a name only.
+            errors.append(StateFileError(state.path, line, f"{state.id}: names: a {{{{ }}}} value gives names "
+                                                           "(strings), not a name with arguments"))
+            continue
         if isinstance(item, dict) and len(item) == 1:
             (item, settings), = item.items()
             settings = settings or []
@@ -349,10 +363,14 @@ def _expand_names(state: State, errors: list) -> list[State]:
                 continue
             for setting in settings:
                 own.update(setting)
+            if "name" in own or not all(isinstance(k, str) for k in own):
+                errors.append(StateFileError(state.path, line, f"{state.id}: names: the arguments of {item!r} "
+                                                               "are `- argument: value` (and not `name`)"))
+                continue
         if not isinstance(item, (str, int, float)) or isinstance(item, bool):
             errors.append(StateFileError(state.path, line, f"{state.id}: names: each name is a string"))
             continue
-        one = replace(state, args=dict(state.args, **own, name=str(item)), requisites=dict(state.requisites),
+        one = replace(state, args={**state.args, **own, "name": str(item)}, requisites=dict(state.requisites),
                       extra=dict(state.extra), lines=dict(state.lines), pending=set(state.pending))
         out.append(one)
     return out
@@ -534,8 +552,13 @@ def resolve_sources(states: list[State], context: dict, tree: StateTree) -> list
         shown = display_path(full, tree.root)
         try:
             if template == "jinja":
-                own = dict(file_context(full, tree.root, state.file), **extra.get("defaults", {}),
-                           **extra.get("context", {}))
+                # Salt's order: the context overrides the defaults.
+                own = {**file_context(full, tree.root, state.file), **extra.get("defaults", {}),
+                       **extra.get("context", {})}
+                if not all(isinstance(k, str) for k in own):
+                    errors.append(StateFileError(state.path, line, f"{state.id}: defaults and context are "
+                                                 "mappings of names"))
+                    continue
                 state.args["contents"] = render_template(full, dict(context, **to_attrdict(own)), shown, tree)
             else:
                 state.args["contents"] = tree.read(full).decode("utf-8")

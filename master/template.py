@@ -434,12 +434,46 @@ def _loaded_text(value, what: str) -> tuple[str, str]:
     return str(value), (f"{what}: {name}" if name else what)
 
 
+# What YAML loaded in a template may expand to, aliases followed: a few hundred bytes of aliases
+# of aliases (a stage's result, a fact) would otherwise fill the master's memory.
+MAX_LOADED_NODES = 100_000
+
+
+def _check_expansion(root, what: str) -> None:
+    """Refuses YAML whose aliases make it expand past MAX_LOADED_NODES nodes, or refer to
+    themselves (a node inside itself)."""
+    sizes: dict[int, int] = {}
+    open_nodes: set[int] = set()
+
+    def size(node) -> int:
+        if id(node) in sizes:
+            return sizes[id(node)]
+        if id(node) in open_nodes:
+            raise TemplateRefusal(f"{what}: YAML that holds itself (an alias inside its own anchor)")
+        open_nodes.add(id(node))
+        if isinstance(node, yaml.SequenceNode):
+            total = 1 + sum(size(item) for item in node.value)
+        elif isinstance(node, yaml.MappingNode):
+            total = 1 + sum(size(k) + size(v) for k, v in node.value)
+        else:
+            total = 1
+        open_nodes.discard(id(node))
+        sizes[id(node)] = total
+        if total > MAX_LOADED_NODES:
+            raise TemplateRefusal(f"{what}: YAML that expands to over {MAX_LOADED_NODES} values (aliases of aliases)")
+        return total
+
+    if root is not None:
+        size(root)
+
+
 def load_yaml(value):
     """Jinja filter and function (Salt's): YAML text as data. In a state file, a `{{ }}` value in
     the text stays that value (see the module docstring)."""
     text, what = _loaded_text(value, "load_yaml")
     values = _rendering.get()
     try:
+        _check_expansion(yaml.compose(text, Loader=_YAML_LOADER), what)
         if values is None or not values.traced(text):
             return yaml.load(text, Loader=_YAML_LOADER)
         return _yaml_with_values(text, values)
