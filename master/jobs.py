@@ -63,15 +63,15 @@ def new_job_id() -> str:
     return time.strftime("%Y%m%d-%H%M%S", time.gmtime()) + "-" + secrets.token_hex(3)
 
 
-def _format_errors(per_node: dict[str, list[StateFileError]]) -> str:
-    """Every distinct problem once; prefixed with the nodes it concerns when not all of them."""
+def _format_errors(per_node: dict[str, list[StateFileError]], targets: int | None = None) -> str:
+    """Every distinct problem once; followed by the nodes it concerns when not all ``targets`` of them."""
     by_message: dict[str, list[str]] = {}
     for node_id, errors in per_node.items():
         for error in errors:
             by_message.setdefault(str(error), []).append(node_id)
     lines = []
     for message, nodes in by_message.items():
-        if len(per_node) > 1 and len(nodes) < len(per_node):
+        if len(nodes) < (targets or len(per_node)) and (targets or len(per_node)) > 1:
             lines.append(f"{message} [{', '.join(sorted(nodes))}]")
         else:
             lines.append(message)
@@ -235,7 +235,7 @@ async def _apply(board: JobBoard, emit, file: str, target: str | None, test: boo
     except ApplyRefused as exc:
         raise ControlError("refused, nothing was sent:\n" + str(exc)) from None
     if errors:
-        raise ControlError("refused, nothing was sent:\n" + _format_errors(errors))
+        raise ControlError("refused, nothing was sent:\n" + _format_errors(errors, len(plan.targets)))
     groups = stage_groups(meta, plan.entries, plan.targets)
     job_id = new_job_id()
     board.store.create_job(job_id, plan.path, target, test, {n: len(jobs.get(n, ())) for n in plan.targets})

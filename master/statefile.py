@@ -35,6 +35,7 @@ class State:
     line: int
     file: str = ""             # absolute path, for `source:` lookups
     sls: str = ""              # Salt's SLS name of its file (`- sls: NAME` requisites)
+    within: set = field(default_factory=set)          # its SLS and every SLS that includes it
     requisites: dict = field(default_factory=dict)   # kind -> [(module or None, ref, line)]
     extra: dict = field(default_factory=dict)         # unless / onlyif / order
     lines: dict = field(default_factory=dict)         # argument -> its line
@@ -218,6 +219,10 @@ def parse_states(text: str, path: str, meta: dict | None = None, values: Values 
                 errors.append(StateFileError(path, line, "include: takes a list of state file names"))
             else:
                 includes += [(v, value_node.start_mark.line + 1) for v in value]
+            continue
+        if state_id == "exclude":
+            errors.append(StateFileError(path, line, "exclude: (Salt's) is not supported: leave the state or "
+                                                     "file out, or make it conditional"))
             continue
         if state_id == "extend":
             if not isinstance(value_node, yaml.MappingNode):
@@ -413,14 +418,17 @@ def load_file(path: str, context: dict, tree: StateTree, meta: dict | None = Non
     another)."""
     loaded: set[str] = set()
     extends: list[State] = []
-    states, errors = _load(path, context, tree, meta, loaded, extends)
+    includes: dict[str, set[str]] = {}  # SLS name -> the SLS names it includes
+    states, errors = _load(path, context, tree, meta, loaded, extends, includes)
+    for state in states:  # `- sls: NAME` means NAME's states and those of what it includes, as Salt
+        state.within = _includers(state.sls, includes)
     errors += _conflicting_ids(states)
     errors += _apply_extends(states, extends)
     return states, errors
 
 
 def _load(path: str, context: dict, tree: StateTree, meta: dict | None, loaded: set[str],
-          extends: list[State]) -> tuple[list[State], list[StateFileError]]:
+          extends: list[State], graph: dict[str, set[str]]) -> tuple[list[State], list[StateFileError]]:
     loaded.add(path)
     shown = display_path(path, tree.root)
     try:
@@ -438,12 +446,25 @@ def _load(path: str, context: dict, tree: StateTree, meta: dict | None, loaded: 
         if target is None:
             errors.append(StateFileError(shown, line, why))
             continue
+        graph.setdefault(sls, set()).add(sls_name(target, tree.root))
         if target in loaded:
             continue
-        sub_states, sub_errors = _load(target, context, tree, meta, loaded, extends)
+        sub_states, sub_errors = _load(target, context, tree, meta, loaded, extends, graph)
         included += sub_states
         errors += sub_errors
     return included + states, errors
+
+
+def _includers(sls: str, graph: dict[str, set[str]]) -> set[str]:
+    """``sls`` and every SLS that includes it, directly or through others."""
+    found, todo = {sls}, [sls]
+    while todo:
+        current = todo.pop()
+        for parent, children in graph.items():
+            if current in children and parent not in found:
+                found.add(parent)
+                todo.append(parent)
+    return found
 
 
 def _include_path(including: str, name: str, tree: StateTree) -> tuple[str | None, str]:
@@ -577,11 +598,19 @@ def _source_file(state: State, source, tree: StateTree) -> tuple[str | None, str
         return None, "source must be a file name or a list of them"
     missing = []
     for one in sources:
+        scheme = one.partition("://")[0] if "://" in one else ""
+        if scheme and scheme != "salt":
+            return None, f"source {one!r}: {scheme}:// sources are not supported (only salt:// and files of the state tree)"
         if one.startswith("salt://"):  # from the tree's root, as Salt's fileserver reads it
-            full = os.path.normpath(os.path.join(tree.root, one[len("salt://"):].split("?", 1)[0]))
+            location, _, query = one[len("salt://"):].partition("?")
+            if query and query not in ("saltenv=base", "env=base"):
+                return None, f"source {one!r}: one state tree, Salt's `base` environment only"
+            full = os.path.normpath(os.path.join(tree.root, location))
         else:
             full = os.path.normpath(os.path.join(os.path.dirname(state.file), one))
         refusal = tree.refusal(full, f"source {one!r}")
+        if refusal and one.startswith("/"):
+            refusal += " (to Salt an absolute path is a file on the node; the master reads sources from the tree)"
         if refusal:
             return None, refusal
         if tree.isfile(full):

@@ -374,6 +374,9 @@ def resolve_state_file(spec: str, states_dir: str | None, cwd: str | None = None
     path = spec if os.path.isabs(spec) or cwd is None else os.path.join(cwd, spec)
     if os.path.isdir(path):  # a directory means its init.sls, as an SLS name does
         path = _state_file_in(path, "init") or path
+    if os.path.isfile(path) and os.path.basename(path) == "top.sls":
+        raise StateFileError(spec, None, "Salt's top file, which pimaster does not read: apply an SLS that "
+                                         "includes what it lists (`include: [ntp, users]`)")
     if os.path.isfile(path):
         path = os.path.abspath(path)
         root = tree or tree_root(os.path.dirname(path))

@@ -26,6 +26,28 @@ if TYPE_CHECKING:
 MASTER_ARGS = {"file.managed": {"source", "template", "context", "defaults", "contents_pillar"}}
 
 
+# Salt's requisites and global arguments pimaster has not: what to write instead. (Without this a
+# Salt user reads "did you mean 'require_in'?" for `require_any`.)
+_ANY = "pimaster's requisites wait for all the states named; `onchanges` and `onfail` already fire on any"
+SALT_ONLY_ARGS = {
+    "listen": "use `watch` (the restart happens right after what it watches, not at the end)",
+    "listen_in": "use `watch_in`",
+    "prereq": "run the state after, with `onchanges`, or split the job in stages",
+    "prereq_in": "run the state after, with `onchanges`, or split the job in stages",
+    "require_any": _ANY, "require_any_in": _ANY, "watch_any": _ANY, "watch_any_in": _ANY,
+    "onchanges_any": _ANY, "onchanges_any_in": _ANY, "onfail_any": _ANY, "onfail_any_in": _ANY,
+    "onfail_all": _ANY, "onfail_all_in": _ANY,
+    "failhard": "a failed state stops the states that require it; `pimaster apply` exits 1",
+    "output_loglevel": "use `sensitive: true` to keep a state's output out of results and logs",
+    "hide_output": "use `sensitive: true` to keep a state's output out of results and logs",
+    "retry": "not supported: make the command wait itself (`until …; do sleep 1; done`)",
+    "parallel": "states run one after another",
+    "check_cmd": "use `onlyif`/`unless` on a `cmd.run` that checks after the change",
+    "reload_modules": "not needed: the agent has no execution modules to reload",
+    "saltenv": "one state tree: Salt's `base` environment only",
+}
+
+
 # ---------------------------------------------------------------------------------------------
 # Validation against the agent's catalogue, requisites and order
 
@@ -46,7 +68,10 @@ def validate(states: list[State], catalog: dict) -> list[StateFileError]:
             continue
         allowed = set(spec["args"]) | MASTER_ARGS.get(state.fun, set())
         for arg in state.args:
-            if arg not in allowed:
+            if arg not in allowed and arg in SALT_ONLY_ARGS:
+                errors.append(StateFileError(state.path, state.lines.get(arg, state.line),
+                                             f"{state.id}: Salt's `{arg}` is not supported here: {SALT_ONLY_ARGS[arg]}"))
+            elif arg not in allowed:
                 errors.append(StateFileError(state.path, state.line, f"{state.id}: {state.fun} has no argument "
                                              f"{arg!r}{_suggest(arg, allowed | set(COMMON_ARGS))}"))
         for required in spec["required"]:
@@ -77,8 +102,8 @@ def _type_errors(state: State, types: dict[str, list[str]]) -> list[StateFileErr
 
 
 def _find(states: list[State], module: str | None, ref: str) -> list[int]:
-    if module == "sls":  # Salt's `- sls: NAME`: every state of that file
-        return [i for i, s in enumerate(states) if s.sls == ref]
+    if module == "sls":  # Salt's `- sls: NAME`: every state of that file and of what it includes
+        return [i for i, s in enumerate(states) if ref in (s.within or {s.sls})]
     return [i for i, s in enumerate(states)
             if (module is None or s.module == module) and (s.id == ref or s.name == ref)]
 
@@ -96,13 +121,13 @@ def resolve_requisites(states: list[State]) -> tuple[list[dict[str, list[int]]],
                 if not found and module == "sls":
                     names = sorted({s.sls for s in states})
                     errors.append(StateFileError(state.path, line, f"{state.id}: {kind} names `sls: {ref}`, and no "
-                                                 f"state of this apply comes from an SLS of that name (an SLS that "
-                                                 f"only includes others has none){_suggest(ref, names)}"))
+                                                 f"state of this apply comes from an SLS of that name, nor from "
+                                                 f"what it includes{_suggest(ref, names)}"))
                     continue
                 if not found:
                     wanted = f"{module}: {ref}" if module else ref
                     errors.append(StateFileError(state.path, line, f"{state.id}: {kind} names {wanted!r}, which "
-                                                 f"is not a state in this file{_suggest(wanted, labels)}"))
+                                                 f"is not a state of this apply{_suggest(wanted, labels)}"))
                     continue
                 for j in found:
                     if j == i:

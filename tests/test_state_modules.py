@@ -78,7 +78,7 @@ def test_every_state_function_documents_itself_and_takes_no_engine_arguments():
     functions = registry()
     assert {name.split(".")[0] for name in functions} == {
         "file", "pkg", "service", "cmd", "host", "sysctl", "mount", "boot", "swap", "kmod", "network", "user",
-        "group", "timezone"}
+        "group", "timezone", "test"}
     for full_name, function in functions.items():
         params = list(inspect.signature(function).parameters.values())
         assert params[0].name == "ctx" and params[1].name == "name", full_name

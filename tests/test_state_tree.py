@@ -217,3 +217,31 @@ def test_salts_dot_spelling_and_errors_name_no_internal_class(tmp_path):
     sums = write(tmp_path / "sums.sls", "a:\n  cmd.run:\n    - name: echo {{ node + 1 }}\n")
     error = errors_of(sums, tmp_path)[0]
     assert "'dict' and 'int'" in error and "AttrDict" not in error, error
+
+
+def test_an_sls_requisite_covers_what_that_sls_includes_and_salt_only_arguments_say_what_to_use(tmp_path):
+    write(tmp_path / "app" / "init.sls", "include: [.pkgs, .conf]\n")
+    write(tmp_path / "app" / "pkgs.sls", "app-pkg:\n  pkg.installed:\n    - name: nginx\n")
+    write(tmp_path / "app" / "conf.sls", "app-conf:\n  file.managed:\n    - name: /etc/app\n    - contents: x\n")
+    site = write(tmp_path / "site.sls", """
+        include: [app]
+        smoke:
+          cmd.run:
+            - name: curl -fs localhost
+            - require:
+              - sls: app
+        """)
+    job = compile(site, tmp_path)
+    assert [s["id"] for s in job] == ["app-pkg", "app-conf", "smoke"] and job[2]["require"] == [0, 1]
+    salty = write(tmp_path / "salty.sls", "x:\n  cmd.run:\n    - name: 'true'\n    - require_any:\n      - cmd: y\n"
+                                          "y:\n  cmd.run:\n    - name: 'true'\n    - hide_output: true\n")
+    assert errors_of(salty, tmp_path) == [
+        "salty.sls:4: x: Salt's `require_any` is not supported here: pimaster's requisites wait for all the states "
+        "named; `onchanges` and `onfail` already fire on any",
+        "salty.sls:9: y: Salt's `hide_output` is not supported here: use `sensitive: true` to keep a state's output "
+        "out of results and logs"]
+    top = write(tmp_path / "top.sls", "base:\n  '*':\n    - app\n")
+    with pytest.raises(StateFileError, match="Salt's top file, which pimaster does not read"):
+        resolve_state_file(str(top), None)
+    remote = write(tmp_path / "remote.sls", "r:\n  file.managed:\n    - name: /x\n    - source: https://example.com/x\n")
+    assert "https:// sources are not supported" in errors_of(remote, tmp_path)[0]

@@ -1,5 +1,5 @@
 """State modules: one file per domain (file, pkg, service, cmd, host, sysctl, mount, boot, swap, kmod,
-network, user, group, timezone).
+network, user, group, timezone), and Salt's test states (test), which change nothing.
 
 Each function a module names in its ``__states__`` is a state function, called as
 ``<module>.<function>`` in a state file. It takes the StateContext first and the state's arguments as keyword arguments (``name``

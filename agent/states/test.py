@@ -21,41 +21,40 @@ PRETENDED_CHANGE = {"testing": {"old": "Unchanged", "new": "Something pretended 
 
 
 def _pretend(ctx: StateContext, name: str, *, changes: bool, succeed: bool, comment: str,
-             fail_in_test: bool, notes: list[str] = ()) -> dict:
+             fail_in_test: bool, notes: tuple[str, ...] | list[str] = ()) -> dict:
     """The result of a test state: ``succeed`` or fail, with the pretended change or none.
 
     A real run: Salt's result, the comment (or Salt's "Success!"/"Failure!"). Test mode says what
-    would happen ("would fail with changes"); its result is Salt's: None when a change would be
-    reported (whether the state would then succeed or fail), else True -- or False when the state
-    would fail and ``fail_in_test`` says test mode fails too (Salt's fail_without_changes does).
+    would happen ("would fail with changes", then the comment); its result is Salt's: None when a
+    change would be reported (whether the state would then succeed or fail), else True -- or False
+    when the state would fail and ``fail_in_test`` says test mode fails too (Salt's
+    fail_without_changes does).
     """
     out = Outcome(ctx, name)
     said = comment or ("Success!" if succeed else "Failure!")
     words = ("succeed" if succeed else "fail") + (" with changes" if changes else "")
-    if ctx.test:
-        if comment:
-            out.note(comment)
-        if not succeed and fail_in_test:
-            out.update(dict(PRETENDED_CHANGE) if changes else {})
-            return out.fail("; ".join([f"would {words}", *notes, *out.notes]))
-        if changes:
-            out.change("testing", dict(PRETENDED_CHANGE["testing"]), words, said)
-        for note in notes:
-            out.note(note)
-        return out.result(f"would {words}" if not succeed else said)
-    for note in notes:
-        out.note(note)
     if changes:
         out.change("testing", dict(PRETENDED_CHANGE["testing"]), words, said)
-        return out.result() if succeed else out.fail(out.comment(""))
-    return out.result(said) if succeed else out.fail(out.comment(said))
+    quiet_success = succeed and not changes  # nothing would happen: test mode says what a run says
+    if ctx.test and comment and not quiet_success:
+        out.note(comment)
+    for note in notes:
+        out.note(note)
+    if not ctx.test:
+        return out.result(said) if succeed else out.fail(out.comment(said))
+    if not succeed and fail_in_test:
+        return out.fail(out.comment(f"would {words}"))
+    if not succeed and not changes:
+        # Salt's configurable_test_state: a configured failure without changes is True in test mode.
+        out.note("test mode does not fail: allow_test_mode_failure is false")
+    return out.result(said if quiet_success else f"would {words}")
 
 
 def nop(ctx: StateContext, name: str) -> dict:
     """Do nothing: always succeeds, changes nothing (Salt's test.nop).
 
-    Something for requisites to point at, or a file that would otherwise be empty once its
-    template leaves nothing out. Salt's test.nop takes any argument and ignores it; here it takes
+    Something for requisites to point at, or a stand-in where a template would otherwise leave a
+    state file empty. Salt's test.nop takes any argument and ignores it; here it takes
     only ``name`` (and the requisites every state takes): the master refuses others.
 
     Arguments:
@@ -73,7 +72,7 @@ def nop(ctx: StateContext, name: str) -> dict:
 
 
 def succeed_without_changes(ctx: StateContext, name: str, comment: Text | None = None) -> dict:
-    """Succeed and change nothing, in a real run and in test mode (Salt's test.succeed_without_changes).
+    """Succeed and change nothing, in test mode too (Salt's test.succeed_without_changes).
 
     Arguments:
       name: any text (default: the state's id).
@@ -89,8 +88,7 @@ def succeed_without_changes(ctx: StateContext, name: str, comment: Text | None =
 
 
 def succeed_with_changes(ctx: StateContext, name: str, comment: Text | None = None) -> dict:
-    """Succeed with a pretended change, so that ``watch`` and ``onchanges`` fire (Salt's
-    test.succeed_with_changes).
+    """Succeed with a pretended change, so that watch and onchanges fire (Salt's succeed_with_changes).
 
     Nothing on the node changes; the result reports Salt's pretended change (``testing``: old
     "Unchanged", new "Something pretended to change"). In test mode the result is None ("would
@@ -126,7 +124,7 @@ def fail_without_changes(ctx: StateContext, name: str, comment: Text | None = No
 
     Example::
 
-        {% if grains['osfinalname'] != 'bookworm' %}
+        {% if grains['oscodename'] != 'bookworm' %}
         unsupported:
           test.fail_without_changes:
             - name: "Only Debian bookworm is supported"
@@ -136,8 +134,7 @@ def fail_without_changes(ctx: StateContext, name: str, comment: Text | None = No
 
 
 def fail_with_changes(ctx: StateContext, name: str, comment: Text | None = None) -> dict:
-    """Fail with a pretended change, so that both ``onfail`` and ``onchanges`` see it (Salt's
-    test.fail_with_changes).
+    """Fail with a pretended change, for onfail and onchanges both (Salt's test.fail_with_changes).
 
     Nothing on the node changes; the result reports Salt's pretended change (``testing``: old
     "Unchanged", new "Something pretended to change"). In test mode, as in Salt, the result is
@@ -162,8 +159,7 @@ def fail_with_changes(ctx: StateContext, name: str, comment: Text | None = None)
 
 
 def show_notification(ctx: StateContext, name: str, text: Text) -> dict:
-    """Show a message in the run's report: succeeds, changes nothing, ``text`` is the comment
-    (Salt's test.show_notification).
+    """Show a message as the comment of a successful, unchanging state (Salt's test.show_notification).
 
     Arguments:
       name: any text (default: the state's id).
@@ -184,8 +180,7 @@ def show_notification(ctx: StateContext, name: str, text: Text) -> dict:
 def configurable_test_state(ctx: StateContext, name: str, changes: bool | str = True, result: bool | str = True,
                             comment: Text = "", warnings: str | list[str] | None = None,
                             allow_test_mode_failure: bool = False) -> dict:
-    """A result as configured: changes or none, success or failure, a comment (Salt's
-    test.configurable_test_state).
+    """A result as configured: changes or none, success or failure, a comment (Salt's test state).
 
     Salt's rules: ``changes: true`` reports Salt's pretended change (``testing``: old "Unchanged",
     new "Something pretended to change"); ``result`` is the result of a real run. In test mode the
