@@ -471,6 +471,8 @@ def salt_context(facts: dict, entry: dict, cluster: dict, pillar: dict | None = 
     node_id = str(entry.get("id", facts.get("hostname", "")))
     hostname = entry.get("hostname")
     grains = grains_from_facts(facts, node_id, str(hostname) if hostname else None, claimed)
+    if isinstance(entry.get("roles"), list):  # the custom grain formulas most often read: the inventory's
+        grains["roles"] = list(entry["roles"])
     entry_pillar = entry.get("pillar")
     for what, layer in (("the inventory's `pillar:`", pillar), (f"{node_id}'s `pillar:`", entry_pillar)):
         if layer is not None and not isinstance(layer, Mapping):

@@ -124,8 +124,8 @@ def managed(ctx: StateContext, name: str, contents: Text | list[Text] | None = N
       template: ``jinja`` to render ``source`` with the node's facts first (on the master);
         ``defaults:`` and then ``context:`` (mappings) are added to what the template sees.
       contents_pillar: a key of the node's pillar (``a:b``) whose text becomes the contents.
-      mode: octal permissions as a string, e.g. "0644" (quote it: YAML reads 0644 as the number
-        420); a new file defaults to 0644, an existing one keeps its mode.
+      mode: octal permissions, e.g. "0644" (unquoted, 0644 or 644, the digits are taken as
+        written); a new file defaults to 0644, an existing one keeps its mode.
       user, group: owner by name or number; an existing file keeps its owner when not given.
       makedirs: create missing parent directories (0755), default false.
       replace: false to leave the contents of an existing file alone (create it only), default true.
