@@ -4,21 +4,35 @@ Every file pimaster or piagent writes (keys, the pinned fingerprint, job results
 backups, /boot/firmware/piagent.conf, the lab's state) goes through ``write_atomic`` or
 ``copy_atomic``: a temp file in the same directory is written, fsynced, given its mode and owner,
 renamed over the target, and the directory is fsynced. A write killed before its rename leaves a
-temp file named ``.NAME.<random>.pimaster-tmp`` (ignored by ``*.conf`` readers); the next write of
-the same file removes it.
+temp file named ``.NAME.<origin>-<pid>-<random>.pimaster-tmp`` (ignored by ``*.conf`` readers); a
+later write of the same file removes it once it is stale -- never a temp file another writer is
+still writing (see remove_stale_temps).
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
+import hashlib
 import os
+import re
 import secrets
 import shutil
+import threading
+import time
 
 ENCODING, ERRORS = "utf-8", "surrogateescape"
 DEFAULT_FILE_MODE = 0o644
 TMP_TAG = ".pimaster-tmp"
 
+# A left-over temp file whose writer cannot be asked whether it still runs (one on another node
+# sharing the directory over NFS, as /clusterfs is; or one named before writers named themselves)
+# counts as stale only when it has not been written to for this long. A write of even a large file
+# takes seconds, and an hour is far beyond the clock difference of nodes kept in time by NTP (an
+# NFS file's mtime is the server's clock, compared with this node's). A writer killed meanwhile
+# leaves its temp file for an hour: litter, where removing a live writer's file failed its write
+# ("cannot write ...: No such file or directory" when two nodes wrote one file on /clusterfs).
+STALE_TEMP_AGE_S = 3600.0
 
 
 def write_atomic(path: str, data: bytes | str, mode: int | None = None, uid: int | None = None,
@@ -78,10 +92,12 @@ def copy_atomic(source: str, target: str, family: str | None = None) -> None:
 def _replacing(target: str, family: str):
     """A temp file's name next to ``target``, to be written in the ``with`` block: then renamed over
     ``target`` and the rename made durable, or, on any error, removed. Left-over temps of ``family``
-    (writes killed before their rename) are removed first."""
+    (writes killed before their rename, see remove_stale_temps) are removed first."""
     directory, base_name = os.path.split(target)
     remove_stale_temps(directory, family)
     tmp = _temp_name(directory, base_name)
+    with _writing_lock:
+        _writing.add(os.path.basename(tmp))
     try:
         yield tmp
         os.replace(tmp, target)
@@ -89,6 +105,9 @@ def _replacing(target: str, family: str):
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+    finally:
+        with _writing_lock:
+            _writing.discard(os.path.basename(tmp))
     fsync_directory(directory)
 
 
@@ -111,14 +130,77 @@ def fsync_directory(directory: str) -> None:
 
 
 def remove_stale_temps(directory: str, base_name: str) -> None:
-    """Temp files an earlier write of ``base_name`` left behind when it was killed before its rename."""
+    """Remove the temp files of ``base_name`` that earlier writes left behind when they were killed
+    before their rename: never one that another writer is writing right now.
+
+    Several writers may replace one file at once: two processes on this node, or two nodes writing
+    one path on a shared file system (NFS). A temp file is stale when its writer is gone: one named
+    by a process of this very node (same boot, same PID namespace) when that process no longer
+    runs (or, named by this process, when it is not one this process is writing); any other -- a
+    writer on another node, or an older name without its writer's -- when it has not been written
+    to for STALE_TEMP_AGE_S.
+    """
     prefix = f".{base_name}."
-    with contextlib.suppress(OSError):
-        for entry in os.listdir(directory):
-            if entry.startswith(prefix) and entry.endswith(TMP_TAG):
-                with contextlib.suppress(OSError):
-                    os.unlink(os.path.join(directory, entry))
+    try:
+        entries = os.listdir(directory)
+    except OSError:
+        return
+    now = time.time()
+    for entry in entries:
+        if not (entry.startswith(prefix) and entry.endswith(TMP_TAG)):
+            continue
+        path = os.path.join(directory, entry)
+        with contextlib.suppress(OSError):
+            if _is_stale(path, entry, entry[len(prefix):-len(TMP_TAG)], now):
+                os.unlink(path)
+
+
+def _is_stale(path: str, entry: str, middle: str, now: float) -> bool:
+    """Whether the temp file ``entry`` at ``path`` (``middle``: its name between ``.NAME.`` and the
+    tag) belongs to no running write. OSError: it is gone already."""
+    owner = _OWNED.fullmatch(middle.rsplit(".", 1)[-1])
+    if owner is not None and owner["origin"] == _origin():
+        pid = int(owner["pid"])
+        if pid == os.getpid():
+            with _writing_lock:
+                return entry not in _writing  # else: a killed earlier process that had this PID
+        return not _process_runs(pid)
+    return now - os.lstat(path).st_mtime > STALE_TEMP_AGE_S
+
+
+def _process_runs(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # EPERM: it runs, as another user
+        return True
+    return True
+
+
+# Who writes a temp file, in its name: this node's boot and PID namespace (together they make a PID
+# mean one process), and the writer's PID. Elsewhere PIDs say nothing: there the age decides.
+_OWNED = re.compile(r"(?P<origin>[0-9a-f]{8})-(?P<pid>[0-9]+)-[0-9a-f]{8}")
+_writing: set[str] = set()  # the names of the temp files this process is writing now
+_writing_lock = threading.Lock()
+
+
+@functools.lru_cache(maxsize=None)
+def _origin() -> str | None:
+    """This boot and PID namespace, as 8 hex digits; None where Linux' /proc does not tell."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as fh:
+            boot = fh.read().strip()
+        namespace = os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return None
+    return hashlib.sha256(f"{boot} {namespace}".encode()).hexdigest()[:8]
 
 
 def _temp_name(directory: str, base_name: str) -> str:
-    return os.path.join(directory, f".{base_name}.{secrets.token_hex(4)}{TMP_TAG}")
+    token = secrets.token_hex(4)
+    origin = _origin()
+    name = f".{base_name}.{origin}-{os.getpid()}-{token}{TMP_TAG}" if origin else f".{base_name}.{token}{TMP_TAG}"
+    if len(os.fsencode(name)) > 255:  # NAME_MAX: a very long name gets the short form (age decides)
+        name = f".{base_name}.{token}{TMP_TAG}"
+    return os.path.join(directory, name)

@@ -33,13 +33,19 @@ templated `source:`) sees:
   `pillar.get`, `pillar.items`, `grains.get`, `grains.items`, `grains.filter_by`, `config.get`
   (minion options, then grains, then pillar, as Salt looks), `defaults.merge`, `defaults.update`,
   `defaults.deepcopy`, `defaults.get` (the formula's `defaults.yaml` or `defaults.json` in the
-  state tree). Keys are Salt's `a:b:c` paths. Any other function (`cmd.run`, `mine.get`,
+  state tree), `slsutil.merge`, `slsutil.merge_all`, `slsutil.update`, and `log.debug`/`info`/
+  `warning`/`error`/`critical` (into the master's log, at debug level; they give ''). Also spelled
+  `salt.pillar.get(...)`. Keys are Salt's `a:b:c` paths. `salt`, a module (`salt.pillar`) or a
+  function not called is not a value: printing one is an error. Any other function (`cmd.run`, `mine.get`,
   `network.ip_addrs`...) would have to run on the node while the master renders the file, before
   anything is sent: it is refused with the file, the line and what to use instead.
 - per file (`file_context`): `sls`, `slspath`, `sls_path`, `slsdotpath`, `slscolonpath`,
   `tplpath`, `tplfile`, `tpldir`, `tpldot`, with Salt's meanings.
-- the filters `traverse`, `regex_search`, `regex_match`, `regex_replace`, `unique`, `sequence`
-  and `to_bool` (here), and `json`, `yaml`, `load_yaml`, `load_json`, `load_text`, `{% do %}`,
+- the filters `traverse`, `regex_search`, `regex_match`, `regex_replace`, `regex_escape`,
+  `unique`, `sequence`, `to_bool`, `to_num`, `is_list`, `md5`, `sha1`, `sha256`, `sha512`,
+  `base64_encode`, `base64_decode`, `union`, `intersect`, `difference`, `symmetric_difference`,
+  `flatten`, `path_join`, `yaml_encode`, `yaml_dquote`, `yaml_squote`, and the test `match` (here),
+  the global `raise('message')`, and `json`, `yaml`, `load_yaml`, `load_json`, `load_text`, `{% do %}`,
   `{% import_yaml %}` / `import_json` / `import_text` (template.py, which keeps values data).
 
 Facts are hostile data (a node may lie): everything here gives values, never template or YAML
@@ -48,10 +54,15 @@ text, so a fact stays one value whatever it holds (template.py's docstring has t
 
 from __future__ import annotations
 
+import base64
+import binascii
 import copy
 import difflib
 import fnmatch
+import hashlib
+import functools
 import json
+import logging
 import os
 import posixpath
 import re
@@ -59,6 +70,9 @@ from collections.abc import Hashable, Mapping
 
 import jinja2
 import yaml
+
+
+log = logging.getLogger("pimaster")
 
 
 class TemplateRefusal(jinja2.TemplateError):
@@ -267,19 +281,33 @@ _INSTEAD = {
 }
 
 
-def _with_values(function):
-    """``function`` called with its text arguments as the text they stand for: a key built in a
-    state file (`tplroot ~ ':lookup'`) holds a value's token until printed."""
-    def call(*args, **kwargs):
+class _Function:
+    """`salt['pillar.get']`: the function, called with its text arguments as the text they stand
+    for (a key built in a state file, `tplroot ~ ':lookup'`, holds a value's token until printed).
+    A function is not a value: printed without being called, it is an error at its line."""
+
+    def __init__(self, name: str, function) -> None:
+        self._name, self._function = name, function
+        if hasattr(function, "jinja_pass_arg"):  # defaults.get: Jinja passes it the context
+            self.jinja_pass_arg = function.jinja_pass_arg
+        self.__name__ = name
+
+    def __call__(self, *args, **kwargs):
         args = [_text(a) if isinstance(a, str) else a for a in args]
         kwargs = {k: _text(v) if isinstance(v, str) else v for k, v in kwargs.items()}
-        return function(*args, **kwargs)
-    call.__name__ = getattr(function, "__name__", "salt_function")
-    return call
+        return self._function(*args, **kwargs)
+
+    def __str__(self) -> str:
+        raise TemplateRefusal(f"salt[{self._name!r}] is a function, not a value: call it, "
+                              f"e.g. salt[{self._name!r}](...)")
+
+    def __repr__(self) -> str:
+        return f"<salt[{self._name!r}]>"
 
 
 class _SaltModule:
-    """`salt.pillar` of `salt.pillar.get(...)`: its attributes are `salt['pillar.get']`, ...."""
+    """`salt.pillar` of `salt.pillar.get(...)`: its attributes are `salt['pillar.get']`, ....
+    Not a value: printed, it is an error at its line."""
 
     def __init__(self, functions: "SaltFunctions", module: str) -> None:
         self._functions, self._module = functions, module
@@ -288,6 +316,15 @@ class _SaltModule:
         if function.startswith("_"):
             raise AttributeError(function)
         return self._functions[f"{self._module}.{function}"]
+
+    def __str__(self) -> str:
+        mine = [f for f in self._functions if f.startswith(self._module + ".")]
+        example = mine[0] if mine else f"{self._module}.get"
+        raise TemplateRefusal(f"salt.{self._module} is a module, not a value: call one of its functions, "
+                              f"e.g. salt.{example}(...)")
+
+    def __repr__(self) -> str:
+        return f"<salt.{self._module}>"
 
 
 class SaltFunctions:
@@ -305,14 +342,18 @@ class SaltFunctions:
             "grains.filter_by": self.filter_by, "config.get": self.config_get,
             "defaults.merge": defaults_merge, "defaults.update": defaults_update,
             "defaults.deepcopy": copy.deepcopy, "defaults.get": defaults_get,
+            "slsutil.merge": slsutil_merge, "slsutil.merge_all": slsutil_merge_all,
+            "slsutil.update": slsutil_update,
         }
+        for level in ("debug", "info", "warning", "error", "critical"):
+            self._functions[f"log.{level}"] = functools.partial(_template_log, level)
 
     def __getitem__(self, name):
         name = _text(name)
         function = self._functions.get(name)
         if function is None:
             raise TemplateRefusal(self._refusal(name))
-        return _with_values(function)
+        return _Function(name, function)
 
     def __getattr__(self, module: str):
         """Salt's other spelling, `salt.pillar.get('key')`: the module, whose attributes are its functions."""
@@ -328,6 +369,10 @@ class SaltFunctions:
 
     def __repr__(self) -> str:
         return f"<Salt's functions on the master: {', '.join(sorted(self._functions))}>"
+
+    def __str__(self) -> str:
+        raise TemplateRefusal("salt is Salt's functions, not a value: call one, e.g. salt['pillar.get']('key', "
+                              "default) or salt.pillar.get('key', default)")
 
     def _refusal(self, name: str) -> str:
         module = name.partition(".")[0]
@@ -457,6 +502,55 @@ def defaults_get(context, key, default=""):
     return default
 
 
+def _template_log(level: str, message="", *args, **kwargs) -> str:
+    """Salt's log.debug/info/warning/error/critical: the message in the master's log (at debug
+    level, whatever the template's level: a node's data must not fill the master's log), and ''."""
+    log.debug("template log.%s: %r", level, str(message))
+    return ""
+
+
+def slsutil_merge(obj_a, obj_b, strategy="smart", renderer="yaml", merge_lists=False):
+    """Salt's slsutil.merge: ``obj_b`` merged into a copy of ``obj_a`` by ``strategy``: `recurse`
+    (Salt's deep merge, see update; what `smart` is unless the ``renderer`` is yamlex, and what an
+    unknown strategy falls back to), `overwrite` and `aggregate` (without yamlex's `!aggregate`
+    marks: the top-level keys of ``obj_b`` replace those of ``obj_a``), `list` (each key of ``obj_a``
+    that ``obj_b`` has too becomes the list of both values; keys only in ``obj_b`` are left out, as
+    in Salt), `none` (recurse)."""
+    if strategy == "smart":
+        yamlex = str(renderer).split("|")[-1] == "yamlex" or str(renderer).startswith("yamlex_")
+        strategy = "aggregate" if yamlex else "recurse"
+    for side in (obj_a, obj_b):
+        if not isinstance(side, Mapping):
+            raise TemplateRefusal("slsutil.merge: both sides must be mappings (dicts)")
+    if strategy == "list":
+        return {k: copy.deepcopy([v, obj_b[k]] if k in obj_b else v) for k, v in obj_a.items()}
+    if strategy in ("overwrite", "aggregate"):
+        return copy.deepcopy({**obj_a, **obj_b})
+    if strategy not in ("recurse", "none"):
+        log.debug("slsutil.merge: unknown strategy %r, merged as recurse (as Salt does)", str(strategy))
+    return update(copy.deepcopy(dict(obj_a)), obj_b, bool(merge_lists) and strategy != "none")
+
+
+def slsutil_merge_all(lst, strategy="smart", renderer="yaml", merge_lists=False):
+    """Salt's slsutil.merge_all: the mappings of ``lst`` merged in order (slsutil.merge), from {}."""
+    out: dict = {}
+    for obj in lst:
+        out = slsutil_merge(out, obj, strategy, renderer, merge_lists)
+    return out
+
+
+def slsutil_update(dest, upd, recursive_update=True, merge_lists=False):
+    """Salt's slsutil.update: ``upd`` merged into ``dest`` in place, which is returned: deep
+    (update), or with ``recursive_update`` false each key of ``upd`` replacing dest's."""
+    if not isinstance(dest, Mapping) or not isinstance(upd, Mapping):
+        raise TemplateRefusal("slsutil.update: both sides must be mappings (dicts)")
+    if recursive_update:
+        return update(dest, upd, bool(merge_lists))
+    for key, value in upd.items():
+        dest[key] = copy.deepcopy(value)
+    return dest
+
+
 # ---------------------------------------------------------------------------------------------
 # The context
 
@@ -518,7 +612,7 @@ def _flags(ignorecase, multiline) -> int:
 
 def _compiled(what: str, pattern, flags: int) -> re.Pattern:
     try:
-        return re.compile(str(pattern), flags)
+        return re.compile(_text(pattern), flags)
     except re.error as exc:
         raise TemplateRefusal(f"{what}: {str(pattern)!r} is not a regular expression: {exc}") from None
 
@@ -604,5 +698,172 @@ def to_bool(value) -> bool:
     return False
 
 
+def to_num(text):
+    """Jinja filter (Salt's): text that is a number as that number (int, else float), anything
+    else as it is: `{{ '12' | to_num }}` is 12."""
+    try:
+        return int(_text(text) if isinstance(text, str) else text)
+    except ValueError:
+        pass
+    try:
+        return float(_text(text) if isinstance(text, str) else text)
+    except ValueError:
+        return _text(text) if isinstance(text, str) else text
+
+
+def is_list(value) -> bool:
+    """Jinja filter (Salt's): whether the value is a list."""
+    return isinstance(value, list)
+
+
+def _digest(algorithm: str):
+    def digest(value) -> str:
+        return hashlib.new(algorithm, _text(value).encode("utf-8")).hexdigest()
+    digest.__name__ = algorithm
+    digest.__doc__ = f"Jinja filter (Salt's): the {algorithm} hex digest of the text (UTF-8)."
+    return digest
+
+
+def base64_encode(value) -> str:
+    """Jinja filter (Salt's): the text (UTF-8) in base64."""
+    return base64.b64encode(_text(value).encode("utf-8")).decode("ascii")
+
+
+def base64_decode(value) -> str:
+    """Jinja filter (Salt's): base64 text decoded, as text (UTF-8; anything else is an error: a
+    state file's values are text)."""
+    try:
+        return base64.b64decode(_text(value)).decode("utf-8")
+    except (binascii.Error, ValueError) as exc:
+        if isinstance(exc, UnicodeDecodeError):
+            raise TemplateRefusal("base64_decode: the decoded bytes are not UTF-8 text") from None
+        raise TemplateRefusal(f"base64_decode: not base64: {exc}") from None
+
+
+def regex_escape(value) -> str:
+    """Jinja filter (Salt's): the text with what is special in a regular expression escaped."""
+    return re.escape(_text(value))
+
+
+def _items(value, what: str) -> list:
+    if isinstance(value, jinja2.Undefined):
+        str(value)
+    if isinstance(value, (str, Mapping)) or not hasattr(value, "__iter__"):
+        raise TemplateRefusal(f"{what}: takes lists, not {type(value).__name__}")
+    return list(value)
+
+
+def _unique(items: list) -> list:
+    out: list = []
+    for item in items:
+        if item not in out:
+            out.append(item)
+    return out
+
+
+def union(lst1, lst2) -> list:
+    """Jinja filter (Salt's): the items of both lists, without repeats (a list, in their order;
+    Salt gives a set for tuples)."""
+    return _unique(_items(lst1, "union") + _items(lst2, "union"))
+
+
+def intersect(lst1, lst2) -> list:
+    """Jinja filter (Salt's): the items of the first list that the second has, without repeats."""
+    other = _items(lst2, "intersect")
+    return _unique([item for item in _items(lst1, "intersect") if item in other])
+
+
+def difference(lst1, lst2) -> list:
+    """Jinja filter (Salt's): the items of the first list that the second lacks, without repeats."""
+    other = _items(lst2, "difference")
+    return _unique([item for item in _items(lst1, "difference") if item not in other])
+
+
+def symmetric_difference(lst1, lst2) -> list:
+    """Jinja filter (Salt's): the items that only one of the lists has, without repeats."""
+    a, b = _items(lst1, "symmetric_difference"), _items(lst2, "symmetric_difference")
+    return _unique([item for item in a if item not in b] + [item for item in b if item not in a])
+
+
+def flatten(data, levels=None, preserve_nulls=False):
+    """Jinja filter (Salt's): the list with the lists (any iterable but text) in it replaced by
+    their items, ``levels`` deep (all, by default); None, 'None' and 'null' left out unless
+    ``preserve_nulls``: `{{ [3, [4, [2]]] | flatten(levels=1) }}` is [3, 4, [2]]."""
+    def flat(items, depth, inside: tuple) -> list:
+        if id(items) in inside:
+            raise TemplateRefusal("flatten: a list inside itself")
+        out: list = []
+        for item in items:
+            if not preserve_nulls and (item is None or (isinstance(item, str) and item in ("None", "null"))):
+                continue
+            if not isinstance(item, str) and hasattr(item, "__iter__") and (depth is None or depth >= 1):
+                out.extend(flat(item, None if depth is None else int(depth) - 1, inside + (id(items),)))
+            else:
+                out.append(item)
+        return out
+
+    try:
+        return flat(_items(data, "flatten") if not isinstance(data, Mapping) else list(data), levels, ())
+    except RecursionError:
+        raise TemplateRefusal("flatten: nested too deeply") from None
+
+
+def path_join(*parts, **kwargs) -> str:
+    """Jinja filter (Salt's): the paths joined and normalised, a later absolute one appended (not
+    starting over): `{{ '/etc' | path_join('/ssh', 'sshd_config') }}` is /etc/ssh/sshd_config."""
+    texts = [posixpath.normpath(_text(p)) for p in parts]
+    if not texts:
+        return ""
+    return posixpath.normpath(posixpath.join(texts[0], *(p.lstrip("/") for p in texts[1:])))
+
+
+def _yaml_scalar(text: str, style: str) -> str:
+    out = yaml.safe_dump(text, default_style=style, width=float("inf"), allow_unicode=True).rstrip("\n")
+    return out[:-4] if out.endswith("\n...") else out
+
+
+def yaml_dquote(text) -> str:
+    """Jinja filter (Salt's): the text as a double-quoted YAML scalar. (template.py: in a state
+    file, where a value is data already, the text itself.)"""
+    return _yaml_scalar(_text(text), '"')
+
+
+def yaml_squote(text) -> str:
+    """Jinja filter (Salt's): the text as a single-quoted YAML scalar (template.py: in a state
+    file, the text itself)."""
+    return _yaml_scalar(_text(text), "'")
+
+
+def yaml_scalar(value):
+    """``value`` if YAML writes it as a scalar (yaml_encode takes only those), else a refusal."""
+    if value is None or isinstance(value, (str, int, float)):
+        return value
+    raise TemplateRefusal(f"yaml_encode: only text, numbers, true/false and none (YAML scalars), "
+                          f"not a {type(value).__name__}")
+
+
+def yaml_encode(value) -> str:
+    """Jinja filter (Salt's): a scalar as YAML: text double-quoted, a number, true/false, null
+    (template.py: in a state file, the value itself)."""
+    value = yaml_scalar(value)
+    if isinstance(value, str):
+        return yaml_dquote(value)
+    node = yaml.SafeDumper(None).represent_data(value)
+    return node.value
+
+
+def test_match(txt, rgx, ignorecase=False, multiline=False) -> bool:
+    """Jinja test (Salt's): `{% if x is match('^node[0-9]+$') %}`: whether ``rgx`` matches at the
+    start of the text."""
+    return _compiled("match", rgx, _flags(ignorecase, multiline)).match(_text(txt, "match")) is not None
+
+
 FILTERS = {"traverse": traverse, "regex_search": regex_search, "regex_match": regex_match,
-           "regex_replace": regex_replace, "unique": unique, "sequence": sequence, "to_bool": to_bool}
+           "regex_replace": regex_replace, "unique": unique, "sequence": sequence, "to_bool": to_bool,
+           "to_num": to_num, "is_list": is_list, "md5": _digest("md5"), "sha1": _digest("sha1"),
+           "sha256": _digest("sha256"), "sha512": _digest("sha512"), "base64_encode": base64_encode,
+           "base64_decode": base64_decode, "regex_escape": regex_escape, "union": union,
+           "intersect": intersect, "difference": difference, "symmetric_difference": symmetric_difference,
+           "flatten": flatten, "path_join": path_join, "yaml_encode": yaml_encode, "yaml_dquote": yaml_dquote,
+           "yaml_squote": yaml_squote}
+TESTS = {"match": test_match}

@@ -30,14 +30,21 @@ Salt's Jinja, in both (salt.py has Salt's names, functions and data filters):
 - `{% do expr %}` (a call for its effect: `{% do settings.update(extra) %}`), `{% break %}` and
   `{% continue %}`;
 - `{% import_yaml "x.yaml" as x %}`, `import_json`, `import_text`: the file is found and read as
-  `{% import %}` finds and reads it (inside the state tree only; `with context` too, which it
-  needs to see `grains`, `pillar` and `salt`), rendered with Jinja, and its text loaded as data;
+  `{% import %}` finds and reads it (inside the state tree only; `with context` too), rendered
+  with Jinja, and its text loaded as data;
   `{% load_yaml as x %}...{% endload %}` (and `load_json`, `load_text`) does the same with the
   block's text;
 - the filters (and functions) `load_yaml`, `load_json` (text to data), `load_text`; the filters
   `json` (`sort_keys=True`, `indent=None`) and `yaml` (`flow_style=True`) as Salt has them, and
-  salt.py's `traverse`, `regex_search`, `regex_match`, `regex_replace`, `unique`, `sequence`,
-  `to_bool`.
+  salt.py's (`traverse`, `regex_replace`, `to_num`, `md5`, `union`, `flatten`, the test `match`...).
+  In a state file `yaml_encode`, `yaml_dquote` and `yaml_squote` give the value itself (the text,
+  for the quoting ones): it is data already, and quotes would end up in it; in a templated file
+  they give YAML scalars, as Salt's;
+- `raise('message')`: the rendering fails with that message, at its file and line;
+- as in Salt (3006), the rendering's context is the environment's globals while it runs: a file
+  imported without context (a formula's `map.jinja`, `libmapstack.jinja`) sees `salt`, `grains`,
+  `pillar`, `opts`, `saltenv`, the importing file's `tpldir`... of the node being rendered, and
+  the modules such imports make are kept for that rendering only (`_Rendering`).
 
 Each gives data: loaded YAML or JSON holds each `{{ }}` value as the value itself where it
 stands alone (the rules above; in JSON, unquoted), and in a state file a filter's result is a
@@ -77,7 +84,8 @@ import yaml
 from markupsafe import Markup
 
 from .salt import FILTERS as SALT_FILTERS
-from .salt import TemplateRefusal
+from .salt import TESTS as SALT_TESTS
+from .salt import SaltFunctions, TemplateRefusal, _Function, _SaltModule, _text, yaml_scalar
 from .statetree import StateFileError, StateTree, TreeFileMissing, state_tree
 
 
@@ -199,7 +207,6 @@ class Values:
     def __init__(self) -> None:
         self.nonce = secrets.token_hex(6)
         self.items: list = []
-        self.modules: dict = {}  # template -> its module imported without context
 
     def token(self, value) -> str:
         self.items.append(value)
@@ -250,6 +257,8 @@ def _token(value) -> str:
     values = _rendering.get()
     if values is None:
         raise RuntimeError("a state file value outside a state file's rendering")
+    if isinstance(value, (SaltFunctions, _SaltModule, _Function)):
+        str(value)  # not a value: the error (what to call instead), at the template's line
     return values.token(value)
 
 
@@ -302,26 +311,41 @@ class _Macro(jinja2.runtime.Macro):
         return _Text(rv) if isinstance(rv, Markup) else rv
 
 
-class _StateTemplate(jinja2.Template):
+class _Rendering:
+    """One rendering (a file for a node): its context, and the modules its templates imported
+    without context. Jinja keeps such a module on the template for later renderings, but it was
+    made from this rendering's globals (the node's `grains`, `pillar`...; in a state file, its
+    text holds this rendering's tokens): so it is kept here."""
+
+    def __init__(self, context: dict) -> None:
+        self.context, self.modules = context, {}
+
+
+_current: contextvars.ContextVar[_Rendering | None] = contextvars.ContextVar("pimaster_rendering", default=None)
+
+
+class _RenderTemplate(jinja2.Template):
+    """Templates whose modules imported without context are kept per rendering (_Rendering)."""
+
+    @property
+    def _module(self):
+        rendering = _current.get()
+        return rendering.modules.get(self) if rendering is not None else None
+
+    @_module.setter
+    def _module(self, module):
+        rendering = _current.get()
+        if rendering is not None:
+            rendering.modules[self] = module
+
+
+class _StateTemplate(_RenderTemplate):
     """Compiled state file templates use our text class where Jinja's runtime uses Markup."""
 
     @classmethod
     def _from_namespace(cls, environment, namespace, globals):
         namespace.update(Markup=_Text, escape=_Text.escape, markup_join=_markup_join, Macro=_Macro)
         return super()._from_namespace(environment, namespace, globals)
-
-    # Jinja keeps a module imported without context for later renderings, but its text holds one
-    # rendering's tokens: it is kept per rendering.
-    @property
-    def _module(self):
-        values = _rendering.get()
-        return values.modules.get(self) if values is not None else None
-
-    @_module.setter
-    def _module(self, module):
-        values = _rendering.get()
-        if values is not None:
-            values.modules[self] = module
 
 
 class _StateCodeGenerator(jinja2.compiler.CodeGenerator):
@@ -404,6 +428,24 @@ def _as_data(function):
     def wrapper(*args, **kwargs):
         return str(function(*args, **kwargs))
     return wrapper
+
+
+def _at_render(function):
+    """``function`` as a filter that gives a value: called when rendering, never at compile time
+    (where its result on literals would be folded into the template's own text), and text it
+    gives back as it got it (a literal) is a string value, not template text."""
+    @jinja2.pass_context
+    @functools.wraps(function)
+    def call(context, *args, **kwargs):
+        result = function(*args, **kwargs)
+        return _text(result) if isinstance(result, Markup) else result
+    return call
+
+
+def _raise(message):
+    """Salt's Jinja global `raise('message')`: the rendering fails, the error is the message (at
+    its file and line)."""
+    raise TemplateRefusal(_text(message))
 
 
 def quote(value) -> str:
@@ -685,10 +727,17 @@ class _Undefined(jinja2.StrictUndefined):
             return super()._undefined_message
         import difflib
 
+        name = str(name)  # a literal of a state file is its text class: the key as written
         close = difflib.get_close_matches(name, [k for k in container if isinstance(k, str)], n=1)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
         if "hostname" in container and isinstance(container.get("id"), str):  # a node: its facts + entry
             return f"{container['id']} has no fact or inventory key {name!r}{hint}"
+        rendering = _current.get()
+        for known in ("pillar", "grains", "opts"):
+            if rendering is not None and rendering.context.get(known) is container:
+                if not hint and known != "opts":
+                    hint = f" (for one that may be missing: salt['{known}.get']({name!r}, default))"
+                return f"{known} has no key {name!r}{hint}"
         return f"no key {name!r} here{hint}"
 
 
@@ -697,9 +746,12 @@ def _environment(searchpath: str, tree: StateTree, state: bool) -> jinja2.Enviro
                              keep_trailing_newline=True, auto_reload=True, extensions=_EXTENSIONS,
                              autoescape=state, finalize=_finalize if state else None)
     env.tests["in_network"] = in_network
+    env.tests.update(SALT_TESTS)
     env.filters["quote"] = quote
     env.filters.update(SALT_FILTERS, load_yaml=load_yaml, load_json=load_json, load_text=load_text)
     env.globals.update(load_yaml=load_yaml, load_json=load_json)
+    env.globals["raise"] = _raise
+    env.template_class = _RenderTemplate
     if not state:
         env.filters["yaml"] = _yaml_text
         env.filters["json"] = _json_text
@@ -714,6 +766,12 @@ def _environment(searchpath: str, tree: StateTree, state: bool) -> jinja2.Enviro
         "join": _join, "replace": _replace, "indent": _indent, "format": _format,
         "xmlattr": _as_data(env.filters["xmlattr"]), "urlize": _as_data(env.filters["urlize"]),
     })
+    # Salt's filters give values, on literals too: run when rendering, not folded into template text
+    # when compiling. A value is data already in a state file: quoting it for YAML would put the
+    # quotes in it, so the yaml_* filters give the value (the text, for the quoting ones).
+    env.filters.update({name: _at_render(f) for name, f in SALT_FILTERS.items()})
+    env.filters.update(yaml_encode=_at_render(yaml_scalar), yaml_dquote=_at_render(_text),
+                       yaml_squote=_at_render(_text))
     return env
 
 
@@ -742,8 +800,9 @@ def _jinja_error(path: str, shown: str, exc: Exception) -> StateFileError:
         pass
     else:
         message = f"template error: {type(exc).__name__}: {message}"
-    # Python names the context's mappings by their class: a person wrote a mapping.
+    # Python names the context's mappings and texts by their classes: a person wrote a mapping, a text.
     message = message.replace("'AttrDict'", "'dict'").replace("AttrDict", "dict")
+    message = re.sub(r"'(_Text|_Flow|Markup)'", "'str'", message)
     where = None if isinstance(exc, jinja2.TemplateSyntaxError) else _innermost_template(exc)
     if where is not None:
         # The innermost template's file and line: a formula's salt[...] call or undefined name
@@ -788,6 +847,13 @@ def _render(env: jinja2.Environment, path: str, context: dict, shown: str, tree:
     except UnicodeDecodeError as exc:
         line = raw[:exc.start].count(b"\n") + 1
         raise StateFileError(shown, line, "not UTF-8 text") from None
+    # Salt (3006) puts the context into the environment's globals: a file imported without
+    # context (a formula's map.jinja, libmapstack) sees `salt`, `grains`, `pillar`... too. The
+    # environment is the tree's, for one apply, whose nodes are rendered one after the other: the
+    # globals are this rendering's while it runs (and what they were, after).
+    before = dict(env.globals)
+    env.globals.update(context)
+    current = _current.set(_Rendering(context))
     try:
         name = os.path.relpath(path, env.loader.searchpath).replace(os.sep, "/")
         return env.get_template(name).render(**context)
@@ -796,6 +862,10 @@ def _render(env: jinja2.Environment, path: str, context: dict, shown: str, tree:
         if error.line is None:
             error.line = _template_line(exc, path)
         raise error from None
+    finally:
+        _current.reset(current)
+        env.globals.clear()
+        env.globals.update(before)
 
 
 def render_template(path: str, context: dict, shown: str, tree: StateTree | None = None) -> str:

@@ -9,6 +9,7 @@ salt.salt_context's on top, and salt.file_context per file.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import textwrap
 from pathlib import Path
@@ -340,8 +341,15 @@ def test_a_refused_call_in_a_templated_source_names_that_file(tmp_path):
 def test_a_mistyped_function_gets_did_you_mean(tmp_path):
     assert "salt['pillar.gte'] is not a function pimaster has (did you mean 'pillar.get'?)" in \
         refused(tmp_path, "a:\n  cmd.run:\n    - name: {{ salt['pillar.gte']('x') }}\n")
+    assert "salt['pillar.gett'] is not a function pimaster has (did you mean 'pillar.get'?)" in \
+        refused(tmp_path, "a:\n  cmd.run:\n    - name: {{ salt.pillar.gett('x') }}\n")
+    assert "salt['pillarget'] is not a function pimaster has (did you mean 'pillar.get'?)" in \
+        refused(tmp_path, "a:\n  cmd.run:\n    - name: {{ salt['pillarget']('x') }}\n")
     assert "Salt's functions are named module.function" in \
-        refused(tmp_path, "a:\n  cmd.run:\n    - name: {{ salt.pillar.get('x') }}\n")
+        refused(tmp_path, "a:\n  cmd.run:\n    - name: {{ salt['nothing']('x') }}\n")
+    # The dotted spelling is Salt's too.
+    job = compile_text(tmp_path, "a:\n  cmd.run:\n    - name: {{ salt.pillar.get('x', 'dflt') }}\n")
+    assert job[0]["name"] == "dflt"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -487,6 +495,189 @@ def test_a_bad_regular_expression_is_an_error_at_its_line(tmp_path):
     assert message.startswith("s.sls:4: regex_replace: '(' is not a regular expression:")
 
 
+def test_more_salt_filters_give_salts_results_as_values(tmp_path):
+    ctx = context_for(facts(), pillar={"a": [1, 2, 3], "b": [2, 3, 4], "n": [1, [2, [3, None]], "null"]})
+    job = compile_text(tmp_path, """
+        run:
+          cmd.run:
+            - name: x
+            - env:
+                encode_text: {{ 'a: "b"' | yaml_encode }}
+                traverse_default: {{ pillar | traverse('nope', 'k: v') }}
+                to_num_text: {{ 'k: v' | to_num }}
+                encode_num: {{ 5 | yaml_encode }}
+                encode_none: {{ none | yaml_encode }}
+                dquote: {{ 'a: b' | yaml_dquote }}
+                dquote_num: {{ 5 | yaml_dquote }}
+                squote: {{ "it's" | yaml_squote }}
+                in_text: "x {{ 'y' | yaml_dquote }}"
+                to_num: {{ ['12', '1.5', 'x', 3] | map('to_num') | list }}
+                is_list: {{ [[1], 'a', {}] | map('is_list') | list }}
+                md5: {{ 'abc' | md5 }}
+                sha256: {{ 'abc' | sha256 }}
+                sha512: {{ ('x ' ~ grains.host) | sha512 }}
+                b64: {{ 'héllo' | base64_encode }}
+                b64back: {{ 'aMOpbGxv' | base64_decode }}
+                escape: {{ 'a.b*c' | regex_escape }}
+                union: {{ pillar.a | union(pillar.b) }}
+                intersect: {{ pillar.a | intersect(pillar.b) }}
+                difference: {{ pillar.a | difference(pillar.b) }}
+                symmetric: {{ pillar.a | symmetric_difference(pillar.b) }}
+                flatten: {{ pillar.n | flatten }}
+                flatten_one: {{ pillar.n | flatten(levels=1) }}
+                flatten_nulls: {{ pillar.n | flatten(preserve_nulls=True) }}
+                path: {{ '/etc' | path_join('/ssh', 'sshd_config') }}
+                path_dots: {{ 'a/./b/' | path_join('../c') }}
+                match: {{ grains.host is match('node[0-9]+') }}
+                match_built: {{ grains.fqdn is match('^' ~ grains.host ~ '[.]') }}
+                match_case: {{ 'ABC' is match('abc', ignorecase=True) }}
+                no_match: {{ grains.host is match('[0-9]') }}
+        """, ctx, UNTYPED)
+    assert job[0]["args"]["env"] == {
+        "encode_text": 'a: "b"', "traverse_default": "k: v", "to_num_text": "k: v", "encode_num": 5,
+        "encode_none": None,
+        "dquote": "a: b", "dquote_num": "5", "squote": "it's", "in_text": "x y",
+        "to_num": [12, 1.5, "x", 3], "is_list": [True, False, False],
+        "md5": hashlib.md5(b"abc").hexdigest(), "sha256": hashlib.sha256(b"abc").hexdigest(),
+        "sha512": hashlib.sha512(b"x node01").hexdigest(),
+        "b64": "aMOpbGxv", "b64back": "héllo", "escape": "a\\.b\\*c",
+        "union": [1, 2, 3, 4], "intersect": [2, 3], "difference": [1], "symmetric": [1, 4],
+        "flatten": [1, 2, 3], "flatten_one": [1, 2, [3, None]], "flatten_nulls": [1, 2, 3, None, "null"],
+        "path": "/etc/ssh/sshd_config", "path_dots": "a/c",
+        "match": True, "match_built": True, "match_case": True, "no_match": False}
+
+
+def test_yaml_quoting_filters_give_yaml_scalars_in_a_templated_file(tmp_path):
+    write(tmp_path / "conf.j2", """
+        a: {{ 'x: "y"' | yaml_encode }}
+        b: {{ 12 | yaml_encode }} {{ true | yaml_encode }} {{ none | yaml_encode }}
+        c: {{ "it's" | yaml_squote }}
+        d: {{ grains.host | yaml_dquote }}
+        e: {{ 'ab' | md5 }} {{ '/a' | path_join('b') }} {{ [1, [2]] | flatten }} {{ 'x1' is match('x') }}
+        """)
+    ctx = dict(context_for(facts()), **file_context(str(tmp_path / "conf.j2"), str(tmp_path)))
+    text = render_template(str(tmp_path / "conf.j2"), ctx, "conf.j2", state_tree(str(tmp_path)))
+    assert text == ("a: \"x: \\\"y\\\"\"\nb: 12 true null\nc: 'it''s'\nd: \"node01\"\n"
+                    f"e: {hashlib.md5(b'ab').hexdigest()} /a/b [1, 2] True\n")
+    assert yaml.safe_load(text.split("\ne:")[0]) == {"a": 'x: "y"', "b": "12 true null", "c": "it's", "d": "node01"}
+    message = refused(tmp_path, "a:\n  cmd.run:\n    - name: x\n    - env: {{ [1] | yaml_encode }}\n")
+    assert message.startswith("s.sls:4: yaml_encode: only text, numbers")
+    message = refused(tmp_path, "a:\n  cmd.run:\n    - name: {{ 'YQ' | base64_decode }}\n")
+    assert message.startswith("s.sls:3: base64_decode:")
+
+
+def test_slsutil_merge_merge_all_and_update_as_salt_has_them():
+    s = salt()
+    a = {"x": {"k": 1, "l": [1]}, "only_a": 1}
+    b = {"x": {"j": 2, "l": [2]}, "only_b": 2}
+    assert s["slsutil.merge"](a, b) == {"x": {"k": 1, "j": 2, "l": [2]}, "only_a": 1, "only_b": 2}
+    assert s["slsutil.merge"](a, b, merge_lists=True)["x"]["l"] == [1, 2]
+    assert s["slsutil.merge"](a, b, strategy="overwrite") == {"x": {"j": 2, "l": [2]}, "only_a": 1, "only_b": 2}
+    assert s["slsutil.merge"](a, b, renderer="jinja|yamlex") == {"x": {"j": 2, "l": [2]}, "only_a": 1, "only_b": 2}
+    assert s["slsutil.merge"](a, b, strategy="list") == {"x": [{"k": 1, "l": [1]}, {"j": 2, "l": [2]}], "only_a": 1}
+    assert a == {"x": {"k": 1, "l": [1]}, "only_a": 1}  # merge leaves its arguments as they were
+    assert s["slsutil.merge_all"]([{"a": {"x": 1}}, {"a": {"y": 2}}, {"b": 3}]) == {"a": {"x": 1, "y": 2}, "b": 3}
+    assert s["slsutil.merge_all"]([{"l": [1]}, {"l": [2]}], merge_lists=True) == {"l": [1, 2]}
+    dest = {"x": {"k": 1}, "l": [1]}
+    assert s["slsutil.update"](dest, {"x": {"j": 2}, "l": [2]}, merge_lists=True) is dest
+    assert dest == {"x": {"k": 1, "j": 2}, "l": [1, 2]}
+    assert s["slsutil.update"](dest, {"x": {"z": 0}}, recursive_update=False) == {"x": {"z": 0}, "l": [1, 2]}
+    with pytest.raises(TemplateRefusal, match="mappings"):
+        s["slsutil.merge"]([1], {"a": 1})
+
+
+def test_log_functions_log_at_debug_and_raise_fails_the_rendering_at_its_line(tmp_path, caplog):
+    caplog.set_level("DEBUG", logger="pimaster")
+    job = compile_text(tmp_path, """
+        {%- do salt['log.debug']('seen ' ~ grains.host) %}
+        {%- do salt.log.error('error text') %}
+        a:
+          cmd.run:
+            - name: x{{ salt['log.warning']('w') }}{{ salt.log.info('i') }}{{ salt.log.critical('c') }}
+        """)
+    assert job[0]["name"] == "x"
+    logged = [r.getMessage() for r in caplog.records if r.name == "pimaster"]
+    assert "template log.debug: 'seen node01'" in logged and "template log.error: 'error text'" in logged
+    assert {r.levelname for r in caplog.records if r.name == "pimaster"} == {"DEBUG"}
+    text = """
+        a:
+          cmd.run:
+            - name: x
+        {% if grains.os != 'Fedora' %}
+        {{ raise('this formula wants Fedora, not ' ~ grains.os) }}
+        {% endif %}
+        """
+    assert refused(tmp_path, text) == f"s.sls:{line_of(text, 'raise(')}: this formula wants Fedora, not Debian"
+    write(tmp_path / "m/map.jinja", "{% set x = 1 %}\n{% do raise('map says no') %}\n")
+    assert refused(tmp_path, "{% from 'm/map.jinja' import x %}\na: {}\n") == "m/map.jinja:2: map says no"
+
+
+def test_errors_name_what_the_template_wrote_not_internal_classes(tmp_path):
+    text = "a:\n  cmd.run:\n    - name: {{ pillar['nope'] }}\n"
+    assert "s.sls:3: undefined in template: pillar has no key 'nope'" in refused(tmp_path, text)
+    assert "pillar has no key 'ntpp' (did you mean 'ntp'?)" in refused(
+        tmp_path, "a:\n  cmd.run:\n    - name: {{ pillar.ntpp }}\n", context_for(facts(), pillar={"ntp": 1}))
+    assert "grains has no key 'nope'" in refused(tmp_path, "a:\n  cmd.run:\n    - name: {{ grains['nope'] }}\n")
+    message = refused(tmp_path, "a:\n  cmd.run:\n    - name: {{ grains.num_cpus + 'a' }}\n")
+    assert "'int' and 'str'" in message and "_Text" not in message
+    for expression, expected in [
+        ("salt.nope", "salt.nope is a module, not a value: call one of its functions, e.g. salt.nope.get(...)"),
+        ("salt.pillar", "salt.pillar is a module, not a value: call one of its functions, e.g. salt.pillar.get(...)"),
+        ("salt", "salt is Salt's functions, not a value: call one"),
+        ("salt['pillar.get']", "salt['pillar.get'] is a function, not a value: call it"),
+        ("'at ' ~ salt.nope", "salt.nope is a module, not a value"),
+    ]:
+        text = f"a:\n  cmd.run:\n    - name: x\n    - cwd: {{{{ {expression} }}}}\n"
+        message = refused(tmp_path, text)
+        assert message.startswith(f"s.sls:4: {expected}"), message
+        assert "object at 0x" not in message
+    write(tmp_path / "motd.j2", "hello\n{{ salt.pillar }}\n")
+    message = refused(tmp_path, "/etc/motd:\n  file.managed:\n    - source: salt://motd.j2\n    - template: jinja\n")
+    assert message.startswith("motd.j2:2: salt.pillar is a module, not a value")
+
+
+def test_a_file_imported_without_context_sees_salts_names_for_the_node_rendered(tmp_path):
+    """Salt 3006 puts the context into the environment's globals: the template-formula's
+    map.jinja and libmapstack are imported without context. One tree (one environment, its
+    compiled templates kept) renders two nodes one after the other: each sees its own."""
+    write(tmp_path / "tf/libmapstack.jinja", """
+        {%- macro mapstack() -%}
+        {{ {'id': grains.id, 'cfg': salt['config.get']('id'), 'p': pillar.p, 'pg': salt.pillar.get('p'),
+            'opts': opts.id, 'env': saltenv, 'tpldir': tpldir} | json }}
+        {%- endmacro %}
+        """)
+    write(tmp_path / "tf/map.jinja", """
+        {%- set tplroot = tpldir.split('/')[0] %}
+        {%- from tplroot ~ "/libmapstack.jinja" import mapstack %}
+        {%- set mapdata = mapstack() | load_json %}
+        {%- set id_now = grains.id %}
+        """)
+    write(tmp_path / "tf/conf.j2", '{% from "tf/map.jinja" import id_now %}{{ id_now }} {{ grains.id }}\n')
+    write(tmp_path / "tf/init.sls", """
+        {% from "tf/map.jinja" import mapdata with context %}
+        {% from "tf/map.jinja" import id_now %}
+        a:
+          cmd.run:
+            - name: {{ id_now }}
+            - env: {{ mapdata }}
+        /etc/conf:
+          file.managed:
+            - source: salt://tf/conf.j2
+            - template: jinja
+        """)
+    tree = state_tree(str(tmp_path))
+    path = tmp_path / "tf/init.sls"
+    for node in ("n1", "n2", "n1"):
+        ctx = dict(context_for(facts(), {"id": node, "hostname": node}, pillar={"p": f"pillar of {node}"}),
+                   **file_context(str(path), str(tmp_path)))
+        job = by_id(compile_for_node(str(path), ctx, UNTYPED, tree=tree))
+        assert job["a"]["name"] == node
+        assert job["a"]["args"]["env"] == {"id": node, "cfg": node, "p": f"pillar of {node}",
+                                           "pg": f"pillar of {node}", "opts": node, "env": "base", "tpldir": "tf"}
+        assert job["/etc/conf"]["args"]["contents"] == f"{node} {node}\n"
+    assert len(tree.envs) == 2 and all("grains" not in env.globals for env in tree.envs.values())
+
+
 # ---------------------------------------------------------------------------------------------
 # Facts are hostile: through every Salt name and filter, a fact stays one value
 
@@ -497,24 +688,37 @@ def _yaml(value) -> str:
 
 # Each expression, what it gives standing alone (the value), and printed into longer text.
 SAME, LISTED = (lambda e: e, str), (lambda e: [e], lambda e: str([e]))
+HEX = lambda e: hashlib.md5(e.encode()).hexdigest()  # noqa: E731
 EXPRESSIONS = [
-    ("grains.host", *SAME), ("grains['nodename']", *SAME), ("salt['grains.get']('fqdn')", *SAME),
-    ("salt['config.get']('host')", *SAME), ("salt['pillar.get']('copied')", *SAME), ("pillar.copied", *SAME),
-    ("salt['grains.filter_by']({'*': grains.host}, grain='host')", *SAME),
-    ("salt['defaults.merge']({}, {'h': grains.host}).h", *SAME),
-    ("grains.host | json", lambda e: e, json.dumps), ("grains.host | yaml", lambda e: e, _yaml),
-    ("grains | traverse('host')", *SAME), ("grains.host | regex_replace('^', '')", *SAME),
-    ("(grains.host | regex_search('(?s)(.*)'))[0]", *SAME), ("(grains.host | regex_match('(?s)(.*)'))[0]", *SAME),
-    ("grains.host | load_text", *SAME), ("({'h': grains.host} | json | load_json).h", *SAME),
-    ("[grains.host, grains.host] | unique", *LISTED), ("grains.host | sequence", *LISTED),
-    ("[grains.host] | yaml | load_yaml", *LISTED),
+    ("grains.kernelrelease", *SAME), ("grains['osarch']", *SAME), ("salt['grains.get']('cpuarch')", *SAME),
+    ("salt['config.get']('kernelrelease')", *SAME), ("salt['pillar.get']('copied')", *SAME), ("pillar.copied", *SAME),
+    ("salt['grains.filter_by']({'*': grains.kernelrelease}, grain='kernelrelease')", *SAME),
+    ("salt['defaults.merge']({}, {'h': grains.kernelrelease}).h", *SAME),
+    ("grains.kernelrelease | json", lambda e: e, json.dumps), ("grains.kernelrelease | yaml", lambda e: e, _yaml),
+    ("grains | traverse('kernelrelease')", *SAME), ("grains.kernelrelease | regex_replace('^', '')", *SAME),
+    ("(grains.kernelrelease | regex_search('(?s)(.*)'))[0]", *SAME),
+    ("(grains.kernelrelease | regex_match('(?s)(.*)'))[0]", *SAME),
+    ("grains.kernelrelease | load_text", *SAME), ("({'h': grains.kernelrelease} | json | load_json).h", *SAME),
+    ("[grains.kernelrelease, grains.kernelrelease] | unique", *LISTED), ("grains.kernelrelease | sequence", *LISTED),
+    ("[grains.kernelrelease] | yaml | load_yaml", *LISTED),
+    ("grains.kernelrelease | yaml_encode", *SAME), ("grains.kernelrelease | yaml_dquote", *SAME),
+    ("grains.kernelrelease | yaml_squote", *SAME), ("grains.kernelrelease | to_num", *SAME),
+    ("grains.kernelrelease | base64_encode | base64_decode", *SAME), ("grains.kernelrelease | path_join", *SAME),
+    ("grains.kernelrelease | md5", HEX, HEX),
+    ("grains.kernelrelease if grains.kernelrelease is match('^' ~ (grains.kernelrelease | regex_escape) ~ '$') "
+     "else 'no'", *SAME),
+    ("[grains.kernelrelease] | union([grains.kernelrelease])", *LISTED),
+    ("[grains.kernelrelease, 'x'] | intersect([grains.kernelrelease])", *LISTED),
+    ("[grains.kernelrelease, 'x'] | difference(['x'])", *LISTED),
+    ("[grains.kernelrelease] | symmetric_difference([])", *LISTED), ("[[grains.kernelrelease]] | flatten", *LISTED),
 ]
 
 
 @pytest.mark.parametrize("evil", HOSTILE)
 @pytest.mark.parametrize("expression, alone, printed", EXPRESSIONS, ids=[e[0] for e in EXPRESSIONS])
 def test_a_hostile_fact_stays_one_value_through_every_salt_name_and_filter(tmp_path, evil, expression, alone, printed):
-    node_facts = facts(hostname=evil, fqdn=evil)
+    # Grains take the inventory's hostname: a node's own word reaches them as its kernel and architectures.
+    node_facts = facts(hostname=evil, fqdn=evil, kernel=evil, arch=evil, machine=evil)
     ctx = context_for(node_facts, pillar={"copied": evil})
     text = f"""
         {{{{ {expression} }}}}:
@@ -550,14 +754,14 @@ def test_to_bool_of_a_hostile_fact_is_a_bool_and_load_yaml_of_one_is_one_value(t
 
 
 def test_a_fact_in_a_loaded_yaml_block_stays_that_value(tmp_path):
-    ctx = context_for(facts(hostname="x\nevil: true", fqdn="y\n- z"))
+    ctx = context_for(facts(kernel="x\nevil: true", arch="y\n- z"))
     job = compile_text(tmp_path, """
         {% load_yaml as data %}
-        host: {{ grains.nodename }}
-        list: [{{ grains.fqdn }}, {{ grains.nodename }}]
-        text: "{{ grains.nodename }}"
-        joined: {{ grains.nodename }}/{{ grains.fqdn }}
-        {{ grains.nodename }}: key
+        host: {{ grains.kernelrelease }}
+        list: [{{ grains.osarch }}, {{ grains.kernelrelease }}]
+        text: "{{ grains.kernelrelease }}"
+        joined: {{ grains.kernelrelease }}/{{ grains.osarch }}
+        {{ grains.kernelrelease }}: key
         {% endload %}
         a:
           cmd.run:
