@@ -95,7 +95,7 @@ def _replacing(target: str, family: str):
     (writes killed before their rename, see remove_stale_temps) are removed first."""
     directory, base_name = os.path.split(target)
     remove_stale_temps(directory, family)
-    tmp = _temp_name(directory, base_name)
+    tmp = temp_name(directory, base_name)
     with _writing_lock:
         _writing.add(os.path.basename(tmp))
     try:
@@ -197,7 +197,7 @@ def _origin() -> str | None:
     return hashlib.sha256(f"{boot} {namespace}".encode()).hexdigest()[:8]
 
 
-def _temp_name(directory: str, base_name: str) -> str:
+def temp_name(directory: str, base_name: str) -> str:
     token = secrets.token_hex(4)
     origin = _origin()
     name = f".{base_name}.{origin}-{os.getpid()}-{token}{TMP_TAG}" if origin else f".{base_name}.{token}{TMP_TAG}"

@@ -125,7 +125,7 @@ BROKEN_FILES = {
     "missing-argument.yaml": ("pi.example:\n  host.present:\n    - clean: true\n", "missing-argument.yaml:2",
                               "needs the argument 'ip'"),
     "bad-requisite.yaml": ("a:\n  cmd.run:\n    - name: 'true'\n    - require:\n      - cmd: b\n",
-                           "bad-requisite.yaml:5", "not a state in this file"),
+                           "bad-requisite.yaml:5", "not a state of this apply"),
     "cycle.yaml": ("a:\n  cmd.run:\n    - require:\n      - cmd: b\nb:\n  cmd.run:\n    - require:\n      - cmd: a\n",
                    "cycle.yaml", "requisite cycle"),
     "missing-include.yaml": ("include:\n  - not-there\na:\n  cmd.run: []\n", "missing-include.yaml:2",

@@ -37,7 +37,7 @@ def age(path: Path, seconds: float) -> None:
 
 def test_this_nodes_origin_is_known_and_named_in_temp_files():
     assert fileio._origin() not in (None, OTHER_NODE)
-    name = os.path.basename(fileio._temp_name("/srv", "motd"))
+    name = os.path.basename(fileio.temp_name("/srv", "motd"))
     assert name.startswith(f".motd.{fileio._origin()}-{os.getpid()}-") and name.endswith(TMP_TAG)
 
 

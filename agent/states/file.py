@@ -15,12 +15,11 @@ from __future__ import annotations
 
 import os
 import re
-import secrets
 import shutil
 import stat
 from dataclasses import dataclass
 
-from ..fileio import TMP_TAG, fsync_directory, remove_stale_temps
+from ..fileio import fsync_directory, remove_stale_temps, temp_name
 
 from .base import (Outcome, StateContext, StateError, Text, absolute_path, format_mode, group_name, join_words,
                    lookup_owner, owner_name, parse_mode, read_text, update_file)
@@ -792,7 +791,7 @@ def make_symlink(path: str, target: str, uid: int | None, gid: int | None) -> No
     renamed over whatever link or file is there."""
     directory, base = os.path.split(path)
     remove_stale_temps(directory, base)
-    tmp = os.path.join(directory, f".{base}.{secrets.token_hex(4)}{TMP_TAG}")
+    tmp = temp_name(directory, base)  # names its writer: cleaning up never takes another's
     try:
         os.symlink(target, tmp)
         if uid is not None or gid is not None:
