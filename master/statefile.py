@@ -420,8 +420,11 @@ def load_file(path: str, context: dict, tree: StateTree, meta: dict | None = Non
     extends: list[State] = []
     includes: dict[str, set[str]] = {}  # SLS name -> the SLS names it includes
     states, errors = _load(path, context, tree, meta, loaded, extends, includes)
+    within: dict[str, set[str]] = {}
     for state in states:  # `- sls: NAME` means NAME's states and those of what it includes, as Salt
-        state.within = _includers(state.sls, includes)
+        if state.sls not in within:
+            within[state.sls] = _includers(state.sls, includes)
+        state.within = within[state.sls]
     errors += _conflicting_ids(states)
     errors += _apply_extends(states, extends)
     return states, errors

@@ -54,3 +54,21 @@ def start_agent(tmp, processes):
         processes.append(agent)
         return agent
     return start
+
+
+# State functions run through the agent's engine, as a job runs them (test_state_modules and the rest).
+@pytest.fixture
+def state_dir(tmp) -> Path:
+    return tmp / "agent-state"
+
+
+@pytest.fixture
+def run(state_dir):
+    """run(fun, name, test=False, **args) -> the state's result, as the engine reports it."""
+    from piagent.engine import run_states
+
+    def run_one(fun: str, name: str, test: bool = False, **args) -> dict:
+        (res,) = run_states([{"id": name, "fun": fun, "name": name, "args": args}], test=test,
+                            state_dir=str(state_dir))
+        return res
+    return run_one

@@ -48,21 +48,6 @@ SALT_FUNCTIONS = ("user.present", "user.absent", "group.present", "group.absent"
                   "kmod.present", "file.append", "file.replace", "file.symlink", "cmd.wait")
 
 
-@pytest.fixture
-def state_dir(tmp) -> Path:
-    return tmp / "agent-state"
-
-
-@pytest.fixture
-def run(state_dir):
-    """run(fun, name, test=False, **args) -> the state's result, as the engine reports it."""
-    def run_one(fun: str, name: str, test: bool = False, **args) -> dict:
-        (res,) = run_states([{"id": name, "fun": fun, "name": name, "args": args}], test=test,
-                            state_dir=str(state_dir))
-        return res
-    return run_one
-
-
 def cycle(run, fun: str, name: str, before, after, **args) -> tuple[dict, dict]:
     """Test mode reports a change and makes none; a real run makes it; a second run (and a second
     test-mode run) changes nothing. ``before()``/``after()``: whether the system looks as it should."""

@@ -32,21 +32,6 @@ from piagent.fileio import write_atomic
 IS_ROOT = os.geteuid() == 0
 
 
-@pytest.fixture
-def state_dir(tmp) -> Path:
-    return tmp / "agent-state"
-
-
-@pytest.fixture
-def run(state_dir):
-    """run(fun, name, test=False, **args) -> the state's result, as the engine reports it."""
-    def run_one(fun: str, name: str, test: bool = False, **args) -> dict:
-        (res,) = run_states([{"id": name, "fun": fun, "name": name, "args": args}], test=test,
-                            state_dir=str(state_dir))
-        return res
-    return run_one
-
-
 def assert_cycle(run, fun: str, name: str, unchanged, changed, **args) -> tuple[dict, dict]:
     """Test mode reports a change and makes none; a real run makes it; a second changes nothing.
 
