@@ -108,7 +108,7 @@ def test_yaml_a_node_chose_cannot_fill_the_masters_memory_or_hold_itself(tmp_pat
 
 def test_a_regular_expression_looks_at_bounded_text(tmp_path):
     state = write(tmp_path / "re.sls", """
-        {% set v = results.cp01 | regex_search('(\\d+)\\.(\\d+)') %}
+        {% set v = results.cp01 | regex_search('(\\\\d+)\\\\.(\\\\d+)') %}
         show:
           cmd.run:
             - name: echo {{ v }}
