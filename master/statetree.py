@@ -19,6 +19,7 @@ raises the whole list at once (StateFileErrors), so a person fixes a file in one
 
 from __future__ import annotations
 
+import abc
 import os
 import posixpath
 import stat
@@ -70,7 +71,7 @@ class TreeFileMissing(OSError):
     """A path the tree has no regular file at."""
 
 
-class StateTree:
+class StateTree(abc.ABC):
     """Where a state file may read, and the reading: ``refusal`` (why a path may not be read),
     ``isfile``, ``read`` (bytes; OSError when there is nothing to read) and ``version`` (what tells
     the template cache a file changed). Paths are absolute and normalised, in the file system of
@@ -84,14 +85,17 @@ class StateTree:
     def __init__(self) -> None:
         self.envs: dict = {}
 
+    @abc.abstractmethod
     def refusal(self, path: str, what: str) -> str | None:
-        raise NotImplementedError
+        """Why ``path`` may not be read (``what`` names it in the message), or None."""
 
+    @abc.abstractmethod
     def isfile(self, path: str) -> bool:
-        raise NotImplementedError
+        """Whether a file is at ``path`` (one that cannot be read counts: reading it says why)."""
 
+    @abc.abstractmethod
     def read(self, path: str) -> bytes:
-        raise NotImplementedError
+        """The file's bytes; OSError when there is none to read (TreeFileMissing: no file there)."""
 
     def version(self, path: str):
         return None
