@@ -5,6 +5,7 @@ state arguments Salt users write (`names:`, `extend:`, `- sls:` requisites, `sou
 
 from __future__ import annotations
 
+import re
 import textwrap
 from pathlib import Path
 
@@ -245,3 +246,77 @@ def test_an_sls_requisite_covers_what_that_sls_includes_and_salt_only_arguments_
         resolve_state_file(str(top), None)
     remote = write(tmp_path / "remote.sls", "r:\n  file.managed:\n    - name: /x\n    - source: https://example.com/x\n")
     assert "https:// sources are not supported" in errors_of(remote, tmp_path)[0]
+
+
+def test_a_formula_tree_applied_on_loopback_by_its_sls_name_converges_and_then_changes_nothing(tmp, master,
+                                                                                               start_agent):
+    """Real master and agents: a formula (map.jinja with grains.filter_by and pillar.get, a diamond
+    of includes, names:, context:, a salt:// template) applied as `pimaster apply motd --tree site`."""
+    import json
+    import subprocess
+
+    from harness import wait_for
+
+    config = master.token_config(uses=2)
+    for node_id in ("n1", "n2"):
+        start_agent(node_id, config)
+    wait_for(lambda: master.up_nodes() == {"n1", "n2"}, what="agents up")
+    out, site = tmp / "out", tmp / "site"
+    write(site / "cluster.yaml", """
+        pillar:
+          motd:
+            banner: Welcome
+        nodes:
+          - id: n2
+            pillar:
+              motd:
+                banner: Hello n2
+        """)
+    write(site / "motd" / "map.jinja", """
+        {% set motd = salt['grains.filter_by']({'Debian': {'dir': 'debian'}, 'default': {'dir': 'other'}},
+                                               grain='os_family', default='default') %}
+        {% do motd.update(salt['pillar.get']('motd', {})) %}
+        """)
+    write(site / "motd" / "base.sls", f"""
+        {out}/{{{{ grains.id }}}}:
+          file.directory:
+            - makedirs: true
+        """)
+    write(site / "motd" / "left.sls", "include: [.base]\n")
+    write(site / "motd" / "right.sls", "include: [motd.base]\n")
+    write(site / "motd" / "files" / "motd.j2", "{{ banner }} from {{ grains.id }} ({{ flavour }})\n")
+    write(site / "motd" / "init.sls", f"""
+        {{% from "motd/map.jinja" import motd with context %}}
+        include: [.left, .right]
+        banner:
+          file.managed:
+            - name: {out}/{{{{ grains.id }}}}/motd
+            - source: salt://motd/files/motd.j2
+            - template: jinja
+            - context:
+                banner: {{{{ motd.banner }}}}
+                flavour: {{{{ motd.dir }}}}
+            - require:
+              - sls: motd.base
+        marks:
+          file.managed:
+            - contents: mark
+            - names:
+              - {out}/{{{{ grains.id }}}}/a
+              - {out}/{{{{ grains.id }}}}/b
+            - require:
+              - file: banner
+        """)
+    apply = lambda: subprocess.run([master.python, "-m", "pimaster", "apply", "motd", "--tree", "site", "--json",
+                                    "--state-dir", str(master.state_dir)], capture_output=True, text=True,
+                                   env=master.env, cwd=tmp, timeout=120)
+    first = apply()
+    assert first.returncode == 0, first.stdout + first.stderr
+    report = json.loads(first.stdout)
+    assert {n: r["changed"] for n, r in report["nodes"].items()} == {"n1": 4, "n2": 4}, report
+    # The flavour is filter_by's pick for this machine's os_family (debian here, other elsewhere).
+    assert re.fullmatch(r"Welcome from n1 \((debian|other)\)\n", (out / "n1" / "motd").read_text())
+    assert (out / "n2" / "motd").read_text().startswith("Hello n2 from n2 (")
+    assert (out / "n1" / "a").read_text().strip() == "mark" and (out / "n2" / "b").exists()
+    second = json.loads(apply().stdout)
+    assert all(r["ok"] and r["changed"] == 0 for r in second["nodes"].values()), second
