@@ -627,12 +627,9 @@ def _text(value, what: str | None = None) -> str:
     """``value`` as the text it stands for: a value a state file put in it printed (not its token)."""
     if isinstance(value, jinja2.Undefined):
         str(value)  # StrictUndefined: the error, at the template's line
-    from .template import _rendering  # template.py imports this module
+    from .template import printed  # template.py imports this module
 
-    text = str(value)
-    values = _rendering.get()
-    if values is not None and values.traced(text):
-        text = values.substitute(text)
+    text = printed(str(value))
     if what and len(text) > MAX_REGEX_TEXT:
         raise TemplateRefusal(f"{what}: the text is {len(text)} characters, over the {MAX_REGEX_TEXT} a regular "
                               "expression may look at here (cut it first, e.g. with `[:1000]`)")

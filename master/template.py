@@ -544,7 +544,12 @@ def load_json(value):
 
 def load_text(value) -> str:
     """Jinja filter (Salt's): the text, as one string value (in a state file, never YAML text)."""
-    text, _ = _loaded_text(value, "load_text")
+    return printed(_loaded_text(value, "load_text")[0])
+
+
+def printed(text: str) -> str:
+    """``text`` as it reads: the values a state file put in it printed in place of their tokens
+    (text built in a state file, `tplroot ~ ':lookup'`, holds them until printed)."""
     values = _rendering.get()
     return values.substitute(text) if values is not None and values.traced(text) else text
 
@@ -679,10 +684,7 @@ _EXTENSIONS = ("jinja2.ext.do", "jinja2.ext.loopcontrols", _SaltExtension)
 def _template_name(name):
     """A template name as plain text, with the values a state file put in it printed: formulas
     import `tpldir ~ '/map.jinja'`. (Whatever a value holds, the loader reads inside the tree only.)"""
-    if not isinstance(name, str):
-        return name
-    values = _rendering.get()
-    return values.substitute(str(name)) if values is not None else str(name)
+    return printed(str(name)) if isinstance(name, str) else name
 
 
 class _Environment(jinja2.Environment):
