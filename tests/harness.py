@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -237,3 +238,32 @@ def agent_with_standin_master(tmp: Path, node_id: str = "n1"):
     finally:
         agent.stop()
         ctx.destroy(linger=0)
+
+
+# Long-running states: finding their command afterwards, and an apply left to run in the background.
+
+def processes_running(argv: list[str]) -> list[int]:
+    """Pids of the live processes whose command line is exactly ``argv`` (zombies have none)."""
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as fh:
+                cmdline = fh.read().split(b"\0")[:-1]
+        except OSError:
+            continue
+        if [part.decode(errors="replace") for part in cmdline] == argv:
+            found.append(int(pid))
+    return found
+
+
+def unique_sleep(seconds: int = 30) -> list[str]:
+    """A sleep command line no other process on this machine has: how a test finds it afterwards."""
+    return ["sleep", f"{seconds + random.randrange(1, 10**6) / 10**7:.7f}"]
+
+
+def start_apply(master, state, *args, **popen) -> subprocess.Popen:
+    popen.setdefault("stdout", subprocess.PIPE)
+    popen.setdefault("stderr", subprocess.PIPE)
+    popen.setdefault("env", master.env)
+    return subprocess.Popen([master.python, "-m", "pimaster", "apply", str(state), *args, "--state-dir",
+                             str(master.state_dir)], text=True, **popen)

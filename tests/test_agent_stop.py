@@ -12,32 +12,18 @@ import json
 import os
 import random
 import signal
-import subprocess
 import textwrap
 import time
 
-from harness import wait_for
+from harness import processes_running, start_apply, unique_sleep, wait_for
 
-
-def processes_running(argv: list[str]) -> list[int]:
-    """Pids of the live processes whose command line is exactly ``argv`` (zombies have none)."""
-    found = []
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            with open(f"/proc/{pid}/cmdline", "rb") as fh:
-                cmdline = fh.read().split(b"\0")[:-1]
-        except OSError:
-            continue
-        if [part.decode(errors="replace") for part in cmdline] == argv:
-            found.append(int(pid))
-    return found
 
 
 def test_a_stopped_agent_ends_the_running_command_and_reports_what_ran(tmp, master, start_agent):
     agent = start_agent("n1", master.token_config())
     wait_for(lambda: master.up_nodes() == {"n1"}, what="n1 up")
     # A length of sleep no other process on this machine has: how the test finds it afterwards.
-    sleep = ["sleep", f"{30 + random.randrange(1, 10**6) / 10**7:.7f}"]
+    sleep = unique_sleep()
     state = tmp / "three.yaml"
     state.write_text(textwrap.dedent(f"""
         first:
@@ -50,9 +36,7 @@ def test_a_stopped_agent_ends_the_running_command_and_reports_what_ran(tmp, mast
           cmd.run:
             - name: touch {tmp}/C
         """).lstrip())
-    running = subprocess.Popen([master.python, "-m", "pimaster", "apply", str(state), "--json",
-                                "--state-dir", str(master.state_dir)], env=master.env, stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True)
+    running = start_apply(master, state, "--json")
     try:
         wait_for(lambda: (tmp / "slow-started").exists() and processes_running(sleep), what="the slow state's sleep")
 
@@ -91,7 +75,7 @@ def test_a_stopped_agent_delivers_its_result_before_it_leaves_even_for_a_command
     # heard nothing until the agent's next start.
     agent = start_agent("n1", master.token_config())
     wait_for(lambda: master.up_nodes() == {"n1"}, what="n1 up")
-    sleep = ["sleep", f"{30 + random.randrange(1, 10**6) / 10**7:.7f}"]
+    sleep = unique_sleep()
     state = tmp / "stubborn.yaml"
     state.write_text(textwrap.dedent(f"""
         stubborn:
@@ -101,9 +85,7 @@ def test_a_stopped_agent_delivers_its_result_before_it_leaves_even_for_a_command
           cmd.run:
             - name: touch {tmp}/after
         """).lstrip())
-    running = subprocess.Popen([master.python, "-m", "pimaster", "apply", str(state), "--json",
-                                "--state-dir", str(master.state_dir)], env=master.env, stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True)
+    running = start_apply(master, state, "--json")
     try:
         wait_for(lambda: (tmp / "started").exists() and processes_running(sleep), what="the stubborn command")
         assert agent.stop(signal.SIGTERM, timeout=40) == 0, agent.output()[-3000:]

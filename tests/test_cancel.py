@@ -13,19 +13,16 @@ from __future__ import annotations
 import json
 import os
 import pty
-import random
 import select
 import signal
-import subprocess
 import textwrap
 import time
 
 import pytest
 
-from harness import agent_with_standin_master, wait_for
+from harness import agent_with_standin_master, processes_running, start_apply, unique_sleep, wait_for
 from piagent import protocol as proto
 from pimaster.client import ControlClient
-from test_agent_stop import processes_running
 
 
 def write(path, text):
@@ -34,17 +31,8 @@ def write(path, text):
     return path
 
 
-def unique_sleep(seconds: int = 30) -> list[str]:
-    """A sleep command line no other process on this machine has: how a test finds it afterwards."""
-    return ["sleep", f"{seconds + random.randrange(1, 10**6) / 10**7:.7f}"]
 
 
-def start_apply(master, state, *args, **popen) -> subprocess.Popen:
-    popen.setdefault("stdout", subprocess.PIPE)
-    popen.setdefault("stderr", subprocess.PIPE)
-    popen.setdefault("env", master.env)
-    return subprocess.Popen([master.python, "-m", "pimaster", "apply", str(state), *args, "--state-dir",
-                             str(master.state_dir)], text=True, **popen)
 
 
 def current_job(master) -> str:
