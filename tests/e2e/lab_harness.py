@@ -208,9 +208,11 @@ class Lab:
         """`pimaster job ID --json`, or None while the master does not answer (restarting)."""
         result = self.pimaster("job", job_id, "--json", check=False)
         try:
-            return json.loads(result.stdout)
+            report = json.loads(result.stdout)
         except ValueError:
             return None
+        # With --json a master that does not answer yet prints {"error": ..., "code": ...}: no report.
+        return report if isinstance(report, dict) and "nodes" in report else None
 
     def job_ids(self) -> list[str]:
         result = self.pimaster("jobs", "--json", check=False)
