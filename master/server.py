@@ -37,6 +37,7 @@ from . import __version__, commands
 from .commands.serve import DEFAULT_KEEP_DAYS, DEFAULT_KEEP_JOBS
 from .control import ControlServer
 from .enrollment import MAX_PENDING_KEYS, Enrollment, Roster
+from .events import EventBus
 from .board import JobBoard
 from .rpc import Rpc
 from .secrets import SecretStore
@@ -64,6 +65,7 @@ class Master:
         self.control_path = os.path.join(self.state_dir, "control.sock")
         self.drops = DropLog()
         self.roster = Roster()
+        self.events = EventBus()
         self.started = time.time()
         self._tasks: list[asyncio.Task] = []
 
