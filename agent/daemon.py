@@ -36,6 +36,7 @@ from . import fileio
 from .config import MASTER_KEY_CACHE
 from .jobs import JobRunner
 from .netchange import NetworkGuard
+from .power import PowerAction
 from .protocol import Message
 
 log = logging.getLogger("piagent")
@@ -95,7 +96,7 @@ def backoff_delay(attempt: int) -> float:
 
 class Agent:
     """One agent's connection to its master, for as long as the daemon runs: connect, check the
-    master's key against the pin, enroll, answer requests (ping, facts, apply, cancel), deliver job results
+    master's key against the pin, enroll, answer requests (ping, facts, apply, cancel, reboot), deliver job results
     until acknowledged, heartbeat, reconnect.
 
     Over 300 lines on purpose: these steps share one socket, one enrollment status and one view of
@@ -132,6 +133,7 @@ class Agent:
         self._reconnect = asyncio.Event()
         self._session_started = 0.0       # monotonic, when the current connection was made
         self._catalog: dict | None = None
+        self.power = PowerAction(self.log)  # a reboot or poweroff the master asked for
 
     # ------------------------------------------------------------------ life cycle
     def stop(self) -> None:
@@ -526,6 +528,8 @@ class Agent:
                 body = self.jobs.accept(msg.body)
             elif msg.type == proto.CANCEL:
                 body = self.jobs.cancel(msg.body)
+            elif msg.type == proto.REBOOT:
+                body = self.power.accept(msg.body, self.jobs.running)
             else:  # decode() only lets request types through that are listed above
                 body = {}
             await self._send(proto.reply(msg, proto.RESULT, body))

@@ -177,6 +177,62 @@ async def gather_facts() -> dict:
     return {k: v for k, v in facts.items() if v is not None}
 
 
+BOOT_ID_PATH = "/proc/sys/kernel/random/boot_id"
+INIT_STAT_PATH = "/proc/1/stat"
+PROC_STAT_PATH = "/proc/stat"
+# Test-only: a loopback test's agents are processes on one host (one kernel, one PID 1); a test that
+# fakes their reboots gives each start its own boot id here. Never set on a node.
+TEST_BOOT_ID_ENV = "PIAGENT_TEST_BOOT_ID"
+
+
+def _init_start_ticks() -> int | None:
+    """When PID 1 started, in clock ticks after the kernel booted (field 22 of /proc/1/stat; the
+    command name before it may hold spaces and parentheses, so counted from its closing one)."""
+    raw = _read(INIT_STAT_PATH)
+    if not raw or ")" not in raw:
+        return None
+    fields = raw.rsplit(")", 1)[1].split()
+    try:
+        return int(fields[19])
+    except (IndexError, ValueError):
+        return None
+
+
+def _kernel_boot_time() -> float | None:
+    for line in (_read(PROC_STAT_PATH) or "").splitlines():
+        if line.startswith("btime "):
+            try:
+                return float(line.split()[1])
+            except (IndexError, ValueError):
+                return None
+    return None
+
+
+def boot_identity() -> dict:
+    """Which boot of this node is running: ``boot_id`` (the kernel's random boot id, new at each
+    boot of a Pi; a container may show the host's), ``boot_init`` (when PID 1 started, in ticks
+    after the kernel booted: new at each boot of a container, whose kernel is the host's) and ``booted_at`` (when PID 1
+    started, on this node's clock as it is now: right even on a Pi that set its clock after boot).
+    `pimaster reboot` sees a node back from a reboot when (boot_id, boot_init) changed."""
+    out: dict = {}
+    fake = os.environ.get(TEST_BOOT_ID_ENV)
+    if fake:
+        return {"boot_id": fake[:64], "boot_init": 0, "booted_at": _process_started}
+    boot_id = (_read(BOOT_ID_PATH) or "").strip()
+    if boot_id:
+        out["boot_id"] = boot_id
+    ticks = _init_start_ticks()
+    if ticks is not None:
+        out["boot_init"] = ticks
+        btime = _kernel_boot_time()
+        if btime is not None:
+            out["booted_at"] = round(btime + ticks / os.sysconf("SC_CLK_TCK"), 2)
+    return out
+
+
+_process_started = time.time()
+
+
 def decode_throttled(word: int) -> list[str]:
     return [name for bit, name in THROTTLE_FLAGS.items() if word & (1 << bit)]
 
@@ -207,7 +263,7 @@ def cpu_temperature_c() -> float | None:
 
 async def health() -> dict:
     """What `pimaster ping` shows per node."""
-    result: dict = {"time": time.time()}
+    result: dict = {"time": time.time(), **boot_identity()}
     uptime = _read("/proc/uptime")
     if uptime:
         result["uptime_s"] = round(float(uptime.split()[0]), 1)

@@ -69,6 +69,10 @@ FACTS = "facts"                  # master -> agent request: facts
 APPLY = "apply"                  # master -> agent request: run a job's states (acknowledged at once)
 CANCEL = "cancel"                # master -> agent request: stop a job (its commands ended, no further state);
                                  # an agent older than this type drops it as unknown, and does not answer
+REBOOT = "reboot"                # master -> agent request: {"action": "reboot"|"poweroff", "delay_s": N}; the
+                                 # agent answers, then reboots or powers off after the delay. Added without a
+                                 # new version (as CANCEL): an older agent drops it unanswered, which the
+                                 # master reports as "upgrade piagent"
 JOB_PROGRESS = "job_progress"    # agent -> master: one state of a job finished
 JOB_RESULT = "job_result"        # agent -> master: a job's results (kept on disk until acknowledged)
 JOB_RESULT_ACK = "job_result_ack"  # master -> agent: the result is recorded; the agent may forget it
@@ -77,8 +81,13 @@ MASTER_KEY = "master_key"        # key announce endpoint -> agent
 AGENT_TO_MASTER = frozenset({ENROLL, HEARTBEAT, RESULT, REFUSED, JOB_PROGRESS, JOB_RESULT})
 # What a key that the master has not accepted may send: enrollment and nothing else.
 UNAUTHENTICATED_ALLOWED = frozenset({ENROLL})
-REQUEST_TYPES = frozenset({PING, FACTS, APPLY, CANCEL})
+REQUEST_TYPES = frozenset({PING, FACTS, APPLY, CANCEL, REBOOT})
 MASTER_TO_AGENT = frozenset({ENROLLED, HEARTBEAT_ACK, JOB_RESULT_ACK}) | REQUEST_TYPES
+
+# The `reboot` request's actions, and the bounds of its delay (the answer must leave first; a
+# request may not park a reboot for long).
+REBOOT_ACTIONS = ("reboot", "poweroff")
+MAX_REBOOT_DELAY_S = 60.0
 
 # Key states on the master.
 PENDING, ACCEPTED, REJECTED, DENIED = "pending", "accepted", "rejected", "denied"

@@ -133,6 +133,7 @@ def check_progress(body: dict) -> dict | None:
                       "comment": state["comment"][:300]}}
 
 
+BOOT_ID_RE = re.compile(r"[0-9A-Za-z._:-]+")
 THROTTLED_RE_CHARS = set("0123456789abcdefx")
 
 
@@ -141,13 +142,21 @@ def check_health(body: dict) -> dict:
     anything else is left out, so one node cannot break `pimaster ping` for everyone."""
     out: dict = {}
     for name, low, high in (("uptime_s", 0, 1e10), ("temp_c", -100, 200), ("disk_root_used_pct", 0, 100),
-                            ("time", 0, 1e11)):
+                            ("time", 0, 1e11), ("booted_at", 0, 1e11)):
         value = _finite(body.get(name))
         if value is not None and low <= value <= high:
             out[name] = value
     free = body.get("disk_root_free_mb")
     if isinstance(free, int) and not isinstance(free, bool) and 0 <= free < 1 << 40:
         out["disk_root_free_mb"] = free
+    # Which boot is running (`pimaster reboot` compares them): the kernel's boot id, a UUID, and
+    # PID 1's start in ticks. Only plain tokens: they are printed and compared, never interpreted.
+    boot_id = body.get("boot_id")
+    if isinstance(boot_id, str) and 0 < len(boot_id) <= 64 and BOOT_ID_RE.fullmatch(boot_id):
+        out["boot_id"] = boot_id
+    boot_init = body.get("boot_init")
+    if isinstance(boot_init, int) and not isinstance(boot_init, bool) and 0 <= boot_init < 1 << 63:
+        out["boot_init"] = boot_init
     load = body.get("load")
     if isinstance(load, list) and len(load) == 3 and all(_finite(x) is not None and 0 <= x < 1e6 for x in load):
         out["load"] = load

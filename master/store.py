@@ -371,6 +371,14 @@ class Store:
             (status, dumps(summary), dumps(results), started, finished or time.time(), job_id, node_id))
         return cur.rowcount == 1
 
+    def reboots_required(self) -> dict[str, float]:
+        """Node id -> when (its ``finished``: the agent's clock) the newest real (not test) apply
+        finished whose results on that node include a state reporting ``reboot_required``."""
+        return {r["node_id"]: r["finished"] for r in self.db.execute(
+            "SELECT n.node_id, MAX(n.finished) AS finished FROM job_nodes n JOIN jobs j ON j.id = n.job_id "
+            "WHERE j.test = 0 AND n.status IN ('done', 'interrupted') AND EXISTS (SELECT 1 FROM json_each(n.results) r "
+            "WHERE json_extract(r.value, '$.changes.reboot_required') = 1) GROUP BY n.node_id")}
+
     def jobs(self, limit: int = 50, node_globs: list[str] | None = None, target: str | None = None,
              since: float | None = None) -> list[dict]:
         """The newest ``limit`` jobs, newest first, with counts of their nodes. With ``node_globs``

@@ -188,6 +188,10 @@ class Agent(Process):
         self.config_path = tmp / f"{state_name or node_id}.conf"
         self.config_path.write_text(config_text)
         env = dict(os.environ, PYTHONPATH=source_path(tmp), PYTHONUNBUFFERED="1")
+        # A loopback agent runs on the test machine as its user (root in CI): a `reboot` request
+        # (a test's, a fuzzer's) must never reach `systemctl reboot` here. Tests that fake reboots
+        # set their own stand-in (tests/test_reboot.py).
+        env.setdefault("PIAGENT_TEST_REBOOT_COMMAND", "true")
         super().__init__([python or agent_python(), "-m", "piagent", "run", "--config", str(self.config_path),
                           "--id", node_id, "--state-dir", str(self.state_dir)],
                          tmp / f"agent-{state_name or node_id}.log", env)

@@ -33,6 +33,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "apply": ("pimaster.commands.apply", "render a state file for each node, push it, converge"),
     "jobs": ("pimaster.commands.jobs", "recent jobs"),
     "job": ("pimaster.commands.jobs", "one job's results"),
+    "reboot": ("pimaster.commands.reboot", "a rolling reboot: --batch nodes at a time, each back before the next"),
+    "shutdown": ("pimaster.commands.reboot", "power nodes off (the master's own node last), for pulling the plug"),
     "nodes": ("pimaster.commands.nodes", "enrolled nodes with their facts"),
     "status": ("pimaster.commands.status", "the master's own status"),
     "doc": ("pimaster.commands.doc", "the reference of a state function (file.managed), or the list of them"),

@@ -67,6 +67,9 @@ class Lab:
     def ensure_up(self) -> Lab:
         if self.up_failure:  # do not retry a broken bring-up for every test
             pytest.fail(f"the lab did not come up:\n{self.up_failure}")
+        if self.is_up and not labmod.lab_running(self.state):
+            # A node stays down after a test powered it off (`pimaster shutdown`): start afresh.
+            self.down()
         if not self.is_up:
             existing = labmod.Lab.load()
             # A lab someone left up is theirs; leftovers of a crashed one `up` cleans by itself.
