@@ -239,6 +239,7 @@ async def _apply(board: JobBoard, emit, file: str, target: str | None, test: boo
     groups = stage_groups(meta, plan.entries, plan.targets)
     job_id = new_job_id()
     board.store.create_job(job_id, plan.path, target, test, {n: len(jobs.get(n, ())) for n in plan.targets})
+    board.job_started(job_id, plan.path, target, test, plan.targets)
     board.store.set_last_inventory(plan.path, plan.inventory.path, plan.inventory.text)
     watch = JobWatch(plan.targets)
     board.watchers[job_id] = watch

@@ -33,6 +33,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "apply": ("pimaster.commands.apply", "render a state file for each node, push it, converge"),
     "jobs": ("pimaster.commands.jobs", "recent jobs"),
     "job": ("pimaster.commands.jobs", "one job's results"),
+    "events": ("pimaster.commands.events", "what happens, live: keys, nodes up/down, jobs, rollbacks, reboots"),
     "nodes": ("pimaster.commands.nodes", "enrolled nodes with their facts"),
     "status": ("pimaster.commands.status", "the master's own status"),
     "doc": ("pimaster.commands.doc", "the reference of a state function (file.managed), or the list of them"),
