@@ -31,6 +31,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "keys": ("pimaster.commands.keys", "agent keys: list, accept, reject, delete, fingerprint"),
     "ping": ("pimaster.commands.ping", "which nodes are up, and their health"),
     "apply": ("pimaster.commands.apply", "render a state file for each node, push it, converge"),
+    "run": ("pimaster.commands.run", "run a command as root on every targeted node"),
     "jobs": ("pimaster.commands.jobs", "recent jobs"),
     "job": ("pimaster.commands.jobs", "one job's results"),
     "nodes": ("pimaster.commands.nodes", "enrolled nodes with their facts"),
