@@ -106,12 +106,9 @@ class Plan:
                                                           board.store.identities())
         except StateFileError as exc:
             raise ApplyRefused(str(exc)) from None
-        self.targets = select_targets(self.entries, target)
-        if not self.targets:
-            if target and target.startswith("role:") and self.inventory.path is None:
-                raise ApplyRefused(f"{target}: roles come from the cluster.yaml next to the state file, and "
-                                   f"{self.root} has none")
-            raise ApplyRefused(f"no accepted node matches {target or '*'}")
+        no_roles = (None if self.inventory.path else
+                    f"roles come from the cluster.yaml next to the state file, and {self.root} has none")
+        self.targets = select_targets(self.entries, target, self.facts, no_roles)
         if new_assignments:
             board.store.add_assignments(new_assignments)
         self.catalogs = board.store.catalogs()
@@ -213,10 +210,25 @@ def stage_groups(meta: dict, entries: dict[str, dict], targets: list[str]) -> li
     return [g for g in groups if g]
 
 
-def select_targets(entries: dict[str, dict], target: str | None) -> list[str]:
-    from .cli import target_matches  # the one meaning of a target, `ping`'s too
+def select_targets(entries: dict[str, dict], target: str | None, facts: dict[str, dict],
+                   no_roles: str | None = None) -> list[str]:
+    """The nodes of ``entries`` (the inventory's, resolved) in ``target``: `targets.Target`, the one
+    meaning of a target, with the roles of ``entries`` and ``facts`` (node id -> as reported).
+    Refused (ApplyRefused) when the target is malformed, has a `role:` term while ``no_roles``
+    says why there are none, or matches nothing (saying which term matched what)."""
+    from .targets import checked_target, compile_target, no_match
 
-    return sorted(n for n, e in entries.items() if target_matches(target, n, e.get("roles", [])))
+    try:
+        compiled = compile_target(checked_target(target) if target is not None else None)
+    except ControlError as exc:
+        raise ApplyRefused(str(exc)) from None
+    if compiled.needs_roles and no_roles:
+        raise ApplyRefused(f"{target}: {no_roles}")
+    chosen = sorted(n for n, e in entries.items() if compiled.matches(n, e.get("roles", []), facts.get(n)))
+    if not chosen:
+        raise ApplyRefused(no_match(target, compiled, {n: (e.get("roles", []), facts.get(n))
+                                                       for n, e in entries.items()}))
+    return chosen
 
 
 async def apply(board: JobBoard, emit, file: str, target: str | None = None, test: bool = False,

@@ -36,6 +36,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "job": ("pimaster.commands.jobs", "one job's results"),
     "nodes": ("pimaster.commands.nodes", "enrolled nodes with their facts"),
     "status": ("pimaster.commands.status", "the master's own status"),
+    "backup": ("pimaster.commands.backup", "the master's keys, key store, jobs and secrets in one file"),
+    "restore": ("pimaster.commands.backup", "put a backup's master back (a new SD card): agents reconnect"),
     "doc": ("pimaster.commands.doc", "the reference of a state function (file.managed), or the list of them"),
     "lab": ("pimaster.commands.lab", "a simulated Pi cluster on this machine (see `pimaster lab --help`)"),
 }
