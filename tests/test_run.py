@@ -133,6 +133,12 @@ def test_output_is_bounded(cluster):
     assert code == 0, result.stdout[:3000]
     stdout = report["nodes"]["n1"]["stdout"]
     assert len(stdout) < 70_000 and stdout.endswith("[... output clipped]"), len(stdout)
+    # Binary output is kept too, its control characters shown as `?`: the bound counts what is kept,
+    # not the six-character escapes JSON would have written for each byte.
+    code, report, result = run(cluster, "n1", "--shell", "--", "head -c 1000000 /dev/zero")
+    assert code == 0, result.stdout[:3000]
+    stdout = report["nodes"]["n1"]["stdout"]
+    assert stdout.startswith("?" * 1000) and stdout.endswith("[... output clipped]"), stdout[:200]
 
 
 def intervals(directory) -> list[tuple[float, float]]:
