@@ -201,7 +201,8 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(module, "OWN_ARGUMENTS", False):
         # It parses its own arguments: the global options given before it come after it.
         return module.main(argv[at + 1:] + argv[:at])
-    parser = _parser(name, module, json_errors="--json" in argv)
+    # Only an option before `--`: what follows it is a command's own words (`run -- CMD --json`).
+    parser = _parser(name, module, json_errors="--json" in argv[:argv.index("--") if "--" in argv else None])
     args = parser.parse_args(argv)
     _settle_global_options(parser, args)
     if not args.needs_master:
