@@ -129,7 +129,8 @@ class JobBoard:
     def job_started(self, job_id: str, file: str, target: str | None, test: bool, nodes) -> None:
         """A job was recorded and is about to be sent: the ``job`` event, state ``started``."""
         nodes = sorted(nodes)
-        self.events.publish("job", job=job_id, state="started", file=os.path.basename(file), target=target,
+        shown = os.path.basename(file) if file.startswith("/") else file  # a run's label is `run: CMD`
+        self.events.publish("job", job=job_id, state="started", file=shown, target=target,
                             test=bool(test), nodes=nodes, node_count=len(nodes))
 
     def job_finished(self, job_id: str, node_id: str, status: str, summary: dict | None) -> None:

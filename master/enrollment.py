@@ -25,11 +25,11 @@ from piagent import keys as pkeys
 from piagent import protocol as proto
 from piagent.protocol import Message
 
-from .cli import target_matches
 from .errors import ControlError
 from .events import EventBus
 from .facts import check_catalog, check_facts
 from .store import Store, identity_of
+from .targets import compile_target
 
 log = logging.getLogger("pimaster")
 
@@ -196,11 +196,15 @@ class Roster:
     def accepted_nodes(self) -> set[str]:
         return set(self.node_of_key.values())
 
-    def targets(self, target: str | None, roles: dict[str, list[str]] | None = None) -> list[str]:
-        """Accepted nodes in ``target`` (`cli.target_matches`: a glob on the id, all of them for none
-        or `*`, or `role:NAME` by ``roles``, node id -> its roles from the inventory)."""
-        roles = roles or {}
-        return [n for n in sorted(self.accepted_nodes()) if target_matches(target, n, roles.get(n, ()))]
+    def targets(self, target: str | None, roles: dict[str, list[str]] | None = None,
+                facts: dict[str, dict] | None = None) -> list[str]:
+        """Accepted nodes in ``target`` (`targets.Target.matches`, the one meaning of a target: every
+        node for none or `*`), sorted; ``roles``: node id -> its roles from the inventory, for
+        `role:NAME`; ``facts``: node id -> its facts, for `FACT=GLOB` (a node without them matches no
+        such term). Raises `targets.TargetError` for a malformed target (check it first)."""
+        compiled = compile_target(target)
+        roles, facts = roles or {}, facts or {}
+        return [n for n in sorted(self.accepted_nodes()) if compiled.matches(n, roles.get(n, ()), facts.get(n))]
 
 
 class Enrollment:

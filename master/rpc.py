@@ -162,10 +162,10 @@ class Rpc:
                                     else f"not connected within {timeout:g} s"}
         return results
 
-    async def ping(self, target: str | None, timeout: float, roles: dict[str, list[str]] | None = None) -> list[dict]:
-        """`pimaster ping`: a row per accepted node matching ``target`` (``roles`` for `role:NAME`):
+    async def ping(self, nodes: list[str], timeout: float) -> list[dict]:
+        """`pimaster ping`: a row per node of ``nodes`` (its target, resolved: `targets.target_nodes`):
         up or not, rtt, its health (only well-shaped fields), clock offset, a network rollback it noted."""
-        answers = await self.ask({n: {} for n in self.roster.targets(target, roles)}, proto.PING, timeout)
+        answers = await self.ask({n: {} for n in nodes}, proto.PING, timeout)
         rows = []
         for node_id in sorted(answers):
             answer = answers[node_id]

@@ -121,13 +121,20 @@ def test_the_stream_shows_keys_nodes_and_jobs_in_the_order_they_happened(tmp, ma
     assert (finished["status"], finished["result"]) == ("done", report["nodes"]["ev02"]["result"]) == ("done", "changed")
     assert finished["summary"]["changed"] == 1
     assert stream.index(type="job", state="started") < stream.index(type="job", state="finished")
+    # A run is a job too; a node that does not take a job is finished as no_answer, told as well.
+    argv = [master.python, "-m", "pimaster", "--state-dir", str(master.state_dir), "--json", "run", "ev02", "--", "true"]
+    ran = json.loads(subprocess.run(argv, capture_output=True, text=True, env=master.env, timeout=120).stdout)
+    assert stream.wait("the run to start", type="job", job=ran["job"], state="started")["file"] == "run: true"
+    assert stream.wait("the run's result", type="job", job=ran["job"], state="finished", node="ev02")["status"] == "done"
+    gone = json.loads(master.cli("apply", str(state), "--target", "ev01", "--json", timeout=300, check=False).stdout)
+    assert stream.wait("ev01 given up", type="job", job=gone["job"], state="finished", node="ev01")["status"] == "no_answer"
 
     # Deleted: the key event, and the node is down with that reason.
     master.cli("keys", "delete", "ev02")
     assert stream.wait("ev02 down", type="node", node="ev02", state="down")["reason"] == "key_deleted"
     stream.wait("ev02's key deleted", type="key", node="ev02", state="deleted")
     # Each thing once: a result an agent resends, a node heard from again, publish nothing more.
-    assert len([e for e in stream.events if e["type"] == "job" and e["state"] == "finished"]) == 1
+    assert len([e for e in stream.events if e["type"] == "job" and e["state"] == "finished"]) == 3
     assert len([e for e in stream.events if e["type"] == "node" and e["node"] == "ev01" and e["state"] == "up"]) == 1
     before_delete = stream.events[:stream.index(type="key", node="ev02", state="deleted")]
     assert [e["node"] for e in before_delete if e.get("state") == "pending"] == ["ev02"]
