@@ -3,7 +3,11 @@
 One vocabulary everywhere (live view, plain progress lines, the table, `--json`'s ``result``):
 a state is changed, unchanged (the agent's and `--json`'s status "ok"), failed, not run or
 skipped; a node's result is changed, ok (nothing changed, nothing failed), failed, interrupted,
-no answer or no result yet. In test mode "changed" is what would change.
+no answer, no result yet, or not sent (--fail-stop held it back, or a cancel). In test mode
+"changed" is what would change.
+
+With --batch, a `batch` event announces each batch as it starts, and --fail-stop's `stopped` event
+says why no further batch starts. A `pimaster run` job is shown by run_view.
 """
 
 from __future__ import annotations
@@ -12,7 +16,7 @@ import json
 import sys
 
 STATUS_STYLE = {"ok": "green", "changed": "cyan", "failed": "red", "not_run": "yellow", "skipped": "dim",
-                "no_answer": "red", "interrupted": "red", "running": "yellow", "sent": "yellow"}
+                "no_answer": "red", "interrupted": "red", "running": "yellow", "sent": "yellow", "not": "yellow"}
 LIVE_ROWS = 25  # beyond this many nodes, the live view lists only those still running
 # A state's status as the agent reports it (and `--json` keeps it) -> the word people read.
 STATE_WORDS = {"ok": "unchanged", "changed": "changed", "failed": "failed", "not_run": "not run",
@@ -29,7 +33,8 @@ def node_result(status: str, summary: dict | None) -> str:
     summary = summary or {}
     if status == "done":
         return "failed" if summary.get("failed") else "changed" if summary.get("changed") else "ok"
-    return {"running": "no result yet", "sent": "no answer", "no_answer": "no answer"}.get(status, status)
+    return {"running": "no result yet", "sent": "no answer", "no_answer": "no answer",
+            "not_sent": "not sent"}.get(status, status)
 
 
 def counts_text(summary: dict | None) -> str:
@@ -113,6 +118,8 @@ class LiveApply:
                 if event.get("state") == "disconnected" else None
         elif kind == "warning":
             self.live.console.print(f"pimaster: warning: {event.get('message')}", markup=False, highlight=False)
+        elif kind in ("batch", "stopped"):
+            self.live.console.print(event_line(event), markup=False, highlight=False)
         elif kind == "node" and event.get("node") in self.nodes:
             status = node_result(event["status"], event.get("summary"))
             info = self.nodes[event["node"]]
@@ -122,6 +129,14 @@ class LiveApply:
                 self.progress.advance(self.task)
             info["status"] = status
         self.live.update(self._render())
+
+
+def event_line(event: dict) -> str:
+    """A `batch` or `stopped` event as one line."""
+    if event.get("type") == "batch":
+        stage = f" (stage {event.get('stage')} of {event.get('stages')})" if (event.get("stages") or 1) > 1 else ""
+        return f"batch {event.get('index')}{stage}: {', '.join(map(str, event.get('nodes') or ()))}"
+    return f"stopped: {event.get('reason')}"
 
 
 class PlainApply:
@@ -139,6 +154,8 @@ class PlainApply:
                   flush=True)
         elif event.get("type") == "warning":
             print(f"pimaster: warning: {event.get('message')}", file=sys.stderr, flush=True)
+        elif event.get("type") in ("batch", "stopped"):
+            print(event_line(event), flush=True)
         elif event.get("type") == "connection":
             if event.get("state") == "disconnected":
                 grace = event.get("grace_s")
@@ -155,11 +172,15 @@ class PlainApply:
 
 def print_report(report: dict, table, quiet: bool = False) -> bool:
     """The end of an apply: a row per node, every failure in full, then (unless ``quiet``) every
-    changed state, with its diff if it has one. True if all is well."""
+    changed state, with its diff if it has one. True if all is well. A run's report: run_view's."""
+    from .run_view import is_run, print_run_report
+
+    if is_run(report):
+        return print_run_report(report, table, outputs=True)
     rows = []
     all_ok = True
     for node_id, node in sorted(report["nodes"].items()):
-        verdict = node_result(node["status"], {"failed": node["failed"], "changed": node["changed"]})
+        verdict = node.get("result") or node_result(node["status"], {"failed": node["failed"], "changed": node["changed"]})
         all_ok &= node["ok"]
         rows.append([node_id, (verdict, STATUS_STYLE.get(verdict.split()[0], "red")), str(node["changed"]),
                      str(node["failed"]), str(node["not_run"]), str(node["unchanged"]), str(node.get("skipped", 0)),
@@ -168,6 +189,9 @@ def print_report(report: dict, table, quiet: bool = False) -> bool:
     changed = "would change" if report["test"] else "changed"
     table(f"job {report['job']}{' (test mode)' if report['test'] else ''}: {report['file']}",
           ["NODE", "RESULT", changed.upper(), "FAILED", "NOT RUN", "UNCHANGED", "SKIPPED", "TIME", ""], rows)
+    if report.get("stopped"):
+        held = sum(1 for node in report["nodes"].values() if node.get("result") == "not sent")
+        print(f"stopped: {report['stopped']}; {held} node(s) were not sent the job")
     # An agent's comments and diffs are its own text (control characters already replaced by the
     # master): every line after a report line's first is indented, so none can pass for one.
     for node_id, node in sorted(report["nodes"].items()):

@@ -8,12 +8,14 @@ Split from jobs.py, which holds the apply itself (plan, render, stages, push, co
 from __future__ import annotations
 
 import asyncio
+import os
 from typing import Awaitable, Callable
 
 from piagent import protocol as proto
 from piagent.protocol import Message
 
 from .errors import ControlError
+from .events import EventBus
 from .results import check_job_result, check_progress, one_line
 from .rpc import RECONNECT_GRACE_S
 from .secrets import SecretStore, redact
@@ -72,15 +74,18 @@ class JobBoard:
     ``watchers``: job id -> the JobWatch of its running apply; ``redactions``: job id -> node id ->
     the sensitive output of earlier stages that the node's job carries (redacted from what that
     node reports). ``send`` and ``drops`` are the transport's, for the agents' job messages;
-    ``connected(node_id)`` the roster's (whether a node's agent is connected now).
+    ``connected(node_id)`` the roster's (whether a node's agent is connected now); ``events`` the
+    master's bus, where jobs starting (``job_started``) and each node's result (``job_finished``)
+    are published.
     """
 
     def __init__(self, store: Store, secrets: SecretStore, state_dir: str,
                  accepted_nodes: Callable[[], set[str]],
                  ask_following: Callable[[dict[str, dict], str, float], Awaitable[dict[str, dict]]],
                  send: Callable[[bytes, Message], bool], drops,
-                 connected: Callable[[str], bool] = lambda node_id: True) -> None:
+                 connected: Callable[[str], bool] = lambda node_id: True, events: EventBus | None = None) -> None:
         self.connected = connected
+        self.events = events if events is not None else EventBus()
         self.disconnect_grace = DISCONNECT_GRACE_S
         self.store = store
         self.secrets = secrets
@@ -121,6 +126,21 @@ class JobBoard:
             nodes[node_id] = cancel_answer(answer, self.cancel_timeout)
         return {"job": job_id, "nodes": dict(sorted(nodes.items()))}
 
+    def job_started(self, job_id: str, file: str, target: str | None, test: bool, nodes) -> None:
+        """A job was recorded and is about to be sent: the ``job`` event, state ``started``."""
+        nodes = sorted(nodes)
+        shown = os.path.basename(file) if file.startswith("/") else file  # a run's label is `run: CMD`
+        self.events.publish("job", job=job_id, state="started", file=shown, target=target,
+                            test=bool(test), nodes=nodes, node_count=len(nodes))
+
+    def job_finished(self, job_id: str, node_id: str, status: str, summary: dict | None) -> None:
+        """A node's result for ``job_id`` was recorded (``status``: done, interrupted, no_answer):
+        the ``job`` event, state ``finished``, with the word `pimaster apply` shows for it."""
+        from .apply_view import node_result
+
+        self.events.publish("job", node=node_id, job=job_id, state="finished", status=status,
+                            result=node_result(status, summary), summary=summary or {})
+
     def redact(self, value, job_id: str | None = None, node_id: str | None = None):
         """``value`` without any secret, nor the sensitive output of earlier stages that this
         node's job carried (the strings it was told to redact)."""
@@ -157,9 +177,11 @@ class JobBoard:
         # goes only to a running apply, for rendering its later stages.
         kept = [dict(r, changes={"redacted": "sensitive state"} if r.get("changes") else {})
                 if r.get("sensitive") else r for r in results]
-        self.store.record_result(job_id, node_id, result["status"], result["summary"], self.redact(kept, job_id, node_id),
-                                 result["started"], result["finished"])
+        recorded = self.store.record_result(job_id, node_id, result["status"], result["summary"],
+                                            self.redact(kept, job_id, node_id), result["started"], result["finished"])
         self.send(ident, Message(type=proto.JOB_RESULT_ACK, reply_to=msg.id, body={"job": job_id}))
+        if recorded:  # not again for a result resent before its acknowledgement arrived
+            self.job_finished(job_id, node_id, result["status"], result["summary"])
         watcher = self.watchers.get(job_id)
         if watcher is not None:
             watcher.result(node_id, result)

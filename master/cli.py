@@ -10,8 +10,9 @@ Conventions every command follows:
 
 - Global options, `--state-dir DIR` and `--json` (for the commands that print JSON), go before the
   command or after it: `pimaster --state-dir D ping` is `pimaster ping --state-dir D`.
-- A target (`add_target`) is a glob on node ids or `role:NAME`; a duration (`Duration`) is seconds
-  or a number with a unit: `90`, `90s`, `30m`, `24h`, `7d`.
+- A target (`add_target`; its syntax and meaning in `pimaster.targets`) is node id globs, `role:NAME`
+  and `FACT=GLOB` terms, all of which a node must match; a duration (`Duration`) is seconds or a
+  number with a unit: `90`, `90s`, `30m`, `24h`, `7d`.
 - Errors: `pimaster: MESSAGE` on stderr and, with --json, `{"error": MESSAGE, "code": CODE, ...}` on
   stdout (`report_error`); the exit status says what went wrong (``EXIT_STATUS``).
 """
@@ -19,7 +20,6 @@ Conventions every command follows:
 from __future__ import annotations
 
 import argparse
-import fnmatch
 import json
 import os
 import sys
@@ -29,6 +29,9 @@ from . import __version__
 from .client import ControlClient
 from .commands import COMMANDS, load
 from .errors import ControlError
+# The target syntax, here for the commands that import it from the CLI.
+from .targets import (MAX_TARGET_TEXT, ROLE_PREFIX, checked_target, fact_names, parse_target,  # noqa: F401
+                      target_matches)
 
 DEFAULT_STATE_DIR = "/var/lib/pimaster"
 
@@ -46,10 +49,12 @@ EXIT_STATUS = {"usage": EXIT_USAGE, "refused": EXIT_USAGE, "confirmation_needed"
 # have them): option -> whether it takes a value.
 GLOBAL_OPTIONS = {"--state-dir": True, "--json": False}
 
-ROLE_PREFIX = "role:"
 # {inventory}: where the command reads the nodes' roles from.
-TARGET_HELP = ("a glob on node ids (node0[1-4], 'pi*'), or role:NAME: the nodes whose roles include NAME in "
-               "{inventory}; default every accepted node")
+TARGET_HELP = ("the nodes: a glob on node ids (node0[1-4], 'pi*') or a comma list of them (node01,node03); "
+               "role:NAME, the nodes whose roles include NAME in {inventory}; FACT=GLOB, the nodes whose fact "
+               "matches (arch=arm64, os_codename=bookworm, 'model=*Pi 5*'; facts: {facts}); terms separated "
+               "by spaces must all match ('role:compute arch=arm64'; a word after FACT=GLOB that starts no term "
+               "continues its glob: node globs first, or id=GLOB); default every accepted node")
 
 
 def parse_duration(text: str) -> float:
@@ -90,44 +95,6 @@ def _span(seconds: float) -> str:
     return f"{seconds:g}s"
 
 
-def parse_target(text: str) -> str:
-    """The argparse type of a target: a glob on node ids, or `role:NAME` (node ids hold no `:`,
-    so any other `KIND:` is a mistake, not a glob)."""
-    kind, colon, name = text.partition(":")
-    if colon and kind != ROLE_PREFIX[:-1]:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a target: a glob on node ids (they hold no ':'), "
-                                         "or role:NAME")
-    if colon and not name.strip():
-        raise argparse.ArgumentTypeError("role: needs the role's name, e.g. role:compute")
-    if not text.strip():
-        raise argparse.ArgumentTypeError("an empty target matches no node (leave it out for every node)")
-    return text
-
-
-MAX_TARGET_TEXT = 256  # the longest target a control request may carry
-
-
-def checked_target(target) -> str:
-    """A target as a control request carried it (from any client: checked again), or ControlError."""
-    if not isinstance(target, str) or len(target) > MAX_TARGET_TEXT:
-        raise ControlError(f"target: a glob on node ids or role:NAME, at most {MAX_TARGET_TEXT} characters")
-    try:
-        return parse_target(target)
-    except argparse.ArgumentTypeError as exc:
-        raise ControlError(str(exc)) from None
-
-
-def target_matches(target: str | None, node_id: str, roles) -> bool:
-    """Whether node ``node_id``, which has ``roles`` (from the inventory), is in ``target``: every
-    node for none or `*`; `role:NAME` the nodes whose roles include NAME; otherwise a glob on the id.
-    The one meaning of a target: `ping`'s (`Roster.targets`) and `apply`'s."""
-    if not target or target == "*":
-        return True
-    if target.startswith(ROLE_PREFIX):
-        return target[len(ROLE_PREFIX):] in roles
-    return fnmatch.fnmatchcase(node_id, target)
-
-
 class _TargetAction(argparse.Action):
     """Stores a target given as the positional TARGET or as --target: one of them, or both alike."""
 
@@ -145,7 +112,7 @@ def add_target(parser: argparse.ArgumentParser, positional: bool = False,
     """`--target TARGET` on ``parser`` (``args.target``, None for every node); with ``positional``,
     also a TARGET argument that means the same (`pimaster ping 'pi*'`). ``inventory``: where the
     command reads roles from, for the help."""
-    help = TARGET_HELP.format(inventory=inventory)
+    help = TARGET_HELP.format(inventory=inventory, facts=fact_names())
     if positional:
         parser.add_argument("target", nargs="?", metavar="TARGET", type=parse_target, action=_TargetAction, help=help)
     parser.add_argument("--target", dest="target", metavar="TARGET", type=parse_target, action=_TargetAction,
@@ -234,7 +201,8 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(module, "OWN_ARGUMENTS", False):
         # It parses its own arguments: the global options given before it come after it.
         return module.main(argv[at + 1:] + argv[:at])
-    parser = _parser(name, module, json_errors="--json" in argv)
+    # Only an option before `--`: what follows it is a command's own words (`run -- CMD --json`).
+    parser = _parser(name, module, json_errors="--json" in argv[:argv.index("--") if "--" in argv else None])
     args = parser.parse_args(argv)
     _settle_global_options(parser, args)
     if not args.needs_master:

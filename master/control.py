@@ -8,6 +8,11 @@ tree) may put questions to its client meanwhile: a line `{"ask": QUESTION}`, ans
 (a ControlError a handler raised, or arguments the handler does not take), `internal` (a bug: logged
 with its traceback), `permission_denied` (another user's client).
 
+A streaming handler's ``emit`` is an ``Emitter``: ``emit(event)`` writes an event line; a stream
+with no end (`events`) also awaits ``emit.drain()`` (so that a client that does not read holds back
+the handler, not the master's memory) and ``emit.gone()`` (the client closed its connection: the
+handler ends and lets go of what it holds).
+
 The client side is `pimaster.client`.
 """
 
@@ -77,6 +82,33 @@ class ClientAsk:
         return answer, await self.reader.readexactly(size) if size else b""
 
 
+class Emitter:
+    """A streaming handler's way to its client: ``emit(event)`` writes ``{"event": event}`` (never
+    raises, whatever the event holds); ``await drain()`` waits until the client has taken what was
+    written (raises ConnectionError once it has gone); ``await gone()`` returns when the client has
+    closed the connection (it reads the connection: not for a handler that asks)."""
+
+    def __init__(self, reader: asyncio.StreamReader | None, writer: asyncio.StreamWriter | None) -> None:
+        self.reader, self.writer = reader, writer
+
+    def __call__(self, event: dict) -> None:
+        if self.writer is not None and not self.writer.is_closing():
+            # default=str: an event must never end the request it belongs to.
+            self.writer.write(json.dumps({"event": event}, default=str).encode() + b"\n")
+
+    async def drain(self) -> None:
+        if self.writer is not None:
+            if self.writer.is_closing():
+                raise ConnectionError("the client has gone")
+            await self.writer.drain()
+
+    async def gone(self) -> None:
+        if self.reader is None:
+            await asyncio.Event().wait()  # no connection: never
+        while await self.reader.read(4096):
+            pass  # a client sends nothing during a stream: whatever it does send is dropped
+
+
 class ControlServer:
     """Serves ``path`` for as long as it is open; handlers get ``context`` (the Master) first."""
 
@@ -124,12 +156,7 @@ class ControlServer:
                 if not line:
                     return
 
-                def emit(event: dict) -> None:
-                    if not writer.is_closing():
-                        # default=str: an event must never end the request it belongs to.
-                        writer.write(json.dumps({"event": event}, default=str).encode() + b"\n")
-
-                response = await self.request(line, emit, ClientAsk(reader, writer))
+                response = await self.request(line, Emitter(reader, writer), ClientAsk(reader, writer))
                 writer.write(json.dumps(response).encode() + b"\n")
                 await writer.drain()
         except (ConnectionError, OSError):
@@ -150,7 +177,7 @@ class ControlServer:
             if not isinstance(args, dict):
                 raise ControlError("malformed arguments")
             if handler.streaming:
-                args["emit"] = emit or (lambda event: None)
+                args["emit"] = emit or Emitter(None, None)
             if handler.asks:
                 args["ask"] = ask
             return {"result": await handler.function(self.context, **args)}

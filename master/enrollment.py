@@ -5,7 +5,8 @@ dropped messages through a ``drops`` log, so the policy is testable without Zero
 
 - ``Roster``: who is who, in memory (key states, the node of each accepted key, each node's
   current connection, last contact). Rebuilt from the store at start; the store stays the truth.
-  Its ``connected`` is the one answer to "is this agent connected now" for every command.
+  Its ``connected`` is the one answer to "is this agent connected now" for every command, and it
+  publishes each change of that answer (``node`` up/down events, `pimaster.events`).
 - ``Enrollment``: the decision on an `enroll` message (tokens, pending cap, denied keys, the
   identity recorded at accept) and the accept/reject/delete/replace policy over the store.
 """
@@ -24,10 +25,11 @@ from piagent import keys as pkeys
 from piagent import protocol as proto
 from piagent.protocol import Message
 
-from .cli import target_matches
 from .errors import ControlError
+from .events import EventBus
 from .facts import check_catalog, check_facts
 from .store import Store, identity_of
+from .targets import compile_target
 
 log = logging.getLogger("pimaster")
 
@@ -38,6 +40,11 @@ MAX_PENDING_KEYS = 256
 # counts as gone even if no close was seen: a backstop, as libzmq's own heartbeats (the router's
 # heartbeat_timeout) close a dead connection within 15 s and the master sees that close at once.
 SILENT_LINK_S = 2 * 15.0 + 5.0
+
+
+def _address(address: str | None) -> dict:
+    """The ``address`` field of an event, when there is one to tell."""
+    return {"address": address} if address and address != "?" else {}
 
 
 @dataclass
@@ -57,9 +64,12 @@ class Roster:
     a route goes when its connection closes (``connection_closed``, from the transport's monitor)
     or is silent past SILENT_LINK_S (``drop_silent``), and comes back with the agent's next
     message. ``connected``, ``connected_nodes`` and ``key_connected`` read them, for every command.
+    A node's route comes (``route``) and goes (``_unroute``) in one place each, which publish the
+    ``node`` events (up/down, with the reason) on ``events``.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, events: EventBus | None = None) -> None:
+        self.events = events if events is not None else EventBus()
         self.key_states: dict[str, str] = {}            # public key -> state
         self.node_of_key: dict[str, str] = {}           # accepted public key -> node id
         self.routes: dict[str, tuple[bytes, str]] = {}  # node id -> (routing id, public key)
@@ -87,13 +97,31 @@ class Roster:
         seen, self.dirty_seen = self.dirty_seen, {}
         return seen
 
-    def forget_key(self, key: str) -> None:
-        self._drop_link(key)
+    def forget_key(self, key: str, reason: str = "key_deleted") -> None:
+        """``key`` is no longer stored as it was (deleted, rejected, replaced: ``reason``)."""
+        self._drop_link(key, reason)
+        node_id = self.node_of_key.get(key)
+        if node_id:
+            self._unroute(node_id, key, reason)
         self.key_states.pop(key, None)
-        node_id = self.node_of_key.pop(key, None)
+        self.node_of_key.pop(key, None)
         self.pending_routes.pop(key, None)
-        if node_id and self.routes.get(node_id, (None, None))[1] == key:
+
+    # ------------------------------------------------------------------ routes (connected nodes)
+    def route(self, node_id: str, ident: bytes, key: str, reason: str = "connected",
+              address: str | None = None) -> None:
+        """Requests to ``node_id`` go to connection ``ident`` (its accepted ``key``'s) from now on."""
+        before = self.routes.get(node_id)
+        self.routes[node_id] = (ident, key)
+        if before is None:
+            self.events.publish("node", node=node_id, state="up", reason=reason, **_address(address))
+        elif before[0] != ident:
+            self.events.publish("node", node=node_id, state="up", reason="reconnected", **_address(address))
+
+    def _unroute(self, node_id: str, key: str, reason: str) -> None:
+        if self.routes.get(node_id, (None, None))[1] == key:
             del self.routes[node_id]
+            self.events.publish("node", node=node_id, state="down", reason=reason)
 
     # ------------------------------------------------------------------ connections
     def heard(self, key: str, ident: bytes, fd: int | None, peer_of: Callable[[int], tuple | None]) -> None:
@@ -110,31 +138,34 @@ class Roster:
         if fd is not None:
             self.key_on_fd[fd] = key
 
-    def connection_closed(self, fd: int, peer: tuple | None, open_now_to: tuple | None = None) -> None:
+    def connection_closed(self, fd: int, peer: tuple | None, open_now_to: tuple | None = None) -> bool:
         """The connection on descriptor ``fd`` (to ``peer``, if known) closed: if it was a key's
         last, that key's agent is not connected any more. ``open_now_to``: where ``fd`` leads now
-        (the transport looks it up as it handles the event)."""
+        (the transport looks it up as it handles the event). Returns True when it cannot tell yet:
+        the transport asks again a moment later (``open_now_to`` looked up again)."""
         key = self.key_on_fd.get(fd)
         if key is None:
-            return
+            return False
         link = self.links[key]
         if peer is not None and link.peer is not None and peer != link.peer:
-            return  # a newer connection got the descriptor and spoke before this close was seen
+            return False  # a newer connection got the descriptor and spoke before this close was seen
         if link.peer is not None and open_now_to == link.peer:
             # The descriptor is open right now, to this key's agent: the close was of an older
-            # connection that had the same number (a stranger's, seen late), not of this one.
-            return
-        self._drop_link(key)
+            # connection that had the same number (a stranger's, seen late), not of this one; or
+            # libzmq told of this one's close before closing its descriptor. Asked again shortly.
+            return True
+        self._drop_link(key, "disconnected")
+        return False
 
     def drop_silent(self, now: float | None = None) -> list[str]:
         """Drop the connections not heard from within SILENT_LINK_S; returns their keys."""
         now = time.monotonic() if now is None else now
         silent = [key for key, link in self.links.items() if now - link.heard > SILENT_LINK_S]
         for key in silent:
-            self._drop_link(key)
+            self._drop_link(key, "heartbeat_timeout")
         return silent
 
-    def _drop_link(self, key: str) -> None:
+    def _drop_link(self, key: str, reason: str) -> None:
         """``key``'s last connection is gone, and with it every route of that key (older
         connections of the key are dead already: an agent holds one connection)."""
         link = self.links.pop(key, None)
@@ -143,8 +174,8 @@ class Roster:
         if self.key_on_fd.get(link.fd) == key:
             del self.key_on_fd[link.fd]
         node_id = self.node_of_key.get(key)
-        if node_id is not None and self.routes.get(node_id, (None, None))[1] == key:
-            del self.routes[node_id]
+        if node_id is not None:
+            self._unroute(node_id, key, reason)
         self.pending_routes.pop(key, None)
 
     def connected(self, node_id: str) -> bool:
@@ -165,11 +196,15 @@ class Roster:
     def accepted_nodes(self) -> set[str]:
         return set(self.node_of_key.values())
 
-    def targets(self, target: str | None, roles: dict[str, list[str]] | None = None) -> list[str]:
-        """Accepted nodes in ``target`` (`cli.target_matches`: a glob on the id, all of them for none
-        or `*`, or `role:NAME` by ``roles``, node id -> its roles from the inventory)."""
-        roles = roles or {}
-        return [n for n in sorted(self.accepted_nodes()) if target_matches(target, n, roles.get(n, ()))]
+    def targets(self, target: str | None, roles: dict[str, list[str]] | None = None,
+                facts: dict[str, dict] | None = None) -> list[str]:
+        """Accepted nodes in ``target`` (`targets.Target.matches`, the one meaning of a target: every
+        node for none or `*`), sorted; ``roles``: node id -> its roles from the inventory, for
+        `role:NAME`; ``facts``: node id -> its facts, for `FACT=GLOB` (a node without them matches no
+        such term). Raises `targets.TargetError` for a malformed target (check it first)."""
+        compiled = compile_target(target)
+        roles, facts = roles or {}, facts or {}
+        return [n for n in sorted(self.accepted_nodes()) if compiled.matches(n, roles.get(n, ()), facts.get(n))]
 
 
 class Enrollment:
@@ -177,6 +212,7 @@ class Enrollment:
 
     ``send(routing_id, Message)`` reaches a connected agent; ``drops`` is the daemon's DropLog
     (``drop(reason, *args, peer=)`` and ``allowed(peer)``), which bounds what peers make it log.
+    Every change of a key's state is published (``key`` events) on the roster's ``events``.
     """
 
     def __init__(self, store: Store, roster: Roster, send: Callable[[bytes, Message], bool], drops,
@@ -237,21 +273,25 @@ class Enrollment:
             record = self.store.add_key(node_id, key, fp, state, facts, catalog)
             roster.key_states[key] = state
             if state == proto.DENIED:
+                roster.events.publish("key", node=node_id, fingerprint=fp, state=state, **_address(address))
                 roster.pending_routes[key] = ident
                 return
+            new_key = True
+        else:
+            new_key = False
         token_refused = None
         if record["state"] == proto.PENDING and token:
             ok, why = self.store.consume_token(token, node_id)
             token_refused = None if ok else why
             if ok:
-                self.accept(record, facts)
+                self.accept(record, facts, by="token")
                 log.info("node %r enrolled by token, key %s, from %s", node_id, fp, address)
             elif self.drops.allowed(key):
                 log.warning("node %r (key %s, from %s) presented a token that does not enroll: %s; it waits "
                             "as pending", node_id, fp, address, why)
         record = self.store.key_by_public(key)
         if record["state"] == proto.ACCEPTED:
-            roster.routes[node_id] = (ident, key)
+            roster.route(node_id, ident, key, "connected", address)
             roster.pending_routes.pop(key, None)
             self.store.upsert_node(node_id, facts, time.time())
             if self._catalog_changed(key, raw_catalog):
@@ -264,6 +304,8 @@ class Enrollment:
             self.send(ident, Message(type=proto.ENROLLED, reply_to=msg.id,
                                      body={"status": proto.ACCEPTED, "time": time.time(), "id": node_id}))
         elif record["state"] == proto.PENDING:
+            if new_key:  # told once, when it starts to wait (a key a token enrolled at once never waits)
+                roster.events.publish("key", node=node_id, fingerprint=fp, state=proto.PENDING, **_address(address))
             if key not in roster.pending_routes and self.drops.allowed(address):
                 log.info("node %r waits as pending with key %s, from %s (pimaster keys accept %s)",
                          node_id, fp, address, node_id)
@@ -289,23 +331,28 @@ class Enrollment:
         self._catalog_digests[key] = digest
         return True
 
-    def accept(self, record: dict, facts: dict | None = None, replace: bool = False) -> None:
+    def accept(self, record: dict, facts: dict | None = None, replace: bool = False, by: str = "person") -> None:
         """Accepts the key ``record``; with ``replace``, the node's accepted key (if another) goes.
-        The identity recorded now is what inventory entries match later."""
+        The identity recorded now is what inventory entries match later. ``by``: token or person
+        (the ``key`` event says which)."""
         node_id, key = record["node_id"], record["public_key"]
+        events = self.roster.events
         if replace:
             old = self.store.accepted_key(node_id)
             if old is not None and old["public_key"] != key:
-                self.roster.forget_key(old["public_key"])
+                self.roster.forget_key(old["public_key"], "key_replaced")
+                events.publish("key", node=node_id, fingerprint=old["fingerprint"], state="replaced")
         facts = facts if facts is not None else record["facts"]
         self.store.set_key_state(record["id"], proto.ACCEPTED, replace_accepted=replace,
                                  identity=identity_of(facts))
         self.roster.key_states[key] = proto.ACCEPTED
         self.roster.node_of_key[key] = node_id
+        events.publish("key", node=node_id, fingerprint=record["fingerprint"], state=proto.ACCEPTED, by=by)
         # Other keys still waiting for this id now claim an id another key holds: denied, which
         # `keys list` explains, rather than pending keys that can never be accepted as such.
         for other in self.store.deny_pending(node_id):
             self.roster.key_states[other] = proto.DENIED
+            events.publish("key", node=node_id, fingerprint=pkeys.fingerprint(other), state=proto.DENIED)
         self.store.upsert_node(node_id, facts, time.time())
         # The node's catalogue is this key's own (sent while it waited; checked then), or none
         # until its agent enrolls again: never what the node's previous key sent.
@@ -388,7 +435,7 @@ class Enrollment:
             self.accept(key, replace=replace)
             ident = self.roster.pending_routes.pop(key["public_key"], None)
             if ident is not None:  # the agent is connected and waiting: tell it now
-                self.roster.routes[node_id] = (ident, key["public_key"])
+                self.roster.route(node_id, ident, key["public_key"], "accepted")
                 self.send(ident, Message(type=proto.ENROLLED, body={
                     "status": proto.ACCEPTED, "time": time.time(), "id": node_id}))
             log.info("key %s of %r accepted by a person", key["fingerprint"], node_id)
@@ -407,10 +454,12 @@ class Enrollment:
         if dry_run:
             return self.shown(candidates)
         for key in candidates:
-            self.roster.forget_key(key["public_key"])
+            self.roster.forget_key(key["public_key"], "key_rejected")
             self.store.set_key_state(key["id"], proto.REJECTED)
             self.store.set_key_catalog(key["id"], None)  # a rejected key keeps nothing it sent
             self.roster.key_states[key["public_key"]] = proto.REJECTED
+            self.roster.events.publish("key", node=key["node_id"], fingerprint=key["fingerprint"],
+                                       state=proto.REJECTED)
             log.info("key %s of %r rejected", key["fingerprint"], key["node_id"])
         return [{"id": k["node_id"], "fingerprint": k["fingerprint"]} for k in candidates]
 
@@ -430,8 +479,9 @@ class Enrollment:
                 # rather than after its heartbeats go unanswered.
                 self.send(route[0], Message(type=proto.ENROLLED, body={"status": "deleted", "time": time.time(),
                                                                        "id": key["node_id"]}))
-            self.roster.forget_key(key["public_key"])
+            self.roster.forget_key(key["public_key"], "key_deleted")
             self.store.delete_key(key["id"])
+            self.roster.events.publish("key", node=key["node_id"], fingerprint=key["fingerprint"], state="deleted")
             if not self.store.keys(key["node_id"]):
                 self.store.delete_node(key["node_id"])
             log.info("key %s of %r deleted", key["fingerprint"], key["node_id"])

@@ -1,33 +1,208 @@
-"""What happens in the master, as events: key pending/accepted, node up/down, job started/finished,
-network rollback, reboot progress. `pimaster events` streams them.
+"""What happens in the master, as events: keys pending and accepted, nodes up and down, jobs started
+and finished, network rollbacks, reboot progress. `pimaster events` streams them (one JSON object a
+line with --json).
 
-Rooms publish with ``master.events.publish(TYPE, **fields)``; every event gets a time. Subscribers
-(one per `pimaster events`) each have a bounded queue: a subscriber that does not read loses
-events (counted, and told so), never costs the master unbounded memory.
+Rooms publish with ``master.events.publish(TYPE, node=NODE, **fields)`` (the roster, enrollment,
+the job board; `pimaster reboot` for its progress). The bus bounds what it passes on, whoever sent
+it: strings one line (no control characters) and at most 300 characters, numbers finite, lists at
+most 64 items, objects 32 keys, two levels deep; ``node`` a node id (piagent's syntax) or left out.
+Publishing never raises: an event that cannot be made is logged and dropped, never a failed enrollment.
+
+Each subscriber (one per `pimaster events`) has a queue of at most QUEUE_LIMIT events. One that
+reads slower than events come loses the events that do not fit, and is told how many (a ``lost``
+event, before the next one it gets): a subscriber never costs the master unbounded memory. At most
+MAX_SUBSCRIBERS streams at a time.
+
+The shape (a contract: scripts read these names)::
+
+    {"time": 1764658436.5, "type": TYPE, "node": NODE, ...}
+
+``time`` is the master's clock (seconds since the epoch) when it happened; ``node`` is absent for
+events of no one node. The types and their fields:
+
+- ``subscribed``: the first event of every stream; what follows is live. ``subscribers``: streams open now.
+- ``key``: ``node``, ``fingerprint``, ``state``: ``pending`` (a new key waits for a person;
+  ``address`` it enrolled from), ``denied`` (a new key claims the id of another accepted key),
+  ``accepted`` (``by``: ``token`` or ``person``), ``rejected``, ``deleted``, ``replaced`` (the node's
+  old key, when `keys accept --replace` accepted a new one).
+- ``node``: ``node``, ``state``: ``up`` or ``down``, ``reason``: for up ``connected`` (its agent
+  connected and enrolled), ``reconnected`` (on a new connection while the old one still counted),
+  ``accepted`` (its waiting agent's key was just accepted); for down ``disconnected`` (its connection
+  closed: the agent stopped, the node went down, or libzmq's heartbeats gave up on the link),
+  ``heartbeat_timeout`` (nothing heard from it for 35 s), ``key_deleted``, ``key_rejected``,
+  ``key_replaced``. ``address``: where it connected from (up, when known).
+- ``job``: ``job`` (its id), ``state``: ``started`` (``file``: the state file's name, ``target``,
+  ``test``, ``nodes``: the targeted node ids, at most 64, ``node_count``: all of them) or
+  ``finished``, one per node as its result is recorded (``node``, ``status``: done, interrupted,
+  no_answer; ``result``: the word `pimaster apply` shows: ok, changed, failed, interrupted,
+  no answer; ``summary``: the counts of its states).
+- ``network_rollback``: ``node`` undid a network change that cut it off (its health said so; the
+  master learns it when it asks for health, as `pimaster ping` does, and publishes each note once):
+  ``reason``, ``changes`` [{``interface``, ``address``}], ``noted`` (the agent's time of it).
+- ``reboot``: `pimaster reboot`'s progress, published by that command's handler (``node``, and its
+  own fields: see its documentation).
+- ``lost``: ``count`` events this stream did not get because it read too slowly.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
+import logging
+import math
+import re
 import time
 
+from piagent.config import NODE_ID_RE
+
+from .errors import ControlError
+
+log = logging.getLogger("pimaster")
+
+# Events one subscriber may have waiting; past that, new ones are counted as lost for it.
 QUEUE_LIMIT = 1000
+# `pimaster events` streams at a time.
+MAX_SUBSCRIBERS = 32
+# The bounds of every event field (whoever published it).
+MAX_TEXT = 300
+MAX_ITEMS = 64
+MAX_KEYS = 32
+MAX_DEPTH = 2
+# Nodes whose last network rollback note is remembered (so that each is published once).
+MAX_NOTES = 4096
+
+TYPES = ("subscribed", "key", "node", "job", "network_rollback", "reboot", "lost")
+CONTROL_RE = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+FIELD_NAME_RE = re.compile(r"[a-z][a-z0-9_]{0,31}")
+
+
+def bounded(value, depth: int = 0):
+    """``value`` as an event may carry it: one-line strings of at most MAX_TEXT characters, finite
+    numbers, booleans, None, and lists and objects of those (bounded in length and depth);
+    anything else as its (bounded) text."""
+    if value is None or isinstance(value, bool):
+        return value
+    if isinstance(value, int):
+        return value if abs(value) < 2 ** 63 else None
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, (list, tuple, set, frozenset)) and depth < MAX_DEPTH:
+        items = sorted(value, key=str) if isinstance(value, (set, frozenset)) else value
+        return [bounded(v, depth + 1) for v in list(items)[:MAX_ITEMS]]
+    if isinstance(value, dict) and depth < MAX_DEPTH:
+        return {one_line(k, 64): bounded(v, depth + 1) for k, v in list(value.items())[:MAX_KEYS]}
+    return one_line(value)
+
+
+def one_line(value, limit: int = MAX_TEXT) -> str:
+    return CONTROL_RE.sub("?", str(value)[:limit])
+
+
+class Subscription:
+    """One stream's queue: at most QUEUE_LIMIT events; those that do not fit are counted, and a
+    ``lost`` event with their count takes their place in the stream (after the events before them,
+    before those after them)."""
+
+    def __init__(self, limit: int = QUEUE_LIMIT) -> None:
+        self.limit = limit
+        self.queue: collections.deque = collections.deque()
+        self.lost = 0
+        self.closed = False
+        self.ready = asyncio.Event()
+
+    def put(self, event: dict) -> None:
+        if len(self.queue) >= self.limit:
+            self.lost += 1
+            return
+        if self.lost:  # room again: the count of those lost goes first (one over the limit at most)
+            self.queue.append(self._lost())
+        self.queue.append(event)
+        self.ready.set()
+
+    def _lost(self) -> dict:
+        lost, self.lost = self.lost, 0
+        return {"time": time.time(), "type": "lost", "count": lost}
+
+    def close(self) -> None:
+        self.closed = True
+        self.ready.set()
+
+    async def next(self) -> dict | None:
+        """The next event (a ``lost`` one first if events were lost), or None once the bus closed."""
+        while True:
+            if self.queue:
+                return self.queue.popleft()
+            if self.lost:
+                return self._lost()
+            if self.closed:
+                return None
+            self.ready.clear()
+            await self.ready.wait()
 
 
 class EventBus:
-    def __init__(self) -> None:
-        self.subscribers: set[asyncio.Queue] = set()
+    def __init__(self, queue_limit: int = QUEUE_LIMIT, max_subscribers: int = MAX_SUBSCRIBERS) -> None:
+        self.queue_limit = queue_limit
+        self.max_subscribers = max_subscribers
+        self.subscribers: set[Subscription] = set()
+        self.published = 0
+        self._notes: dict[str, tuple] = {}  # node -> its last network rollback note (time, reason)
 
-    def publish(self, type_: str, **fields) -> None:
-        event = {"time": time.time(), "type": type_, **fields}
-        for queue in list(self.subscribers):
-            if queue.qsize() < QUEUE_LIMIT:
-                queue.put_nowait(event)
+    def publish(self, type_: str, node: str | None = None, **fields) -> None:
+        """Passes ``{"time", "type", "node", **fields}`` (bounded) to every subscriber. ``node``
+        must be a node id; an event naming something else is dropped (and logged)."""
+        try:
+            if type_ not in TYPES:
+                raise ValueError(f"unknown event type {type_!r}")
+            if not self.subscribers:
+                return  # nobody listens: nothing to build
+            event = {"time": time.time(), "type": type_}
+            if node is not None:
+                if not isinstance(node, str) or not NODE_ID_RE.fullmatch(node):
+                    raise ValueError(f"not a node id: {one_line(node, 70)!r}")
+                event["node"] = node
+            for name, value in list(fields.items())[:MAX_KEYS]:
+                if not FIELD_NAME_RE.fullmatch(name) or name in event:
+                    raise ValueError(f"field name {one_line(name, 40)!r}")
+                event[name] = bounded(value)
+        except Exception as exc:  # an event must never fail what it reports
+            log.error("event %r not published: %s", one_line(type_, 40), exc)
+            return
+        self.published += 1
+        for subscription in list(self.subscribers):
+            subscription.put(event)
 
-    def subscribe(self) -> asyncio.Queue:
-        queue: asyncio.Queue = asyncio.Queue()
-        self.subscribers.add(queue)
-        return queue
+    def subscribe(self) -> Subscription:
+        """A new stream's subscription (ControlError when MAX_SUBSCRIBERS are open); its first
+        event is ``subscribed``."""
+        if len(self.subscribers) >= self.max_subscribers:
+            raise ControlError(f"too many event streams ({self.max_subscribers} `pimaster events` are open); "
+                               "stop one first")
+        subscription = Subscription(self.queue_limit)
+        self.subscribers.add(subscription)
+        subscription.put({"time": time.time(), "type": "subscribed", "subscribers": len(self.subscribers)})
+        return subscription
 
-    def unsubscribe(self, queue: asyncio.Queue) -> None:
-        self.subscribers.discard(queue)
+    def unsubscribe(self, subscription: Subscription) -> None:
+        self.subscribers.discard(subscription)
+        subscription.close()
+
+    def close(self) -> None:
+        """The master stops: every stream ends after the events it has waiting."""
+        for subscription in list(self.subscribers):
+            subscription.close()
+        self.subscribers.clear()
+
+    def network_rollback(self, node: str, note: dict) -> None:
+        """A node's health carried ``note`` (`rpc.rollback_note`, checked and bounded): published
+        the first time the master sees it, not at every `ping`."""
+        if not isinstance(note, dict):
+            return
+        seen = (note.get("time"), note.get("reason"))
+        if self._notes.get(node) == seen:
+            return
+        if len(self._notes) >= MAX_NOTES:
+            self._notes.clear()  # bounded; at worst a note is published once more
+        self._notes[node] = seen
+        self.publish("network_rollback", node=node, reason=note.get("reason"), changes=note.get("changes") or [],
+                     noted=note.get("time"))

@@ -19,6 +19,14 @@ the agent is back, then replaces `no_answer` (`pimaster job ID`).
 to stop it: each ends the running command, starts no further state and reports what ran, the job
 `interrupted`; a running apply of it sends no further stage (those nodes are recorded as never
 sent the job) and ends once the nodes it waits for have reported.
+
+Batches (`--batch N|N%`, ``targets.batches``): within each stage, the stage's nodes are pushed a
+batch at a time, each batch awaited before the next is sent; the size is counted on the whole
+target (25% of 8 nodes: 2 nodes per batch in every stage), and stages still go in their order.
+Without --batch a stage is one batch. `--fail-stop` (``Rollout``): once a node has failed (a failed
+state, refused, no answer, no result in time), no further batch or stage starts; the nodes it would
+have reached are recorded as never sent the job, and say why. `pimaster run` (runjob.py) pushes its
+one `cmd.run` state through the same batches and ``_run_stage``.
 """
 
 from __future__ import annotations
@@ -39,9 +47,11 @@ from .facts import missing_facts
 from .inventory import load_inventory, resolve_nodes
 from .render import Pending, StateFileError, StateFileErrors, compile_for_node, to_attrdict
 from .results import one_line
+from .rollout import Rollout, never_sent, not_sent, stopped_reason
 from .salt import salt_context
 from .secrets import SecretError, string_leaves, strings_in
 from .statetree import StateTree, state_tree
+from .targets import batch_size, batches
 
 
 log = logging.getLogger("pimaster")
@@ -96,12 +106,9 @@ class Plan:
                                                           board.store.identities())
         except StateFileError as exc:
             raise ApplyRefused(str(exc)) from None
-        self.targets = select_targets(self.entries, target)
-        if not self.targets:
-            if target and target.startswith("role:") and self.inventory.path is None:
-                raise ApplyRefused(f"{target}: roles come from the cluster.yaml next to the state file, and "
-                                   f"{self.root} has none")
-            raise ApplyRefused(f"no accepted node matches {target or '*'}")
+        no_roles = (None if self.inventory.path else
+                    f"roles come from the cluster.yaml next to the state file, and {self.root} has none")
+        self.targets = select_targets(self.entries, target, self.facts, no_roles)
         if new_assignments:
             board.store.add_assignments(new_assignments)
         self.catalogs = board.store.catalogs()
@@ -203,18 +210,35 @@ def stage_groups(meta: dict, entries: dict[str, dict], targets: list[str]) -> li
     return [g for g in groups if g]
 
 
-def select_targets(entries: dict[str, dict], target: str | None) -> list[str]:
-    from .cli import target_matches  # the one meaning of a target, `ping`'s too
+def select_targets(entries: dict[str, dict], target: str | None, facts: dict[str, dict],
+                   no_roles: str | None = None) -> list[str]:
+    """The nodes of ``entries`` (the inventory's, resolved) in ``target``: `targets.Target`, the one
+    meaning of a target, with the roles of ``entries`` and ``facts`` (node id -> as reported).
+    Refused (ApplyRefused) when the target is malformed, has a `role:` term while ``no_roles``
+    says why there are none, or matches nothing (saying which term matched what)."""
+    from .targets import checked_target, compile_target, no_match
 
-    return sorted(n for n, e in entries.items() if target_matches(target, n, e.get("roles", [])))
+    try:
+        compiled = compile_target(checked_target(target) if target is not None else None)
+    except ControlError as exc:
+        raise ApplyRefused(str(exc)) from None
+    if compiled.needs_roles and no_roles:
+        raise ApplyRefused(f"{target}: {no_roles}")
+    chosen = sorted(n for n, e in entries.items() if compiled.matches(n, e.get("roles", []), facts.get(n)))
+    if not chosen:
+        raise ApplyRefused(no_match(target, compiled, {n: (e.get("roles", []), facts.get(n))
+                                                       for n, e in entries.items()}))
+    return chosen
 
 
 async def apply(board: JobBoard, emit, file: str, target: str | None = None, test: bool = False,
-                timeout: float = 3600.0, ack_timeout: float = 15.0, tree: StateTree | None = None) -> dict:
-    """Apply the state file at ``file`` of ``tree`` (default: this file system, its directory)."""
+                timeout: float = 3600.0, ack_timeout: float = 15.0, tree: StateTree | None = None,
+                batch: str | None = None, fail_stop: bool = False) -> dict:
+    """Apply the state file at ``file`` of ``tree`` (default: this file system, its directory);
+    ``batch`` (`targets.checked_batch`'s form) and ``fail_stop`` as the module docstring says."""
     tree = tree or state_tree(os.path.dirname(file), (board.state_dir,))
     try:
-        return await _apply(board, emit, file, target, test, timeout, ack_timeout, tree)
+        return await _apply(board, emit, file, target, test, timeout, ack_timeout, tree, batch, fail_stop)
     finally:
         tree.release()
 
@@ -226,7 +250,7 @@ async def _rendering(function, *args):
 
 
 async def _apply(board: JobBoard, emit, file: str, target: str | None, test: bool, timeout: float,
-                 ack_timeout: float, tree: StateTree) -> dict:
+                 ack_timeout: float, tree: StateTree, batch: str | None = None, fail_stop: bool = False) -> dict:
     try:
         plan = await _rendering(Plan, board, file, target, tree)
         # Every node's file is rendered and checked before anything is sent. Nodes of later stages
@@ -239,6 +263,7 @@ async def _apply(board: JobBoard, emit, file: str, target: str | None, test: boo
     groups = stage_groups(meta, plan.entries, plan.targets)
     job_id = new_job_id()
     board.store.create_job(job_id, plan.path, target, test, {n: len(jobs.get(n, ())) for n in plan.targets})
+    board.job_started(job_id, plan.path, target, test, plan.targets)
     board.store.set_last_inventory(plan.path, plan.inventory.path, plan.inventory.text)
     watch = JobWatch(plan.targets)
     board.watchers[job_id] = watch
@@ -248,16 +273,17 @@ async def _apply(board: JobBoard, emit, file: str, target: str | None, test: boo
     deadline = started + timeout
     results_so_far: dict[str, dict] = {}
     try:
+        size = batch_size(batch, len(plan.targets))
         emit({"type": "start", "job": job_id, "file": plan.path, "test": test,
-              "nodes": {n: len(jobs.get(n, ())) for n in plan.targets}, "stages": [len(g) for g in groups]})
+              "nodes": {n: len(jobs.get(n, ())) for n in plan.targets}, "stages": [len(g) for g in groups],
+              "batch_size": size if batch else None, "fail_stop": fail_stop})
         if not any(jobs.get(n) for n in plan.targets):
             emit({"type": "warning", "message": f"{os.path.basename(plan.path)} has no state for any of the "
                   f"{len(plan.targets)} node(s): an empty file, or every state under a condition none meets"})
         refused: set[str] = set()
+        rollout = Rollout(board, emit, job_id, watch, fail_stop)
         for index, group in enumerate(groups):
-            if watch.cancelled:
-                for node_id in group:
-                    _not_sent(board, emit, job_id, node_id)
+            if rollout.held_back(group):
                 continue
             if index > 0:
                 try:
@@ -271,22 +297,31 @@ async def _apply(board: JobBoard, emit, file: str, target: str | None, test: boo
                 board.store.set_job_node_states(job_id, {n: len(jobs[n]) for n in group if n in jobs})
                 for node_id, problems in errors.items():
                     _refuse_node(board, emit, job_id, node_id, problems)
+                rollout.check(sorted(errors))
             # Nodes whose facts or catalogue do not fit (found before, or by this rendering).
             for node_id in sorted((plan.unfit.keys() & set(plan.targets)) - refused):
                 _refuse_node(board, emit, job_id, node_id, plan.unfit_errors(node_id))
                 refused.add(node_id)
+            rollout.check(sorted(refused))
             group = [n for n in group if n in jobs]
-            stage_results = await _run_stage(board, emit, job_id, test, group, jobs, carried, watch,
-                                             ack_timeout, deadline, sensitive_outputs)
-            for node_id, raw in stage_results.items():
-                results_so_far[node_id] = {r.get("id"): r for r in raw.get("results", []) if isinstance(r, dict)}
-                # Sensitive are the states the file marked so, not what the agent says: a node
-                # calling its own output sensitive would have it redacted from other nodes' results.
-                marked = {s.get("id") for s in jobs.get(node_id, ()) if s.get("sensitive")}
-                outputs = [s for res in raw.get("results", []) if isinstance(res, dict) and res.get("id") in marked
-                           for s in string_leaves(res.get("changes"))]
-                # Bounded: a node decides how much its sensitive states print.
-                sensitive_outputs.update(s for s in outputs[:MAX_SENSITIVE_STRINGS] if len(s) <= MAX_SENSITIVE_LENGTH)
+            for part in batches(group, str(size)):
+                if rollout.held_back(part):
+                    continue
+                if batch:
+                    rollout.announce(part, index, len(groups))
+                stage_results = await _run_stage(board, emit, job_id, test, part, jobs, carried, watch,
+                                                 ack_timeout, deadline, sensitive_outputs)
+                for node_id, raw in stage_results.items():
+                    results_so_far[node_id] = {r.get("id"): r for r in raw.get("results", []) if isinstance(r, dict)}
+                    # Sensitive are the states the file marked so, not what the agent says: a node
+                    # calling its own output sensitive would have it redacted from other nodes' results.
+                    marked = {s.get("id") for s in jobs.get(node_id, ()) if s.get("sensitive")}
+                    outputs = [s for res in raw.get("results", []) if isinstance(res, dict) and res.get("id") in marked
+                               for s in string_leaves(res.get("changes"))]
+                    # Bounded: a node decides how much its sensitive states print.
+                    sensitive_outputs.update(s for s in outputs[:MAX_SENSITIVE_STRINGS]
+                                             if len(s) <= MAX_SENSITIVE_LENGTH)
+                rollout.check(part)
     finally:
         board.watchers.pop(job_id, None)
         board.redactions.pop(job_id, None)
@@ -301,13 +336,14 @@ def _strings_used(candidates, job: list[dict]) -> list[str]:
 
 
 async def _run_stage(board, emit, job_id, test, group, jobs, carried, watch, ack_timeout, deadline,
-                     sensitive_outputs) -> dict:
-    """Push one stage's jobs and wait for its results (raw, for the next stage's rendering)."""
+                     sensitive_outputs, on_result=None) -> dict:
+    """Push one stage's (or batch's) jobs and wait for its results (raw, for the next stage's
+    rendering). ``on_result(node_id, result)``: each result as it arrives, before its `node` event."""
     if not group:
         return {}
     if watch.cancelled:  # cancelled while this stage was rendered: not sent (no await from here to sent)
         for node_id in group:
-            _not_sent(board, emit, job_id, node_id)
+            not_sent(board, emit, job_id, node_id)
         return {}
     # Earlier stages' sensitive output: a node gets, to redact from what it reports, only the
     # strings its own job carries, never what was meant for other nodes; and the master redacts
@@ -328,6 +364,7 @@ async def _run_stage(board, emit, job_id, test, group, jobs, carried, watch, ack
             # The master's own words (no answer, not connected), or the agent's, on one bounded line.
             error = one_line(ack.get("error") or ack.get("body", {}).get("error") or "did not take the job")
             board.store.set_job_node_status(job_id, node_id, "no_answer")
+            board.job_finished(job_id, node_id, "no_answer", None)
             emit({"type": "node", "node": node_id, "status": "no_answer", "error": error})
     raw: dict[str, dict] = {}
     lost = LostNodes(board, emit, job_id)
@@ -348,6 +385,8 @@ async def _run_stage(board, emit, job_id, test, group, jobs, carried, watch, ack
             # Also a node given up on that came back meanwhile: its result was stored over no_answer.
             raw[node_id] = body
             lost.given_up.discard(node_id)
+            if on_result is not None:
+                on_result(node_id, body)
             emit({"type": "node", "node": node_id, "status": body["status"], "summary": body.get("summary")})
         lost.check(waiting - set(raw))
     return raw
@@ -385,6 +424,7 @@ class LostNodes:
                 del self.since[node_id]
                 self.given_up.add(node_id)
                 self.board.store.set_job_node_status(self.job_id, node_id, "no_answer")
+                self.board.job_finished(self.job_id, node_id, "no_answer", None)
                 self.emit({"type": "node", "node": node_id, "status": "no_answer",
                            "error": f"disconnected during the job and not back within {grace:g} s; a result it "
                                     f"delivers later is still recorded (pimaster job {self.job_id})"})
@@ -396,20 +436,18 @@ def _refuse_node(board, emit, job_id: str, node_id: str, problems: list[StateFil
     result = {"id": "render", "fun": "pimaster.render", "name": node_id, "result": False, "changes": {},
               "comment": f"refused, nothing was sent to this node:\n{message}", "status": "failed"}
     board.store.record_result(job_id, node_id, "done", {"failed": 1}, [board.redact(result, job_id, node_id)], None, None)
+    board.job_finished(job_id, node_id, "done", {"failed": 1})
     emit({"type": "node", "node": node_id, "status": "done", "summary": {"failed": 1}})
 
 
-def _not_sent(board, emit, job_id: str, node_id: str) -> None:
-    """A later stage's node of a cancelled job: recorded as never sent it."""
-    result = {"id": "cancelled", "fun": "pimaster.cancel", "name": node_id, "result": None, "changes": {},
-              "comment": "not sent: the job was cancelled before this node's stage", "status": "not_run"}
-    board.store.record_result(job_id, node_id, "interrupted", {"not_run": 1}, [result], None, None)
-    emit({"type": "node", "node": node_id, "status": "interrupted", "summary": {"not_run": 1}})
-
-
 def job_report(job: dict, elapsed: float | None = None) -> dict:
-    """The `--json` shape: {"job": ID, "nodes": {ID: {"ok", "result", "changed", "failed", "states", ...}}}."""
+    """The `--json` shape: {"job": ID, "nodes": {ID: {"ok", "result", "changed", "failed", "states", ...}}};
+    a `pimaster run` job's is `run_view.run_report`'s."""
     from .apply_view import node_result
+    from .run_view import is_run, run_report
+
+    if is_run(job):
+        return run_report(job, elapsed)
     nodes = {}
     for node_id, item in job["nodes"].items():
         summary = item["summary"] or {}
@@ -418,19 +456,20 @@ def job_report(job: dict, elapsed: float | None = None) -> dict:
             "ok": done and summary.get("failed", 0) == 0,
             "status": item["status"],
             # The word the table and the progress lines show (apply_view's vocabulary).
-            "result": node_result(item["status"], summary),
+            "result": "not sent" if never_sent(item) else node_result(item["status"], summary),
             "changed": summary.get("changed", 0),
             "failed": summary.get("failed", 0),
             "not_run": summary.get("not_run", 0),
             "skipped": summary.get("skipped", 0),
             "unchanged": summary.get("ok", 0),
             "states": item["results"],
-            "duration_s": round(item["finished"] - item["started"], 2) if item["finished"] and item["started"] else None,
+            "duration_s": round(item["finished"] - item["started"], 2)
+            if item["finished"] and item["started"] and not never_sent(item) else None,
             "reboot_required": any(isinstance(r.get("changes"), dict) and r["changes"].get("reboot_required")
                                    for r in item["results"]),
         }
     report = {"job": job["id"], "file": job["file"], "target": job["target"], "test": bool(job["test"]),
-              "created": job["created"], "nodes": nodes}
+              "created": job["created"], "nodes": nodes, "stopped": stopped_reason(job)}
     if elapsed is not None:
         report["elapsed_s"] = round(elapsed, 2)
     return report

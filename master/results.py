@@ -65,12 +65,15 @@ def _changes(value: Any) -> Any:
     if not isinstance(value, dict):
         return {"refused": "the agent reported changes that are not a map"}
     try:
-        size = len(json.dumps(value, allow_nan=False))
+        # Measured as kept (control characters replaced, text as text): a command's binary output
+        # must not count six times its size for the escapes it would have had.
+        value = _clean(value)
+        size = len(json.dumps(value, allow_nan=False, ensure_ascii=False))
     except (TypeError, ValueError, RecursionError):
         return {"refused": "the agent reported changes that are not plain data"}
     if size > MAX_CHANGES_BYTES:
         return {"refused": f"the agent reported {size} bytes of changes (at most {MAX_CHANGES_BYTES} are kept)"}
-    return _clean(value)
+    return value
 
 
 def check_state_result(raw: Any) -> dict:

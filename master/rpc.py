@@ -54,6 +54,8 @@ class Rpc:
         self.send = send
         self.drops = drops
         self.requests: dict[str, tuple[str, asyncio.Future]] = {}
+        # (node id, rollback note) for every note a health answer carried: the event bus's.
+        self.on_rollback: Callable[[str, dict], None] = lambda node_id, note: None
 
     def on_reply(self, ident: bytes, node_id: str, key: str, msg: Message) -> None:
         """A `result` or `refused` from ``node_id``: completes its request, if it asked that node."""
@@ -160,10 +162,10 @@ class Rpc:
                                     else f"not connected within {timeout:g} s"}
         return results
 
-    async def ping(self, target: str | None, timeout: float, roles: dict[str, list[str]] | None = None) -> list[dict]:
-        """`pimaster ping`: a row per accepted node matching ``target`` (``roles`` for `role:NAME`):
+    async def ping(self, nodes: list[str], timeout: float) -> list[dict]:
+        """`pimaster ping`: a row per node of ``nodes`` (its target, resolved: `targets.target_nodes`):
         up or not, rtt, its health (only well-shaped fields), clock offset, a network rollback it noted."""
-        answers = await self.ask({n: {} for n in self.roster.targets(target, roles)}, proto.PING, timeout)
+        answers = await self.ask({n: {} for n in nodes}, proto.PING, timeout)
         rows = []
         for node_id in sorted(answers):
             answer = answers[node_id]
@@ -177,6 +179,7 @@ class Rpc:
             rollback = rollback_note(body.get("network_rollback"))
             if rollback:
                 row["network_rollback"] = rollback
+                self.on_rollback(node_id, rollback)
             if agent_time is not None and "sent_wall" in answer:
                 midpoint = answer["sent_wall"] + answer["rtt_s"] / 2
                 row["clock_offset_ms"] = round((agent_time - midpoint) * 1000, 2)

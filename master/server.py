@@ -8,14 +8,15 @@ The rooms it wires together, one process, one asyncio loop:
 - `enrollment`: who is who (`Roster`) and the enrollment and key policy (`Enrollment`);
 - `rpc`: requests to agents and their answers (`ask`, `ask_following`, `ping`);
 - `jobs`: the running applies (`JobBoard`) and the apply itself;
-- `control`: the control socket, whose requests go to the handlers of `pimaster.commands`.
+- `control`: the control socket, whose requests go to the handlers of `pimaster.commands`;
+- `events`: what happens (keys, nodes up and down, jobs, rollbacks, reboots), for `pimaster events`.
 
 Job retention (`--keep-jobs`, `--keep-days`) prunes the job store at start, as each new job is
 recorded (the newest N stay N), and hourly (jobs age past D days without new ones); never a job
 that is running.
 
 Command handlers get the ``Master``: ``store``, ``roster``, ``enrollment``, ``rpc``, ``jobs``,
-``transport``, ``drops`` and the daemon's own settings (``fingerprint``, ``port``, ...).
+``transport``, ``drops``, ``events`` and the daemon's own settings (``fingerprint``, ``port``, ...).
 """
 
 from __future__ import annotations
@@ -64,8 +65,8 @@ class Master:
         self.keep_jobs, self.keep_days = keep_jobs, keep_days
         self.control_path = os.path.join(self.state_dir, "control.sock")
         self.drops = DropLog()
-        self.roster = Roster()
         self.events = EventBus()
+        self.roster = Roster(self.events)
         self.started = time.time()
         self._tasks: list[asyncio.Task] = []
 
@@ -93,8 +94,10 @@ class Master:
         send = self.transport.send
         self.enrollment = Enrollment(self.store, self.roster, send, self.drops, self.max_pending)
         self.rpc = Rpc(self.roster, send, self.drops)
+        self.rpc.on_rollback = self.events.network_rollback
         self.jobs = JobBoard(self.store, self.secrets, self.state_dir, self.roster.accepted_nodes,
-                             self.rpc.ask_following, send, self.drops, connected=self.roster.connected)
+                             self.rpc.ask_following, send, self.drops, connected=self.roster.connected,
+                             events=self.events)
         self.store.on_job_created = self.prune_jobs
         self.prune_jobs()
         self.transport.on_enroll = self.enrollment.on_enroll
@@ -120,6 +123,8 @@ class Master:
 
     async def stop(self) -> None:
         sd.notify("STOPPING=1")
+        self.events.close()  # every `pimaster events` stream ends, and says why
+        await asyncio.sleep(0.1)  # time for them to send their last lines
         self.control.close()
         for task in self._tasks:
             task.cancel()

@@ -7,7 +7,9 @@
 - key-announce port (control port + 1): plaintext ROUTER that answers anything with the master's
   public key, so agents can check it against their pinned fingerprint before connecting.
 - a monitor socket on the ROUTER, for `sessions.SessionGuard` (connections that never prove a key)
-  and for the `Roster` (an agent whose connection closed is no longer connected).
+  and for the `Roster` (an agent whose connection closed is no longer connected: a ``node`` down
+  event, reason ``disconnected``; one silent past SILENT_LINK_S, found by the sweep: reason
+  ``heartbeat_timeout``).
 
 The router loop keeps each peer within its budget, decodes (bounded), hands `enroll` to the
 enrollment policy and every other message of an accepted key to the handler for its type.
@@ -36,6 +38,7 @@ log = logging.getLogger("pimaster")
 ZAP_ENDPOINT = "inproc://zeromq.zap.01"
 ZAP_DOMAIN = b"pimaster"
 SESSION_SWEEP_S = 5.0
+CLOSE_RECHECK_S = 0.5
 ROUTER_YIELD_EVERY = 32
 
 
@@ -233,7 +236,12 @@ class Transport:
             else:
                 # An agent's connection closed (it stopped, was killed, its link died and libzmq's
                 # heartbeats gave up): it is no longer connected, whatever command asks.
-                self.roster.connection_closed(fd, self.sessions.gone(fd), peer_of(fd))
+                peer = self.sessions.gone(fd)
+                if self.roster.connection_closed(fd, peer, peer_of(fd)):
+                    # The descriptor still leads to the agent: libzmq reports a close before it
+                    # closes the descriptor. Looked at again once it has (or the agent is there).
+                    asyncio.get_running_loop().call_later(
+                        CLOSE_RECHECK_S, lambda fd=fd, peer=peer: self.roster.connection_closed(fd, peer, peer_of(fd)))
 
     async def _sweep_loop(self) -> None:
         while True:
@@ -317,7 +325,8 @@ class Transport:
         node_id = roster.node_of_key[key]
         roster.seen(node_id)
         if roster.routes.get(node_id, (None,))[0] != ident:
-            roster.routes[node_id] = (ident, key)  # reconnected on a new connection
+            # Reconnected on a new connection (or spoke first since the old one was seen to close).
+            roster.route(node_id, ident, key, "connected", self.peer_address(payload))
         roster.heard(key, ident, source_fd, peer_of)
         if msg.type == proto.HEARTBEAT:
             self.send(ident, Message(type=proto.HEARTBEAT_ACK, reply_to=msg.id, body={"time": time.time()}))

@@ -1,5 +1,5 @@
 """What every `pimaster` command shares (issue 17, items 10 and 12): global options before or after
-the command; one target syntax (a glob on node ids, or role:NAME) and one duration syntax (`5`,
+the command; one target syntax (globs on node ids, role:NAME, FACT=GLOB) and one duration syntax (`5`,
 `2s`, `1m`, `24h`); with --json, errors as a JSON object on stdout; exit statuses that tell a node
 that failed (1) from refused input (2) and from no master to talk to (3).
 
@@ -120,6 +120,51 @@ def test_one_duration_and_one_target_syntax():
     assert cli.target_matches("n[12]", "n1", []) and not cli.target_matches("n[23]", "n1", ["n2"])
     assert cli.target_matches("role:compute", "n1", ["gpu", "compute"])
     assert not cli.target_matches("role:compute", "compute", [])
+
+
+def test_targets_take_comma_lists_facts_and_terms_that_all_must_match():
+    from pimaster.facts import SCHEMA
+    from pimaster.targets import MATCHABLE_FACTS, UNMATCHABLE_FACTS, compile_target
+
+    def parsed(*argv):
+        return cli._parser(argv[0], load(argv[0])).parse_args(list(argv))
+
+    # Every command that takes a target takes the whole syntax, `nodes` and `jobs` too.
+    for argv in (["ping", "role:compute arch=arm64"], ["nodes", "node01,node03"], ["nodes", "--target", "arch=arm64"],
+                 ["apply", "x.yaml", "--target", 'model="*Pi 5*"'], ["jobs", "--target", "os_codename=bookworm"]):
+        assert parsed(*argv).target == argv[-1], argv
+    # Refused by the parser (2) before anything is sent, each with its reason.
+    for bad, says in (("colour=red", "no fact 'colour'"), ("ips=10.*", "ips is a list"), ("os=debian", "os is a map"),
+                      ("arch=", "needs a glob"), ("node01,", "empty item"), ("'node01", "not closed"),
+                      ("foo:bar", "node ids hold no ':'"), ("role:", "role's name"), ("x" * 257, "at most 256")):
+        with pytest.raises(cli.argparse.ArgumentTypeError, match=says):
+            cli.parse_target(bad)
+        with pytest.raises(ControlError):
+            cli.checked_target(bad)
+    # Every fact the master keeps is matchable or says why not: a new fact must choose.
+    assert {key for key, _ in MATCHABLE_FACTS.values()} | set(UNMATCHABLE_FACTS) == set(SCHEMA)
+
+    pi5 = {"arch": "arm64", "pi_model": "Raspberry Pi 5 Model B Rev 1.0", "cpu_count": 4, "systemd": True,
+           "os": {"ID": "debian", "VERSION_CODENAME": "bookworm"}, "ips": ["10.0.0.5"]}
+    def matches(target, node_id="node05", roles=(), facts=pi5):
+        return cli.target_matches(target, node_id, roles, facts)
+
+    assert matches("arch=arm64") and matches("model=*Pi?5*") and matches('model="*Pi 5*"')
+    assert matches("os_codename=bookworm os_id=debian") and matches("cpu_count=4 systemd=true")
+    assert not matches("arch=arm64 os_codename=bullseye")  # every term must match
+    assert matches("node01,node05") and not matches("node01,node03") and matches("node0[4-6],x arch=arm*")
+    assert matches("role:compute arch=arm64", roles=["compute"]) and not matches("role:compute arch=arm64")
+    # A word after FACT=GLOB that starts no term continues its glob; node globs go first or as id=.
+    assert matches("model=*Pi 5*") and matches("node05 model=*Pi 5* Model B*") and matches("model=*Pi 5* id=node05")
+    assert not matches("model=*Pi 5* node05") and not matches("model=*Pi 5* id=node01")
+    # A node without the fact, or with it as something other than one value, matches no fact term.
+    assert not matches("pi_serial=*") and not matches("arch=*", facts=None)
+    assert not matches("arch=*", facts={"arch": ["arm64"]}) and not matches("os_codename=*", facts={"os": "bookworm"})
+    # A fact is data: a model of `*` is matched, never used as the pattern; an overlong value matches nothing.
+    assert not matches("model=Raspberry*", facts={"pi_model": "*"}) and matches("model=[*]", facts={"pi_model": "*"})
+    assert not matches("model=*", facts={"pi_model": "x" * 5000})
+    assert compile_target("*").terms == () and compile_target("node01,pi*").id_globs() == ("node01", "pi*")
+    assert compile_target("node01 arch=arm64").id_globs() is None
 
 
 def test_the_control_socket_says_what_kind_of_error():

@@ -87,7 +87,7 @@ def test_a_command_imports_only_its_own_module(tmp_path):
                             text=True, timeout=60, env=dict(os.environ, PYTHONPATH=source_path(tmp_path)))
     assert "no master running" in result.stderr
     assert set(json.loads(result.stdout)) == {"pimaster", "pimaster.cli", "pimaster.client", "pimaster.commands",
-                                              "pimaster.commands.ping", "pimaster.errors"}
+                                              "pimaster.commands.ping", "pimaster.errors", "pimaster.targets"}
 
 
 def test_a_table_wider_than_the_terminal_folds_its_last_column_and_loses_nothing():

@@ -24,6 +24,8 @@ def _terminated(signum, frame) -> None:
 
 
 def add_parser(sub, name, summary, common, as_json) -> None:
+    from ..targets import parse_batch
+
     apply = sub.add_parser(name, parents=[common, as_json], help=summary,
                            description="Renders FILE (a path, or a name: in this directory first, then among "
                                        "the shipped state files) for every "
@@ -39,6 +41,12 @@ def add_parser(sub, name, summary, common, as_json) -> None:
     apply.add_argument("--test", action="store_true", help="show what would change, change nothing")
     apply.add_argument("--timeout", type=Duration(), default=parse_duration("1h"), metavar="DURATION",
                        help="how long to wait for results (default 1h); later results are still recorded")
+    apply.add_argument("--batch", type=parse_batch, metavar="N|N%",
+                       help="push to N nodes (or N%% of the target) at a time, within each stage, each batch "
+                            "finished before the next starts")
+    apply.add_argument("--fail-stop", action="store_true",
+                       help="start no further batch (nor stage) once a node failed or did not answer; the nodes "
+                            "not reached are recorded as not sent")
     apply.add_argument("--quiet", action="store_true",
                        help="leave out the list of changed states and their diffs (failures are always shown)")
     apply.set_defaults(run=run)
@@ -73,6 +81,8 @@ def run(client, args) -> int:
         with view:  # left on Ctrl-C too: the terminal and its cursor are restored before the note below
             report = client.call("apply", file=path, root=root, target=args.target,
                                  test=args.test, timeout=args.timeout, timeout_extra=args.timeout + 120,
+                                 **({"batch": args.batch} if args.batch else {}),
+                                 **({"fail_stop": True} if args.fail_stop else {}),
                                  on_event=on_event, on_ask=serve_file)
     except KeyboardInterrupt as exc:
         print(interrupted_note(started.get("job")), file=sys.stderr, flush=True)
@@ -137,7 +147,7 @@ def interrupted_note(job_id: str | None) -> str:
 
 @handler("apply", streaming=True, asks=True)
 async def handle_apply(master, emit, ask, file: str, root: str | None = None, target: str | None = None,
-                       test: bool = False, timeout: float = 3600.0) -> dict:
+                       test: bool = False, timeout: float = 3600.0, batch=None, fail_stop: bool = False) -> dict:
     """``file``: the state file as the client resolved it, in the client's file system; ``root``:
     its state tree there (default: the file's directory). Every file is read through ``ask``."""
     import asyncio
@@ -145,16 +155,19 @@ async def handle_apply(master, emit, ask, file: str, root: str | None = None, ta
     from ..control import ANSWER_TIMEOUT_S
     from ..jobs import apply
     from ..statetree import ClientTree
+    from ..targets import checked_batch
 
     if not isinstance(file, str) or not os.path.isabs(file) or not (
             root is None or isinstance(root, str) and os.path.isabs(root)):
         raise ControlError("name a state file and its tree (absolute paths, as `pimaster apply` sends them)")
     if ask is None:
         raise ControlError("apply reads the state tree through its client's connection, and this request has none")
+    batch = checked_batch(batch)
     loop = asyncio.get_running_loop()
 
     def fetch(path: str, timeout: float) -> tuple[dict, bytes]:  # in the rendering thread
         return asyncio.run_coroutine_threadsafe(ask({"read": path}, timeout), loop).result(min(timeout, ANSWER_TIMEOUT_S) + 10)
 
     tree = ClientTree(root or os.path.dirname(file), fetch, forbidden=(master.state_dir,))
-    return await apply(master.jobs, emit, file, target, bool(test), float(timeout), tree=tree)
+    return await apply(master.jobs, emit, file, target, bool(test), float(timeout), tree=tree, batch=batch,
+                       fail_stop=bool(fail_stop))

@@ -33,8 +33,9 @@ def add_parser(sub, name, summary, common, as_json) -> None:
     parser.add_argument("--limit", type=positive_int, default=DEFAULT_LIMIT, metavar="N",
                         help=f"the newest N jobs (default {DEFAULT_LIMIT})")
     parser.add_argument("--target", metavar="TARGET", type=parse_target,
-                        help="only jobs that ran on a node in TARGET (a glob on node ids, 'node0*', or role:NAME as "
-                             "`ping` reads roles), or were applied with that very --target")
+                        help="only jobs that ran on a node in TARGET (globs on node ids, 'node0*' or node01,node03, "
+                             "deleted nodes too; role:NAME and FACT=GLOB terms as `ping` reads them now), or were "
+                             "applied with that very --target")
     parser.add_argument("--since", type=Duration(), metavar="DURATION",
                         help="only jobs started in the last DURATION (24h, 7d)")
     parser.set_defaults(run=run_jobs)
@@ -111,21 +112,21 @@ async def handle_jobs(master, limit: int = DEFAULT_LIMIT, target: str | None = N
 
 
 async def _target_globs(master, target) -> list[str]:
-    """Globs on node ids for ``target``: itself, or for `role:NAME` the ids of the nodes the
-    inventory gives that role now (none when there is no inventory: then the jobs applied with
-    that very target still match)."""
-    from ..cli import ROLE_PREFIX, checked_target
-    from .ping import node_roles
+    """Globs on node ids for ``target``: a target on ids alone is its globs (so that the jobs of
+    nodes deleted since still match); any other, the ids of the accepted nodes in it now (roles as
+    `ping` reads them, none when there is no inventory: then the jobs applied with that very
+    target still match). Matching nothing is no error here: no job ran there."""
+    from ..targets import checked_target, compile_target, target_nodes
 
-    target = checked_target(target)
-    if not target.startswith(ROLE_PREFIX):
-        return [target]
+    globs = compile_target(checked_target(target)).id_globs()
+    if globs is not None:
+        return list(globs)
     try:
-        roles = await node_roles(master)
-    except ControlError:
+        nodes, _, _ = await target_nodes(master, target)
+    except ControlError:  # no inventory to read roles from (the target itself was checked above)
         return []
     # Node ids hold no glob characters: each is a glob matching only itself.
-    return sorted(node_id for node_id, its_roles in roles.items() if target[len(ROLE_PREFIX):] in its_roles)
+    return nodes
 
 
 def resolve_job_id(store, text) -> str:

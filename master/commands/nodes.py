@@ -1,22 +1,27 @@
-"""`pimaster nodes`: the enrolled (accepted) nodes with their facts, connection and last contact."""
+"""`pimaster nodes [TARGET]`: the enrolled (accepted) nodes with their facts, connection and last
+contact; with a TARGET (`pimaster.targets`), those in it (none in it is refused, as for `ping`)."""
 
 from __future__ import annotations
 
 import json
 
 from . import handler
-from ..cli import EXIT_OK, ago, print_json, table
+from ..cli import EXIT_OK, add_target, ago, print_json, table
 
 
 def add_parser(sub, name, summary, common, as_json) -> None:
     parser = sub.add_parser(name, parents=[common, as_json], help=summary)
+    add_target(parser, positional=True, inventory="the cluster.yaml the last apply read (as it read it)")
     parser.add_argument("--catalog", action="store_true",
                         help="with --json: include each node's catalogue of state functions (large)")
     parser.set_defaults(run=run)
 
 
 def run(client, args) -> int:
-    nodes = client.call("nodes", catalog=args.catalog)["nodes"]
+    request = {"catalog": args.catalog}
+    if args.target is not None:
+        request["target"] = args.target
+    nodes = client.call("nodes", **request)["nodes"]
     if args.json:
         print_json({"nodes": nodes})
         return EXIT_OK
@@ -32,9 +37,13 @@ def run(client, args) -> int:
 
 
 @handler("nodes")
-async def handle_nodes(master, catalog: bool = False) -> dict:
+async def handle_nodes(master, catalog: bool = False, target: str | None = None) -> dict:
+    from ..targets import resolve_target
+
     roster = master.roster
     accepted = set(roster.node_of_key.values())
+    if target is not None:
+        accepted &= set(await resolve_target(master, target))
     nodes = []
     for node in master.store.nodes():
         node_id = node["node_id"]

@@ -1,16 +1,17 @@
 """`pimaster ping [TARGET]`: which nodes are up, and their health (rtt, uptime, load, temperature,
 throttling, clock offset, disk), one request per node answered by the agent.
 
-`role:NAME` needs the nodes' roles, which live in an inventory (cluster.yaml) next to state files,
-not in the master: ping uses the one the last apply read (the master keeps it, as read then),
-resolved as `apply` resolves it (`inventory.resolve_nodes`), so that a target means the same in both.
+A target (`pimaster.targets`) means the same as for every command. `role:NAME` needs the nodes'
+roles, which live in an inventory (cluster.yaml) next to state files, not in the master: ping uses
+the one the last apply read (the master keeps it, as read then), resolved as `apply` resolves it
+(`inventory.resolve_nodes`), so that a target means the same in both; `FACT=GLOB` the facts the
+agents last reported.
 """
 
 from __future__ import annotations
 
 from . import handler
-from ..cli import (EXIT_FAILED, EXIT_OK, ROLE_PREFIX, Duration, add_target, ago, duration,
-                   print_json, report_error, table)
+from ..cli import EXIT_FAILED, EXIT_OK, Duration, add_target, ago, duration, print_json, report_error, table
 from ..errors import ControlError
 
 MAX_TIMEOUT_S = 600
@@ -40,7 +41,8 @@ def run(client, args) -> int:
         roles_from = result.get("roles_from") or {}
         hint = (f" (roles as the apply of {roles_from.get('file')} read them {ago(roles_from.get('saved'))}: "
                 "apply again to use an edited cluster.yaml)" if roles_from else "")
-        return report_error(args, f"no accepted node matches {args.target or '*'}{hint}", "refused", nodes=[])
+        return report_error(args, f"{result.get('no_match') or 'no accepted node matches ' + (args.target or '*')}"
+                                  f"{hint}", "refused", nodes=[])
     if args.json:
         print_json({"nodes": nodes})
     else:
@@ -64,20 +66,19 @@ def run(client, args) -> int:
 
 @handler("ping")
 async def handle_ping(master, target: str | None = None, timeout: float = 5.0) -> dict:
-    from ..cli import checked_target
+    from ..targets import no_match, target_nodes
 
     timeout = float(timeout)
     if not 0 < timeout <= MAX_TIMEOUT_S:
         raise ControlError(f"--timeout must be between 0 and {MAX_TIMEOUT_S} seconds")
-    roles = None
+    nodes, compiled, accepted = await target_nodes(master, target)
     answer: dict = {}
-    if target is not None:
-        target = checked_target(target)
-        if target.startswith(ROLE_PREFIX):
-            roles = await node_roles(master)
-            saved = master.store.last_inventory() or {}
-            answer["roles_from"] = {"file": saved.get("state_file"), "saved": saved.get("saved")}
-    return {"nodes": await master.rpc.ping(target, timeout, roles), **answer}
+    if compiled.needs_roles:
+        saved = master.store.last_inventory() or {}
+        answer["roles_from"] = {"file": saved.get("state_file"), "saved": saved.get("saved")}
+    if not nodes:
+        return {"nodes": [], "no_match": no_match(target, compiled, accepted), **answer}
+    return {"nodes": await master.rpc.ping(nodes, timeout), **answer}
 
 
 async def node_roles(master) -> dict[str, list[str]]:
@@ -90,7 +91,7 @@ async def node_roles(master) -> dict[str, list[str]]:
     saved = master.store.last_inventory()
     if saved is None and master.store.newest_job_id():
         raise ControlError("role:NAME reads the roles from the cluster.yaml the last apply read, and no apply "
-                           "has run since this master was upgraded: apply again, or target by node id (a glob)")
+                           "has run since this master was upgraded: apply again, or target by node id (a glob) or fact")
     return await asyncio.to_thread(inventory_roles, saved, facts, master.store.assignments(),
                                    master.store.identities())
 
@@ -104,9 +105,10 @@ def inventory_roles(saved: dict | None, facts: dict[str, dict], assignments: dic
 
     why = "role:NAME reads the roles from the cluster.yaml of the last applied state file"
     if saved is None:
-        raise ControlError(f"{why}, and nothing was applied yet: target by node id (a glob), or apply first")
+        raise ControlError(f"{why}, and nothing was applied yet: target by node id (a glob) or fact, or apply first")
     if saved["path"] is None:
-        raise ControlError(f"{why} ({saved['state_file']}), and there was none next to it: target by node id (a glob)")
+        raise ControlError(f"{why} ({saved['state_file']}), and there was none next to it: "
+                           "target by node id (a glob) or fact")
     try:
         entries, _new = resolve_nodes(parse_inventory(saved["text"], saved["path"]), facts, assignments, identities)
     except StateFileError as exc:
