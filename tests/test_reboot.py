@@ -111,7 +111,7 @@ def test_rolling_reboot_batch_1_waits_for_each_node_back_from_a_new_boot_faking_
 
 def test_progress_lines_name_each_node_and_its_new_boot_faking_the_reboot(master, fake_nodes):
     fake_nodes(["n1", "n2"])
-    result = master.cli("reboot", "--batch", "50%", check=False, timeout=120)
+    result = master.cli("reboot", "*", "--batch", "50%", check=False, timeout=120)
     assert result.returncode == 0, result.stdout + result.stderr
     lines = result.stdout.splitlines()
     assert "n1: rebooting" in lines and "n2: rebooting" in lines
@@ -122,7 +122,7 @@ def test_progress_lines_name_each_node_and_its_new_boot_faking_the_reboot(master
 def test_a_node_not_back_within_the_timeout_stops_the_roll_and_is_named_faking_the_reboot(master, fake_nodes):
     nodes = fake_nodes(["n1", "n2"])
     nodes.stay_down.add("n1")
-    rc, report, result = reboot(master, "--batch", "1", "--timeout", "6s")
+    rc, report, result = reboot(master, "*", "--batch", "1", "--timeout", "6s")
     assert rc == 1
     assert report["nodes"]["n1"]["state"] == "not_back" and "n1" in report["stopped"]
     assert report["nodes"]["n2"]["state"] == "not_started"
@@ -135,7 +135,11 @@ def test_a_node_not_back_within_the_timeout_stops_the_roll_and_is_named_faking_t
 def test_the_masters_own_node_goes_last_and_is_not_waited_for_faking_the_reboot(master, fake_nodes):
     # "n0" runs on this host with its real boot id and machine id: to the master, its own node.
     nodes = fake_nodes(["n0", "n1", "n2"], own="n0")
-    result = master.cli("reboot", "--batch", "1", check=False, timeout=120)
+    # No TARGET is refused (a forgotten one must not mean the whole cluster); '*' is every node.
+    forgot = master.cli("reboot", "--batch", "1", check=False, timeout=60)
+    assert forgot.returncode == 2 and "which nodes?" in forgot.stderr
+    assert not any(w == "reboot" for _, _, w in nodes.timeline)
+    result = master.cli("reboot", "*", "--batch", "1", check=False, timeout=120)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "note: n0 runs this master: it goes last" in result.stdout
     wait_for(lambda: any(n == "n0" and w == "booted" for _, n, w in nodes.timeline), 30, what="n0 rebooted")
@@ -163,12 +167,12 @@ def test_only_required_picks_the_nodes_an_apply_said_need_a_reboot_and_not_since
     applied = master.cli("apply", str(state), "--target", "n[12]", "--json", check=False, timeout=120)
     assert applied.returncode == 0, applied.stdout + applied.stderr
     assert {n: r["reboot_required"] for n, r in json.loads(applied.stdout)["nodes"].items()} == {"n1": True, "n2": True}
-    rc, report, result = reboot(master, "--only-required", "--batch", "1")
+    rc, report, result = reboot(master, "*", "--only-required", "--batch", "1")
     assert rc == 0, result.stdout + result.stderr
     assert report["order"] == ["n1", "n2"] and "n3" in report["skipped"]
     assert not any(n == "n3" for _, n, _ in nodes.timeline)
     # Booted since: nothing needs a reboot any more.
-    rc, report, _ = reboot(master, "--only-required")
+    rc, report, _ = reboot(master, "*", "--only-required")
     assert rc == 0 and report["order"] == [] and set(report["skipped"]) == {"n1", "n2", "n3"}
 
 
@@ -195,7 +199,7 @@ def test_a_node_running_a_job_refuses_the_reboot_and_the_roll_stops_faking_the_r
     apply = start_apply(master, state, "--target", "n1", "--json")
     try:
         wait_for(lambda: _running(master), 30, what="the job running on n1")
-        rc, report, _ = reboot(master, "--batch", "1")
+        rc, report, _ = reboot(master, "*", "--batch", "1")
         assert rc == 1
         assert report["nodes"]["n1"]["state"] == "failed" and "a job is running" in report["nodes"]["n1"]["error"]
         assert report["nodes"]["n2"]["state"] == "not_started" and "n1" in report["stopped"]
@@ -220,7 +224,7 @@ def test_an_agent_that_reports_no_boot_identity_is_refused_by_name_with_upgrade_
     old = test_hostile.Hostile(tmp, master, "old01", token=test_hostile.token_of(nodes.config)).start()
     processes.append(old)
     assert old.wait_answer() == "accepted"
-    rc, report, result = reboot(master)
+    rc, report, result = reboot(master, "*")
     assert rc == 2 and report["code"] == "refused"
     assert "old01" in report["error"] and "upgrade piagent" in report["error"]
     time.sleep(1)

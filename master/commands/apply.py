@@ -73,17 +73,29 @@ def run(client, args) -> int:
             print(f"pimaster: warning: {event.get('message')}", file=sys.stderr, flush=True)
         view.event(event)
 
+    path, root, serve_file = state_tree_served(args.file, client.state_dir, args.tree)
+
+    def call() -> dict:
+        with view:  # left on Ctrl-C too: the terminal and its cursor are restored before the note below
+            return client.call("apply", file=path, root=root, target=args.target,
+                               test=args.test, timeout=args.timeout, timeout_extra=args.timeout + 120,
+                               **({"batch": args.batch} if args.batch else {}),
+                               **({"fail_stop": True} if args.fail_stop else {}),
+                               on_event=on_event, on_ask=serve_file)
+
+    return wait_for_job(args, started, call, lambda report: print_report(report, table, quiet=args.quiet))
+
+
+def wait_for_job(args, started: dict, call, print_report) -> int:
+    """The end of a command that starts a job (`apply`, `run`): ``call()`` sends the request and
+    returns the report, which is printed (``print_report(report) -> ok``, or --json); ``started``
+    gets the job id from the `start` event. Ctrl-C, SIGTERM or a lost master after the job started
+    leave the job running on the nodes, and the person is told how to follow it."""
     import signal
 
-    path, root, serve_file = state_tree_served(args.file, client.state_dir, args.tree)
     signal.signal(signal.SIGTERM, _terminated)
     try:
-        with view:  # left on Ctrl-C too: the terminal and its cursor are restored before the note below
-            report = client.call("apply", file=path, root=root, target=args.target,
-                                 test=args.test, timeout=args.timeout, timeout_extra=args.timeout + 120,
-                                 **({"batch": args.batch} if args.batch else {}),
-                                 **({"fail_stop": True} if args.fail_stop else {}),
-                                 on_event=on_event, on_ask=serve_file)
+        report = call()
     except KeyboardInterrupt as exc:
         print(interrupted_note(started.get("job")), file=sys.stderr, flush=True)
         return EXIT_TERMINATED if isinstance(exc, Terminated) else EXIT_INTERRUPTED
@@ -98,7 +110,7 @@ def run(client, args) -> int:
     if args.json:
         print_json(report)
         return EXIT_OK if all(n["ok"] for n in report["nodes"].values()) else EXIT_FAILED
-    return EXIT_OK if print_report(report, table, quiet=args.quiet) else EXIT_FAILED
+    return EXIT_OK if print_report(report) else EXIT_FAILED
 
 
 def state_tree_served(spec: str, state_dir: str, tree_dir: str | None = None):

@@ -116,13 +116,24 @@ def _run(client, args, action: str, **params) -> int:
     return EXIT_OK if report["ok"] else EXIT_FAILED
 
 
+def _no_target(args, action: str) -> int | None:
+    """A command that takes nodes down names them: a forgotten TARGET must not mean the whole cluster."""
+    if args.target is None:
+        return report_error(args, f"{action}: which nodes? give a TARGET ('*' for every node, the master's last)")
+    return None
+
+
 def run_reboot(client, args) -> int:
+    if (refused := _no_target(args, "reboot")) is not None:
+        return refused
     if args.batch and not args.wait:
         return report_error(args, "--batch needs --wait: without waiting, every node is asked at once")
     return _run(client, args, "reboot", batch=args.batch, wait=args.wait, only_required=args.only_required)
 
 
 def run_shutdown(client, args) -> int:
+    if (refused := _no_target(args, "shutdown")) is not None:
+        return refused
     params: dict = {}
     if not args.yes:
         planned = client.call("shutdown", target=args.target, dry_run=True)

@@ -7,8 +7,7 @@ from __future__ import annotations
 import sys
 
 from . import handler
-from ..cli import EXIT_FAILED, EXIT_OK, Duration, parse_duration, parse_target, print_json, report_error, table
-from ..errors import ControlError, MasterUnreachable
+from ..cli import Duration, parse_duration, parse_target, report_error, table
 
 MAX_TIMEOUT_S = 7 * 86400
 
@@ -66,7 +65,7 @@ def _command_after_dashes(parser) -> None:
 
 def run(client, args) -> int:
     from ..run_view import RunOutput, print_run_report
-    from .apply import EXIT_INTERRUPTED, EXIT_TERMINATED, Terminated, _terminated, interrupted_note
+    from .apply import wait_for_job
 
     if not args.command:
         return report_error(args, "run: which command? pimaster run TARGET -- CMD [ARG...]")
@@ -88,26 +87,9 @@ def run(client, args) -> int:
         if not args.json:
             view.event(event)
 
-    import signal
-
-    signal.signal(signal.SIGTERM, _terminated)
-    try:
-        report = client.call("run", target=args.target, timeout=args.timeout, batch=args.batch,
-                             fail_stop=args.fail_stop, timeout_extra=args.timeout + 120, on_event=on_event, **request)
-    except KeyboardInterrupt as exc:
-        print(interrupted_note(started.get("job")), file=sys.stderr, flush=True)
-        return EXIT_TERMINATED if isinstance(exc, Terminated) else EXIT_INTERRUPTED
-    except (ControlError, MasterUnreachable) as exc:
-        if not started.get("job"):
-            raise
-        print(f"pimaster: {exc}\n{interrupted_note(started['job'])}", file=sys.stderr, flush=True)
-        if args.json:
-            print_json({"error": str(exc), "code": getattr(exc, "code", None) or "refused", "job": started["job"]})
-        return EXIT_FAILED
-    if args.json:
-        print_json(report)
-        return EXIT_OK if all(n["ok"] for n in report["nodes"].values()) else EXIT_FAILED
-    return EXIT_OK if print_run_report(report, table) else EXIT_FAILED
+    return wait_for_job(args, started, lambda: client.call(
+        "run", target=args.target, timeout=args.timeout, batch=args.batch, fail_stop=args.fail_stop,
+        timeout_extra=args.timeout + 120, on_event=on_event, **request), lambda report: print_run_report(report, table))
 
 
 @handler("run", streaming=True)
