@@ -150,10 +150,21 @@ class JobBoard:
             secrets[f"output-{i + 1}"] = output
         return redact(value, secrets)
 
+    def redact_raw(self, body, job_id: str | None, node_id: str):
+        """An agent's message body as it came, redacted (`redact`); None when it is nested too
+        deeply to walk (the checks refuse it then)."""
+        try:
+            return self.redact(body, job_id, node_id)
+        except RecursionError:
+            return None
+
     def on_progress(self, ident: bytes, node_id: str, key: str, msg: Message) -> None:
         """A `job_progress`: to the running apply of that job, if the node is one of its."""
         watcher = self.watchers.get(str(msg.body.get("job"))[:proto.MAX_ID_LENGTH])
-        progress = check_progress(msg.body)
+        # Redacted before it is checked: the check cuts and cleans text, and a secret cut in two
+        # or with its line breaks replaced would not be recognised any more.
+        raw = self.redact_raw(msg.body, str(msg.body.get("job"))[:proto.MAX_ID_LENGTH], node_id) if watcher else None
+        progress = check_progress(raw) if isinstance(raw, dict) else None
         if watcher is None or progress is None or not watcher.progress(node_id, progress):
             self.drops.drop("progress from %s for a job it is not running", node_id, peer=key)
 
@@ -172,11 +183,14 @@ class JobBoard:
                 # So that the agent forgets it: it can never be recorded.
                 self.send(ident, Message(type=proto.JOB_RESULT_ACK, reply_to=msg.id, body={"job": job_id}))
             return
-        results = result["results"]
-        # Stored and shown: no secret value, and no output of a sensitive state. The raw result
-        # goes only to a running apply, for rendering its later stages.
+        # Stored and shown: no secret value, and no output of a sensitive state. Redacted before
+        # it is checked (the check cuts and cleans text: a secret cut in two, or with its line
+        # breaks replaced, would not be recognised), and again after. The raw result goes only to
+        # a running apply, for rendering its later stages.
+        raw = self.redact_raw(msg.body, job_id, node_id)
+        shown = (check_job_result(raw, states) if isinstance(raw, dict) else None) or result
         kept = [dict(r, changes={"redacted": "sensitive state"} if r.get("changes") else {})
-                if r.get("sensitive") else r for r in results]
+                if r.get("sensitive") else r for r in shown["results"]]
         recorded = self.store.record_result(job_id, node_id, result["status"], result["summary"],
                                             self.redact(kept, job_id, node_id), result["started"], result["finished"])
         self.send(ident, Message(type=proto.JOB_RESULT_ACK, reply_to=msg.id, body={"job": job_id}))

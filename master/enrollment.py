@@ -204,7 +204,7 @@ class Roster:
         such term). Raises `targets.TargetError` for a malformed target (check it first)."""
         compiled = compile_target(target)
         roles, facts = roles or {}, facts or {}
-        return [n for n in sorted(self.accepted_nodes()) if compiled.matches(n, roles.get(n, ()), facts.get(n))]
+        return compiled.select({n: (roles.get(n, ()), facts.get(n)) for n in self.accepted_nodes()})
 
 
 class Enrollment:

@@ -30,7 +30,10 @@ events of no one node. The types and their fields:
   ``accepted`` (its waiting agent's key was just accepted); for down ``disconnected`` (its connection
   closed: the agent stopped, the node went down, or libzmq's heartbeats gave up on the link),
   ``heartbeat_timeout`` (nothing heard from it for 35 s), ``key_deleted``, ``key_rejected``,
-  ``key_replaced``. ``address``: where it connected from (up, when known).
+  ``key_replaced``. ``address``: where it connected from (up, when known). A node's up/down
+  events are bounded (10 at once, then one every 6 s: an agent reconnecting in a loop must not
+  drown the others' events); past that its latest state comes when it may, with ``suppressed``:
+  how many up/down changes were not told in between.
 - ``job``: ``job`` (its id), ``state``: ``started`` (``file``: the state file's name, ``target``,
   ``test``, ``nodes``: the targeted node ids, at most 64, ``node_count``: all of them) or
   ``finished``, one per node as its result is recorded (``node``, ``status``: done, interrupted,
@@ -70,6 +73,9 @@ MAX_KEYS = 32
 MAX_DEPTH = 2
 # Nodes whose last network rollback note is remembered (so that each is published once).
 MAX_NOTES = 4096
+# Up/down events of one node: FLAP_BURST at once, then one every FLAP_EVERY_S (`Flaps`).
+FLAP_BURST = 10
+FLAP_EVERY_S = 6.0
 
 TYPES = ("subscribed", "key", "node", "job", "network_rollback", "reboot", "lost")
 CONTROL_RE = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
@@ -140,6 +146,54 @@ class Subscription:
             await self.ready.wait()
 
 
+class Flaps:
+    """Each node's up/down events, bounded: an agent (root on its Pi) that reconnects in a loop
+    must not drown the other nodes' events. A node may have FLAP_BURST of them at once and one
+    each FLAP_EVERY_S after; those past that are not passed on, and once the node may have one
+    again its latest state is, with ``suppressed``: how many up/down changes were not told."""
+
+    def __init__(self) -> None:
+        self.nodes: collections.OrderedDict[str, list] = collections.OrderedDict()  # node -> [tokens, at, held, latest, timer]
+
+    def allows(self, node: str, event: dict, deliver) -> bool:
+        now = time.monotonic()
+        state = self.nodes.get(node)
+        if state is None:
+            if len(self.nodes) >= MAX_NOTES:
+                _node, oldest = self.nodes.popitem(last=False)
+                if oldest[4] is not None:
+                    oldest[4].cancel()
+            state = self.nodes[node] = [float(FLAP_BURST), now, 0, None, None]
+        tokens = min(FLAP_BURST, state[0] + (now - state[1]) / FLAP_EVERY_S)
+        state[1] = now
+        if tokens >= 1 and state[4] is None:
+            state[0] = tokens - 1
+            if state[2]:
+                event["suppressed"], state[2] = state[2], 0
+            return True
+        state[0] = tokens
+        state[2] += 1
+        state[3] = event
+        if state[4] is None:
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:
+                return False
+            state[4] = loop.call_later((1 - tokens) * FLAP_EVERY_S, self._release, node, deliver)
+        return False
+
+    def _release(self, node: str, deliver) -> None:
+        """The node may have an event again: its latest state, and how many changes were held."""
+        state = self.nodes.get(node)
+        if state is None or state[3] is None:
+            return
+        event, state[3], state[4] = state[3], None, None
+        state[0], state[1] = max(0.0, state[0] + (time.monotonic() - state[1]) / FLAP_EVERY_S - 1), time.monotonic()
+        event = dict(event, time=time.time(), suppressed=state[2] - 1)
+        state[2] = 0
+        deliver(event)
+
+
 class EventBus:
     def __init__(self, queue_limit: int = QUEUE_LIMIT, max_subscribers: int = MAX_SUBSCRIBERS) -> None:
         self.queue_limit = queue_limit
@@ -147,6 +201,7 @@ class EventBus:
         self.subscribers: set[Subscription] = set()
         self.published = 0
         self._notes: dict[str, tuple] = {}  # node -> its last network rollback note (time, reason)
+        self._flaps = Flaps()
 
     def publish(self, type_: str, node: str | None = None, **fields) -> None:
         """Passes ``{"time", "type", "node", **fields}`` (bounded) to every subscriber. ``node``
@@ -168,6 +223,11 @@ class EventBus:
         except Exception as exc:  # an event must never fail what it reports
             log.error("event %r not published: %s", one_line(type_, 40), exc)
             return
+        if type_ == "node" and node is not None and not self._flaps.allows(node, event, self._deliver):
+            return
+        self._deliver(event)
+
+    def _deliver(self, event: dict) -> None:
         self.published += 1
         for subscription in list(self.subscribers):
             subscription.put(event)

@@ -224,7 +224,7 @@ def select_targets(entries: dict[str, dict], target: str | None, facts: dict[str
         raise ApplyRefused(str(exc)) from None
     if compiled.needs_roles and no_roles:
         raise ApplyRefused(f"{target}: {no_roles}")
-    chosen = sorted(n for n, e in entries.items() if compiled.matches(n, e.get("roles", []), facts.get(n)))
+    chosen = compiled.select({n: (e.get("roles", []), facts.get(n)) for n, e in entries.items()})
     if not chosen:
         raise ApplyRefused(no_match(target, compiled, {n: (e.get("roles", []), facts.get(n))
                                                        for n, e in entries.items()}))

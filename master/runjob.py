@@ -71,8 +71,13 @@ def command_line(argv=None, shell=None) -> tuple[str, str]:
         text = "exec " + text
     if len(text) > MAX_COMMAND:
         raise ControlError(f"run: the command is {len(text)} characters long (at most {MAX_COMMAND})")
-    label = RUN_LABEL + shown
-    return text, label if len(label) <= MAX_LABEL else label[:MAX_LABEL - 3] + "..."
+    return text, RUN_LABEL + shown
+
+
+def short_label(label: str) -> str:
+    """A run's `file` in the jobs table: cut to MAX_LABEL (after redaction: a cut secret would
+    not be recognised)."""
+    return label if len(label) <= MAX_LABEL else label[:MAX_LABEL - 3] + "..."
 
 
 def checked_timeout(timeout) -> float:
@@ -90,7 +95,7 @@ async def run_command(board, emit, nodes: list[str], command: str, label: str, t
     state = {"id": "run", "fun": "cmd.run", "name": command, "args": {"timeout": timeout},
              "source": "pimaster run"}
     job_id = new_job_id()
-    label = board.redact(label)
+    label = short_label(board.redact(label))
     board.store.create_job(job_id, label, target, False, {n: 1 for n in nodes})
     board.job_started(job_id, label, target, False, nodes)
     watch = JobWatch(nodes)

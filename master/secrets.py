@@ -37,7 +37,7 @@ class SecretStore:
             raise SecretError(f"secret {name!r}: length must be between 16 and 65536 characters")
         path = os.path.join(self.dir, name)
         try:
-            with open(path) as fh:
+            with open(path, newline="") as fh:  # as written: CR LF stays, to be recognised in output
                 value = fh.read().strip()
         except FileNotFoundError:
             os.makedirs(self.dir, mode=0o700, exist_ok=True)
@@ -56,7 +56,7 @@ class SecretStore:
             for name in os.listdir(self.dir):
                 if NAME_RE.match(name) and name not in self._cache:
                     try:
-                        with open(os.path.join(self.dir, name)) as fh:
+                        with open(os.path.join(self.dir, name), newline="") as fh:
                             self._cache[name] = fh.read().strip()
                     except OSError:
                         continue
@@ -64,10 +64,20 @@ class SecretStore:
         return dict(self._cache)
 
 
+def _forms(secret: str) -> set[str]:
+    """``secret`` as output may show it: as written; with CR LF read as LF (text mode); with its
+    control characters shown as `?` and line breaks as spaces (`results.one_line`)."""
+    if not any(c in secret for c in "\r\n\t\x0b\x0c"):
+        return {secret}
+    lf = secret.replace("\r\n", "\n")
+    return {secret, lf, secret.replace("\r", "?"), lf.replace("\r", "?").replace("\n", " "),
+            secret.replace("\r", "?").replace("\n", " ")}
+
+
 def redact(value, secrets: dict[str, str]):
     """A copy of ``value`` (JSON-like) with every secret value replaced by `[secret NAME]`."""
-    pairs = sorted(((v, n) for n, v in secrets.items() if isinstance(v, str) and len(v) >= MIN_REDACT_LENGTH),
-                   key=lambda p: -len(p[0]))
+    pairs = sorted({(form, n) for n, v in secrets.items() if isinstance(v, str) and len(v) >= MIN_REDACT_LENGTH
+                    for form in _forms(v)}, key=lambda p: (-len(p[0]), p))
     if not pairs:
         return value
 
@@ -76,7 +86,7 @@ def redact(value, secrets: dict[str, str]):
             for secret, name in pairs:
                 if secret in item:
                     item = item.replace(secret, f"[secret {name}]")
-            return item
+            return _clipped_prefixes(item, pairs) if CLIP_MARK in item else item
         if isinstance(item, list):
             return [walk(i) for i in item]
         if isinstance(item, dict):
@@ -84,6 +94,28 @@ def redact(value, secrets: dict[str, str]):
         return item
 
     return walk(value)
+
+
+# How an agent marks output it clipped (`piagent.states.base`: "[... output clipped]", "[... diff
+# clipped]"): a secret may have been cut there, and its first part is left before the mark.
+CLIP_MARK = " clipped]"
+CLIP_RE = re.compile(r"\n\[\.\.\. [a-z]+ clipped\]")
+
+
+def _clipped_prefixes(text: str, pairs) -> str:
+    """``text`` with the start of a secret that an agent's clip cut in two (the text before a clip
+    mark ending with a secret's first MIN_REDACT_LENGTH or more characters) replaced too."""
+    pieces, last = [], 0
+    for mark in CLIP_RE.finditer(text):
+        head = text[last:mark.start()]
+        for secret, name in pairs:
+            cut = next((k for k in range(len(secret) - 1, MIN_REDACT_LENGTH - 1, -1) if head.endswith(secret[:k])), 0)
+            if cut:
+                head = head[:-cut] + f"[secret {name}, clipped]"
+                break
+        pieces.append(head + mark.group())
+        last = mark.end()
+    return "".join(pieces) + text[last:]
 
 
 def strings_in(value):

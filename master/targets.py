@@ -49,6 +49,9 @@ MATCHABLE_FACTS: dict[str, tuple[str, str | None]] = {
     "boot_dir": ("boot_dir", None), "agent_version": ("agent_version", None),
     "machine_id": ("machine_id", None), "pi_serial": ("pi_serial", None),
 }
+# Facts that name one machine: a term on one of them picks a node only when no other node reports
+# the same value (`Target.select`).
+IDENTITY_FACTS = frozenset({"hostname", "fqdn", "machine_id", "pi_serial"})
 # Facts with several values: not matchable (a target says which facts are, instead).
 UNMATCHABLE_FACTS = {"interfaces": "a list", "macs": "a list", "ips": "a list",
                      "os": "a map (match os_id, os_version or os_codename)"}
@@ -138,14 +141,45 @@ class Target:
         reported them), is in the target."""
         return all(term.matches(node_id, roles, facts) for term in self.terms)
 
+    def select(self, nodes: dict[str, tuple]) -> list[str]:
+        """The nodes of ``nodes`` (node id -> (roles, facts)) in the target, sorted. A fact that
+        names one machine (IDENTITY_FACTS) picks a node only when no other node reports the same
+        value: an agent (root on its Pi) that copies another Pi's serial or hostname must not be
+        sent what was meant for that Pi."""
+        shared = self.shared_identities(nodes)
+        return sorted(n for n, (roles, facts) in nodes.items() if self.matches(n, roles, facts)
+                      and not any(fact_text(facts, name) in values for name, values in shared.items()))
+
+    def shared_identities(self, nodes: dict[str, tuple]) -> dict[str, set[str]]:
+        """For each identity fact a term of this target matches on: the values several of
+        ``nodes`` report."""
+        shared: dict[str, set[str]] = {}
+        for name in {t.name for t in self.terms if t.kind == "fact" and t.name in IDENTITY_FACTS}:
+            seen: set[str] = set()
+            for _roles, facts in nodes.values():
+                value = fact_text(facts, name)
+                if value is not None:
+                    (shared.setdefault(name, set()) if value in seen else seen).add(value)
+        return shared
+
     def explain(self, nodes: dict[str, tuple]) -> str:
         """Why no node of ``nodes`` (node id -> (roles, facts)) matches: for several terms, what each
         matches on its own; for a fact, the values the nodes reported (as data, few and short)."""
         if not nodes:
             return "no node is accepted yet"
         parts, unmatched = [], []
+        shared = self.shared_identities(nodes)
         for term in self.terms:
             hits = sorted(n for n, (roles, facts) in nodes.items() if term.matches(n, roles, facts))
+            claimed = [n for n in hits if fact_text(nodes[n][1], term.name) in shared.get(term.name, ())] \
+                if term.kind == "fact" else []
+            if claimed:
+                parts.append(f"{term.text}: {_few(claimed)} report the same {term.name}, and a fact that names one "
+                             "machine picks a node only when one node reports it (target it by id)")
+                hits = [n for n in hits if n not in claimed]
+                if not hits:
+                    unmatched.append(term)
+                    continue
             if hits:
                 parts.append(f"{term.text} matches {_few(hits)}")
                 continue

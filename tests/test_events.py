@@ -172,6 +172,11 @@ def test_a_person_reads_one_line_per_event_and_a_rollback_is_told_once(tmp, mast
     assert len([e for e in script.events if e["type"] == "network_rollback"]) == 1
     assert not any(line.startswith("FORGED") for line in text.lines), text.lines
     assert len([line for line in text.lines if "rolled back" in line]) == 1
+    # An agent's words in a reboot event's error cannot spell out fields of their own.
+    from pimaster.commands.events import text_line
+    line = text_line({"time": time.time(), "type": "reboot", "node": "ev03", "action": "reboot",
+                      "error": "x state=back after_s=41.0", "state": "failed"})
+    assert "state=back" not in line.replace('"x state=back after_s=41.0"', "") and "state=failed" in line, line
     for stream in (text, script):
         status, stderr = stream.stop(signal.SIGINT)   # Ctrl-C
         assert status == 0 and "Traceback" not in stderr, stderr
@@ -308,6 +313,41 @@ def test_events_carry_only_bounded_one_line_fields():
     assert (down["state"], up["reason"]) == ("down", "again")
     bus.unsubscribe(subscription)
     assert not bus.subscribers
+
+
+def test_a_node_flapping_in_a_loop_cannot_drown_the_other_nodes_events(monkeypatch):
+    """An agent (root on its Pi) reconnecting in a loop: its up/down events are bounded, another
+    node's key event still arrives, and the flapping node's latest state comes later, with how
+    many changes were not told."""
+    import asyncio
+
+    import pimaster.events as events
+
+    monkeypatch.setattr(events, "FLAP_EVERY_S", 0.2)
+
+    async def scenario():
+        bus = EventBus()
+        subscription = bus.subscribe()
+        for i in range(2000):
+            bus.publish("node", node="evil01", state="up" if i % 2 == 0 else "down", reason=str(i))
+            if i == 1000:
+                bus.publish("key", node="honest02", state="pending", fingerprint="sha256:ab")
+        bus.publish("node", node="honest03", state="up", reason="connected")
+        await asyncio.sleep(0.6)
+        got = []
+        while subscription.queue:
+            got.append(await subscription.next())
+        return got
+
+    got = asyncio.run(scenario())
+    evil = [e for e in got if e.get("node") == "evil01"]
+    assert not [e for e in got if e["type"] == "lost"]
+    assert [e["node"] for e in got if e["type"] == "key"] == ["honest02"]
+    assert [e["reason"] for e in got if e.get("node") == "honest03"] == ["connected"]
+    # Ten at once, then the latest state (the 2000th: down) with the count of those held back.
+    assert len(evil) == events.FLAP_BURST + 1, evil
+    assert [e["reason"] for e in evil[:events.FLAP_BURST]] == [str(i) for i in range(events.FLAP_BURST)]
+    assert (evil[-1]["state"], evil[-1]["reason"], evil[-1]["suppressed"]) == ("down", "1999", 2000 - events.FLAP_BURST - 1)
 
 
 def test_the_roster_tells_each_change_of_connected_once_with_its_reason():

@@ -128,6 +128,41 @@ def test_secrets_are_redacted_from_output_and_the_job_list(cluster):
     assert value not in listed and "run: echo [secret db.password]" in listed
 
 
+def test_no_part_of_a_secret_survives_cuts_and_cleaning(cluster):
+    """Text is cut and cleaned after it is redacted: a secret past the jobs list's 200 characters,
+    at the edge of the agent's 64 KiB of output, with CR LF line ends, or over a line break in a
+    state's one-line name, leaves no part of itself behind."""
+    secrets = cluster.state_dir / "secrets"
+    secrets.mkdir(mode=0o700, exist_ok=True)
+    value = "S3cr3tMungeKey-" + os.urandom(8).hex()
+    (secrets / "munge.key").write_text(value)
+    pem = "-----BEGIN KEY-----\r\n" + os.urandom(24).hex() + "\r\n-----END KEY-----"
+    (secrets / "tls.key").write_text(pem)
+    two_lines = "line-one-" + os.urandom(4).hex() + "\nline-two-" + os.urandom(4).hex()
+    (secrets / "two.lines").write_text(two_lines)
+    stored = []
+    # Past the label's cut: the jobs list shows no part of it.
+    code, report, result = run(cluster, "n1", "--shell", "--", f"echo {'x' * 170} {value} > /dev/null")
+    assert code == 0, result.stderr
+    stored.append(cluster.cli("jobs").stdout + json.dumps(cluster.json("job", report["job"])))
+    # Cut by the agent's clip at 64 KiB, its first 40 characters before the mark.
+    code, report, result = run(cluster, "n1", "--shell", "--", f"head -c {64 * 1024 - 40} /dev/zero | tr '\\0' y; "
+                                                                 f"printf %s {value}{value}")
+    assert code == 0 and "[secret munge.key, clipped]" in report["nodes"]["n1"]["stdout"], result.stdout[-300:]
+    stored.append(result.stdout + json.dumps(cluster.json("job", report["job"])))
+    # CR LF, and a line break in the state's name (a --shell heredoc).
+    code, report, result = run(cluster, "n1", "--", "printf", "%s", pem)
+    assert code == 0 and report["nodes"]["n1"]["stdout"] == "[secret tls.key]", report
+    stored.append(result.stdout + json.dumps(cluster.json("job", report["job"])))
+    code, report, result = run(cluster, "n1", "--shell", "--", f"cat > /dev/null <<'EOF'\n{two_lines}\nEOF")
+    assert code == 0, result.stderr
+    stored.append(result.stdout + json.dumps(cluster.json("job", report["job"])) + cluster.cli("jobs").stdout)
+    for text in stored:
+        for secret in (value, pem, two_lines):
+            for piece in (secret[:12], secret[-12:], secret.replace("\r", "?"), secret.replace("\n", " ")):
+                assert piece not in text, (piece, text[-500:])
+
+
 def test_output_is_bounded(cluster):
     code, report, result = run(cluster, "n1", "--shell", "--", "yes | head -c 1000000")
     assert code == 0, result.stdout[:3000]

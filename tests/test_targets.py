@@ -11,6 +11,7 @@ as its model: a fact is data, never a pattern.
 from __future__ import annotations
 
 import json
+import subprocess
 import textwrap
 
 import pytest
@@ -185,3 +186,27 @@ def test_apply_and_jobs_mean_the_same_target(tmp, cluster):
     assert listed("--target", "arch=arm64") == [pi_job]
     assert listed("--target", f"role:compute node02 arch={arch}") == [real_job]
     assert listed("--target", "os_codename=bullseye") == []
+
+
+def test_a_fact_that_names_one_machine_never_picks_an_impostor_that_copies_it(tmp, cluster, processes):
+    """Root on one Pi (imp06) copies pi05's serial: `pi_serial=` then picks neither, and says why;
+    a serial one node alone reports still picks it. node01-03, three agents on this one machine,
+    report the same hostname and machine id: those facts pick none of them."""
+    master, own = cluster
+    facts = {n["id"]: n["facts"] for n in master.json("nodes")["nodes"]}
+    pi05, odd01 = facts["pi05"]["pi_serial"], facts["odd01"]["pi_serial"]
+    assert _pinged(master, f"pi_serial={pi05}")[1] == ["pi05"]
+    token = master.token_config(uses=1)
+    _fake_pi(tmp, master, processes, "imp06", token_of(token), pi_serial=pi05, hostname=facts["pi05"]["hostname"])
+    wait_for(lambda: "imp06" in master.up_nodes(), what="imp06 up")
+    for term in (f"pi_serial={pi05}", f"hostname={facts['pi05']['hostname']}"):
+        code, nodes, error = _pinged(master, term)
+        assert code == 2 and nodes == [], (term, nodes)
+        assert "imp06, pi05 report the same" in error["error"] and "target it by id" in error["error"], error
+        result = subprocess.run([master.python, "-m", "pimaster", "--state-dir", str(master.state_dir), "run", term,
+                                 "--", "true"], capture_output=True, text=True, env=master.env, timeout=60)
+        assert result.returncode == 2 and "report the same" in result.stderr, result.stderr
+    assert _pinged(master, f"pi_serial={odd01}")[1] == ["odd01"]
+    assert _pinged(master, "pi_serial=10000000cafe*")[1] == ["odd01"]   # the others' serial is not theirs alone
+    code, _, error = _pinged(master, f"hostname={own['hostname']}")
+    assert code == 2 and "node01, node02, node03 report the same hostname" in error["error"], error

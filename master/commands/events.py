@@ -9,7 +9,9 @@ stops, the stream ends with exit status 3 (as when it cannot be reached).
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import sys
 
 from . import handler
@@ -61,8 +63,6 @@ def run(client, args) -> int:
 
 
 def _json_line(event: dict) -> str:
-    import json
-
     return json.dumps(event, sort_keys=True)
 
 
@@ -103,10 +103,13 @@ def text_line(event: dict) -> str:
 
 def _fields(event: dict) -> str:
     """Fields a type has no words for, as `name=value`."""
-    import json
-
     rest = {k: v for k, v in event.items() if k not in ("time", "type", "node")}
-    return " ".join(f"{k}={v if isinstance(v, str) else json.dumps(v)}" for k, v in sorted(rest.items()))
+    # A string that could read as more fields (`error=x state=back`: an agent's words) is quoted.
+    return " ".join(f"{k}={v if isinstance(v, str) and _BARE_RE.fullmatch(v) else json.dumps(v)}"
+                    for k, v in sorted(rest.items()))
+
+
+_BARE_RE = re.compile(r"[A-Za-z0-9_.:/%+@-]*")
 
 
 def _key(event: dict) -> str:
@@ -121,7 +124,9 @@ def _key(event: dict) -> str:
 
 def _node(event: dict) -> str:
     words = f"{event.get('state')}: {str(event.get('reason')).replace('_', ' ')}"
-    return words + (f" from {event['address']}" if event.get("address") else "")
+    words += f" from {event['address']}" if event.get("address") else ""
+    return words + (f" ({event['suppressed']} up/down changes before it not told: flapping)"
+                    if event.get("suppressed") else "")
 
 
 def _job(event: dict) -> str:
@@ -141,7 +146,8 @@ def _job(event: dict) -> str:
 def _rollback(event: dict) -> str:
     changes = event.get("changes") or []
     moved = ", ".join(f"{c.get('interface')} {c.get('address')}" for c in changes if isinstance(c, dict))
-    return f"network change{f' ({moved})' if moved else ''} rolled back: {event.get('reason')}"
+    # The reason is the agent's words: quoted, so that they read as its words and nothing more.
+    return f"network change{f' ({moved})' if moved else ''} rolled back: {json.dumps(event.get('reason'))}"
 
 
 _TEXT = {
