@@ -193,9 +193,15 @@ async def plan(master, target: str | None, action: str, only_required: bool = Fa
     nodes = await resolve_target(master, target)
     if chosen is not None:  # the nodes a person confirmed: exactly those, if still in the target
         nodes = [n for n in nodes if n in set(chosen)]
+    skipped: dict[str, str] = {}
+    required = master.store.reboots_required() if only_required else {}
+    if only_required:  # first: a node no apply said needs a reboot cannot hold the others' roll
+        for node in nodes:
+            if node not in required:
+                skipped[node] = "no apply reported that it needs a reboot"
+        nodes = [n for n in nodes if n not in skipped]
     health = await healths(master, nodes)
     facts = {n["node_id"]: n["facts"] for n in master.store.nodes()}
-    skipped: dict[str, str] = {}
     down = [n for n in nodes if health[n] is None]
     old = [n for n in nodes if health[n] is not None and boot_of(health[n]) is None]
     if action == "reboot" and (down or old):
@@ -210,11 +216,9 @@ async def plan(master, target: str | None, action: str, only_required: bool = Fa
         skipped[node] = UPGRADE_HINT
     nodes = [n for n in nodes if n not in skipped]
     if only_required:
-        required = master.store.reboots_required()
         for node in nodes:
             if not needs_reboot(required.get(node), health[node]):
-                skipped[node] = "booted since its last apply that needed a reboot" if node in required \
-                    else "no apply reported that it needs a reboot"
+                skipped[node] = "booted since its last apply that needed a reboot"
         nodes = [n for n in nodes if n not in skipped]
     own_id = own_identity()
     # One node, unless another claims this host's ids too (its facts are its own word): then all

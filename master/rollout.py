@@ -87,7 +87,13 @@ class Rollout:
         if not self.fail_stop or self.stopped or not nodes:
             return
         job = self.board.store.job(self.job_id)
-        failed = [n for n in nodes if node_failed(job["nodes"].get(n))]
+        from .run_view import command_outcome, is_run
+
+        if is_run(job):  # a run's node failed as its report says (the command's exit status), no other way
+            failed = [n for n in nodes if (item := job["nodes"].get(n)) is None or not command_outcome(
+                item["status"], item["results"] or [])["ok"]]
+        else:
+            failed = [n for n in nodes if node_failed(job["nodes"].get(n))]
         if failed:
             named = ", ".join(failed[:self.MAX_NAMED]) + (f" and {len(failed) - self.MAX_NAMED} more"
                                                           if len(failed) > self.MAX_NAMED else "")
