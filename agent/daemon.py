@@ -529,7 +529,7 @@ class Agent:
             elif msg.type == proto.CANCEL:
                 body = self.jobs.cancel(msg.body)
             elif msg.type == proto.REBOOT:
-                body = self.power.accept(msg.body, self.jobs.running)
+                body = self.power.accept(msg.body, self.jobs.running_job)
             else:  # decode() only lets request types through that are listed above
                 body = {}
             await self._send(proto.reply(msg, proto.RESULT, body))

@@ -210,6 +210,11 @@ class JobRunner:
     def running(self) -> bool:
         return self._switch is not None
 
+    @property
+    def running_job(self) -> str | None:
+        """The id of the job running now; None when none runs."""
+        return self._running_job if self._switch is not None else None
+
     def stop(self) -> None:
         """The agent is stopping: end the running state's commands; no further state starts."""
         self.stopping = True

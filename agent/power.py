@@ -29,17 +29,19 @@ class PowerAction:
         self.log = log
         self._task: asyncio.Task | None = None
 
-    def accept(self, body: dict, job_running: bool) -> dict:
+    def accept(self, body: dict, running_job: str | None) -> dict:
         """The request's answer: the action taken (with this boot's identity), or an error. Refused
-        while a job runs: a reboot in the middle of an apply would leave its states half done."""
+        while a job runs (``running_job``: its id, None when none runs): a reboot in the middle of an
+        apply would leave its states half done. The refusal names the job, for `pimaster job cancel`."""
         action = body.get("action")
         if action not in proto.REBOOT_ACTIONS:
             return {"error": f"unknown action {str(action)[:40]!r} (reboot, poweroff)"}
         delay = body.get("delay_s", DEFAULT_DELAY_S)
         if not proto.is_number(delay) or not 0 <= delay <= proto.MAX_REBOOT_DELAY_S:
             return {"error": f"delay_s must be a number of seconds from 0 to {proto.MAX_REBOOT_DELAY_S:g}"}
-        if job_running:
-            return {"error": "a job is running on this node: wait for it to finish (or `pimaster job cancel` it)"}
+        if running_job:
+            return {"error": f"job {running_job} is running on this node: wait for it to finish, or cancel it: "
+                             f"pimaster job cancel {running_job}"}
         if self._task is None or self._task.done():
             self.log.warning("the master asked for a %s: in %g s", action, delay)
             self._task = asyncio.ensure_future(self._act(action, float(delay)))

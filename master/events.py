@@ -42,8 +42,18 @@ events of no one node. The types and their fields:
 - ``network_rollback``: ``node`` undid a network change that cut it off (its health said so; the
   master learns it when it asks for health, as `pimaster ping` does, and publishes each note once):
   ``reason``, ``changes`` [{``interface``, ``address``}], ``noted`` (the agent's time of it).
-- ``reboot``: `pimaster reboot`'s progress, published by that command's handler (``node``, and its
-  own fields: see its documentation).
+- ``reboot``: the progress of `pimaster reboot` and `pimaster shutdown` (`pimaster.reboots`), which
+  goes on when the command's client goes. Every one has ``action`` (``reboot`` or ``poweroff``) and
+  ``state``: ``started`` (``order``: the node ids in the order acted on, at most 64, the master's own
+  node last; ``node_count``: all of them; ``master_node``: that node or null; ``batches``: how many,
+  reboot only), ``batch`` (reboot only: ``index`` from 1, ``of``, ``nodes``), ``skipped`` (``node``,
+  ``reason``), then per ``node``: ``rebooting`` or ``powering_off`` (it took the request), ``down``
+  (``after_s``: from the request's answer to when the master saw its connection go or its ping
+  fail), ``back`` (``after_s``, ``boot_id``, ``boot_init``, ``boot``: its new boot), ``off``
+  (``after_s``), ``failed``, ``not_back``, ``still_up``, ``not_started`` (each with ``error``: a
+  failure's may be its agent's words); and last ``finished`` (``ok``, ``elapsed_s``, ``summary``:
+  nodes per state, ``skipped``: how many) or ``stopped`` (``reason``, ``elapsed_s``,
+  ``not_started``: the node ids the roll did not reach).
 - ``lost``: ``count`` events this stream did not get because it read too slowly.
 """
 

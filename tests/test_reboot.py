@@ -19,6 +19,7 @@ import time
 import pytest
 
 from harness import Agent, start_apply, unique_sleep, wait_for
+from test_events import Stream
 
 DOWN_S = 2.0  # how long a faked node stays down
 
@@ -109,6 +110,37 @@ def test_rolling_reboot_batch_1_waits_for_each_node_back_from_a_new_boot_faking_
     assert nodes.when("n2", "booted") < nodes.when("n3", "reboot")
 
 
+def test_pimaster_events_follows_the_roll_from_started_to_finished_and_every_node_goes_down_faking_the_reboot(
+        master, fake_nodes):
+    fake_nodes(["n1", "n2", "n3"])
+    stream = Stream(master, "--json")
+    stream.wait("the stream to start", type="subscribed")
+    result = master.cli("reboot", "*", "--batch", "1", check=False, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    # The command's own view: each node seen down, then back.
+    for name in ("n1", "n2", "n3"):
+        lines = result.stdout.splitlines()
+        assert any(line.startswith(f"{name}: down after ") for line in lines), result.stdout
+        assert any(line.startswith(f"{name}: back after ") for line in lines), result.stdout
+    # `pimaster events`: the whole roll, in order, as someone who pressed Ctrl-C would follow it.
+    stream.wait("the roll to finish", type="reboot", state="finished")
+    rolled = [e for e in stream.events if e["type"] == "reboot"]
+    assert [(e.get("node"), e["state"]) for e in rolled] == [
+        (None, "started"),
+        (None, "batch"), ("n1", "rebooting"), ("n1", "down"), ("n1", "back"),
+        (None, "batch"), ("n2", "rebooting"), ("n2", "down"), ("n2", "back"),
+        (None, "batch"), ("n3", "rebooting"), ("n3", "down"), ("n3", "back"),
+        (None, "finished")], rolled
+    started, finished = rolled[0], rolled[-1]
+    assert (started["action"], started["order"], started["batches"], started["master_node"]) == \
+        ("reboot", ["n1", "n2", "n3"], 3, None)
+    assert [(e["index"], e["of"], e["nodes"]) for e in rolled if e["state"] == "batch"] == \
+        [(1, 3, ["n1"]), (2, 3, ["n2"]), (3, 3, ["n3"])]
+    assert finished["ok"] is True and finished["summary"] == {"back": 3}
+    assert next(e for e in rolled if e.get("node") == "n2" and e["state"] == "back")["boot_id"] == "n2-boot2"
+    stream.stop()
+
+
 def test_progress_lines_name_each_node_and_its_new_boot_faking_the_reboot(master, fake_nodes):
     fake_nodes(["n1", "n2"])
     result = master.cli("reboot", "*", "--batch", "50%", check=False, timeout=120)
@@ -122,12 +154,24 @@ def test_progress_lines_name_each_node_and_its_new_boot_faking_the_reboot(master
 def test_a_node_not_back_within_the_timeout_stops_the_roll_and_is_named_faking_the_reboot(master, fake_nodes):
     nodes = fake_nodes(["n1", "n2"])
     nodes.stay_down.add("n1")
+    stream = Stream(master, "--json")
+    stream.wait("the stream to start", type="subscribed")
     rc, report, result = reboot(master, "*", "--batch", "1", "--timeout", "6s")
     assert rc == 1
-    assert report["nodes"]["n1"]["state"] == "not_back" and "n1" in report["stopped"]
-    assert report["nodes"]["n2"]["state"] == "not_started"
+    assert report["nodes"]["n1"]["state"] == "not_back" and report["stopped"].startswith("n1 not back")
+    assert report["nodes"]["n2"] == {"ok": False, "state": "not_started", "error": "the roll stopped before it"}
+    # Who follows `pimaster events` is told too: n2 not started, then the roll stopped, and why.
+    stopped = stream.wait("the roll to stop", type="reboot", state="stopped")
+    assert stopped["reason"] == report["stopped"] and stopped["not_started"] == ["n2"]
+    assert stream.index(type="reboot", node="n2", state="not_started") < stream.index(type="reboot", state="stopped")
+    assert not any(e["type"] == "reboot" and e["state"] == "finished" for e in stream.events)
+    stream.stop()
     time.sleep(1)
     assert not any(n == "n2" for _, n, _ in nodes.timeline)  # n2 was never asked
+    # n1 is down now: a roll that includes it is refused, and told how to leave it out.
+    refused = master.cli("reboot", "n[12]", check=False, timeout=60)
+    assert refused.returncode == 2
+    assert "n1 not answering (bring it up, or leave it out: pimaster reboot 'n[12] !n1')" in refused.stderr, refused
     human = master.cli("reboot", "n2", "--batch", "1", "--timeout", "30s", check=False, timeout=120)
     assert human.returncode == 0  # the rest of the cluster is still usable
 
@@ -135,10 +179,14 @@ def test_a_node_not_back_within_the_timeout_stops_the_roll_and_is_named_faking_t
 def test_the_masters_own_node_goes_last_and_is_not_waited_for_faking_the_reboot(master, fake_nodes):
     # "n0" runs on this host with its real boot id and machine id: to the master, its own node.
     nodes = fake_nodes(["n0", "n1", "n2"], own="n0")
-    # No TARGET is refused (a forgotten one must not mean the whole cluster); '*' is every node.
-    forgot = master.cli("reboot", "--batch", "1", check=False, timeout=60)
-    assert forgot.returncode == 2 and "which nodes?" in forgot.stderr
-    assert not any(w == "reboot" for _, _, w in nodes.timeline)
+    # TARGET is required (a forgotten one must not mean the whole cluster); '*' is every node.
+    for command in ("reboot", "shutdown"):
+        forgot = master.cli(command, "--batch", "1", check=False, timeout=60) if command == "reboot" else \
+            master.cli(command, "--yes", check=False, timeout=60)
+        assert forgot.returncode == 2 and "the following arguments are required: TARGET" in forgot.stderr, forgot
+        assert f"usage: pimaster {command} [options] TARGET" in forgot.stderr
+    time.sleep(1)
+    assert nodes.timeline == []
     result = master.cli("reboot", "*", "--batch", "1", check=False, timeout=120)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "note: n0 runs this master: it goes last" in result.stdout
@@ -174,24 +222,45 @@ def test_only_required_picks_the_nodes_an_apply_said_need_a_reboot_and_not_since
     assert rc == 0, result.stdout + result.stderr
     assert report["order"] == ["n1", "n2"] and "n3" in report["skipped"]
     assert not any(n == "n3" for _, n, _ in nodes.timeline)
-    # Booted since: nothing needs a reboot any more.
+    # Booted since: nothing needs a reboot any more. Each skipped node is told once.
     nodes.start("n3")
     wait_for(lambda: "n3" in master.up_nodes(), 30, what="n3 back")
     rc, report, _ = reboot(master, "*", "--only-required")
     assert rc == 0 and report["order"] == [] and set(report["skipped"]) == {"n1", "n2", "n3"}
+    human = master.cli("reboot", "*", "--only-required", check=False, timeout=60)
+    assert human.returncode == 0, human.stdout + human.stderr
+    for name in ("n1", "n2", "n3"):
+        assert len([line for line in human.stdout.splitlines() if line.startswith(f"{name}: skipped: ")]) == 1, \
+            human.stdout
+
+
+def test_many_skipped_nodes_are_one_line_per_reason():
+    from pimaster.commands.reboot import skipped_lines
+    from pimaster.reboots import SKIP_BOOTED_SINCE, SKIP_NOT_REQUIRED
+
+    skipped = {f"node{i:03}": SKIP_NOT_REQUIRED for i in range(97)} | {"pi1": SKIP_BOOTED_SINCE}
+    assert skipped_lines(skipped) == [
+        f"skipped 97 nodes: {SKIP_NOT_REQUIRED} (node000, node001, node002, node003, node004 and 92 more)",
+        f"pi1: skipped: {SKIP_BOOTED_SINCE}"]
 
 
 def test_shutdown_asks_off_a_terminal_unless_yes_and_powers_off_faking_the_poweroff(master, fake_nodes):
     nodes = fake_nodes(["n1", "n2"])
     refused = master.cli("shutdown", "n1", "--json", check=False)
     assert refused.returncode == 2 and json.loads(refused.stdout)["code"] == "confirmation_needed"
-    assert "add --yes" in refused.stderr
+    assert "this would power off 1 node (n1)" in refused.stderr and "add --yes to power it off" in refused.stderr
     time.sleep(1)
     assert nodes.timeline == []  # nothing was powered off
+    stream = Stream(master, "--json")
+    stream.wait("the stream to start", type="subscribed")
     result = master.cli("shutdown", "n1", "--yes", "--json", check=False, timeout=120)
     assert result.returncode == 0, result.stdout + result.stderr
     report = json.loads(result.stdout)
     assert report["action"] == "poweroff" and report["nodes"]["n1"]["state"] == "off"
+    stream.wait("the shutdown to finish", type="reboot", state="finished")
+    assert [(e.get("node"), e["state"]) for e in stream.events if e["type"] == "reboot"] == [
+        (None, "started"), ("n1", "powering_off"), ("n1", "off"), (None, "finished")]  # no batch: it does not batch
+    stream.stop()
     assert [(n, w) for _, n, w in nodes.timeline] == [("n1", "poweroff"), ("n1", "down")]
     assert master.up_nodes() == {"n2"}
 
@@ -206,7 +275,11 @@ def test_a_node_running_a_job_refuses_the_reboot_and_the_roll_stops_faking_the_r
         wait_for(lambda: _running(master), 30, what="the job running on n1")
         rc, report, _ = reboot(master, "*", "--batch", "1")
         assert rc == 1
-        assert report["nodes"]["n1"]["state"] == "failed" and "a job is running" in report["nodes"]["n1"]["error"]
+        job = master.json("job", "last", check=False)["job"]
+        # The refusal names the job, and how to cancel it.
+        assert report["nodes"]["n1"]["state"] == "failed"
+        assert f"job {job} is running on this node" in report["nodes"]["n1"]["error"]
+        assert f"pimaster job cancel {job}" in report["nodes"]["n1"]["error"]
         assert report["nodes"]["n2"]["state"] == "not_started" and "n1" in report["stopped"]
         assert nodes.timeline == []
     finally:

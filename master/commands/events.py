@@ -150,12 +150,51 @@ def _rollback(event: dict) -> str:
     return f"network change{f' ({moved})' if moved else ''} rolled back: {json.dumps(event.get('reason'))}"
 
 
+def _reboot(event: dict) -> str:
+    """`pimaster reboot`/`shutdown` progress: the roll's start, batches, skips and end, each node's state."""
+    state = str(event.get("state"))
+    action = "shutdown" if event.get("action") == "poweroff" else "reboot"
+    if state == "started":
+        order = event.get("order") or []
+        count = event.get("node_count", len(order))
+        more = f" and {count - len(order)} more" if isinstance(count, int) and count > len(order) else ""
+        batches = event.get("batches")
+        batched = f" in {batches} batch(es)" if batches is not None else ""
+        own = f" ({event['master_node']}, this master's node, last)" if event.get("master_node") else ""
+        return f"{action} started: {count} node(s){batched}: {', '.join(map(str, order))}{more}{own}"
+    if state == "batch":
+        return f"batch {event.get('index')}/{event.get('of')}: {', '.join(map(str, event.get('nodes') or []))}"
+    if state == "finished":
+        summary = event.get("summary") if isinstance(event.get("summary"), dict) else {}
+        counts = ", ".join(f"{n} {str(k).replace('_', ' ')}" for k, n in summary.items())
+        skipped = f", {event['skipped']} skipped" if event.get("skipped") else ""
+        return (f"{action} finished{'' if event.get('ok') else ' with failures'} in {event.get('elapsed_s')} s"
+                f"{f': {counts}' if counts else ''}{skipped}")
+    if state == "stopped":
+        waiting = event.get("not_started") or []
+        left = f" (not started: {', '.join(map(str, waiting))})" if waiting else ""
+        return f"{action} stopped: {event.get('reason')}{left}"
+    if state == "skipped":
+        return f"skipped: {event.get('reason')}"
+    # One node's state. A failure's error may hold its agent's words: quoted, so that they read as
+    # its words and nothing more.
+    words = state.replace("_", " ")
+    if event.get("after_s") is not None:
+        words += f" after {event['after_s']} s"
+    if event.get("boot"):
+        words += f" (new boot {event['boot']})"
+    if event.get("error"):
+        words += f": {json.dumps(event['error']) if state == 'failed' else event['error']}"
+    return words
+
+
 _TEXT = {
     "subscribed": lambda event: f"listening ({event.get('subscribers')} stream(s) open)",
     "key": _key,
     "node": _node,
     "job": _job,
     "network_rollback": _rollback,
+    "reboot": _reboot,
     "lost": lambda event: f"{event.get('count')} event(s) lost: this stream read them too slowly",
 }
 
