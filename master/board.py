@@ -134,7 +134,7 @@ class JobBoard:
                             test=bool(test), nodes=nodes, node_count=len(nodes))
 
     def job_finished(self, job_id: str, node_id: str, status: str, summary: dict | None) -> None:
-        """A node's result for ``job_id`` was recorded (``status``: done, interrupted, no_answer):
+        """A node's result for ``job_id`` was recorded (``status``: done, interrupted, no_answer, not_sent):
         the ``job`` event, state ``finished``, with the word `pimaster apply` shows for it."""
         from .apply_view import node_result
 

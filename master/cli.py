@@ -52,7 +52,7 @@ GLOBAL_OPTIONS = {"--state-dir": True, "--json": False}
 # {inventory}: where the command reads the nodes' roles from.
 TARGET_HELP = ("the nodes: a glob on node ids (node0[1-4], 'pi*') or a comma list of them (node01,node03); "
                "role:NAME, the nodes whose roles include NAME in {inventory}; FACT=GLOB, the nodes whose fact "
-               "matches (arch=arm64, os_codename=bookworm, 'model=*Pi 5*'; facts: {facts}); terms separated "
+               "matches (arch=arm64, os_codename=bookworm, 'model=*Pi 5*'; facts: {facts}); !TERM, the nodes TERM does not match ('* !node04'); terms separated "
                "by spaces must all match ('role:compute arch=arm64'; a word after FACT=GLOB that starts no term "
                "continues its glob: node globs first, or id=GLOB); default every accepted node")
 

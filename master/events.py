@@ -37,8 +37,9 @@ events of no one node. The types and their fields:
 - ``job``: ``job`` (its id), ``state``: ``started`` (``file``: the state file's name, ``target``,
   ``test``, ``nodes``: the targeted node ids, at most 64, ``node_count``: all of them) or
   ``finished``, one per node as its result is recorded (``node``, ``status``: done, interrupted,
-  no_answer; ``result``: the word `pimaster apply` shows: ok, changed, failed, interrupted,
-  no answer; ``summary``: the counts of its states).
+  no_answer, not_sent (held back by --fail-stop or a cancel); ``result``: the word `pimaster
+  apply` shows: ok, changed, failed, interrupted, no answer, not sent; ``summary``: the counts of
+  its states).
 - ``network_rollback``: ``node`` undid a network change that cut it off (its health said so; the
   master learns it when it asks for health, as `pimaster ping` does, and publishes each note once):
   ``reason``, ``changes`` [{``interface``, ``address``}], ``noted`` (the agent's time of it).

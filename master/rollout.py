@@ -28,7 +28,7 @@ def not_sent(board, emit, job_id: str, node_id: str, stopped: str | None = None)
         result = {"id": "fail-stop", "fun": "pimaster.fail_stop", "name": node_id, "result": None, "changes": {},
                   "comment": f"not sent: {stopped}", "status": "not_run", MADE_BY: "pimaster"}
     board.store.record_result(job_id, node_id, "interrupted", {"not_run": 1}, [result], None, None)
-    board.job_finished(job_id, node_id, "interrupted", {"not_run": 1})
+    board.job_finished(job_id, node_id, "not_sent", {"not_run": 1})  # as `run` and the apply table say
     event = {"type": "node", "node": node_id, "status": "interrupted", "summary": {"not_run": 1}}
     if stopped is not None:
         event.update(status="not_sent", error=stopped)

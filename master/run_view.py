@@ -196,8 +196,14 @@ def print_run_report(report: dict, table, outputs: bool = False) -> bool:
         word = result_word(node)
         rows.append([node_id, (word, STYLES.get(word.split()[0], "red")), "-" if node["rc"] is None else str(node["rc"]),
                      "-" if node["duration_s"] is None else f"{node['duration_s']:.1f} s", node.get("error") or ""])
-    table(f"job {report['job']}: {report['file']}", ["NODE", "RESULT", "EXIT", "TIME", "DETAIL"], rows)
-    if report.get("stopped"):
-        held = sum(1 for _, node in nodes if node["status"] == "not_sent")
-        print(f"stopped: {report['stopped']}; {held} node(s) were not sent the command", flush=True)
+    import contextlib
+
+    # `pimaster run '*' -- uptime | grep node03`: stdout holds the nodes' output alone, the table
+    # (whose rows name nodes too) goes to stderr when stdout is not a terminal.
+    aside = not outputs and not sys.stdout.isatty()
+    with contextlib.redirect_stdout(sys.stderr) if aside else contextlib.nullcontext():
+        table(f"job {report['job']}: {report['file']}", ["NODE", "RESULT", "EXIT", "TIME", "DETAIL"], rows)
+        if report.get("stopped"):
+            held = sum(1 for _, node in nodes if node["status"] == "not_sent")
+            print(f"stopped: {report['stopped']}; {held} node(s) were not sent the command", flush=True)
     return all(node["ok"] for _, node in nodes)

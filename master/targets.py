@@ -6,7 +6,8 @@ terms separated by spaces, all of which a node must match (AND):
 - a glob on node ids (`node0[1-4]`, `pi*`), or a comma list of them (`node01,node03`: any of them);
 - `role:NAME`: the nodes whose roles in the inventory include NAME;
 - `FACT=GLOB`: the nodes whose fact FACT, as their agent reported it, matches GLOB
-  (`arch=arm64`, `model=*Pi 5*`, `os_codename=bookworm`; ``MATCHABLE_FACTS``).
+  (`arch=arm64`, `model=*Pi 5*`, `os_codename=bookworm`; ``MATCHABLE_FACTS``);
+- `!TERM`: the nodes TERM does not match (`'* !node04'`, `!role:gpu`, `!arch=armhf`).
 
 A fact's glob may hold spaces (`model=*Pi 5*`): a word after FACT=GLOB that starts no term of
 its own (role:NAME, NAME=GLOB) continues that glob, so node globs go first or are written
@@ -94,15 +95,19 @@ class Term:
     (``name`` = ``globs[0]``); ``text`` as written. (No dataclass: the CLI imports this module, and
     dataclasses costs `pimaster ping` its start-up time.)"""
 
-    __slots__ = ("kind", "text", "name", "globs")
+    __slots__ = ("kind", "text", "name", "globs", "negated")
 
-    def __init__(self, kind: str, text: str, name: str = "", globs: tuple[str, ...] = ()) -> None:
-        self.kind, self.text, self.name, self.globs = kind, text, name, globs
+    def __init__(self, kind: str, text: str, name: str = "", globs: tuple[str, ...] = (),
+                 negated: bool = False) -> None:
+        self.kind, self.text, self.name, self.globs, self.negated = kind, text, name, globs, negated
 
     def __repr__(self) -> str:
         return f"Term({self.kind}, {self.text!r})"
 
     def matches(self, node_id: str, roles, facts) -> bool:
+        return self._matches(node_id, roles, facts) != self.negated
+
+    def _matches(self, node_id: str, roles, facts) -> bool:
         if self.kind == "ids":
             return any(fnmatch.fnmatchcase(node_id, glob) for glob in self.globs)
         if self.kind == "role":
@@ -154,7 +159,7 @@ class Target:
         """For each identity fact a term of this target matches on: the values several of
         ``nodes`` report."""
         shared: dict[str, set[str]] = {}
-        for name in {t.name for t in self.terms if t.kind == "fact" and t.name in IDENTITY_FACTS}:
+        for name in {t.name for t in self.terms if t.kind == "fact" and t.name in IDENTITY_FACTS and not t.negated}:
             seen: set[str] = set()
             for _roles, facts in nodes.values():
                 value = fact_text(facts, name)
@@ -172,7 +177,7 @@ class Target:
         for term in self.terms:
             hits = sorted(n for n, (roles, facts) in nodes.items() if term.matches(n, roles, facts))
             claimed = [n for n in hits if fact_text(nodes[n][1], term.name) in shared.get(term.name, ())] \
-                if term.kind == "fact" else []
+                if term.kind == "fact" and not term.negated else []
             if claimed:
                 parts.append(f"{term.text}: {_few(claimed)} report the same {term.name}, and a fact that names one "
                              "machine picks a node only when one node reports it (target it by id)")
@@ -189,6 +194,8 @@ class Target:
                 values = sorted({v for _, facts in nodes.values() if (v := fact_text(facts, term.name)) is not None})
                 seen = (f"their {term.name}: {_few([v[:40] for v in values], quote=True)}" if values
                         else f"none reported {term.name}")
+                if " " in term.globs[0]:  # say how it was read: `arch=amd64 node01` is one glob
+                    seen = f"{term.name} glob {term.globs[0][:60]!r}, {seen}"
                 part = f"{part} ({seen})" if part else seen
             if part:
                 parts.append(part)
@@ -196,7 +203,7 @@ class Target:
             parts.append("no node matches all of them")
         if any(t.kind == "fact" and " " in t.globs[0] for t in unmatched):
             parts.append("a word after FACT=GLOB that starts no term continues its glob (model=*Pi 5*): "
-                         "put node globs first, or write them id=GLOB")
+                         "if one was meant as a node glob, put node globs first, or write them id=GLOB")
         return "; ".join(parts)
 
 
@@ -273,15 +280,25 @@ def compile_target(text: str | None) -> Target:
             # hold spaces); node globs go first, or as id=GLOB.
             last = terms.pop()
             glob = f"{last.globs[0]} {word}"
-            terms.append(Term("fact", f"{last.name}={glob}", last.name, (glob,)))
+            terms.append(Term("fact", f"{last.text} {word}", last.name, (glob,), last.negated))
+        elif word.startswith("!"):
+            # `!node04`, `!role:gpu`, `!arch=armhf`: the nodes the term does not match.
+            if word[1:] in ("", "*") or word[1:].startswith("!"):
+                raise TargetError(f"{word!r}: ! leaves out the nodes of the term after it (!node04, !role:gpu, "
+                                  "!arch=armhf)")
+            term = _term(word[1:])
+            term.text, term.negated = word, True
+            terms.append(term)
         elif word != "*":
             terms.append(_term(word))
     return Target(text, tuple(terms))
 
 
 def _starts_term(word: str) -> bool:
-    """Whether ``word`` begins a term of its own: role:NAME or NAME=GLOB (an id glob alone does
-    not, after a fact: it continues that fact's glob)."""
+    """Whether ``word`` begins a term of its own: role:NAME, NAME=GLOB or !TERM (an id glob alone
+    does not, after a fact: it continues that fact's glob)."""
+    if word.startswith("!"):  # a negated term of any kind (no Pi model has a word starting with !)
+        return True
     name, equals, _glob = word.partition("=")
     return word.startswith(ROLE_PREFIX) or bool(equals) and not any(c in name for c in "*?[")
 

@@ -157,6 +157,13 @@ def test_targets_take_comma_lists_facts_and_terms_that_all_must_match():
     # A word after FACT=GLOB that starts no term continues its glob; node globs go first or as id=.
     assert matches("model=*Pi 5*") and matches("node05 model=*Pi 5* Model B*") and matches("model=*Pi 5* id=node05")
     assert not matches("model=*Pi 5* node05") and not matches("model=*Pi 5* id=node01")
+    # !TERM leaves out what TERM matches, whatever its kind; it always starts a term of its own.
+    assert matches("* !node04") and not matches("* !node05") and matches("!node0[1-4]")
+    assert not matches("!role:compute", roles=["compute"]) and matches("!role:gpu", roles=["compute"])
+    assert matches("!arch=armhf") and not matches("node0* !arch=arm*") and not matches("model=*Pi 5* !node05")
+    for bad in ("!", "!*", "!!node01"):
+        with pytest.raises(cli.argparse.ArgumentTypeError, match="leaves out"):
+            cli.parse_target(bad)
     # A node without the fact, or with it as something other than one value, matches no fact term.
     assert not matches("pi_serial=*") and not matches("arch=*", facts=None)
     assert not matches("arch=*", facts={"arch": ["arm64"]}) and not matches("os_codename=*", facts={"os": "bookworm"})

@@ -68,6 +68,9 @@ def test_ping_and_nodes_take_globs_comma_lists_roles_and_facts(cluster):
     assert _pinged(master, "--target", "arch=arm*")[1] == ["odd01", "pi05"]
     # Comma lists, each item a glob, alone and ANDed.
     assert _pinged(master, "node01,node03")[1] == ["node01", "node03"]
+    # Leaving nodes out: every node but these.
+    assert _pinged(master, "* !node0[12]")[1] == ["node03", "odd01", "pi05"]
+    assert _pinged(master, f"!arch={arch} !odd01")[1] == ["pi05"]
     assert _pinged(master, "node01,pi*,odd*")[1] == ["node01", "odd01", "pi05"]
     assert _pinged(master, "node0*,pi05 arch=arm64")[1] == ["pi05"]
     # The names: model is the Pi model, os_codename the OS's; quotes group a glob too.

@@ -40,7 +40,8 @@ BACKUP_DESCRIPTION = (
     "file of the state dir but the control socket, the lock and temp files. Run it as the user the master runs "
     "as (root). Keep the file off the master's SD card.")
 RESTORE_DESCRIPTION = (
-    "Put a backup's master into the state dir, the master stopped (systemctl stop pimaster): every agent "
+    "Put a backup's master into the state dir, the master stopped (systemctl stop pimaster; the lab's: "
+    "pimaster lab exec node01 -- systemctl stop pimaster): every agent "
     "reconnects to it when it starts, no card touched. The file is checked first (format, checksum or "
     "AES-GCM tag, key pair, database): a damaged file or a wrong passphrase changes nothing. A master that "
     "has agent keys is replaced only with --force.")
@@ -105,7 +106,10 @@ def run_restore(args) -> int:
         header, files = unpack(data, passphrase)
         done = restore(args.state_dir, files, force=args.force)
     except BackupError as exc:
-        return report_error(args, str(exc), exc.code)
+        message = str(exc)
+        if _is_lab(args.state_dir):  # the lab's master runs in node01, not as this machine's service
+            message = message.replace("(systemctl stop pimaster)", f"(in the lab: {LAB_SYSTEMCTL} stop pimaster)")
+        return report_error(args, message, exc.code)
     except OSError as exc:
         return report_error(args, f"restore failed: {exc}", "internal")
     replaced = done["replaced"]
@@ -121,8 +125,19 @@ def run_restore(args) -> int:
           f"{database['tokens']} token(s), {database['jobs']} job(s)")
     if replaced["fingerprint"] and replaced["fingerprint"] != summary["fingerprint"]:
         print(f"replaced master {replaced['fingerprint']} ({replaced['keys'] or 0} agent key(s))")
-    print("start it (systemctl start pimaster): every agent reconnects by itself")
+    how = f"{LAB_SYSTEMCTL} start pimaster" if _is_lab(args.state_dir) else "systemctl start pimaster"
+    print(f"start it ({how}): every agent reconnects by itself")
     return EXIT_OK
+
+
+# The lab's master runs in its node01, its state dir bound from the host's (`pimaster lab`).
+LAB_SYSTEMCTL = "pimaster lab exec node01 -- systemctl"
+
+
+def _is_lab(state_dir: str) -> bool:
+    from ..lab.model import MASTER_STATE_DIR
+
+    return os.path.realpath(state_dir) == os.path.realpath(MASTER_STATE_DIR)
 
 
 def _size(n: int) -> str:

@@ -54,6 +54,10 @@ def _command_after_dashes(parser) -> None:
             at = args.index("--")
             args, command = args[:at], args[at + 1:]
         namespace, extras = parse(args, namespace)
+        if command is None and (namespace.command or extras):
+            # `run node02 uname -n`: argparse would take -n for an option of pimaster's.
+            words = " ".join(namespace.command + extras)
+            parser.error(f"the command goes after `--`: pimaster run {namespace.target or 'TARGET'} -- {words}")
         if command is not None:
             if namespace.command:
                 parser.error(f"the command goes after `--`, all of it (before it: {' '.join(namespace.command)})")

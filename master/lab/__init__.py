@@ -17,9 +17,10 @@ The package, along its seams:
     checks.py     checks before `up` creates anything (root, tools, subnet, memory, packages)
     rootfs.py     the code nodes run and their root file systems before first boot
     node.py       node lifecycle: start, PID 1, exec inside a node (CAP_SYS_TIME dropped), logs
-    bringup.py    `up`: network, master, join token, agents, until every node answers ping
+    bringup.py    `up`: network, master, join token, agents, until every node answers ping;
+                  `start`: boot stopped nodes again
     teardown.py   `down`: every process, cgroup, namespace, route, mount and file, found by prefix
-    cli.py        `pimaster lab up|down|status|exec`
+    cli.py        `pimaster lab up|start|down|status|exec`
 
 The public API is what this module exports (``__all__``), for the master's CLI (``main``) and the
 end-to-end tests (tests/e2e/lab_harness.py); everything else is internal to the lab and may change.
@@ -29,7 +30,8 @@ end-to-end tests (tests/e2e/lab_harness.py); everything else is internal to the 
 - ``Lab``, ``Node``: the lab's state as `up` recorded it; ``Lab.load()`` (None: no lab) and
   ``load_lab()`` (LabError: no lab); ``lab.node(name)``, ``lab.subnet``, ``lab.master_address``,
   ``node.ip``, ``node.netns``.
-- ``lab_running(lab)``: every node of the lab is running.
+- ``lab_running(lab)``: every node of the lab is running; ``node_running(node)``: this one is (up,
+  booting or rebooting; False: stopped, e.g. powered off by `pimaster shutdown`).
 - ``leftovers()``: what a lab left on this machine, described for people (empty: nothing).
 - ``node_command(node, cmd) -> argv``: the host command that runs ``cmd`` inside the node (its
   namespaces, CAP_SYS_TIME dropped, a clean environment); LabError if the node is not running.
@@ -51,12 +53,12 @@ from .cli import main
 from .host import descendants, node_memory_mb
 from .model import (CGROUP_NAME, DEFAULT_SUBNET, LAB_DIR, MASTER_NODE, MASTER_STATE_DIR, NETNS_PREFIX,
                     Lab, LabError, Node, load_lab)
-from .node import leader_pid, node_command
+from .node import leader_pid, node_command, node_running
 from .rootfs import NODE_SRC
 from .teardown import leftovers
 
 __all__ = [
-    "main", "LabError", "Lab", "Node", "load_lab", "lab_running", "leftovers", "node_command",
+    "main", "LabError", "Lab", "Node", "load_lab", "lab_running", "node_running", "leftovers", "node_command",
     "leader_pid", "descendants", "node_memory_mb", "check_capacity", "check_subnet_free",
     "LAB_DIR", "MASTER_STATE_DIR", "MASTER_NODE", "NODE_SRC", "DEFAULT_SUBNET", "NETNS_PREFIX",
     "CGROUP_NAME",

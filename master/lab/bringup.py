@@ -7,6 +7,7 @@ the agent as a systemd service and enrolls itself with a join token dropped into
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shlex
@@ -54,6 +55,24 @@ def bring_up(lab: Lab, source: Source) -> None:
     wait_booted(agents, time.time() + BOOT_TIMEOUT_S)
     say("Waiting for every agent to enroll and answer ping ...")
     wait_enrolled(lab, time.time() + ENROLL_TIMEOUT_S)
+
+
+def start_stopped(lab: Lab, nodes: list[Node], source: Source) -> None:
+    """Boot stopped nodes again, like a Pi whose plug is put back: the same overlay (root file system,
+    keys, the master's state dir), network namespace and address; nothing is prepared afresh.
+    Waits until they have booted and, when the master's node runs, until their agents answer ping."""
+    for node in nodes:
+        # A poweroff leaves nspawn's lock file of the last boot behind; the new boot makes its own.
+        if node.nspawn_lock:
+            with contextlib.suppress(OSError):
+                os.unlink(node.nspawn_lock)
+            node.nspawn_lock = None
+        say(f"Booting {node.name} ...")
+        start_node(lab, node, source)
+    wait_booted(nodes, time.time() + BOOT_TIMEOUT_S)
+    if node_running(lab.node(MASTER_NODE)):
+        say("Waiting for their agents to answer ping ...")
+        wait_enrolled(lab, time.time() + ENROLL_TIMEOUT_S, [n.name for n in nodes])
 
 
 def wait_booted(nodes: list[Node], deadline: float) -> None:
@@ -113,8 +132,9 @@ def ping_all(lab: Lab, timeout: float = 5) -> dict[str, bool]:
         return {}
 
 
-def wait_enrolled(lab: Lab, deadline: float) -> None:
-    expected = [n.name for n in lab.nodes]
+def wait_enrolled(lab: Lab, deadline: float, expected: list[str] | None = None) -> None:
+    """Until the master in node01 hears every node of ``expected`` (default: all) answer ping."""
+    expected = expected or [n.name for n in lab.nodes]
     answered: dict[str, bool] = {}
     while True:
         answered = ping_all(lab, timeout=3)
@@ -122,7 +142,7 @@ def wait_enrolled(lab: Lab, deadline: float) -> None:
         if not missing:
             return
         if time.time() > deadline:
-            parts = [f"these nodes did not enroll and answer ping within {ENROLL_TIMEOUT_S} s: "
+            parts = [f"these nodes did not answer ping within {ENROLL_TIMEOUT_S} s: "
                      f"{', '.join(missing)}"]
             for name in missing:
                 parts.append(f"  journalctl -u piagent on {name}:\n{journal_tail(lab.node(name), 'piagent')}")

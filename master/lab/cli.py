@@ -1,4 +1,4 @@
-"""`pimaster lab up|down|status|exec`: the lab's command line (`main` is its entry point)."""
+"""`pimaster lab up|start|down|status|exec`: the lab's command line (`main` is its entry point)."""
 
 from __future__ import annotations
 
@@ -9,23 +9,23 @@ import os
 import sys
 import time
 
-from .bringup import bring_up, lab_running
+from .bringup import bring_up, start_stopped
 from .checks import (check_capacity, check_subnet_free, ensure_node_packages, node_count_fits_subnet,
                      parse_subnet, require_root, require_tools)
-from .host import node_memory_mb, say
+from .host import lab_netns, node_memory_mb, say
 from .model import (DEFAULT_NODES, DEFAULT_SUBNET, LAB_DIR, MASTER_NODE, MASTER_PORT, MASTER_STATE_DIR,
-                    MAX_NODES, STATE_FILE, Lab, LabError, Node, lab_lock, load_lab, make_nodes,
-                    terminate_as_interrupt)
-from .node import leader_pid, node_command, node_exec
+                    MAX_NODES, STATE_FILE, SWITCH_NETNS, Lab, LabError, LabRefused, Node, lab_lock, load_lab,
+                    make_nodes, terminate_as_interrupt)
+from .node import leader_pid, node_command, node_exec, node_running
 from .rootfs import find_source
 from .teardown import leftovers, teardown
 
 
-def cmd_up(count: int, subnet_text: str, keep_on_failure: bool = False) -> int:
-    if not 1 <= count <= MAX_NODES:
+def cmd_up(count: int | None, subnet_text: str | None, keep_on_failure: bool = False) -> int:
+    if count is not None and not 1 <= count <= MAX_NODES:
         raise LabError(f"--nodes must be between 1 and {MAX_NODES}, not {count}")
-    subnet = parse_subnet(subnet_text)
-    node_count_fits_subnet(count, subnet)
+    subnet = parse_subnet(subnet_text or DEFAULT_SUBNET)
+    node_count_fits_subnet(count or DEFAULT_NODES, subnet)
     require_root()
     require_tools()
     source = find_source()
@@ -35,12 +35,28 @@ def cmd_up(count: int, subnet_text: str, keep_on_failure: bool = False) -> int:
             old = Lab.load()
         except LabError:  # a damaged state file: what it described is cleaned up by prefix below
             old = None
-        if old and old.status == "up" and lab_running(old):
-            raise LabError(f"a lab with {len(old.nodes)} nodes is already up on {old.subnet}; "
-                           f"`pimaster lab down` first")
+        if old and old.status == "up":
+            # A lab that was up holds the master's state (its key pair, which every agent pins, keys,
+            # jobs): never wiped here. Its stopped nodes are booted again, as `lab start` does.
+            stopped = [n for n in old.nodes if not node_running(n)]
+            if not stopped:
+                raise LabError(f"a lab with {len(old.nodes)} nodes is already up on {old.subnet}; "
+                               f"`pimaster lab down` first")
+            if (count is not None and count != len(old.nodes)) or (subnet_text is not None
+                                                                   and str(subnet) != old.subnet):
+                raise LabError(f"a lab with {len(old.nodes)} nodes on {old.subnet} is here, "
+                               f"{describe_stopped(old, stopped)}; `pimaster lab start "
+                               f"{' '.join(n.name for n in stopped)}` boots {them(stopped)} again, "
+                               f"`pimaster lab down` removes the lab (and its master's state) for a new one")
+            say(f"The lab on {old.subnet} is here, {describe_stopped(old, stopped)}: booting {them(stopped)} "
+                f"again (the master keeps its keys and jobs; `pimaster lab down` first for a new lab)")
+            start_nodes(old, stopped, source)
+            print_summary(old, time.time() - started)
+            return 0
         if old or leftovers():
             say("Cleaning up what an earlier lab left behind ...")
             teardown()
+        count = count or DEFAULT_NODES
         check_subnet_free(subnet)
         check_capacity(count)
         ensure_node_packages()
@@ -62,6 +78,49 @@ def cmd_up(count: int, subnet_text: str, keep_on_failure: bool = False) -> int:
     return 0
 
 
+def describe_stopped(lab: Lab, stopped: list[Node]) -> str:
+    if len(stopped) == len(lab.nodes):
+        return f"all {len(stopped)} of its nodes stopped"
+    return f"{', '.join(n.name for n in stopped)} stopped"
+
+
+def them(nodes: list) -> str:
+    return "it" if len(nodes) == 1 else "them"
+
+
+def start_nodes(lab: Lab, nodes: list[Node], source) -> None:
+    """Boot stopped nodes of a lab that is up; LabError when the lab's network is gone."""
+    missing = sorted({SWITCH_NETNS, *(n.netns for n in nodes)} - set(lab_netns()))
+    if missing:
+        raise LabError(f"the lab's network is gone ({', '.join(missing)} missing: did this machine reboot?), "
+                       f"so its nodes cannot boot again; `pimaster lab down` removes the lab, its master's "
+                       f"state in {MASTER_STATE_DIR} included (`pimaster backup` it first if you need it)")
+    start_stopped(lab, nodes, source)
+
+
+def cmd_start(names: list[str]) -> int:
+    require_root()
+    require_tools()
+    source = find_source()
+    started = time.time()
+    with lab_lock(), terminate_as_interrupt():
+        lab = load_lab()
+        if lab.status != "up":
+            raise LabError("the lab's `up` did not finish (it is running or crashed); `pimaster lab down` "
+                           "removes what it left, then `pimaster lab up`")
+        try:
+            nodes = [lab.node(name) for name in dict.fromkeys(names)]
+        except LabError as exc:
+            raise LabRefused(str(exc)) from None
+        running = [n.name for n in nodes if node_running(n)]
+        if running:
+            raise LabRefused(f"{', '.join(running)} {'is' if len(running) == 1 else 'are'} running; `lab start` "
+                             f"boots stopped nodes only (`pimaster lab exec NODE -- systemctl reboot` reboots one)")
+        start_nodes(lab, nodes, source)
+    say(f"{', '.join(n.name for n in nodes)} booted again in {time.time() - started:.1f} s.")
+    return 0
+
+
 def print_summary(lab: Lab, seconds: float) -> None:
     say(f"\nLab up: {len(lab.nodes)} nodes on {lab.subnet} in {seconds:.1f} s "
         f"(the master listens on {lab.master_address} inside the lab)\n")
@@ -74,6 +133,7 @@ Use it:
                                                 then `pimaster ping`, `pimaster apply ...` on this
                                                 host talk to the lab's master (via its control socket)
   pimaster lab status                           nodes, addresses, services, memory
+  pimaster lab start NODE...                    boot a stopped node again (`pimaster shutdown` powered it off)
   pimaster lab down                             remove the lab and everything it made""")
 
 
@@ -94,18 +154,27 @@ def cmd_down() -> int:
 
 
 def node_status(node: Node) -> dict:
+    """The node as `lab status` shows it; its state: "stopped" (powered off), "booting" (its supervisor
+    runs but PID 1 is not there yet: starting or rebooting), or what systemd in it says (running, ...)."""
     info: dict = {"name": node.name, "ip": node.ip, "roles": node.roles, "state": "stopped",
                   "addresses": [], "services": {}, "memory_mb": 0.0}
+    if not node_running(node):
+        return info
     info["memory_mb"] = node_memory_mb(node)
     if leader_pid(node) is None:
+        info["state"] = "booting"
         return info
-    info["state"] = node_exec(node, ["systemctl", "is-system-running"], timeout=30).stdout.strip() or "unknown"
-    addr = node_exec(node, ["ip", "-j", "-4", "addr", "show", "dev", "eth0"], timeout=30).stdout
+    try:
+        info["state"] = node_exec(node, ["systemctl", "is-system-running"], timeout=30).stdout.strip() or "unknown"
+        addr = node_exec(node, ["ip", "-j", "-4", "addr", "show", "dev", "eth0"], timeout=30).stdout
+        units = ["piagent"] + (["pimaster"] if "master" in node.roles else [])
+        states = node_exec(node, ["systemctl", "is-active", *units], timeout=30).stdout.split()
+    except LabError:  # it stopped or rebooted meanwhile
+        info["state"] = "stopped" if not node_running(node) else "booting"
+        return info
     with contextlib.suppress(ValueError, IndexError, KeyError):
         info["addresses"] = [f"{a['local']}/{a['prefixlen']}" for link in json.loads(addr)
                              for a in link["addr_info"]]
-    units = ["piagent"] + (["pimaster"] if "master" in node.roles else [])
-    states = node_exec(node, ["systemctl", "is-active", *units], timeout=30).stdout.split()
     info["services"] = dict(zip(units, states))
     return info
 
@@ -121,13 +190,23 @@ def cmd_status(as_json: bool) -> int:
             say("No lab is up." + (f" Leftovers ({'; '.join(left)}): run `pimaster lab down`." if left else ""))
         return 1
     nodes = [node_status(n) for n in lab.nodes]
-    report = {"up": lab.status == "up", "status": lab.status, "subnet": lab.subnet,
+    stopped = [n["name"] for n in nodes if n["state"] == "stopped"]
+    # A lab whose nodes are all powered off is not up: it is there, and `lab start` boots it again.
+    up = lab.status == "up" and len(stopped) < len(nodes)
+    report = {"up": up, "status": lab.status, "stopped": stopped, "subnet": lab.subnet,
               "master_address": lab.master_address, "master_state_dir": str(MASTER_STATE_DIR),
               "lab_dir": str(LAB_DIR), "nodes": nodes}
     if as_json:
         print(json.dumps(report, indent=2))
     else:
-        state = lab.status if lab.status == "up" else f"{lab.status} (an `up` is running or crashed)"
+        if lab.status != "up":
+            state = f"{lab.status} (an `up` is running or crashed)"
+        elif not up:
+            state = "stopped (every node is powered off)"
+        elif stopped:
+            state = f"up ({', '.join(stopped)} stopped)"
+        else:
+            state = "up"
         say(f"Lab {state}: {len(nodes)} nodes on {lab.subnet}; master {lab.master_address} in {MASTER_NODE}")
         say(f"  export PIMASTER_STATE_DIR={MASTER_STATE_DIR}\n")
         say(f"  {'NODE':<7} {'STATE':<10} {'ADDRESS':<18} {'SERVICES':<36} MEMORY")
@@ -135,6 +214,8 @@ def cmd_status(as_json: bool) -> int:
             services = " ".join(f"{u}:{s}" for u, s in n["services"].items()) or "-"
             say(f"  {n['name']:<7} {n['state']:<10} {', '.join(n['addresses']) or '-':<18} {services:<36} "
                 f"{n['memory_mb']:.0f} MB")
+        if stopped and lab.status == "up":
+            say(f"\n  `pimaster lab start {' '.join(stopped)}` boots {them(stopped)} again.")
     healthy = lab.status == "up" and all(n["state"] in ("running", "degraded") for n in nodes)
     return 0 if healthy else 1
 
@@ -161,10 +242,13 @@ def _parser() -> argparse.ArgumentParser:
         "node01 running the master, every node an enrolled agent. Needs root."))
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     up = sub.add_parser("up", help="start the nodes, the master and the agents; wait until all answer ping")
-    up.add_argument("--nodes", type=int, default=DEFAULT_NODES, help=f"how many nodes (default {DEFAULT_NODES})")
-    up.add_argument("--subnet", default=DEFAULT_SUBNET,
+    up.add_argument("--nodes", type=int, help=f"how many nodes (default {DEFAULT_NODES})")
+    up.add_argument("--subnet",
                     help=f"private IPv4 subnet of the lab (default {DEFAULT_SUBNET})")
     up.add_argument("--keep-on-failure", action="store_true", help="leave a failed lab in place for debugging")
+    start = sub.add_parser("start", help="boot stopped nodes again (powered off by `pimaster shutdown`), as a "
+                                         "Pi whose plug is put back: same root file system, keys and address")
+    start.add_argument("nodes", nargs="+", metavar="NODE", help="a stopped node of the lab (node04)")
     status = sub.add_parser("status", help="the nodes, their addresses, services and memory")
     status.add_argument("--json", action="store_true", help="print JSON")
     sub.add_parser("exec", help="run a command on a node: exec NODE -- CMD ...", add_help=False)
@@ -179,6 +263,8 @@ def main(argv: list[str]) -> int:
         args = _parser().parse_args(argv)
         if args.command == "up":
             return cmd_up(args.nodes, args.subnet, args.keep_on_failure)
+        if args.command == "start":
+            return cmd_start(args.nodes)
         if args.command == "down":
             return cmd_down()
         if args.command == "status":
@@ -186,7 +272,7 @@ def main(argv: list[str]) -> int:
         return 2
     except LabError as exc:
         print(f"pimaster lab: error: {exc}", file=sys.stderr)
-        return 1
+        return 2 if isinstance(exc, LabRefused) else 1
     except KeyboardInterrupt:
         print("pimaster lab: interrupted", file=sys.stderr)
         return 130

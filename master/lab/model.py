@@ -57,6 +57,10 @@ class LabError(Exception):
     """Something the user can act on: printed as one clear message, never as a traceback."""
 
 
+class LabRefused(LabError):
+    """A request refused before anything was done (an unknown node, a running one): exit status 2."""
+
+
 @dataclass
 class Node:
     name: str

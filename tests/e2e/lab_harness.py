@@ -67,13 +67,17 @@ class Lab:
     def ensure_up(self) -> Lab:
         if self.up_failure:  # do not retry a broken bring-up for every test
             pytest.fail(f"the lab did not come up:\n{self.up_failure}")
-        if self.is_up and not labmod.lab_running(self.state):
-            # A node stays down after a test powered it off (`pimaster shutdown`): start afresh.
-            self.down()
+        if self.is_up:
+            stopped = [n.name for n in self.state.nodes if not labmod.node_running(n)]
+            if stopped:
+                # A node stays off after a test powered it off (`pimaster shutdown`): press its power
+                # button, as a user would; the master keeps its keys and jobs.
+                self.start(*stopped)
         if not self.is_up:
             existing = labmod.Lab.load()
-            # A lab someone left up is theirs; leftovers of a crashed one `up` cleans by itself.
-            if existing is not None and existing.status == "up" and labmod.lab_running(existing):
+            # A lab someone left up is theirs; leftovers of a crashed one `up` cleans by itself (and
+            # boots again the nodes of a lab that is there with every node powered off).
+            if existing is not None and existing.status == "up" and any(map(labmod.node_running, existing.nodes)):
                 pytest.fail(f"a lab is already up on this machine ({len(existing.nodes)} nodes, started by "
                             f"pid {existing.owner_pid}); run `pimaster lab down` before the e2e tests")
             result = pimaster_cli("lab", "up", "--nodes", str(self.size))
@@ -83,6 +87,13 @@ class Lab:
             self.is_up = True
             self.up_output = result.stdout
         return self
+
+    def start(self, *nodes: str) -> subprocess.CompletedProcess:
+        """`pimaster lab start NODES...`: boot stopped nodes again (fails the test if it fails)."""
+        result = pimaster_cli("lab", "start", *nodes)
+        if result.returncode != 0:
+            pytest.fail(f"`pimaster lab start {' '.join(nodes)}` failed:\n{describe(result)}")
+        return result
 
     def down(self) -> subprocess.CompletedProcess:
         result = pimaster_cli("lab", "down")

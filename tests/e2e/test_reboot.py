@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from lab_harness import Lab, describe
+from lab_harness import Lab, describe, pimaster_cli
 from pimaster import lab as labmod
 
 pytestmark = pytest.mark.lab
@@ -88,24 +88,37 @@ def test_the_masters_own_node_goes_last_and_the_master_comes_back_with_it(lab):
     assert lab.leader("node04") != leaders["node04"]
 
 
-def test_shutdown_powers_a_node_off_and_it_stays_off(lab):
-    try:
-        refused = lab.pimaster("shutdown", "node04", check=False)  # not on a terminal, no --yes
-        assert refused.returncode == 2 and "--yes" in refused.stderr
-        assert lab.all_up(["node04"])
-        result = lab.pimaster("shutdown", "node04", "--yes", "--json", check=False, timeout=300)
-        assert result.returncode == 0, describe(result)
-        assert json.loads(result.stdout)["nodes"]["node04"]["state"] == "off"
-        Lab.wait_for(lambda: lab.leader("node04") is None, "node04's PID 1 to end", timeout=60)
-        time.sleep(5)  # off stays off: the supervisor does not boot it again
-        assert lab.leader("node04") is None
-        status = json.loads(labmod_status())
-        assert {n["name"]: n["state"] for n in status["nodes"]}["node04"] == "stopped"
-    finally:
-        lab.ensure_up()  # a node left off: `ensure_up` brings a whole lab up again
+def _accepted_fingerprint(lab: Lab, node: str) -> str | None:
+    keys = json.loads(lab.pimaster("keys", "list", "--json").stdout)["keys"]
+    return next((k["fingerprint"] for k in keys if k["id"] == node and k["state"] == "accepted"), None)
 
 
-def labmod_status() -> str:
-    from lab_harness import pimaster_cli
+def test_shutdown_powers_a_node_off_it_stays_off_and_lab_start_boots_it_with_its_key(lab):
+    master_fp = json.loads(lab.pimaster("keys", "fingerprint", "--json").stdout)["master"]
+    node_fp = _accepted_fingerprint(lab, "node04")
+    assert node_fp
+    refused = lab.pimaster("shutdown", "node04", check=False)  # not on a terminal, no --yes
+    assert refused.returncode == 2 and "--yes" in refused.stderr
+    assert lab.all_up(["node04"])
+    result = lab.pimaster("shutdown", "node04", "--yes", "--json", check=False, timeout=300)
+    assert result.returncode == 0, describe(result)
+    assert json.loads(result.stdout)["nodes"]["node04"]["state"] == "off"
+    Lab.wait_for(lambda: lab.leader("node04") is None, "node04's PID 1 to end", timeout=60)
+    time.sleep(5)  # off stays off: the supervisor does not boot it again
+    assert lab.leader("node04") is None
+    status = json.loads(pimaster_cli("lab", "status", "--json").stdout)
+    assert {n["name"]: n["state"] for n in status["nodes"]}["node04"] == "stopped"
+    assert status["up"] is True and status["stopped"] == ["node04"]
+    jobs = lab.job_ids()
 
-    return pimaster_cli("lab", "status", "--json").stdout
+    # The power button: the same node comes back, with its own root file system and key.
+    started = pimaster_cli("lab", "start", "node04")
+    assert started.returncode == 0, describe(started)
+    Lab.wait_for(lambda: lab.all_up(["node04"]), "node04 to answer ping again", timeout=120, interval=1)
+    assert _accepted_fingerprint(lab, "node04") == node_fp
+    assert json.loads(lab.pimaster("keys", "fingerprint", "--json").stdout)["master"] == master_fp
+    assert set(jobs) <= set(lab.job_ids())
+    again = pimaster_cli("lab", "start", "node04", "node09")
+    assert again.returncode == 2 and "node09" in again.stderr, describe(again)
+    again = pimaster_cli("lab", "start", "node04")
+    assert again.returncode == 2 and "node04 is running" in again.stderr, describe(again)

@@ -3,9 +3,9 @@ runs, the master stopped and its state dir wiped, `pimaster restore`, the master
 every agent answers ping with no card touched, and the Slurm cluster's states change nothing (the
 munge key, a secret of the master's, came back with it).
 
-Named _lab as test_state_modules_lab.py is (one pytest run collects tests/test_backup.py too). It
-runs before test_shipped_states.py: it applies slurm once to have a converged cluster
-(that test's first apply then finds it converged, which it accepts)."""
+Named after test_shipped_states.py so that it runs after it (and after test_lab.py, whose first
+test expects nodes nothing was applied to yet): slurm is converged by then, and its apply here
+finds it so; its name is not test_backup.py, which tests/ has already (one pytest run collects both)."""
 
 from __future__ import annotations
 
