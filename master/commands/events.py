@@ -17,13 +17,8 @@ import sys
 from . import handler
 from ..cli import EXIT_OK, EXIT_UNREACHABLE, local_time
 
-
-class Stopped(KeyboardInterrupt):
-    """SIGTERM, or this command's reader gone: the end of the stream, as Ctrl-C is."""
-
-
-def _stop(signum, frame) -> None:
-    raise Stopped
+# SIGTERM, or this command's reader gone (`_watch_stdout` sends one): the end of the stream, as Ctrl-C is.
+from .apply import Terminated as Stopped, _terminated as _stop  # noqa: E402
 
 
 def add_parser(sub, name, summary, common, as_json) -> None:
