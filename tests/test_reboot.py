@@ -6,7 +6,7 @@ it reports). A watcher plays the node: on a marker it stops the agent, keeps it 
 (for a reboot) starts it again with a new boot id. What is real: the request, the agent's answer
 and its delayed action, the master's order, batches, waiting and timeout.
 
-The lab tier (tests/e2e/test_reboot.py) reboots real nspawn nodes.
+The lab tier (tests/e2e/test_reboot_lab.py) reboots real nspawn nodes.
 """
 
 from __future__ import annotations
