@@ -33,7 +33,7 @@ from piagent import protocol as proto
 
 from .errors import ControlError
 from .results import check_health, one_line
-from .targets import batches, resolve_target
+from .targets import batches, node_facts, resolve_target
 
 MACHINE_ID_PATH = "/etc/machine-id"
 KERNEL_BOOT_ID_PATH = "/proc/sys/kernel/random/boot_id"
@@ -266,7 +266,7 @@ async def plan(master, target: str | None, action: str, only_required: bool = Fa
                 skipped[node] = SKIP_NOT_REQUIRED
         nodes = [n for n in nodes if n not in skipped]
     health = await healths(master, nodes)
-    facts = {n["node_id"]: n["facts"] for n in master.store.nodes()}
+    facts = node_facts(master)
     down = [n for n in nodes if health[n] is None]
     old = [n for n in nodes if health[n] is not None and boot_of(health[n]) is None]
     if action == "reboot" and (down or old):

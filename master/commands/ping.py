@@ -86,8 +86,9 @@ async def node_roles(master) -> dict[str, list[str]]:
     Refused (ControlError) when there is none. Parsed in a thread: an inventory may be large."""
     import asyncio
 
-    accepted = master.roster.accepted_nodes()
-    facts = {n["node_id"]: n["facts"] for n in master.store.nodes() if n["node_id"] in accepted}
+    from ..targets import node_facts
+
+    facts = node_facts(master)
     saved = master.store.last_inventory()
     if saved is None and master.store.newest_job_id():
         raise ControlError("role:NAME reads the roles from the cluster.yaml the last apply read, and no apply "
