@@ -55,14 +55,18 @@ JOB_PRUNE_INTERVAL_S = 3600.0
 class Master:
     def __init__(self, state_dir: str, listen_host: str = "0.0.0.0", port: int = proto.DEFAULT_PORT,
                  key_port: int | None = None, max_pending: int = MAX_PENDING_KEYS,
-                 keep_jobs: int = DEFAULT_KEEP_JOBS, keep_days: float = DEFAULT_KEEP_DAYS) -> None:
-        """``keep_jobs``, ``keep_days``: the job store's bounds; 0 is no bound."""
+                 keep_jobs: int = DEFAULT_KEEP_JOBS, keep_days: float = DEFAULT_KEEP_DAYS,
+                 cluster_dir: str | None = None, metrics: str | None = None) -> None:
+        """``keep_jobs``, ``keep_days``: the job store's bounds; 0 is no bound. ``cluster_dir``: the
+        cluster's state tree (default: the shipped states); ``metrics``: HOST:PORT for Prometheus, or None."""
         self.state_dir = os.path.abspath(state_dir)
         self.listen_host = listen_host
         self.port = port
         self.key_port = key_port or port + 1
         self.max_pending = max_pending
         self.keep_jobs, self.keep_days = keep_jobs, keep_days
+        self.cluster_dir = os.path.abspath(cluster_dir) if cluster_dir else None
+        self.metrics_address = metrics
         self.control_path = os.path.join(self.state_dir, "control.sock")
         self.drops = DropLog()
         self.events = EventBus()
@@ -171,7 +175,7 @@ class Master:
 
 def serve(state_dir: str, listen_host: str, port: int, key_port: int | None,
           max_pending: int = MAX_PENDING_KEYS, keep_jobs: int = DEFAULT_KEEP_JOBS,
-          keep_days: float = DEFAULT_KEEP_DAYS) -> int:
+          keep_days: float = DEFAULT_KEEP_DAYS, cluster_dir: str | None = None, metrics: str | None = None) -> int:
     import resource
     import signal
 
@@ -183,7 +187,8 @@ def serve(state_dir: str, listen_host: str, port: int, key_port: int | None,
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
     async def main() -> None:
-        master = Master(state_dir, listen_host, port, key_port, max_pending, keep_jobs, keep_days)
+        master = Master(state_dir, listen_host, port, key_port, max_pending, keep_jobs, keep_days,
+                        cluster_dir=cluster_dir, metrics=metrics)
         await master.start()
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()

@@ -27,6 +27,11 @@ def add_parser(sub, name, summary, common, as_json) -> None:
                        help=f"keep jobs of the last D days, 0 for any age (default {DEFAULT_KEEP_DAYS}); older or past "
                             "--keep-jobs, jobs are deleted at start, as new ones are recorded and hourly, "
                             "never while they run")
+    serve.add_argument("--cluster-dir", metavar="DIR",
+                       help="the cluster's state tree: its cluster.yaml's `apply:` list is what `pimaster apply` "
+                            "with no file, enrollment and drift checks apply (default: the shipped states)")
+    serve.add_argument("--metrics", metavar="HOST:PORT",
+                       help="export the cluster's health in Prometheus' text format on HOST:PORT (off by default)")
     serve.set_defaults(run=run, needs_master=False)
 
 
@@ -62,4 +67,5 @@ def run(args) -> int:
     if args.keep_jobs < 0 or not args.keep_days >= 0:  # `not >=`: NaN too
         print("pimaster: --keep-jobs and --keep-days must be 0 (no bound) or more", file=sys.stderr)
         return EXIT_USAGE
-    return serve(args.state_dir, host, port, args.key_port, args.max_pending, args.keep_jobs, args.keep_days)
+    return serve(args.state_dir, host, port, args.key_port, args.max_pending, args.keep_jobs, args.keep_days,
+                 cluster_dir=args.cluster_dir, metrics=args.metrics)
