@@ -126,12 +126,15 @@ class JobBoard:
             nodes[node_id] = cancel_answer(answer, self.cancel_timeout)
         return {"job": job_id, "nodes": dict(sorted(nodes.items()))}
 
-    def job_started(self, job_id: str, file: str, target: str | None, test: bool, nodes) -> None:
-        """A job was recorded and is about to be sent: the ``job`` event, state ``started``."""
+    def job_started(self, job_id: str, file: str, target: str | None, test: bool, nodes,
+                    reason: str | None = None) -> None:
+        """A job was recorded and is about to be sent: the ``job`` event, state ``started``
+        (``reason``: why the master started it by itself)."""
         nodes = sorted(nodes)
         shown = os.path.basename(file) if file.startswith("/") else file  # a run's label is `run: CMD`
         self.events.publish("job", job=job_id, state="started", file=shown, target=target,
-                            test=bool(test), nodes=nodes, node_count=len(nodes))
+                            test=bool(test), nodes=nodes, node_count=len(nodes),
+                            **({"reason": reason} if reason else {}))
 
     def job_finished(self, job_id: str, node_id: str, status: str, summary: dict | None) -> None:
         """A node's result for ``job_id`` was recorded (``status``: done, interrupted, no_answer, not_sent):

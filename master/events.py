@@ -213,6 +213,9 @@ class EventBus:
         self.published = 0
         self._notes: dict[str, tuple] = {}  # node -> its last network rollback note (time, reason)
         self._flaps = Flaps()
+        # Rooms of the master that act on events (`autoapply`): called with every event as it is
+        # published, before any subscriber's bound; they must not block (they schedule work).
+        self.listeners: list = []
 
     def publish(self, type_: str, node: str | None = None, **fields) -> None:
         """Passes ``{"time", "type", "node", **fields}`` (bounded) to every subscriber. ``node``
@@ -220,7 +223,7 @@ class EventBus:
         try:
             if type_ not in TYPES:
                 raise ValueError(f"unknown event type {type_!r}")
-            if not self.subscribers:
+            if not self.subscribers and not self.listeners:
                 return  # nobody listens: nothing to build
             event = {"time": time.time(), "type": type_}
             if node is not None:
@@ -234,6 +237,11 @@ class EventBus:
         except Exception as exc:  # an event must never fail what it reports
             log.error("event %r not published: %s", one_line(type_, 40), exc)
             return
+        for listener in self.listeners:
+            try:
+                listener(event)
+            except Exception:  # a listener's bug must not fail what the event reports
+                log.exception("an event listener failed on a %s event", type_)
         if type_ == "node" and node is not None and not self._flaps.allows(node, event, self._deliver):
             return
         self._deliver(event)

@@ -25,6 +25,15 @@ Any other key of a node entry (or of `cluster`) is passed to the templates as is
 that no entry matches gets the next free name and address from the pattern, and keeps them (the
 master stores the assignment).
 
+Top-level keys that steer the master itself (`ClusterSettings`, read from its cluster directory):
+
+    apply: [network, time, slurm]  # what every node gets, in order: `pimaster apply` with no file
+    auto_apply: true               # apply it to a node when its key is accepted, and re-apply to the
+                                   # others what a node joining or leaving changes (default true)
+    check_interval: 1h             # drift: run the list in test mode this often (default off)
+    auto_correct: false            # drift: apply instead of only recording what would change
+    health_interval: 30s           # how often the master records every node's health
+
 A node matches an entry's `mac`/`serial` by what it reported when its key was accepted (its
 identity), never by what it reports now: root on one Pi must not be able to claim the
 controller's entry, roles and secrets by reporting the controller's MAC. Two nodes matching one
@@ -35,6 +44,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 from dataclasses import dataclass, field
 
 import yaml
@@ -43,6 +53,26 @@ from .statetree import StateFileError, StateTree, state_tree
 
 INVENTORY_NAMES = ("cluster.yaml", "cluster.yml")
 MATCH_KEYS = ("id", "mac", "serial")
+SETTING_KEYS = ("apply", "auto_apply", "check_interval", "auto_correct", "health_interval")
+# A file of the `apply:` list: a state file's name (`slurm`, `slurm.yaml`) or Salt's SLS name
+# (`ntp.client`), resolved in the cluster directory.
+LIST_NAME_RE = re.compile(r"\A[A-Za-z0-9_][A-Za-z0-9_.-]{0,99}\Z")
+MAX_LIST_FILES = 32
+# Drift checks and health sampling: not so often that they load the Pis, not so rarely they mean nothing.
+MIN_CHECK_INTERVAL_S, MAX_CHECK_INTERVAL_S = 10.0, 30 * 86400.0
+MIN_HEALTH_INTERVAL_S, MAX_HEALTH_INTERVAL_S = 1.0, 3600.0
+DEFAULT_HEALTH_INTERVAL_S = 30.0
+
+
+@dataclass
+class ClusterSettings:
+    """What cluster.yaml tells the master to do by itself (see the module docstring)."""
+
+    apply: list[str] = field(default_factory=list)
+    auto_apply: bool = True
+    check_interval: float | None = None
+    auto_correct: bool = False
+    health_interval: float = DEFAULT_HEALTH_INTERVAL_S
 
 
 @dataclass
@@ -52,6 +82,7 @@ class Inventory:
     entries: list[dict] = field(default_factory=list)
     text: str | None = None  # as read: `role:` targets of ping and jobs resolve from the last apply's
     pillar: dict = field(default_factory=dict)  # Salt's pillar for every node (an entry's `pillar:` adds to it)
+    settings: ClusterSettings = field(default_factory=ClusterSettings)
 
     @property
     def subnet(self) -> ipaddress.IPv4Network | None:
@@ -90,7 +121,7 @@ def parse_inventory(text: str, path: str) -> Inventory:
         raise StateFileError(shown, mark.line + 1 if mark else None, f"YAML syntax error: {getattr(exc, 'problem', exc)}") from None
     if not isinstance(data, dict):
         raise StateFileError(shown, 1, "the inventory is a mapping with `cluster:` and `nodes:`")
-    unknown = set(data) - {"cluster", "nodes", "pillar"}
+    unknown = set(data) - {"cluster", "nodes", "pillar", *SETTING_KEYS}
     if unknown:
         raise StateFileError(shown, None, f"unknown top-level key(s): {', '.join(sorted(map(str, unknown)))}")
     cluster = data.get("cluster") or {}
@@ -107,7 +138,7 @@ def parse_inventory(text: str, path: str) -> Inventory:
     for number, entry in enumerate(entries, 1):
         if not isinstance(entry.get("pillar", {}), dict):
             raise StateFileError(shown, None, f"node entry {number}: pillar must be a mapping")
-    inventory = Inventory(path, cluster, entries, text, pillar)
+    inventory = Inventory(path, cluster, entries, text, pillar, parse_settings(data, text, shown))
     try:
         subnet = inventory.subnet
     except ValueError as exc:
@@ -130,6 +161,67 @@ def parse_inventory(text: str, path: str) -> Inventory:
                 raise StateFileError(shown, None, f"node entries {seen_ips[str(ip)]} and {number} share the address {ip}")
             seen_ips[str(ip)] = number
     return inventory
+
+
+def _line_of(text: str, key: str) -> int | None:
+    """The line of the top-level ``key:`` in ``text`` (for an error's file:line)."""
+    for number, line in enumerate(text.splitlines(), 1):
+        if re.match(rf"{re.escape(key)}\s*:", line):
+            return number
+    return None
+
+
+def _seconds(value, key: str) -> float:
+    """A duration setting: seconds as a number, or `90s`, `30m`, `1h`, `7d`."""
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+    if isinstance(value, bool):
+        raise ValueError(f"{key}: a duration (90s, 30m, 1h), not {value!r}")
+    if isinstance(value, (int, float)):
+        return float(value)
+    text = str(value).strip().lower()
+    try:
+        return float(text[:-1]) * units[text[-1]] if text and text[-1] in units else float(text)
+    except ValueError:
+        raise ValueError(f"{key}: {value!r} is not a duration (90s, 30m, 1h, 7d)") from None
+
+
+def parse_settings(data: dict, text: str, shown: str) -> ClusterSettings:
+    """The master's own settings among ``data``'s top-level keys, checked (StateFileError with the line)."""
+    settings = ClusterSettings()
+
+    def refuse(key: str, reason: str):
+        raise StateFileError(shown, _line_of(text, key), reason)
+
+    listed = data.get("apply")
+    if listed is not None:
+        if isinstance(listed, str):
+            listed = [listed]
+        if not isinstance(listed, list) or not all(isinstance(n, str) and LIST_NAME_RE.match(n) for n in listed):
+            refuse("apply", "apply: a list of state file names, e.g. [network, time, slurm]")
+        if len(listed) > MAX_LIST_FILES:
+            refuse("apply", f"apply: at most {MAX_LIST_FILES} state files")
+        if len(set(listed)) != len(listed):
+            refuse("apply", "apply: a state file is listed twice")
+        settings.apply = list(listed)
+    for key in ("auto_apply", "auto_correct"):
+        if key in data:
+            if not isinstance(data[key], bool):
+                refuse(key, f"{key}: true or false, not {data[key]!r}")
+            setattr(settings, key, data[key])
+    for key, low, high in (("check_interval", MIN_CHECK_INTERVAL_S, MAX_CHECK_INTERVAL_S),
+                           ("health_interval", MIN_HEALTH_INTERVAL_S, MAX_HEALTH_INTERVAL_S)):
+        value = data.get(key)
+        if value is None or (key == "check_interval" and value is False):
+            continue  # check_interval: null/false/absent is off
+        try:
+            seconds = _seconds(value, key)
+        except ValueError as exc:
+            refuse(key, str(exc))
+        if not low <= seconds <= high:
+            refuse(key, f"{key}: between {low:g} s and {high / 86400 if high >= 86400 else high:g}"
+                        f"{' days' if high >= 86400 else ' s'}, not {value!r}")
+        setattr(settings, key, seconds)
+    return settings
 
 
 def _matches(entry: dict, node_id: str, identity: dict) -> bool:

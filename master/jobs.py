@@ -33,8 +33,12 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import dataclasses
 import logging
 import functools
+import hashlib
+import hmac
+import json
 import os
 import secrets
 import time
@@ -88,11 +92,24 @@ def _format_errors(per_node: dict[str, list[StateFileError]], targets: int | Non
     return "\n".join(lines)
 
 
+# The secret keying the digests of what each node got (store.applied_files): a digest of a job that
+# carries a secret must not let anyone holding the database test guesses of it.
+DIGEST_SECRET = "pimaster-applied-digest"
+
+
+def job_digest(key: str, job: list[dict]) -> str:
+    """What a node's rendered job is, in a few bytes (HMAC-SHA256 of its canonical JSON)."""
+    text = json.dumps(job, sort_keys=True, separators=(",", ":"), default=str)
+    return hmac.new(key.encode(), text.encode("utf-8", "surrogatepass"), hashlib.sha256).hexdigest()
+
+
 class Plan:
     """Everything an apply needs that does not depend on results: file, inventory, nodes, catalogues."""
 
-    def __init__(self, board: JobBoard, path: str, target: str | None, tree: StateTree) -> None:
-        """``path``: the state file, where ``tree`` (the client's, for `pimaster apply`) has it."""
+    def __init__(self, board: JobBoard, path: str, target: str | None, tree: StateTree,
+                 only: list[str] | None = None) -> None:
+        """``path``: the state file, where ``tree`` (the client's, for `pimaster apply`) has it;
+        ``only``: of the target, only these nodes (the master's own jobs: a list's next file)."""
         self.path, self.tree = path, tree
         self.root = tree.root
         try:
@@ -109,6 +126,8 @@ class Plan:
         no_roles = (None if self.inventory.path else
                     f"roles come from the cluster.yaml next to the state file, and {self.root} has none")
         self.targets = select_targets(self.entries, target, self.facts, no_roles)
+        if only is not None:
+            self.targets = [n for n in self.targets if n in set(only)]
         if new_assignments:
             board.store.add_assignments(new_assignments)
         self.catalogs = board.store.catalogs()
@@ -231,14 +250,29 @@ def select_targets(entries: dict[str, dict], target: str | None, facts: dict[str
     return chosen
 
 
+@dataclasses.dataclass
+class MasterJob:
+    """How the master's own jobs (the cluster's `apply:` list: on enrollment, drift checks) differ from
+    a person's: ``only`` these nodes of the target; ``changed_only``: leave out nodes whose rendered
+    job is what they last got and carried out (store.applied_files), except the ``newcomers``;
+    ``reason``: why it started (`pimaster jobs` shows it)."""
+
+    reason: str | None = None
+    only: list[str] | None = None
+    changed_only: bool = False
+    newcomers: frozenset = frozenset()
+
+
 async def apply(board: JobBoard, emit, file: str, target: str | None = None, test: bool = False,
                 timeout: float = 3600.0, ack_timeout: float = 15.0, tree: StateTree | None = None,
-                batch: str | None = None, fail_stop: bool = False) -> dict:
+                batch: str | None = None, fail_stop: bool = False, master_job: MasterJob | None = None) -> dict | None:
     """Apply the state file at ``file`` of ``tree`` (default: this file system, its directory);
-    ``batch`` (`targets.checked_batch`'s form) and ``fail_stop`` as the module docstring says."""
+    ``batch`` (`targets.checked_batch`'s form) and ``fail_stop`` as the module docstring says;
+    ``master_job`` for the master's own jobs. None when ``master_job`` left no node to send to."""
     tree = tree or state_tree(os.path.dirname(file), (board.state_dir,))
     try:
-        return await _apply(board, emit, file, target, test, timeout, ack_timeout, tree, batch, fail_stop)
+        return await _apply(board, emit, file, target, test, timeout, ack_timeout, tree, batch, fail_stop,
+                            master_job or MasterJob())
     finally:
         tree.release()
 
@@ -250,9 +284,12 @@ async def _rendering(function, *args):
 
 
 async def _apply(board: JobBoard, emit, file: str, target: str | None, test: bool, timeout: float,
-                 ack_timeout: float, tree: StateTree, batch: str | None = None, fail_stop: bool = False) -> dict:
+                 ack_timeout: float, tree: StateTree, batch: str | None, fail_stop: bool,
+                 master_job: MasterJob) -> dict | None:
     try:
-        plan = await _rendering(Plan, board, file, target, tree)
+        plan = await _rendering(Plan, board, file, target, tree, master_job.only)
+        if not plan.targets:
+            return None
         # Every node's file is rendered and checked before anything is sent. Nodes of later stages
         # see `results` as Pending here and are rendered again once the stages before them ran.
         jobs, carried, meta, errors = await _rendering(plan.render, plan.targets, Pending())
@@ -260,10 +297,21 @@ async def _apply(board: JobBoard, emit, file: str, target: str | None, test: boo
         raise ControlError("refused, nothing was sent:\n" + str(exc)) from None
     if errors:
         raise ControlError("refused, nothing was sent:\n" + _format_errors(errors, len(plan.targets)))
+    # What each node is about to get, as rendered before any stage ran (so the same file renders the
+    # same digest next time): recorded for the nodes that carry it out.
+    key = board.secrets.get(DIGEST_SECRET)
+    digests = {n: job_digest(key, jobs[n]) for n in plan.targets if n in jobs}
+    if master_job.changed_only:
+        last = board.store.applied_digests(plan.path)
+        plan.targets = [n for n in plan.targets if n in master_job.newcomers
+                        or (n in digests and last.get(n) != digests[n])]
+        if not plan.targets:
+            return None
     groups = stage_groups(meta, plan.entries, plan.targets)
     job_id = new_job_id()
-    board.store.create_job(job_id, plan.path, target, test, {n: len(jobs.get(n, ())) for n in plan.targets})
-    board.job_started(job_id, plan.path, target, test, plan.targets)
+    board.store.create_job(job_id, plan.path, target, test, {n: len(jobs.get(n, ())) for n in plan.targets},
+                           master_job.reason)
+    board.job_started(job_id, plan.path, target, test, plan.targets, master_job.reason)
     board.store.set_last_inventory(plan.path, plan.inventory.path, plan.inventory.text)
     watch = JobWatch(plan.targets)
     board.watchers[job_id] = watch
@@ -325,8 +373,11 @@ async def _apply(board: JobBoard, emit, file: str, target: str | None, test: boo
     finally:
         board.watchers.pop(job_id, None)
         board.redactions.pop(job_id, None)
-    job = board.store.job(job_id)
-    return job_report(job, time.monotonic() - started)
+    report = job_report(board.store.job(job_id), time.monotonic() - started)
+    if not test:
+        board.store.set_applied(plan.path, job_id, {n: digests[n] for n, item in report["nodes"].items()
+                                                    if item["ok"] and n in digests})
+    return report
 
 
 def _strings_used(candidates, job: list[dict]) -> list[str]:
@@ -469,7 +520,7 @@ def job_report(job: dict, elapsed: float | None = None) -> dict:
                                    for r in item["results"]),
         }
     report = {"job": job["id"], "file": job["file"], "target": job["target"], "test": bool(job["test"]),
-              "created": job["created"], "nodes": nodes, "stopped": stopped_reason(job)}
+              "created": job["created"], "reason": job.get("reason"), "nodes": nodes, "stopped": stopped_reason(job)}
     if elapsed is not None:
         report["elapsed_s"] = round(elapsed, 2)
     return report

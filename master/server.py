@@ -9,7 +9,9 @@ The rooms it wires together, one process, one asyncio loop:
 - `rpc`: requests to agents and their answers (`ask`, `ask_following`, `ping`);
 - `jobs`: the running applies (`JobBoard`) and the apply itself;
 - `control`: the control socket, whose requests go to the handlers of `pimaster.commands`;
-- `events`: what happens (keys, nodes up and down, jobs, rollbacks, reboots), for `pimaster events`.
+- `events`: what happens (keys, nodes up and down, jobs, rollbacks, reboots), for `pimaster events`;
+- `auto`: the cluster directory's `apply:` list applied by the master itself, on enrollment and
+  for drift checks (`autoapply.AutoApply`).
 
 Job retention (`--keep-jobs`, `--keep-days`) prunes the job store at start, as each new job is
 recorded (the newest N stay N), and hourly (jobs age past D days without new ones); never a job
@@ -38,6 +40,7 @@ from . import __version__, commands
 from .commands.serve import DEFAULT_KEEP_DAYS, DEFAULT_KEEP_JOBS
 from .control import ControlServer
 from .enrollment import MAX_PENDING_KEYS, Enrollment, Roster
+from .autoapply import AutoApply
 from .events import EventBus
 from .board import JobBoard
 from .rpc import Rpc
@@ -102,6 +105,8 @@ class Master:
         self.jobs = JobBoard(self.store, self.secrets, self.state_dir, self.roster.accepted_nodes,
                              self.rpc.ask_following, send, self.drops, connected=self.roster.connected,
                              events=self.events)
+        self.auto = AutoApply(self)
+        self.events.listeners.append(self.auto.on_event)
         self.store.on_job_created = self.prune_jobs
         self.prune_jobs()
         self.transport.on_enroll = self.enrollment.on_enroll
@@ -116,7 +121,7 @@ class Master:
         self.control = ControlServer(self.control_path, self, commands.load_all())
         await self.control.open()
 
-        for coro in loops + [self._flush_loop(), self._prune_loop()]:
+        for coro in loops + [self._flush_loop(), self._prune_loop(), self.auto.enrollment_loop(), self.auto.drift_loop()]:
             self._tasks.append(asyncio.ensure_future(coro))
         watchdog = sd.watchdog_interval_s()
         if watchdog:

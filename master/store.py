@@ -68,7 +68,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     file        TEXT NOT NULL,
     target      TEXT,
     test        INTEGER NOT NULL,
-    created     REAL NOT NULL
+    created     REAL NOT NULL,
+    reason      TEXT             -- why the master started it by itself (`enrolled node05`); NULL: a person did
 );
 CREATE TABLE IF NOT EXISTS job_nodes (
     job_id      TEXT NOT NULL REFERENCES jobs (id),
@@ -90,6 +91,25 @@ CREATE TABLE IF NOT EXISTS last_inventory (
     text        TEXT,
     saved       REAL NOT NULL
 );
+-- What each node last got of each state file, as a keyed digest of its rendered job (not the job:
+-- it carries secrets): a node joining or leaving re-applies a file only where its rendering changed.
+CREATE TABLE IF NOT EXISTS applied_files (
+    node_id     TEXT NOT NULL,
+    file        TEXT NOT NULL,
+    digest      TEXT NOT NULL,
+    job_id      TEXT NOT NULL,
+    applied     REAL NOT NULL,
+    PRIMARY KEY (node_id, file)
+);
+-- Drift: per node and state file, the states the latest check (the list in test mode) found would change.
+CREATE TABLE IF NOT EXISTS drift (
+    node_id     TEXT NOT NULL,
+    file        TEXT NOT NULL,
+    job_id      TEXT NOT NULL,
+    checked     REAL NOT NULL,
+    states      TEXT NOT NULL,   -- [{"id", "function", "comment"}], at most MAX_DRIFT_STATES
+    PRIMARY KEY (node_id, file)
+);
 -- `pimaster jobs` (newest first) and pruning (oldest first) walk jobs by creation time.
 CREATE INDEX IF NOT EXISTS jobs_created ON jobs (created);
 """
@@ -100,6 +120,8 @@ PRUNE_CHUNK = 100
 # The WAL file is cut back to this size after a checkpoint (SQLite would otherwise leave it as large
 # as the largest transaction made it).
 WAL_SIZE_LIMIT = 4 * 1024 * 1024
+# States kept per node and file in a drift record (a node decides how many its results have).
+MAX_DRIFT_STATES = 200
 # `pimaster job PREFIX` names at most this many of the jobs an ambiguous prefix matches.
 MAX_AMBIGUOUS_SHOWN = 10
 
@@ -155,6 +177,9 @@ class Store:
         for row in self.db.execute("SELECT id, facts FROM keys WHERE state = 'accepted' AND identity IS NULL").fetchall():
             self.db.execute("UPDATE keys SET identity = ? WHERE id = ?",
                             (dumps(identity_of(json.loads(row["facts"] or "{}"))), row["id"]))
+        columns = {r["name"] for r in self.db.execute("PRAGMA table_info(jobs)")}
+        if "reason" not in columns:
+            self.db.execute("ALTER TABLE jobs ADD COLUMN reason TEXT")
         columns = {r["name"] for r in self.db.execute("PRAGMA table_info(tokens)")}
         for column in ("id", "ids"):
             if column not in columns:
@@ -327,10 +352,13 @@ class Store:
                                 [(n, a["hostname"], a.get("ip"), time.time()) for n, a in assigned.items()])
 
     # ------------------------------------------------------------------ jobs
-    def create_job(self, job_id: str, file: str, target: str | None, test: bool, states: dict[str, int]) -> None:
+    def create_job(self, job_id: str, file: str, target: str | None, test: bool, states: dict[str, int],
+                   reason: str | None = None) -> None:
+        """``reason``: why the master started the job by itself (None: a person's command)."""
         now = time.time()
         with self.transaction():
-            self.db.execute("INSERT INTO jobs VALUES (?, ?, ?, ?, ?)", (job_id, file, target, int(test), now))
+            self.db.execute("INSERT INTO jobs (id, file, target, test, created, reason) VALUES (?, ?, ?, ?, ?, ?)",
+                            (job_id, file, target, int(test), now, reason))
             self.db.executemany("INSERT INTO job_nodes (job_id, node_id, status, states, started) VALUES (?, ?, 'sent', ?, ?)",
                                 [(job_id, n, count, now) for n, count in states.items()])
         if self.on_job_created is not None:
@@ -451,6 +479,35 @@ class Store:
             item["results"] = json.loads(item["results"])
             job["nodes"][item.pop("node_id")] = item
         return job
+
+    # ------------------------------------------------------------------ what nodes got, drift
+    def applied_digests(self, file: str) -> dict[str, str]:
+        """Node id -> the digest of what it last got of ``file`` (a state file's path) and carried out."""
+        return {r["node_id"]: r["digest"] for r in self.db.execute(
+            "SELECT node_id, digest FROM applied_files WHERE file = ?", (file,))}
+
+    def set_applied(self, file: str, job_id: str, digests: dict[str, str]) -> None:
+        with self.transaction():
+            self.db.executemany("INSERT OR REPLACE INTO applied_files VALUES (?, ?, ?, ?, ?)",
+                                [(n, file, d, job_id, time.time()) for n, d in digests.items()])
+
+    def forget_node_files(self, node_id: str) -> None:
+        """A node whose key went (or was replaced: a re-flashed card) got nothing yet."""
+        with self.transaction():
+            self.db.execute("DELETE FROM applied_files WHERE node_id = ?", (node_id,))
+            self.db.execute("DELETE FROM drift WHERE node_id = ?", (node_id,))
+
+    def set_drift(self, file: str, job_id: str, per_node: dict[str, list[dict]]) -> None:
+        """The latest check of ``file``: per node, the states that would change (empty: none)."""
+        with self.transaction():
+            self.db.executemany("INSERT OR REPLACE INTO drift VALUES (?, ?, ?, ?, ?)",
+                                [(n, file, job_id, time.time(), dumps(states[:MAX_DRIFT_STATES]))
+                                 for n, states in per_node.items()])
+
+    def drift(self) -> list[dict]:
+        """Every node's latest drift records: node_id, file, job_id, checked, states."""
+        return [dict(r, states=json.loads(r["states"])) for r in self.db.execute(
+            "SELECT * FROM drift ORDER BY node_id, file")]
 
     # ------------------------------------------------------------------
     def transaction(self):

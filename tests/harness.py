@@ -121,16 +121,21 @@ class Process:
 
 class Master(Process):
     def __init__(self, tmp: Path, port: int | None = None, python: str | None = None, name: str = "master",
-                 listen: str = "127.0.0.1:{port}") -> None:
-        """``listen``: `serve --listen`, with {port} for the port chosen (agents use 127.0.0.1)."""
+                 listen: str = "127.0.0.1:{port}", cluster_dir: Path | None = None) -> None:
+        """``listen``: `serve --listen`, with {port} for the port chosen (agents use 127.0.0.1);
+        ``cluster_dir``: `serve --cluster-dir` (default an empty directory: the shipped states, the
+        master's own default, would have it apply network.yaml to this host's agents by itself)."""
         self.tmp = tmp
         self.state_dir = tmp / name
         self.port = port or free_port_pair()
         self.python = python or sys.executable
         env = dict(os.environ, PYTHONPATH=source_path(tmp), PYTHONUNBUFFERED="1")
         env.pop("PIMASTER_STATE_DIR", None)
+        self.cluster_dir = cluster_dir or tmp / f"{name}-cluster"
+        self.cluster_dir.mkdir(parents=True, exist_ok=True)
         super().__init__([self.python, "-m", "pimaster", "serve", "--state-dir", str(self.state_dir),
-                          "--listen", listen.format(port=self.port)], tmp / f"{name}.log", env)
+                          "--listen", listen.format(port=self.port), "--cluster-dir", str(self.cluster_dir)],
+                         tmp / f"{name}.log", env)
 
     @property
     def address(self) -> str:

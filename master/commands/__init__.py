@@ -38,6 +38,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "shutdown": ("pimaster.commands.reboot", "power nodes off (the master's own node last), for pulling the plug"),
     "events": ("pimaster.commands.events", "what happens, live: keys, nodes up/down, jobs, rollbacks, reboots"),
     "nodes": ("pimaster.commands.nodes", "enrolled nodes with their facts"),
+    "drift": ("pimaster.commands.drift", "what the latest drift check found would change, per node"),
     "status": ("pimaster.commands.status", "the master's own status"),
     "backup": ("pimaster.commands.backup", "the master's keys, key store, jobs and secrets in one file"),
     "restore": ("pimaster.commands.backup", "put a backup's master back (a new SD card): agents reconnect"),

@@ -31,8 +31,10 @@ def add_parser(sub, name, summary, common, as_json) -> None:
                                        "the shipped state files) for every "
                                        "targeted node, refuses the whole job if any node's rendering fails, "
                                        "then pushes it and shows results as they arrive.")
-    apply.add_argument("file", help="state file: a path, an SLS name in --tree (ntp.client), or a name looked up "
-                                    "in this directory, then among the shipped ones (slurm)")
+    apply.add_argument("file", nargs="?",
+                       help="state file: a path, an SLS name in --tree (ntp.client), or a name looked up in this "
+                            "directory, then among the shipped ones (slurm); none: the `apply:` list of the "
+                            "master's cluster directory, in order, each node stopping at its first failing file")
     apply.add_argument("--tree", metavar="DIR",
                        help="the state tree: includes (a.b), salt:// sources and Jinja imports resolve from its "
                             "root (default: the nearest directory above FILE holding a cluster.yaml or top.sls, "
@@ -73,6 +75,8 @@ def run(client, args) -> int:
             print(f"pimaster: warning: {event.get('message')}", file=sys.stderr, flush=True)
         view.event(event)
 
+    if args.file is None:
+        return run_list(client, args, view, started, on_event)
     path, root, serve_file = state_tree_served(args.file, client.state_dir, args.tree)
 
     def call() -> dict:
@@ -86,7 +90,54 @@ def run(client, args) -> int:
     return wait_for_job(args, started, call, lambda report: print_report(report, table, quiet=args.quiet))
 
 
-def wait_for_job(args, started: dict, call, print_report) -> int:
+def run_list(client, args, view, started: dict, on_event) -> int:
+    """`pimaster apply` with no FILE: the master applies its cluster directory's list (`highstate`),
+    one job per file; each job's report as `apply FILE` prints it, then where nodes stopped."""
+    from ..apply_view import print_report
+
+    if args.tree:
+        raise ControlError("--tree goes with a FILE: with none, the master applies the list of its own cluster "
+                           "directory (`pimaster status` shows it)", code="usage")
+
+    def list_event(event: dict) -> None:
+        if event.get("type") == "list_file" and not args.json:
+            print(f"== {event.get('file')} ({event.get('index')} of {event.get('of')})", flush=True)
+        elif event.get("type") == "list_refused" and not args.json:
+            print(f"pimaster: {event.get('file')}: {event.get('error')}", file=sys.stderr, flush=True)
+        else:
+            on_event(event)
+
+    def call() -> dict:
+        with view:
+            return client.call("apply_list", target=args.target, test=args.test, timeout=args.timeout,
+                               timeout_extra=args.timeout * 8 + 120,
+                               **({"batch": args.batch} if args.batch else {}),
+                               **({"fail_stop": True} if args.fail_stop else {}), on_event=list_event)
+
+    def print_list(result: dict) -> bool:
+        ok = True
+        for report in result["jobs"]:
+            print()
+            ok &= print_report(report, table, quiet=args.quiet)
+        if result["refused"]:
+            ok = False
+        if result["stopped"]:
+            print()
+            for node_id, file in sorted(result["stopped"].items()):
+                print(f"{node_id}: stopped at {file} (the files after it were not applied to it)")
+        if not result["jobs"] and not result["refused"]:
+            print(f"nothing to apply: no node is in the target of {', '.join(result['apply'])}")
+        return ok
+
+    if args.json:
+        code = wait_for_job(args, started, call, print_list, json_ok=lambda r: all(n["ok"] for n in r["nodes"].values())
+                            and not r["refused"])
+    else:
+        code = wait_for_job(args, started, call, print_list)
+    return code
+
+
+def wait_for_job(args, started: dict, call, print_report, json_ok=None) -> int:
     """The end of a command that starts a job (`apply`, `run`): ``call()`` sends the request and
     returns the report, which is printed (``print_report(report) -> ok``, or --json); ``started``
     gets the job id from the `start` event. Ctrl-C, SIGTERM or a lost master after the job started
@@ -109,7 +160,8 @@ def wait_for_job(args, started: dict, call, print_report) -> int:
         return EXIT_FAILED
     if args.json:
         print_json(report)
-        return EXIT_OK if all(n["ok"] for n in report["nodes"].values()) else EXIT_FAILED
+        ok = json_ok(report) if json_ok else all(n["ok"] for n in report["nodes"].values())
+        return EXIT_OK if ok else EXIT_FAILED
     return EXIT_OK if print_report(report) else EXIT_FAILED
 
 
@@ -183,3 +235,16 @@ async def handle_apply(master, emit, ask, file: str, root: str | None = None, ta
     tree = ClientTree(root or os.path.dirname(file), fetch, forbidden=(master.state_dir,))
     return await apply(master.jobs, emit, file, target, bool(test), float(timeout), tree=tree, batch=batch,
                        fail_stop=bool(fail_stop))
+
+
+@handler("apply_list", streaming=True)
+async def handle_apply_list(master, emit, target: str | None = None, test: bool = False, timeout: float = 3600.0,
+                            batch=None, fail_stop: bool = False) -> dict:
+    """`pimaster apply` with no file: the master's cluster directory's `apply:` list (`highstate`)."""
+    from ..highstate import apply_list
+    from ..targets import checked_batch
+
+    batch = checked_batch(batch)
+    run = await apply_list(master, emit, target, bool(test), timeout=float(timeout), batch=batch,
+                           fail_stop=bool(fail_stop))
+    return run.as_json()

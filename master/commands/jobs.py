@@ -62,8 +62,10 @@ def run_jobs(client, args) -> int:
         print_json({"jobs": jobs})
         return EXIT_OK
     rows = [[j["id"], local_time(j["created"]), j["file"], j["target"] or "*", "test" if j["test"] else "",
-             f"{j['ok_nodes'] or 0}/{j['nodes']} ok", f"{j['finished_nodes'] or 0}/{j['nodes']} finished"] for j in jobs]
-    table(None, ["JOB", "STARTED", "FILE", "TARGET", "MODE", "RESULT", "PROGRESS"], rows)
+             f"{j['ok_nodes'] or 0}/{j['nodes']} ok", f"{j['finished_nodes'] or 0}/{j['nodes']} finished",
+             j.get("reason") or ""] for j in jobs]
+    # WHY: the reason the master started a job by itself (`enrolled node05`, `drift check`); empty: a person's.
+    table(None, ["JOB", "STARTED", "FILE", "TARGET", "MODE", "RESULT", "PROGRESS", "WHY"], rows)
     return EXIT_OK
 
 

@@ -30,17 +30,22 @@ def run(client, args) -> int:
         f = n["facts"]
         model = f.get("pi_model") or f.get("machine", "-")
         os_name = f.get("os", {}).get("PRETTY_NAME", "-")
+        drift = n.get("drift")
         rows.append([n["id"], f.get("hostname", "-"), ", ".join(f.get("ips", [])[:2]) or "-", model,
-                     f.get("arch", "-"), os_name, "yes" if n["connected"] else "no", ago(n["last_seen"])])
-    table(None, ["NODE", "HOSTNAME", "IP", "MODEL", "ARCH", "OS", "CONNECTED", "LAST SEEN"], rows)
+                     f.get("arch", "-"), os_name, "yes" if n["connected"] else "no", ago(n["last_seen"]),
+                     "-" if drift is None else (f"{drift} state(s)", "yellow") if drift else "none"])
+    # DRIFT: states the latest drift check found would change (`pimaster drift`); "-": never checked.
+    table(None, ["NODE", "HOSTNAME", "IP", "MODEL", "ARCH", "OS", "CONNECTED", "LAST SEEN", "DRIFT"], rows)
     return EXIT_OK
 
 
 @handler("nodes")
 async def handle_nodes(master, catalog: bool = False, target: str | None = None) -> dict:
     from ..targets import resolve_target
+    from .drift import drift_by_node
 
     roster = master.roster
+    drift = drift_by_node(master)
     accepted = set(roster.node_of_key.values())
     if target is not None:
         accepted &= set(await resolve_target(master, target))
@@ -52,6 +57,8 @@ async def handle_nodes(master, catalog: bool = False, target: str | None = None)
         node["last_seen"] = roster.last_seen.get(node_id, node["last_seen"])
         node["connected"] = roster.connected(node_id)
         node["id"] = node.pop("node_id")
+        # States the latest drift check found would change; None: never checked.
+        node["drift"] = drift[node_id]["drifted"] if node_id in drift else None
         # Stored as JSON text; shown as an object, and only when asked: it runs to many kilobytes.
         stored_catalog = node.pop("catalog", None)
         if catalog:

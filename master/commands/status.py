@@ -3,6 +3,8 @@ refused)."""
 
 from __future__ import annotations
 
+import json
+
 from . import handler
 from ..cli import EXIT_OK, ago, local_time, print_json
 
@@ -18,8 +20,14 @@ def run(client, args) -> int:
     else:
         for key in sorted(status):
             value = status[key]
-            if key == "started" and isinstance(value, (int, float)):  # an epoch means nothing to a person
-                value = f"{local_time(value)} ({ago(value)})"
+            if key in ("started", "last_drift_check") and isinstance(value, (int, float)):
+                value = f"{local_time(value)} ({ago(value)})"  # an epoch means nothing to a person
+            elif isinstance(value, list):
+                value = ", ".join(map(str, value)) or "-"
+            elif isinstance(value, dict):
+                value = json.dumps(value, sort_keys=True)
+            elif value is None:
+                value = "-"
             print(f"{key}: {value}")
     return EXIT_OK
 
@@ -41,4 +49,4 @@ async def handle_status(master) -> dict:
             "closed_connections": transport.sessions.closed, "refused_keys": master.enrollment.refused_keys,
             "rate_limited_messages": transport.agent_budget.refused + transport.stranger_budget.refused
             + transport.address_budget.refused,
-            "max_pending": master.max_pending}
+            "max_pending": master.max_pending, **master.auto.status()}
