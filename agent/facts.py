@@ -16,7 +16,9 @@ import time
 
 from . import __version__
 
-DEVICE_TREE = "/proc/device-tree"
+# The firmware's device tree: /proc/device-tree is a link to /sys/firmware/devicetree/base on a Pi.
+# Both are read, in this order: a container (the lab's nodes) can be given only the second.
+DEVICE_TREE_DIRS = ("/proc/device-tree", "/sys/firmware/devicetree/base")
 THROTTLED_SYSFS = "/sys/devices/platform/soc/soc:firmware/get_throttled"
 
 # Bits of the firmware's throttled word (`vcgencmd get_throttled`), documented by Raspberry Pi.
@@ -41,10 +43,11 @@ def _read(path: str, binary: bool = False) -> str | bytes | None:
 
 
 def _device_tree_string(name: str) -> str | None:
-    raw = _read(os.path.join(DEVICE_TREE, name), binary=True)
-    if not raw:
-        return None
-    return raw.rstrip(b"\0").decode(errors="replace").strip() or None
+    for directory in DEVICE_TREE_DIRS:
+        raw = _read(os.path.join(directory, name), binary=True)
+        if raw:
+            return raw.rstrip(b"\0").decode(errors="replace").strip() or None
+    return None
 
 
 def pi_serial() -> str | None:

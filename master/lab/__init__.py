@@ -16,11 +16,13 @@ The package, along its seams:
     host.py       host plumbing: running tools, processes, cgroups, mounts, netns, the guard route
     checks.py     checks before `up` creates anything (root, tools, subnet, memory, packages)
     rootfs.py     the code nodes run and their root file systems before first boot
+    pihardware.py what makes a node look like a Pi to its agent: device tree (model, serial), thermal
+                  zone, a vcgencmd stand-in, a bookworm boot partition; `lab set`'s values
     node.py       node lifecycle: start, PID 1, exec inside a node (CAP_SYS_TIME dropped), logs
     bringup.py    `up`: network, master, join token, agents, until every node answers ping;
                   `start`: boot stopped nodes again
     teardown.py   `down`: every process, cgroup, namespace, route, mount and file, found by prefix
-    cli.py        `pimaster lab up|start|down|status|exec`
+    cli.py        `pimaster lab up|start|down|status|exec|set`
 
 The public API is what this module exports (``__all__``), for the master's CLI (``main``) and the
 end-to-end tests (tests/e2e/lab_harness.py); everything else is internal to the lab and may change.

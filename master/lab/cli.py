@@ -1,4 +1,4 @@
-"""`pimaster lab up|start|down|status|exec`: the lab's command line (`main` is its entry point)."""
+"""`pimaster lab up|start|down|status|exec|set`: the lab's command line (`main` is its entry point)."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from .model import (DEFAULT_NODES, DEFAULT_SUBNET, LAB_DIR, MASTER_NODE, MASTER_
                     MAX_NODES, STATE_FILE, SWITCH_NETNS, Lab, LabError, LabRefused, Node, lab_lock, load_lab,
                     make_nodes, terminate_as_interrupt)
 from .node import leader_pid, node_command, node_exec, node_running
+from .pihardware import KNOWN_SETTINGS, parse_settings, pi_status, set_values
 from .rootfs import find_source
 from .teardown import leftovers, teardown
 
@@ -157,7 +158,7 @@ def node_status(node: Node) -> dict:
     """The node as `lab status` shows it; its state: "stopped" (powered off), "booting" (its supervisor
     runs but PID 1 is not there yet: starting or rebooting), or what systemd in it says (running, ...)."""
     info: dict = {"name": node.name, "ip": node.ip, "roles": node.roles, "state": "stopped",
-                  "addresses": [], "services": {}, "memory_mb": 0.0}
+                  "addresses": [], "services": {}, "memory_mb": 0.0, "pi": pi_status(node)}
     if not node_running(node):
         return info
     info["memory_mb"] = node_memory_mb(node)
@@ -214,10 +215,37 @@ def cmd_status(as_json: bool) -> int:
             services = " ".join(f"{u}:{s}" for u, s in n["services"].items()) or "-"
             say(f"  {n['name']:<7} {n['state']:<10} {', '.join(n['addresses']) or '-':<18} {services:<36} "
                 f"{n['memory_mb']:.0f} MB")
+        print_pi_table(nodes)
         if stopped and lab.status == "up":
             say(f"\n  `pimaster lab start {' '.join(stopped)}` boots {them(stopped)} again.")
     healthy = lab.status == "up" and all(n["state"] in ("running", "degraded") for n in nodes)
     return 0 if healthy else 1
+
+
+def print_pi_table(nodes: list[dict]) -> None:
+    """What each node looks like to its agent: the Pi model and the values `lab set` controls."""
+    say(f"\n  {'NODE':<7} {'MODEL':<32} {'SERIAL':<17} {'TEMP':<8} THROTTLED")
+    for n in nodes:
+        pi = n["pi"]
+        temp = f"{pi['temp_c']:.1f}°C" if "temp_c" in pi else "-"
+        say(f"  {n['name']:<7} {pi.get('model', '-'):<32} {pi.get('serial', '-'):<17} {temp:<8} "
+            f"{pi.get('throttled', '-')}")
+
+
+def cmd_set(name: str, pairs: list[str]) -> int:
+    """`lab set NODE KEY=VALUE...`: the node's temperature and throttled word, as its agent reads them."""
+    settings = parse_settings(pairs)
+    require_root()
+    lab = load_lab()
+    try:
+        node = lab.node(name)
+    except LabError as exc:
+        raise LabRefused(str(exc)) from None
+    set_values(node, settings)
+    pi = pi_status(node)
+    say(f"{node.name}: temp {pi.get('temp_c', 0):.1f}°C, throttled={pi.get('throttled', '?')}"
+        + ("" if node_running(node) else " (it is stopped: its agent sees them when it boots)"))
+    return 0
 
 
 def cmd_exec(argv: list[str]) -> int:
@@ -253,7 +281,17 @@ def _parser() -> argparse.ArgumentParser:
     status.add_argument("--json", action="store_true", help="print JSON")
     sub.add_parser("exec", help="run a command on a node: exec NODE -- CMD ...", add_help=False)
     sub.add_parser("down", help="stop the lab and remove everything it made")
+    add_set_parser(sub)
     return parser
+
+
+def add_set_parser(sub) -> None:
+    known = "; ".join(f"{k}: {v}" for k, v in KNOWN_SETTINGS.items())
+    set_ = sub.add_parser("set", help="set what a node's agent reads as its Pi's temperature and throttling: "
+                                      "set node03 temp=82 throttled=0x50005",
+                          description=f"Changes a node's Pi values without entering it. Keys: {known}.")
+    set_.add_argument("node", metavar="NODE", help="a node of the lab (node03)")
+    set_.add_argument("settings", nargs="+", metavar="KEY=VALUE", help=f"one or more of: {', '.join(KNOWN_SETTINGS)}")
 
 
 def main(argv: list[str]) -> int:
@@ -269,6 +307,8 @@ def main(argv: list[str]) -> int:
             return cmd_down()
         if args.command == "status":
             return cmd_status(args.json)
+        if args.command == "set":
+            return cmd_set(args.node, args.settings)
         return 2
     except LabError as exc:
         print(f"pimaster lab: error: {exc}", file=sys.stderr)

@@ -16,6 +16,7 @@ import time
 
 from .host import children, in_node_cgroup, node_cgroups, pid_alive
 from .model import LAB_DIR, MASTER_STATE_DIR, NSPAWN_RUN, Lab, LabError, Node
+from .pihardware import nspawn_binds
 from .rootfs import NODE_MASTER_STATE, Source
 
 NODE_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
@@ -55,6 +56,7 @@ def nspawn_argv(node: Node, source: Source) -> list[str]:
     nspawn += [f"--bind-ro={host}:{inside}" for host, inside in source.binds]
     if "master" in node.roles:
         nspawn.append(f"--bind={MASTER_STATE_DIR}:{NODE_MASTER_STATE}")
+    nspawn += nspawn_binds(node)  # its Pi: device tree, thermal zone, throttled word (read-only)
     return nspawn
 
 

@@ -3,8 +3,9 @@
 A node boots the host's own root file system through a copy-on-write overlay (lower layer: the
 host's /). Before its first boot, the lab writes into the upper layer what makes it a freshly
 flashed Pi of its own: hostname, machine-id, munge key, its networkd address, the agent's join
-token in /boot/firmware, the packaged systemd units of pimaster and piagent, and wrappers that run
-the code of this source tree (bound read-only into the node).
+token in /boot/firmware, the packaged systemd units of pimaster and piagent, wrappers that run
+the code of this source tree (bound read-only into the node), and what makes it look like a Pi
+(pihardware.py: the boot partition's files, vcgencmd).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from pathlib import Path
 
 from .host import remove_path, run
 from .model import Node, LabError
+from .pihardware import prepare_pi
 
 # In the node: the repo (read-only) and import-package links, and wrappers on PATH.
 NODE_SRC = "/opt/pimaster/src"
@@ -57,7 +59,9 @@ exec /usr/bin/python3 -m {package} "$@"
 # tree through the wrappers above), and the lab hands each its file paths explicitly.
 UNIT_DROPINS = {
     "piagent.service": f"ExecStart=/usr/local/bin/piagent run --config {AGENT_CONFIG}",
-    "pimaster.service": f"ExecStart=/usr/local/bin/pimaster serve --state-dir {NODE_MASTER_STATE}",
+    # Prometheus metrics on node01's loopback: reachable only from inside the node.
+    "pimaster.service": f"ExecStart=/usr/local/bin/pimaster serve --state-dir {NODE_MASTER_STATE} "
+                        "--metrics 127.0.0.1:9466",
 }
 # Where the .deb puts debian/*.service, for a pimaster that runs installed rather than from a checkout.
 INSTALLED_UNIT_DIR = Path("/lib/systemd/system")
@@ -206,3 +210,4 @@ def write_first_boot_files(root: Path, node: Node, source: Source, agent_config:
     (root / "boot/firmware").mkdir(parents=True, exist_ok=True)
     if agent_config is not None:
         write_file(root / AGENT_CONFIG.lstrip("/"), agent_config, 0o600)
+    prepare_pi(node, root, write_file)  # model, serial, thermal zone, vcgencmd, cmdline.txt, config.txt

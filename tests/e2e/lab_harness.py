@@ -95,6 +95,14 @@ class Lab:
             pytest.fail(f"`pimaster lab start {' '.join(nodes)}` failed:\n{describe(result)}")
         return result
 
+    def set(self, node: str, **values: str) -> subprocess.CompletedProcess:
+        """`pimaster lab set NODE KEY=VALUE...` (temp, throttled): what NODE's agent reads as its Pi's
+        temperature and throttled word (fails the test if refused)."""
+        result = pimaster_cli("lab", "set", node, *(f"{k}={v}" for k, v in values.items()))
+        if result.returncode != 0:
+            pytest.fail(f"`pimaster lab set {node}` failed:\n{describe(result)}")
+        return result
+
     def down(self) -> subprocess.CompletedProcess:
         result = pimaster_cli("lab", "down")
         self.is_up = False
