@@ -35,7 +35,8 @@ events of no one node. The types and their fields:
   drown the others' events); past that its latest state comes when it may, with ``suppressed``:
   how many up/down changes were not told in between.
 - ``job``: ``job`` (its id), ``state``: ``started`` (``file``: the state file's name, ``target``,
-  ``test``, ``nodes``: the targeted node ids, at most 64, ``node_count``: all of them) or
+  ``test``, ``nodes``: the targeted node ids, at most 64, ``node_count``: all of them; ``reason``:
+  why the master started it by itself, e.g. ``enrolled node05``, absent for a person's) or
   ``finished``, one per node as its result is recorded (``node``, ``status``: done, interrupted,
   no_answer, not_sent (held back by --fail-stop or a cancel); ``result``: the word `pimaster
   apply` shows: ok, changed, failed, interrupted, no answer, not sent; ``summary``: the counts of
