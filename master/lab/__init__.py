@@ -22,7 +22,8 @@ The package, along its seams:
     bringup.py    `up`: network, master, join token, agents, until every node answers ping;
                   `start`: boot stopped nodes again
     teardown.py   `down`: every process, cgroup, namespace, route, mount and file, found by prefix
-    cli.py        `pimaster lab up|start|down|status|exec|set`
+    fleet.py      `add`, `remove`, `reflash`: Pis joining the running lab, leaving it, re-flashed
+    cli.py        `pimaster lab up|start|add|remove|reflash|down|status|exec|set`
 
 The public API is what this module exports (``__all__``), for the master's CLI (``main``) and the
 end-to-end tests (tests/e2e/lab_harness.py); everything else is internal to the lab and may change.

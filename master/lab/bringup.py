@@ -38,7 +38,7 @@ def bring_up(lab: Lab, source: Source) -> None:
     master = lab.node(MASTER_NODE)
     agents = [n for n in lab.nodes if n is not master]
     say(f"Booting {master.name} (master) ...")
-    prepare_root(master, source, disable, agent_config=None)
+    prepare_root(master, source, disable, agent_config=None, cluster_dir=lab.cluster_dir)
     start_node(lab, master, source)
     wait_booted([master], time.time() + BOOT_TIMEOUT_S)
     config = create_token(lab, master, time.time() + MASTER_TIMEOUT_S)
@@ -104,10 +104,11 @@ def wait_booted(nodes: list[Node], deadline: float) -> None:
         time.sleep(0.2)
 
 
-def create_token(lab: Lab, master: Node, deadline: float) -> str:
-    """A join token for every node, from the master in node01 (which may still be starting)."""
-    cmd = ["pimaster", "token", "create", "--ttl", "1h", "--uses", str(len(lab.nodes)),
-           "--address", lab.master_address, "--json"]
+def create_token(lab: Lab, master: Node, deadline: float, for_node: str | None = None) -> str:
+    """A join token for every node, or (``for_node``) for that one node only and once, from the
+    master in node01 (which may still be starting)."""
+    uses = ["--uses", "1", "--ids", for_node] if for_node else ["--uses", str(len(lab.nodes))]
+    cmd = ["pimaster", "token", "create", "--ttl", "1h", *uses, "--address", lab.master_address, "--json"]
     while True:
         result = node_exec(master, cmd, timeout=60)
         if result.returncode == 0:

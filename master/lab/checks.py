@@ -10,7 +10,7 @@ import subprocess
 from pathlib import Path
 
 from .host import nspawn_cgroup_roots, run, say
-from .model import DEFAULT_SUBNET, HOST_OFFSET, ROUTE_PROTO, LabError
+from .model import DEFAULT_SUBNET, HOST_OFFSET, ROUTE_PROTO, LabError, LabRefused
 
 # An idle node (systemd, journald, dbus, logind, networkd, agent) measures 30-50 MB PSS; the rest
 # is room for what states add (munge, slurmd, chrony, ...).
@@ -134,3 +134,16 @@ def ensure_node_packages(packages: list[str] = NODE_PACKAGES) -> None:
         tail = "\n".join((fetch.stderr or fetch.stdout).strip().splitlines()[-5:])
         raise LabError(f"could not fetch the packages nodes need ({' '.join(packages)}); "
                        f"run `apt-get update` and check the host's network:\n{tail}")
+
+
+def check_cluster_dir(text: str) -> str:
+    """`up --cluster-dir DIR`: DIR as an absolute path, which must be a directory (LabRefused)."""
+    path = os.path.realpath(text)
+    if not os.path.isdir(path):
+        what = "is not a directory" if os.path.exists(path) else "does not exist"
+        raise LabRefused(f"--cluster-dir {text} {what}; give the directory holding the cluster's cluster.yaml "
+                         f"and state files")
+    if ":" in path or "," in path:  # nspawn's --bind-ro splits at ':' (and options at ',')
+        raise LabRefused(f"--cluster-dir {path}: the lab cannot bind a path holding ':' or ','; "
+                         f"move or link the directory elsewhere")
+    return path

@@ -1,4 +1,5 @@
-"""`pimaster lab up|start|down|status|exec|set`: the lab's command line (`main` is its entry point)."""
+"""`pimaster lab up|start|add|remove|reflash|down|status|exec|set`: the lab's command line (`main` is
+its entry point; add, remove and reflash live in fleet.py)."""
 
 from __future__ import annotations
 
@@ -10,21 +11,24 @@ import sys
 import time
 
 from .bringup import bring_up, start_stopped
-from .checks import (check_capacity, check_subnet_free, ensure_node_packages, node_count_fits_subnet,
-                     parse_subnet, require_root, require_tools)
+from .checks import (check_capacity, check_cluster_dir, check_subnet_free, ensure_node_packages,
+                     node_count_fits_subnet, parse_subnet, require_root, require_tools)
+from . import fleet
 from .host import lab_netns, node_memory_mb, say
 from .model import (DEFAULT_NODES, DEFAULT_SUBNET, LAB_DIR, MASTER_NODE, MASTER_PORT, MASTER_STATE_DIR,
                     MAX_NODES, STATE_FILE, SWITCH_NETNS, Lab, LabError, LabRefused, Node, lab_lock, load_lab,
                     make_nodes, terminate_as_interrupt)
 from .node import leader_pid, node_command, node_exec, node_running
 from .pihardware import KNOWN_SETTINGS, parse_settings, pi_status, set_values
-from .rootfs import find_source
+from .rootfs import NODE_CLUSTER_DIR, find_source
 from .teardown import leftovers, teardown
 
 
-def cmd_up(count: int | None, subnet_text: str | None, keep_on_failure: bool = False) -> int:
+def cmd_up(count: int | None, subnet_text: str | None, keep_on_failure: bool = False,
+           cluster_dir_text: str | None = None) -> int:
     if count is not None and not 1 <= count <= MAX_NODES:
         raise LabError(f"--nodes must be between 1 and {MAX_NODES}, not {count}")
+    cluster_dir = check_cluster_dir(cluster_dir_text) if cluster_dir_text is not None else None
     subnet = parse_subnet(subnet_text or DEFAULT_SUBNET)
     node_count_fits_subnet(count or DEFAULT_NODES, subnet)
     require_root()
@@ -43,8 +47,9 @@ def cmd_up(count: int | None, subnet_text: str | None, keep_on_failure: bool = F
             if not stopped:
                 raise LabError(f"a lab with {len(old.nodes)} nodes is already up on {old.subnet}; "
                                f"`pimaster lab down` first")
-            if (count is not None and count != len(old.nodes)) or (subnet_text is not None
-                                                                   and str(subnet) != old.subnet):
+            if ((count is not None and count != len(old.nodes)) or (subnet_text is not None
+                                                                    and str(subnet) != old.subnet)
+                    or (cluster_dir is not None and cluster_dir != old.cluster_dir)):
                 raise LabError(f"a lab with {len(old.nodes)} nodes on {old.subnet} is here, "
                                f"{describe_stopped(old, stopped)}; `pimaster lab start "
                                f"{' '.join(n.name for n in stopped)}` boots {them(stopped)} again, "
@@ -61,7 +66,7 @@ def cmd_up(count: int | None, subnet_text: str | None, keep_on_failure: bool = F
         check_subnet_free(subnet)
         check_capacity(count)
         ensure_node_packages()
-        lab = Lab(subnet=str(subnet), nodes=make_nodes(count, subnet))
+        lab = Lab(subnet=str(subnet), nodes=make_nodes(count, subnet), cluster_dir=cluster_dir)
         master = lab.node(MASTER_NODE)
         lab.master_address = f"{master.ip}:{MASTER_PORT}"
         try:
@@ -124,7 +129,8 @@ def cmd_start(names: list[str]) -> int:
 
 def print_summary(lab: Lab, seconds: float) -> None:
     say(f"\nLab up: {len(lab.nodes)} nodes on {lab.subnet} in {seconds:.1f} s "
-        f"(the master listens on {lab.master_address} inside the lab)\n")
+        f"(the master listens on {lab.master_address} inside the lab)")
+    say(f"The master serves {describe_cluster_dir(lab)}\n")
     for node in lab.nodes:
         say(f"  {node.name}  {node.ip:<15}  {' + '.join(node.roles)}")
     say(f"""
@@ -135,7 +141,14 @@ Use it:
                                                 host talk to the lab's master (via its control socket)
   pimaster lab status                           nodes, addresses, services, memory
   pimaster lab start NODE...                    boot a stopped node again (`pimaster shutdown` powered it off)
+  pimaster lab add | remove NODE | reflash NODE a new Pi, one taken out, one with a re-flashed card
   pimaster lab down                             remove the lab and everything it made""")
+
+
+def describe_cluster_dir(lab: Lab) -> str:
+    if lab.cluster_dir:
+        return f"the cluster dir {lab.cluster_dir} (bound read-only into {MASTER_NODE} at {NODE_CLUSTER_DIR})"
+    return "its default cluster dir (the shipped states)"
 
 
 def cmd_down() -> int:
@@ -196,7 +209,7 @@ def cmd_status(as_json: bool) -> int:
     up = lab.status == "up" and len(stopped) < len(nodes)
     report = {"up": up, "status": lab.status, "stopped": stopped, "subnet": lab.subnet,
               "master_address": lab.master_address, "master_state_dir": str(MASTER_STATE_DIR),
-              "lab_dir": str(LAB_DIR), "nodes": nodes}
+              "lab_dir": str(LAB_DIR), "cluster_dir": lab.cluster_dir, "nodes": nodes}
     if as_json:
         print(json.dumps(report, indent=2))
     else:
@@ -209,6 +222,7 @@ def cmd_status(as_json: bool) -> int:
         else:
             state = "up"
         say(f"Lab {state}: {len(nodes)} nodes on {lab.subnet}; master {lab.master_address} in {MASTER_NODE}")
+        say(f"  the master serves {describe_cluster_dir(lab)}")
         say(f"  export PIMASTER_STATE_DIR={MASTER_STATE_DIR}\n")
         say(f"  {'NODE':<7} {'STATE':<10} {'ADDRESS':<18} {'SERVICES':<36} MEMORY")
         for n in nodes:
@@ -274,11 +288,16 @@ def _parser() -> argparse.ArgumentParser:
     up.add_argument("--subnet",
                     help=f"private IPv4 subnet of the lab (default {DEFAULT_SUBNET})")
     up.add_argument("--keep-on-failure", action="store_true", help="leave a failed lab in place for debugging")
+    up.add_argument("--cluster-dir", metavar="DIR",
+                    help=f"bind DIR (the cluster's cluster.yaml and states) read-only into {MASTER_NODE} at "
+                         f"{NODE_CLUSTER_DIR} and run the master with --cluster-dir there (default: the "
+                         f"master's default, the shipped states)")
     start = sub.add_parser("start", help="boot stopped nodes again (powered off by `pimaster shutdown`), as a "
                                          "Pi whose plug is put back: same root file system, keys and address")
     start.add_argument("nodes", nargs="+", metavar="NODE", help="a stopped node of the lab (node04)")
     status = sub.add_parser("status", help="the nodes, their addresses, services and memory")
     status.add_argument("--json", action="store_true", help="print JSON")
+    fleet.add_parsers(sub)
     sub.add_parser("exec", help="run a command on a node: exec NODE -- CMD ...", add_help=False)
     sub.add_parser("down", help="stop the lab and remove everything it made")
     add_set_parser(sub)
@@ -295,22 +314,31 @@ def add_set_parser(sub) -> None:
 
 
 def main(argv: list[str]) -> int:
+    args = None
     try:
         if argv[:1] == ["exec"]:
             return cmd_exec(argv[1:])
         args = _parser().parse_args(argv)
         if args.command == "up":
-            return cmd_up(args.nodes, args.subnet, args.keep_on_failure)
+            return cmd_up(args.nodes, args.subnet, args.keep_on_failure, args.cluster_dir)
         if args.command == "start":
             return cmd_start(args.nodes)
         if args.command == "down":
             return cmd_down()
         if args.command == "status":
             return cmd_status(args.json)
+        if args.command == "add":
+            return fleet.cmd_add(args.name, args.json)
+        if args.command == "remove":
+            return fleet.cmd_remove(args.node, args.json)
+        if args.command == "reflash":
+            return fleet.cmd_reflash(args.node, args.json)
         if args.command == "set":
             return cmd_set(args.node, args.settings)
         return 2
     except LabError as exc:
+        if getattr(args, "json", False):  # a script reading stdout always gets JSON
+            print(json.dumps({"error": str(exc), "code": "refused" if isinstance(exc, LabRefused) else "failed"}))
         print(f"pimaster lab: error: {exc}", file=sys.stderr)
         return 2 if isinstance(exc, LabRefused) else 1
     except KeyboardInterrupt:

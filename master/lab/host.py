@@ -175,6 +175,29 @@ def cgroup_pids(top: Path) -> set[int]:
     return pids
 
 
+def node_processes(node: str) -> dict[int, str]:
+    """pid -> state letter of every process in the node's own cgroup (``lab_processes`` for one node:
+    an exact path match, so node1 never takes node10's processes)."""
+    own = f"/{CGROUP_NAME}/{node}"
+    found = {}
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        with contextlib.suppress(OSError, IndexError):
+            paths = [line.split(":", 2)[2] for line in Path(entry.path, "cgroup").read_text().splitlines()]
+            if any(p == own or p.startswith(own + "/") for p in paths):
+                found[int(entry.name)] = Path(entry.path, "stat").read_text().rsplit(")", 1)[1].split()[0]
+    return found
+
+
+def remove_node_cgroups(node: str) -> None:
+    """The node's cgroup in every hierarchy, deepest first (they must hold no process)."""
+    for top in lab_cgroup_dirs():
+        for dirpath, _, _ in sorted(os.walk(top / node), key=lambda w: w[0].count("/"), reverse=True):
+            with contextlib.suppress(FileNotFoundError):
+                os.rmdir(dirpath)
+
+
 def in_node_cgroup(pid: int, node: str) -> bool:
     try:
         return f"/{CGROUP_NAME}/{node}" in Path(f"/proc/{pid}/cgroup").read_text()
@@ -207,12 +230,23 @@ def network_up(lab: Lab) -> None:
     run(["ip", "-n", SWITCH_NETNS, "link", "add", BRIDGE, "type", "bridge"])
     run(["ip", "-n", SWITCH_NETNS, "link", "set", BRIDGE, "up"])
     for node in lab.nodes:
-        run(["ip", "netns", "add", node.netns])
-        # Both ends are created directly in their namespaces: no lab interface ever exists on the host.
-        run(["ip", "link", "add", "name", f"v-{node.name}", "netns", SWITCH_NETNS, "type", "veth",
-             "peer", "name", "eth0", "netns", node.netns])
-        run(["ip", "-n", SWITCH_NETNS, "link", "set", f"v-{node.name}", "master", BRIDGE, "up"])
-        # eth0 stays down without an address: systemd-networkd in the node configures it.
+        node_network_up(node)
+
+
+def node_network_up(node: Node) -> None:
+    """The node's namespace and its cable to the switch (`up`, and `lab add` for a newcomer)."""
+    run(["ip", "netns", "add", node.netns])
+    # Both ends are created directly in their namespaces: no lab interface ever exists on the host.
+    run(["ip", "link", "add", "name", f"v-{node.name}", "netns", SWITCH_NETNS, "type", "veth",
+         "peer", "name", "eth0", "netns", node.netns])
+    run(["ip", "-n", SWITCH_NETNS, "link", "set", f"v-{node.name}", "master", BRIDGE, "up"])
+    # eth0 stays down without an address: systemd-networkd in the node configures it.
+
+
+def node_network_down(node: Node) -> None:
+    """Remove the node's namespace; its veth pair (and the switch's end) goes with it."""
+    if node.netns in lab_netns():
+        run(["ip", "netns", "delete", node.netns])
 
 
 def lab_netns() -> list[str]:

@@ -88,6 +88,7 @@ class Lab:
     started: float = field(default_factory=time.time)
     master_address: str = ""
     version: int = 1
+    cluster_dir: str | None = None      # `up --cluster-dir`: the host dir node01's master serves
 
     def node(self, name: str) -> Node:
         for node in self.nodes:

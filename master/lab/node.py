@@ -17,7 +17,7 @@ import time
 from .host import children, in_node_cgroup, node_cgroups, pid_alive
 from .model import LAB_DIR, MASTER_STATE_DIR, NSPAWN_RUN, Lab, LabError, Node
 from .pihardware import nspawn_binds
-from .rootfs import NODE_MASTER_STATE, Source
+from .rootfs import NODE_MASTER_STATE, Source, cluster_binds
 
 NODE_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 # Generous but bounded: CI is a loaded 2-core VM.
@@ -64,10 +64,11 @@ def start_node(lab: Lab, node: Node, source: Source) -> None:
     cgroups = node_cgroups(node)
     env = dict(os.environ, LAB_CGROUPS=" ".join(cgroups), LAB_UPPER=str(node.dir / "upper"),
                LAB_WORK=str(node.dir / "work"), LAB_MERGED=str(node.dir / "merged"))
+    nspawn = nspawn_argv(node, source) + cluster_binds(lab.cluster_dir, node)
     log = open(node.dir / "nspawn.log", "ab")
     with log:
         proc = subprocess.Popen(["unshare", "--mount", "--propagation", "private", "sh", "-c", SUPERVISOR, "sh",
-                                 *nspawn_argv(node, source)], stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                                 *nspawn], stdin=subprocess.DEVNULL, stdout=log, stderr=log,
                                 env=env, start_new_session=True)
     # unshare and sh exec in place, so this pid stays the supervisor's for the node's lifetime.
     node.supervisor_pid = proc.pid

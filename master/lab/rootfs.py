@@ -27,6 +27,8 @@ NODE_SRC = "/opt/pimaster/src"
 NODE_LIB = "/opt/pimaster/lib"
 AGENT_CONFIG = "/boot/firmware/piagent.conf"
 NODE_MASTER_STATE = "/var/lib/pimaster"
+# `lab up --cluster-dir DIR`: DIR is bound here, read-only, into node01, and its master serves it.
+NODE_CLUSTER_DIR = "/opt/pimaster/cluster"
 
 # Host state that must not leak into a node through the overlay: a node starts like a fresh Pi, so
 # only what the agent configures can make a cluster work.
@@ -141,7 +143,8 @@ def write_file(path: Path, text: str | bytes, mode: int = 0o644, uid: int = 0, g
     os.chmod(path, mode)
 
 
-def prepare_root(node: Node, source: Source, disable: list[str], agent_config: str | None) -> None:
+def prepare_root(node: Node, source: Source, disable: list[str], agent_config: str | None,
+                 cluster_dir: str | None = None) -> None:
     """Write the node's first-boot files into its overlay, the way a freshly flashed Pi looks."""
     upper, work, merged = node.dir / "upper", node.dir / "work", node.dir / "merged"
     for d in (upper, work, merged):
@@ -154,7 +157,7 @@ def prepare_root(node: Node, source: Source, disable: list[str], agent_config: s
     # makes whiteouts for removed host files); the node later mounts the same layers privately.
     run(["mount", "-t", "overlay", "overlay", "-o", f"lowerdir=/,upperdir={upper},workdir={work}", str(merged)])
     try:
-        write_first_boot_files(merged, node, source, agent_config)
+        write_first_boot_files(merged, node, source, agent_config, cluster_dir)
         if disable:
             run(["systemctl", f"--root={merged}", "disable", *disable], check=False)
         enable = ["systemd-networkd.service"]
@@ -167,7 +170,8 @@ def prepare_root(node: Node, source: Source, disable: list[str], agent_config: s
         run(["umount", str(merged)])
 
 
-def write_first_boot_files(root: Path, node: Node, source: Source, agent_config: str | None) -> None:
+def write_first_boot_files(root: Path, node: Node, source: Source, agent_config: str | None,
+                           cluster_dir: str | None = None) -> None:
     for rel in HOST_STATE_PATHS:
         remove_path(root / rel)
     for dotfile in ("bashrc", "profile"):  # what Debian puts in a fresh /root
@@ -204,10 +208,27 @@ def write_first_boot_files(root: Path, node: Node, source: Source, agent_config:
         write_file(root / "etc/systemd/system" / unit, source.units[unit])
         write_file(root / f"etc/systemd/system/{unit}.d/lab.conf",
                    "# Written by `pimaster lab up`: run from the source bound into this node.\n"
-                   f"[Service]\nExecStart=\n{UNIT_DROPINS[unit]}\n")
+                   f"[Service]\nExecStart=\n{dropin_command(unit, node, cluster_dir)}\n")
     if "master" in node.roles:
         (root / NODE_MASTER_STATE.lstrip("/")).mkdir(parents=True, exist_ok=True)
+        if cluster_dir:
+            (root / NODE_CLUSTER_DIR.lstrip("/")).mkdir(parents=True, exist_ok=True)
     (root / "boot/firmware").mkdir(parents=True, exist_ok=True)
     if agent_config is not None:
         write_file(root / AGENT_CONFIG.lstrip("/"), agent_config, 0o600)
     prepare_pi(node, root, write_file)  # model, serial, thermal zone, vcgencmd, cmdline.txt, config.txt
+
+
+def dropin_command(unit: str, node: Node, cluster_dir: str | None) -> str:
+    """The unit's ExecStart in the node; the master of a lab up with --cluster-dir serves that tree."""
+    command = UNIT_DROPINS[unit]
+    if unit == "pimaster.service" and "master" in node.roles and cluster_dir:
+        command += f" --cluster-dir {NODE_CLUSTER_DIR}"
+    return command
+
+
+def cluster_binds(cluster_dir: str | None, node: Node) -> list[str]:
+    """nspawn's option binding the lab's cluster dir (read-only) into the master's node, if any."""
+    if not cluster_dir or "master" not in node.roles:
+        return []
+    return [f"--bind-ro={cluster_dir}:{NODE_CLUSTER_DIR}"]

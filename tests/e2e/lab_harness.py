@@ -6,6 +6,11 @@ Tests take the `lab` fixture (tests/e2e/conftest.py), an instance of `Lab`:
         lab.exec("node02", "systemctl", "is-active", "piagent")      # CompletedProcess, checked
         lab.pimaster("ping", "--json")                               # the master's CLI in node01
         lab.nodes, lab.ip("node03"), lab.master_state_dir
+        name = lab.add()            # `pimaster lab add`: a new node enrolled by its card's token
+        fp = lab.reflash(name)      # a fresh card: the new key's fingerprint (denied at the master)
+        lab.remove(name)            # out of the lab (the master keeps its key)
+
+`Lab(cluster_dir=DIR)` brings the lab up with `--cluster-dir DIR` (node01's master serves DIR).
 
 Everything runs inside the nodes' namespaces: the host never sends a packet to a lab address.
 """
@@ -57,8 +62,10 @@ def describe(result: subprocess.CompletedProcess) -> str:
 class Lab:
     """A `pimaster lab`, brought up and down through its CLI, with helpers to reach into nodes."""
 
-    def __init__(self, size: int = LAB_NODES):
+    def __init__(self, size: int = LAB_NODES, cluster_dir: str | Path | None = None):
         self.size = size
+        # `lab up --cluster-dir`: the tree node01's master serves (None: its default, the shipped states).
+        self.cluster_dir = cluster_dir
         self.is_up = False
         self.up_failure: str | None = None
         self.up_output = ""
@@ -80,10 +87,13 @@ class Lab:
             if existing is not None and existing.status == "up" and any(map(labmod.node_running, existing.nodes)):
                 pytest.fail(f"a lab is already up on this machine ({len(existing.nodes)} nodes, started by "
                             f"pid {existing.owner_pid}); run `pimaster lab down` before the e2e tests")
-            result = pimaster_cli("lab", "up", "--nodes", str(self.size))
+            args = ["lab", "up", "--nodes", str(self.size)]
+            if self.cluster_dir is not None:
+                args += ["--cluster-dir", str(self.cluster_dir)]
+            result = pimaster_cli(*args)
             if result.returncode != 0:
                 self.up_failure = describe(result)
-                pytest.fail(f"`pimaster lab up --nodes {self.size}` failed:\n{self.up_failure}")
+                pytest.fail(f"`pimaster {' '.join(args)}` failed:\n{self.up_failure}")
             self.is_up = True
             self.up_output = result.stdout
         return self
@@ -102,6 +112,29 @@ class Lab:
         if result.returncode != 0:
             pytest.fail(f"`pimaster lab set {node}` failed:\n{describe(result)}")
         return result
+
+    def add(self, name: str | None = None) -> str:
+        """`pimaster lab add [--name NAME]`: a new node whose card holds only a piagent.conf; returns
+        its name once its agent answers the master's ping (fails the test if it does not)."""
+        result = pimaster_cli("lab", "add", "--json", *(["--name", name] if name else []))
+        if result.returncode != 0:
+            pytest.fail(f"`pimaster lab add{' --name ' + name if name else ''}` failed:\n{describe(result)}")
+        return json.loads(result.stdout)["name"]
+
+    def remove(self, node: str) -> subprocess.CompletedProcess:
+        """`pimaster lab remove NODE` (fails the test if it fails); the master's keys stay."""
+        result = pimaster_cli("lab", "remove", node)
+        if result.returncode != 0:
+            pytest.fail(f"`pimaster lab remove {node}` failed:\n{describe(result)}")
+        return result
+
+    def reflash(self, node: str) -> str:
+        """`pimaster lab reflash NODE`: a fresh card with a new join token; returns the fingerprint of
+        the node's new key, once the master lists it (denied while the old key is accepted)."""
+        result = pimaster_cli("lab", "reflash", node, "--json")
+        if result.returncode != 0:
+            pytest.fail(f"`pimaster lab reflash {node}` failed:\n{describe(result)}")
+        return json.loads(result.stdout)["fingerprint"]
 
     def down(self) -> subprocess.CompletedProcess:
         result = pimaster_cli("lab", "down")
