@@ -17,7 +17,9 @@ Everything runs inside the nodes' namespaces: the host never sends a packet to a
 
 from __future__ import annotations
 
+import contextlib
 import json
+import shlex
 import os
 import shutil
 import subprocess
@@ -153,6 +155,20 @@ class Lab:
     @property
     def master_state_dir(self) -> Path:
         return labmod.MASTER_STATE_DIR
+
+    @contextlib.contextmanager
+    def keep_files(self, node: str, *paths: str):
+        """NODE's files at PATHS as they were before the block, after it (failures too): a test that
+        writes a node's /boot/firmware/cmdline.txt must leave the lab's own behind, not none."""
+        quoted = " ".join(shlex.quote(p) for p in paths)
+        self.exec(node, "sh", "-c", f"for f in {quoted}; do rm -f \"$f.pm-kept\"; "
+                                    f"if [ -e \"$f\" ]; then cp -a \"$f\" \"$f.pm-kept\"; fi; done")
+        try:
+            yield
+        finally:
+            self.exec(node, "sh", "-c", f"for f in {quoted}; do rm -f \"$f\"; "
+                                        f"if [ -e \"$f.pm-kept\" ]; then mv \"$f.pm-kept\" \"$f\"; fi; done",
+                      check=False)
 
     def ip(self, node: str) -> str:
         return self.state.node(node).ip

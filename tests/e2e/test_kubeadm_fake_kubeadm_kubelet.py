@@ -12,8 +12,7 @@ signature against it (`signed-by`, never `trusted=yes`), the packages are instal
 Everything else is real: swap.off, cmdline.txt, kmod, sysctl, Debian's containerd 1.6 running with
 the generated config, the stages, the results handed from node01 to the workers, the redaction.
 
-What the lab lacks, and the test says so where it matters: a boot partition (each node gets the
-cmdline.txt a flashed Pi has), writable kernel settings (nspawn mounts /proc/sys read-only; the
+What the lab lacks, and the test says so where it matters: writable kernel settings (nspawn mounts /proc/sys read-only; the
 test makes each node's own network settings writable, as a Pi has them) and loadable modules
 (br_netfilter is built into the lab's kernel, /proc/sys/net/bridge exists, but modprobe cannot load
 anything: that state is the one failure on every node, and nothing depends on it).
@@ -55,7 +54,7 @@ CALLS = "/var/log/fake-kubernetes/calls.log"
 LEFTOVERS = ("/etc/kubernetes /var/lib/kubelet /var/lib/fake-kubernetes /var/log/fake-kubernetes "
              "/etc/apt/sources.list.d/kubernetes.list /etc/apt/keyrings/kubernetes-v1.32-apt-keyring.gpg "
              "/etc/sysctl.d/k8s.conf /etc/modules-load.d/pimaster.conf /etc/containerd "
-             f"/boot/firmware/cmdline.txt {NODE_REPO}")
+             f"{NODE_REPO}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -179,6 +178,8 @@ def kubernetes_lab(lab, tmp_path):
         for node in lab.nodes:
             sh(lab, node, f"rm -rf {NODE_REPO} && mkdir -p {NODE_REPO} && base64 -d | tar -xz -C {NODE_REPO} "
                           f"&& chmod -R a+rX {NODE_REPO}", input=tarball)
+            # The lab's own cmdline.txt (its PARTUUID) is kept and put back afterwards.
+            sh(lab, node, "cp -a /boot/firmware/cmdline.txt /boot/firmware/cmdline.txt.pm-kept")
             lab.write_file(node, "/boot/firmware/cmdline.txt", CMDLINE)     # as on a flashed Pi
             # nspawn gives a node whose network namespace it did not make a read-only /proc/sys; a Pi's
             # kernel settings are writable. Only the node's own network settings are made so.
@@ -204,7 +205,9 @@ def kubernetes_lab(lab, tmp_path):
                           "DEBIAN_FRONTEND=noninteractive apt-get purge -y -q kubeadm kubelet kubectl containerd runc "
                           ">/dev/null 2>&1; "
                           f"echo {forward[node]} > /proc/sys/net/ipv4/ip_forward; umount /proc/sys/net; "
-                          f"rm -rf {LEFTOVERS}; systemctl daemon-reload; systemctl reset-failed", check=False)
+                          f"rm -rf {LEFTOVERS}; systemctl daemon-reload; systemctl reset-failed; "
+                          "if [ -e /boot/firmware/cmdline.txt.pm-kept ]; then "
+                          "mv /boot/firmware/cmdline.txt.pm-kept /boot/firmware/cmdline.txt; fi", check=False)
         sh(lab, MASTER, ("" if had_admin else f"userdel -r {ADMIN} 2>/dev/null; ") + f"rm -rf {WORK}", check=False)
 
 

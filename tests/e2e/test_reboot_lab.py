@@ -56,8 +56,8 @@ def test_rolling_reboot_batch_1_never_has_two_nodes_down_and_each_comes_back_fro
 
 def test_only_required_picks_exactly_the_nodes_an_apply_said_need_a_reboot(lab):
     cmdline = "/boot/firmware/cmdline.txt"
-    lab.exec("node03", "sh", "-c", f"cat > {cmdline}", input="console=tty1 root=/dev/mmcblk0p2 rootwait\n")
-    try:
+    with lab.keep_files("node03", cmdline):  # the lab's own bookworm cmdline.txt comes back afterwards
+        lab.exec("node03", "sh", "-c", f"cat > {cmdline}", input="console=tty1 root=/dev/mmcblk0p2 rootwait\n")
         lab.write_file(MASTER, "/root/reboot-cgroups.yaml",
                        "cgroups:\n  boot.cmdline:\n    - present: [cgroup_enable=memory]\n")
         applied = lab.pimaster("apply", "/root/reboot-cgroups.yaml", "--target", "node03", "--json", check=False)
@@ -71,8 +71,6 @@ def test_only_required_picks_exactly_the_nodes_an_apply_said_need_a_reboot(lab):
         # Booted since: none needs it now.
         again = json.loads(lab.pimaster("reboot", "node0[2-4]", "--only-required", "--json").stdout)
         assert again["order"] == []
-    finally:
-        lab.exec("node03", "rm", "-f", cmdline, check=False)
 
 
 def test_the_masters_own_node_goes_last_and_the_master_comes_back_with_it(lab):

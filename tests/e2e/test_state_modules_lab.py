@@ -314,22 +314,24 @@ CONFIG = "# Enable audio (loads snd_bcm2835)\ndtparam=audio=on\ndtoverlay=vc4-km
 
 def test_boot_cmdline_and_config_in_boot_firmware(lab):
     cmdline, config = "/boot/firmware/cmdline.txt", "/boot/firmware/config.txt"
+    with lab.keep_files(NODE, cmdline, config):  # the lab's own bookworm files come back afterwards
+        boot_cmdline_and_config(lab, cmdline, config)
+
+
+def boot_cmdline_and_config(lab, cmdline: str, config: str) -> None:
     lab.exec(NODE, "sh", "-c", f"cat > {cmdline}", input=CMDLINE)
     lab.exec(NODE, "sh", "-c", f"cat > {config}", input=CONFIG)
-    try:
-        would, done = cycle(lab, NODE, "boot.cmdline", "name=k3s", 'present=["cgroup_memory=1", "cgroup_enable=memory"]',
-                            'absent=["quiet"]',
-                            before=lambda: check(sh(lab, NODE, f"cat {cmdline}") == CMDLINE, "changed in test mode"),
-                            after=lambda: check(sh(lab, NODE, f"cat {cmdline}") == CMDLINE.replace(
-                                " quiet\n", " cgroup_memory=1 cgroup_enable=memory\n"), "not changed"))
-        assert would["changes"]["reboot_required"] is done["changes"]["reboot_required"] is True
-        would, done = cycle(lab, NODE, "boot.config", "name=dtparam=audio", "value=off",
-                            before=lambda: check(sh(lab, NODE, f"cat {config}") == CONFIG, "changed in test mode"),
-                            after=lambda: check(sh(lab, NODE, f"cat {config}") == CONFIG.replace(
-                                "audio=on", "audio=off"), "not changed"))
-        assert done["changes"]["reboot_required"] is True and "+dtparam=audio=off" in would["changes"]["diff"]
-    finally:
-        sh(lab, NODE, f"rm -f {cmdline} {config}")
+    would, done = cycle(lab, NODE, "boot.cmdline", "name=k3s", 'present=["cgroup_memory=1", "cgroup_enable=memory"]',
+                        'absent=["quiet"]',
+                        before=lambda: check(sh(lab, NODE, f"cat {cmdline}") == CMDLINE, "changed in test mode"),
+                        after=lambda: check(sh(lab, NODE, f"cat {cmdline}") == CMDLINE.replace(
+                            " quiet\n", " cgroup_memory=1 cgroup_enable=memory\n"), "not changed"))
+    assert would["changes"]["reboot_required"] is done["changes"]["reboot_required"] is True
+    would, done = cycle(lab, NODE, "boot.config", "name=dtparam=audio", "value=off",
+                        before=lambda: check(sh(lab, NODE, f"cat {config}") == CONFIG, "changed in test mode"),
+                        after=lambda: check(sh(lab, NODE, f"cat {config}") == CONFIG.replace(
+                            "audio=on", "audio=off"), "not changed"))
+    assert done["changes"]["reboot_required"] is True and "+dtparam=audio=off" in would["changes"]["diff"]
 
 
 # ---------------------------------------------------------------------------------------------
