@@ -90,6 +90,24 @@ def memory_total_mb() -> int | None:
     return None
 
 
+def memory_health() -> dict:
+    """``memory_used_pct`` (what is not available to new programs) and ``memory_available_mb``,
+    from /proc/meminfo; empty when it cannot be read."""
+    values = {}
+    for line in (_read("/proc/meminfo") or "").splitlines():
+        name, _, rest = line.partition(":")
+        if name in ("MemTotal", "MemAvailable") and rest.split():
+            try:
+                values[name] = int(rest.split()[0])
+            except ValueError:
+                return {}
+    total, available = values.get("MemTotal"), values.get("MemAvailable")
+    if not total or available is None:
+        return {}
+    return {"memory_used_pct": round(100.0 * (total - available) / total, 1),
+            "memory_available_mb": available // 1024}
+
+
 _which_cache: dict[str, str | None] = {}
 
 
@@ -281,6 +299,7 @@ async def health() -> dict:
     if word is not None:
         result["throttled"] = f"0x{word:x}"
         result["throttled_flags"] = decode_throttled(word)
+    result.update(memory_health())
     try:
         st = os.statvfs("/")
         total = st.f_blocks * st.f_frsize

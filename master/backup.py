@@ -56,6 +56,10 @@ LOCK_NAME, SOCKET_NAME = "master.lock", "control.sock"
 # Not the master's state but the running daemon's (the lock, the socket), or SQLite's side files
 # (the database comes through the backup API) and temp files of writes killed before their rename.
 NOT_STATE = {LOCK_NAME, SOCKET_NAME, DB_NAME, f"{DB_NAME}-wal", f"{DB_NAME}-shm", f"{DB_NAME}-journal"}
+# The health history (`pimaster.healthlog`) is not backed up: it is history the master gathers
+# again, and a copy of a live WAL database's files would not be consistent.
+HEALTH_DB_NAME = "health.db"
+NOT_STATE |= {HEALTH_DB_NAME, f"{HEALTH_DB_NAME}-wal", f"{HEALTH_DB_NAME}-shm", f"{HEALTH_DB_NAME}-journal"}
 # A path component in a backup: what pimaster names its files (secrets' names are a subset).
 NAME_RE = re.compile(r"\A[A-Za-z0-9][A-Za-z0-9._-]{0,127}\Z")
 MAX_DEPTH = 4

@@ -56,6 +56,18 @@ events of no one node. The types and their fields:
   failure's may be its agent's words); and last ``finished`` (``ok``, ``elapsed_s``, ``summary``:
   nodes per state, ``skipped``: how many) or ``stopped`` (``reason``, ``elapsed_s``,
   ``not_started``: the node ids the roll did not reach).
+- ``health``: what the health collector (`pimaster.healthwatch`, every health interval) saw change
+  in ``node``'s health, ``state``: ``not_answering`` (``error``: not connected, no answer in time,
+  refused), ``answering`` again (``rtt_ms``); from the firmware's throttled word (what `vcgencmd
+  get_throttled` says), each with ``throttled`` (the word, hex), ``flags`` (its set bits by name:
+  ``under_voltage``, ``freq_capped``, ``throttled``, ``soft_temp_limit`` and the ``*_occurred``
+  ones, sticky since the node's boot) and ``temp_c`` (or null): ``throttling_began`` /
+  ``throttling_ended`` (any of frequency capped, throttled, soft temperature limit, now),
+  ``throttling_occurred`` (it throttled between two samples: a sticky bit rose, no current one
+  set), ``under_voltage_began`` / ``under_voltage_ended``, ``under_voltage_occurred`` (a dip
+  between two samples). The first sample a master takes of a node tells what is on now, not the
+  sticky bits of before. Bounded per node as the ``node`` events are (its own allowance:
+  FLAP_BURST, then one every FLAP_EVERY_S, the latest with ``suppressed``).
 - ``lost``: ``count`` events this stream did not get because it read too slowly.
 """
 
@@ -89,7 +101,7 @@ MAX_NOTES = 4096
 FLAP_BURST = 10
 FLAP_EVERY_S = 6.0
 
-TYPES = ("subscribed", "key", "node", "job", "network_rollback", "reboot", "lost")
+TYPES = ("subscribed", "key", "node", "job", "network_rollback", "reboot", "health", "lost")
 CONTROL_RE = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 FIELD_NAME_RE = re.compile(r"[a-z][a-z0-9_]{0,31}")
 
@@ -217,6 +229,7 @@ class EventBus:
         # Rooms of the master that act on events (`autoapply`): called with every event as it is
         # published, before any subscriber's bound; they must not block (they schedule work).
         self.listeners: list = []
+        self._health_flaps = Flaps()  # a node's health changes have their own allowance
 
     def publish(self, type_: str, node: str | None = None, **fields) -> None:
         """Passes ``{"time", "type", "node", **fields}`` (bounded) to every subscriber. ``node``
@@ -243,7 +256,8 @@ class EventBus:
                 listener(event)
             except Exception:  # a listener's bug must not fail what the event reports
                 log.exception("an event listener failed on a %s event", type_)
-        if type_ == "node" and node is not None and not self._flaps.allows(node, event, self._deliver):
+        flaps = self._flaps if type_ == "node" else self._health_flaps if type_ == "health" else None
+        if flaps is not None and node is not None and not flaps.allows(node, event, self._deliver):
             return
         self._deliver(event)
 

@@ -145,13 +145,16 @@ def check_health(body: dict) -> dict:
     anything else is left out, so one node cannot break `pimaster ping` for everyone."""
     out: dict = {}
     for name, low, high in (("uptime_s", 0, 1e10), ("temp_c", -100, 200), ("disk_root_used_pct", 0, 100),
-                            ("time", 0, 1e11), ("booted_at", 0, 1e11)):
+                            ("memory_used_pct", 0, 100), ("time", 0, 1e11), ("booted_at", 0, 1e11)):
         value = _finite(body.get(name))
         if value is not None and low <= value <= high:
             out[name] = value
     free = body.get("disk_root_free_mb")
     if isinstance(free, int) and not isinstance(free, bool) and 0 <= free < 1 << 40:
         out["disk_root_free_mb"] = free
+    available = body.get("memory_available_mb")
+    if isinstance(available, int) and not isinstance(available, bool) and 0 <= available < 1 << 40:
+        out["memory_available_mb"] = available
     # Which boot is running (`pimaster reboot` compares them): the kernel's boot id, a UUID, and
     # PID 1's start in ticks. Only plain tokens: they are printed and compared, never interpreted.
     boot_id = body.get("boot_id")

@@ -12,13 +12,15 @@ The rooms it wires together, one process, one asyncio loop:
 - `events`: what happens (keys, nodes up and down, jobs, rollbacks, reboots), for `pimaster events`;
 - `auto`: the cluster directory's `apply:` list applied by the master itself, on enrollment and
   for drift checks (`autoapply.AutoApply`).
+- `healthwatch`: every health interval, each accepted node's health into the history (`healthlog`,
+  health.db) and its changes as events; `metrics`: the Prometheus endpoint (`--metrics`).
 
 Job retention (`--keep-jobs`, `--keep-days`) prunes the job store at start, as each new job is
 recorded (the newest N stay N), and hourly (jobs age past D days without new ones); never a job
 that is running.
 
 Command handlers get the ``Master``: ``store``, ``roster``, ``enrollment``, ``rpc``, ``jobs``,
-``transport``, ``drops``, ``events`` and the daemon's own settings (``fingerprint``, ``port``, ...).
+``transport``, ``drops``, ``events``, ``health`` (the history), ``healthwatch`` (latest samples) and the daemon's own settings (``fingerprint``, ``port``, ...).
 """
 
 from __future__ import annotations
@@ -42,6 +44,8 @@ from .control import ControlServer
 from .enrollment import MAX_PENDING_KEYS, Enrollment, Roster
 from .autoapply import AutoApply
 from .events import EventBus
+from .healthlog import DEFAULT_INTERVAL_S, HealthLog
+from .healthwatch import HealthWatch
 from .board import JobBoard
 from .rpc import Rpc
 from .secrets import SecretStore
@@ -53,6 +57,9 @@ log = logging.getLogger("pimaster")
 LAST_SEEN_FLUSH_S = 30.0
 # How often jobs past --keep-days are pruned when no new job prunes them.
 JOB_PRUNE_INTERVAL_S = 3600.0
+# Test only: the health interval in seconds, instead of the configured one (the tests' rounds
+# come every fraction of a second). As PIAGENT_TEST_* for the agent, never for a real master.
+TEST_HEALTH_INTERVAL_ENV = "PIMASTER_TEST_HEALTH_INTERVAL"
 
 
 class Master:
@@ -76,6 +83,27 @@ class Master:
         self.roster = Roster(self.events)
         self.started = time.time()
         self._tasks: list[asyncio.Task] = []
+        self.metrics_server = None
+
+    def health_interval(self) -> float:
+        """Seconds between two health rounds (`healthwatch`): cluster.yaml's `health_interval` in the
+        cluster directory, read again each round (default 30; or, for tests only, the
+        PIMASTER_TEST_HEALTH_INTERVAL environment variable's)."""
+        test = os.environ.get(TEST_HEALTH_INTERVAL_ENV)
+        if test:
+            try:
+                value = float(test)
+            except ValueError:
+                value = 0.0
+            if 0.01 <= value <= 86400:
+                return value
+        from .highstate import cluster_dir, load_cluster
+        from .statetree import StateFileError
+
+        try:
+            return load_cluster(cluster_dir(self)).settings.health_interval
+        except StateFileError:  # the drift and enrollment loops log it; health goes on at the default
+            return DEFAULT_INTERVAL_S
 
     def _prepare_state_dir(self) -> None:
         os.makedirs(self.state_dir, mode=0o700, exist_ok=True)
@@ -118,10 +146,20 @@ class Master:
         })
         loops = self.transport.open()
 
+        self.health = HealthLog(os.path.join(self.state_dir, "health.db"))
+        self.healthwatch = HealthWatch(self.health, self.rpc.ping, self.roster.accepted_nodes, self.events.publish,
+                                       self.health_interval)
+        if self.metrics_address:
+            from .metrics import MetricsServer, parse_metrics_address
+
+            self.metrics_server = MetricsServer(self, *parse_metrics_address(self.metrics_address))
+            await self.metrics_server.open()
+
         self.control = ControlServer(self.control_path, self, commands.load_all())
         await self.control.open()
 
-        for coro in loops + [self._flush_loop(), self._prune_loop(), self.auto.enrollment_loop(), self.auto.drift_loop()]:
+        for coro in loops + [self._flush_loop(), self._prune_loop(), self.healthwatch.run(),
+                             self.auto.enrollment_loop(), self.auto.drift_loop()]:
             self._tasks.append(asyncio.ensure_future(coro))
         watchdog = sd.watchdog_interval_s()
         if watchdog:
@@ -135,12 +173,15 @@ class Master:
         self.events.close()  # every `pimaster events` stream ends, and says why
         await asyncio.sleep(0.1)  # time for them to send their last lines
         self.control.close()
+        if self.metrics_server is not None:
+            self.metrics_server.close()
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._flush_last_seen()
         self.transport.close()
         self.store.close()
+        self.health.close()
         self.control.remove()
         log.info("pimaster stopped")
 

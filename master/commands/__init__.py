@@ -36,6 +36,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "job": ("pimaster.commands.jobs", "one job's results"),
     "reboot": ("pimaster.commands.reboot", "a rolling reboot: --batch nodes at a time, each back before the next"),
     "shutdown": ("pimaster.commands.reboot", "power nodes off (the master's own node last), for pulling the plug"),
+    "health": ("pimaster.commands.health", "a node's health history: raw for 1 h, 1-minute for 24 h, 15-minute for 30 days"),
+    "top": ("pimaster.commands.health", "every node's health, live: temperature, load, throttling, under-voltage"),
     "events": ("pimaster.commands.events", "what happens, live: keys, nodes up/down, jobs, rollbacks, reboots"),
     "nodes": ("pimaster.commands.nodes", "enrolled nodes with their facts"),
     "drift": ("pimaster.commands.drift", "what the latest drift check found would change, per node"),

@@ -31,7 +31,9 @@ def add_parser(sub, name, summary, common, as_json) -> None:
                        help="the cluster's state tree: its cluster.yaml's `apply:` list is what `pimaster apply` "
                             "with no file, enrollment and drift checks apply (default: the shipped states)")
     serve.add_argument("--metrics", metavar="HOST:PORT",
-                       help="export the cluster's health in Prometheus' text format on HOST:PORT (off by default)")
+                       help="export the cluster's health in Prometheus' text format on http://HOST:PORT/metrics "
+                            "(HOST an IP address or localhost; off by default; no authentication: an address "
+                            "only those who may see the cluster's health reach, e.g. 127.0.0.1:9466)")
     serve.set_defaults(run=run, needs_master=False)
 
 
@@ -67,5 +69,18 @@ def run(args) -> int:
     if args.keep_jobs < 0 or not args.keep_days >= 0:  # `not >=`: NaN too
         print("pimaster: --keep-jobs and --keep-days must be 0 (no bound) or more", file=sys.stderr)
         return EXIT_USAGE
+    if args.metrics is not None:
+        from ..metrics import MetricsAddressError, parse_metrics_address
+
+        try:
+            parse_metrics_address(args.metrics)
+            import prometheus_client  # noqa: F401
+        except MetricsAddressError as exc:
+            print(f"pimaster: --metrics: {exc}", file=sys.stderr)
+            return EXIT_USAGE
+        except ImportError:
+            print("pimaster: --metrics needs prometheus_client: apt install python3-prometheus-client "
+                  "(or pip install prometheus-client)", file=sys.stderr)
+            return EXIT_USAGE
     return serve(args.state_dir, host, port, args.key_port, args.max_pending, args.keep_jobs, args.keep_days,
                  cluster_dir=args.cluster_dir, metrics=args.metrics)

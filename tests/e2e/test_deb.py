@@ -24,7 +24,8 @@ REPO = Path(__file__).resolve().parents[2]
 BUILD_TOOLS = ("dpkg-buildpackage", "dpkg-checkbuilddeps", "dh", "pybuild")
 # What the packages may depend on: bookworm's own packages (no pip on a Pi), and each other.
 BOOKWORM_DEPENDS = {"python3:any", "python3-zmq", "python3-msgpack", "python3-cryptography", "python3-systemd",
-                    "python3-yaml", "python3-jinja2", "python3-rich", "piagent"}
+                    "python3-yaml", "python3-jinja2", "python3-rich", "python3-prometheus-client",
+                    "piagent"}
 DEB_NODE_ID = "deb-agent"   # the packaged agent's id: the node's own (lab) agent keeps its key
 ASIDE = "/root/lab-agent"   # where the lab's own agent waits while the package is tried
 
@@ -74,6 +75,7 @@ def test_packages_hold_all_the_code_and_depend_only_on_bookworm(debs):
     assert "/lib/systemd/system/pimaster.service" in master_files
     assert not any("/pimaster/" in f for f in agent_files), "the agent package carries master code"
     assert "/usr/share/pimaster/states" in master_files
+    assert "/usr/share/pimaster/dashboards/pimaster.json" in master_files  # the Grafana dashboard
     for name, deb in debs.items():
         assert deb_field(deb, "Architecture") == "all"
         depends = {d.split()[0] for d in deb_field(deb, "Depends").split(", ")}
