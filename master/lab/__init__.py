@@ -57,6 +57,7 @@ from .host import descendants, node_memory_mb
 from .model import (CGROUP_NAME, DEFAULT_SUBNET, LAB_DIR, MASTER_NODE, MASTER_STATE_DIR, NETNS_PREFIX,
                     Lab, LabError, Node, load_lab)
 from .node import leader_pid, node_command, node_running
+from .pihardware import pi_status
 from .rootfs import NODE_SRC
 from .teardown import leftovers
 
@@ -64,5 +65,5 @@ __all__ = [
     "main", "LabError", "Lab", "Node", "load_lab", "lab_running", "node_running", "leftovers", "node_command",
     "leader_pid", "descendants", "node_memory_mb", "check_capacity", "check_subnet_free",
     "LAB_DIR", "MASTER_STATE_DIR", "MASTER_NODE", "NODE_SRC", "DEFAULT_SUBNET", "NETNS_PREFIX",
-    "CGROUP_NAME",
+    "CGROUP_NAME", "pi_status",
 ]
