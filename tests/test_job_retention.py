@@ -86,7 +86,7 @@ def test_an_existing_job_store_opens_and_prunes(tmp):
 
     old = sqlite3.connect(path)
     old.executescript(SCHEMA.replace("CREATE INDEX IF NOT EXISTS jobs_created ON jobs (created);", ""))
-    old.executemany("INSERT INTO jobs VALUES (?, 'x.yaml', NULL, 0, ?)", [(f"old{i}", i) for i in range(5)])
+    old.executemany("INSERT INTO jobs (id, file, target, test, created) VALUES (?, 'x.yaml', NULL, 0, ?)", [(f"old{i}", i) for i in range(5)])
     old.commit()
     old.close()
     store = _store(tmp)
