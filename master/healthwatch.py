@@ -46,18 +46,14 @@ def transitions(before: dict | None, sample: dict) -> list[dict]:
     first = first or before.get("throttled_known") is None
     old = 0 if first else before["throttled_known"]
     details = {"throttled": f"0x{bits:x}", "flags": throttle_flags(bits), "temp_c": sample.get("temp_c")}
-    if bits & THROTTLING and not old & THROTTLING:
-        events.append({"state": "throttling_began", **details})
-    elif old & THROTTLING and not bits & THROTTLING:
-        events.append({"state": "throttling_ended", **details})
-    elif not first and bits & THROTTLING_OCCURRED & ~old and not bits & THROTTLING:
-        events.append({"state": "throttling_occurred", **details})
-    if bits & UNDER_VOLTAGE and not old & UNDER_VOLTAGE:
-        events.append({"state": "under_voltage_began", **details})
-    elif old & UNDER_VOLTAGE and not bits & UNDER_VOLTAGE:
-        events.append({"state": "under_voltage_ended", **details})
-    elif not first and bits & UNDER_VOLTAGE_OCCURRED & ~old and not bits & UNDER_VOLTAGE:
-        events.append({"state": "under_voltage_occurred", **details})
+    for name, now, occurred in (("throttling", THROTTLING, THROTTLING_OCCURRED),
+                                 ("under_voltage", UNDER_VOLTAGE, UNDER_VOLTAGE_OCCURRED)):
+        if bits & now and not old & now:
+            events.append({"state": f"{name}_began", **details})
+        elif old & now and not bits & now:
+            events.append({"state": f"{name}_ended", **details})
+        elif not first and bits & occurred & ~old and not bits & now:
+            events.append({"state": f"{name}_occurred", **details})
     return events
 
 
