@@ -145,6 +145,8 @@ class AutoApply:
         except (StateFileError, ValueError):
             return []
         facts = {n["node_id"]: n["facts"] for n in self.master.store.nodes()}
+        for gone in set(self.skipped) - self.master.roster.accepted_nodes():
+            del self.skipped[gone]
         eligible = []
         for node in sorted(nodes):
             addresses = [a for a in facts.get(node, {}).get("ips", []) if isinstance(a, str)]
