@@ -33,6 +33,7 @@ import os
 import time
 
 from .errors import ControlError
+from .results import one_line
 from .highstate import apply_list, cluster_dir, load_cluster
 from .statetree import StateFileError
 
@@ -42,6 +43,8 @@ log = logging.getLogger("pimaster")
 SETTLE_S = 3.0
 # How often the drift check looks whether its interval has passed (and reads cluster.yaml again).
 DRIFT_TICK_S = 2.0
+# What a drift record keeps of a state's comment (the job keeps it whole, for its retention).
+DRIFT_COMMENT = 300
 # Node ids a reason names before it says "and N more".
 REASON_NODES = 8
 
@@ -67,9 +70,11 @@ class AutoApply:
         self.left: set[str] = set()       # keys gone since the last run
         self.waiting: set[str] = set()    # accepted, but their agent has not connected yet
         self.wake = asyncio.Event()
-        self.lock = asyncio.Lock()        # one run of the list at a time (enrollment or drift)
-        self.running: str | None = None   # the reason of the run going on
-        self.last_run: dict | None = None
+        # One enrollment run at a time, and one drift check: a long check never holds a newcomer back.
+        self.lock = asyncio.Lock()
+        self.drift_lock = asyncio.Lock()
+        self.running: dict[str, str] = {}  # "enrollment"/"drift" -> the reason of the run going on
+        self.last_runs: dict[str, dict] = {}  # "enrollment"/"drift" -> how its last run went
         self.error: str | None = None     # why the last look at cluster.yaml found nothing to do
         self.started = time.time()
         self.last_check: float | None = None
@@ -133,7 +138,8 @@ class AutoApply:
         if not joined and not left:
             return
         reason = reason_for(joined, left)
-        await self._run(reason, changed_only=True, newcomers=frozenset(joined), only=eligible)
+        await self._run(self.lock, "enrollment", reason, settings, changed_only=True, newcomers=frozenset(joined),
+                        only=eligible)
 
     def _in_subnet(self, nodes: set[str]) -> list[str]:
         """Those of ``nodes`` the master may act on by itself: with an address in cluster.subnet
@@ -182,7 +188,10 @@ class AutoApply:
                 only = self._in_subnet(self.master.roster.accepted_nodes())
                 if not only:
                     continue
-                run = await self._run("drift correction" if correct else "drift check", test=not correct, only=only)
+                # Only nodes still rendered as they last got it: a changed rendering is a person's to roll
+                # out, and another node's facts must not make the master rewrite this one's files.
+                run = await self._run(self.drift_lock, "drift", "drift correction" if correct else "drift check",
+                                      settings, test=not correct, only=only, unchanged_only=True)
                 if run is not None:
                     self._record_drift(run, corrected=correct)
             except asyncio.CancelledError:
@@ -204,25 +213,27 @@ class AutoApply:
         self.error = None if settings.apply else "cluster.yaml has no `apply:` list"
         return settings if settings.apply else None
 
-    async def _run(self, reason: str, test: bool = False, changed_only: bool = False,
-                   newcomers: frozenset = frozenset(), only: list[str] | None = None):
-        async with self.lock:
-            self.running = reason
+    async def _run(self, lock: asyncio.Lock, kind: str, reason: str, settings, test: bool = False,
+                   changed_only: bool = False, newcomers: frozenset = frozenset(), only: list[str] | None = None,
+                   unchanged_only: bool = False):
+        async with lock:
+            self.running[kind] = reason
             started = time.time()
             log.info("applying the cluster's list by itself (%s)", reason)
             try:
-                run = await apply_list(self.master, _quiet, test=test, reason=reason, changed_only=changed_only,
-                                       newcomers=newcomers, only=only)
+                run = await apply_list(self.master, _quiet, test=test, timeout=settings.auto_timeout, reason=reason,
+                                       changed_only=changed_only, newcomers=newcomers, only=only,
+                                       unchanged_only=unchanged_only)
             except ControlError as exc:
                 log.warning("the automatic apply (%s) was refused: %s", reason, exc)
-                self.last_run = {"reason": reason, "started": started, "finished": time.time(), "ok": False,
-                                 "jobs": [], "error": str(exc)}
+                self.last_runs[kind] = {"reason": reason, "started": started, "finished": time.time(), "ok": False,
+                                        "jobs": [], "error": str(exc)}
                 return None
             finally:
-                self.running = None
-            self.last_run = {"reason": reason, "started": started, "finished": time.time(), "ok": run.ok,
-                             "jobs": [r["job"] for r in run.reports], "stopped": run.stopped,
-                             "refused": run.refused}
+                self.running.pop(kind, None)
+            self.last_runs[kind] = {"reason": reason, "started": started, "finished": time.time(), "ok": run.ok,
+                                    "jobs": [r["job"] for r in run.reports], "stopped": run.stopped,
+                                    "refused": run.refused}
             log.info("the automatic apply (%s) finished: %d job(s), %s", reason, len(run.reports),
                      "ok" if run.ok else f"stopped: {run.stopped or run.refused}")
             return run
@@ -231,10 +242,12 @@ class AutoApply:
         for report in run.reports:
             per_node = {}
             for node_id, item in report["nodes"].items():
-                per_node[node_id] = [{"id": s.get("id"), "fun": s.get("fun"), "comment": s.get("comment"),
-                                      "corrected": corrected}
+                per_node[node_id] = [{"id": s.get("id"), "fun": s.get("fun"), "corrected": corrected,
+                                      "comment": one_line(s.get("comment") or "", DRIFT_COMMENT)}
                                      for s in item.get("states", []) if isinstance(s, dict) and s.get("status") == "changed"]
             self.master.store.set_drift(report["file"], report["job"], per_node)
+        for path, nodes in run.outdated.items():
+            self.master.store.set_drift(path, "", {n: [{"outdated": True}] for n in nodes})
 
     def status(self) -> dict:
         """What `pimaster status` shows of it."""
@@ -243,12 +256,14 @@ class AutoApply:
         return {"cluster_dir": directory,
                 "apply": [os.path.basename(n) for n in settings.apply] if settings else [],
                 "auto_apply": bool(settings and settings.auto_apply),
-                "auto_apply_state": ("running" if self.running else "waiting" if self.wake.is_set() or self.settling
-                                     else "idle"),
-                "auto_apply_running": self.running,
+                "auto_apply_state": ("running" if "enrollment" in self.running
+                                     else "waiting" if self.wake.is_set() or self.settling else "idle"),
+                "auto_apply_running": self.running.get("enrollment"),
+                "drift_check_running": self.running.get("drift"),
                 "auto_apply_waiting_for": sorted(self.waiting),
                 "auto_apply_skipped": dict(sorted(self.skipped.items())),
-                "auto_apply_last": self.last_run,
+                "auto_apply_last": self.last_runs.get("enrollment"),
+                "drift_check_last": self.last_runs.get("drift"),
                 "check_interval_s": settings.check_interval if settings else None,
                 "auto_correct": bool(settings and settings.auto_correct),
                 "last_drift_check": self.last_check,

@@ -46,6 +46,12 @@ class JobWatch:
         self.sent: set[str] = set()   # the nodes the job was sent to so far (stage by stage)
         self.cancelled = False        # `job cancel`: no further stage is sent
 
+    def release(self, node_id: str) -> None:
+        """`job cancel` could not stop the job on this node (no answer, or it was not running it): the
+        running apply stops waiting for it (a result it delivers later is still recorded)."""
+        if node_id in self.nodes:
+            self.queue.put_nowait(("released", node_id, None))
+
     def progress(self, node_id: str, body: dict) -> bool:
         if node_id not in self.nodes or self.progress_queued >= self.MAX_PROGRESS:
             return False
@@ -124,6 +130,8 @@ class JobBoard:
         answers = await self.ask_following(ask, proto.CANCEL, timeout=self.cancel_timeout) if ask else {}
         for node_id, answer in answers.items():
             nodes[node_id] = cancel_answer(answer, self.cancel_timeout)
+            if watch is not None and nodes[node_id]["result"] in ("failed", "not_running"):
+                watch.release(node_id)
         return {"job": job_id, "nodes": dict(sorted(nodes.items()))}
 
     def job_started(self, job_id: str, file: str, target: str | None, test: bool, nodes,

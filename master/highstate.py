@@ -62,6 +62,8 @@ class ListRun:
     reports: list[dict] = dataclasses.field(default_factory=list)
     refused: dict[str, str] = dataclasses.field(default_factory=dict)  # file name -> why, nothing sent
     stopped: dict[str, str] = dataclasses.field(default_factory=dict)  # node id -> the file it failed
+    # unchanged_only (drift checks): file path -> nodes left out, their rendering changed since they got it
+    outdated: dict[str, list[str]] = dataclasses.field(default_factory=dict)
 
     def as_json(self) -> dict:
         """The `pimaster apply --json` shape with no FILE: {"dir", "apply", "jobs": [the job reports],
@@ -85,10 +87,11 @@ class ListRun:
 
 async def apply_list(master, emit, target: str | None = None, test: bool = False, *, timeout: float = 3600.0,
                      reason: str | None = None, only: list[str] | None = None, changed_only: bool = False,
-                     newcomers: frozenset = frozenset(), batch: str | None = None, fail_stop: bool = False,
-                     directory: str | None = None) -> ListRun:
+                     newcomers: frozenset = frozenset(), unchanged_only: bool = False, batch: str | None = None,
+                     fail_stop: bool = False, directory: str | None = None) -> ListRun:
     """Apply the cluster directory's `apply:` list to ``target`` (default every node); ``only``,
-    ``changed_only``, ``newcomers`` and ``reason`` as `jobs.MasterJob` says (the master's own runs).
+    ``changed_only``, ``newcomers``, ``unchanged_only`` and ``reason`` as `jobs.MasterJob` says (the
+    master's own runs).
     Raises ControlError when the list cannot be read; a file refused as a whole is recorded in
     ``refused`` and stops its nodes."""
     directory = directory or cluster_dir(master)
@@ -110,7 +113,7 @@ async def apply_list(master, emit, target: str | None = None, test: bool = False
         name = os.path.basename(path)
         emit({"type": "list_file", "file": name, "index": index + 1, "of": len(files)})
         job = MasterJob(reason=reason, only=None if nodes is None else sorted(nodes), changed_only=changed_only,
-                        newcomers=newcomers)
+                        newcomers=newcomers, unchanged_only=unchanged_only)
         try:
             report = await apply(master.jobs, emit, path, target, test, timeout,
                                  tree=state_tree(directory, (master.state_dir,)), batch=batch,
@@ -121,6 +124,8 @@ async def apply_list(master, emit, target: str | None = None, test: bool = False
             emit({"type": "list_refused", "file": name, "error": str(exc)})
             log.warning("%s: %s", name, exc)
             break
+        if job.outdated:
+            run.outdated[path] = job.outdated
         if report is None:
             continue  # nothing to send (no node left, or none whose rendering changed)
         run.reports.append(report)

@@ -33,6 +33,7 @@ Top-level keys that steer the master itself (`ClusterSettings`, read from its cl
     check_interval: 1h             # drift: run the list in test mode this often (default off)
     auto_correct: false            # drift: apply instead of only recording what would change
     health_interval: 30s           # how often the master records every node's health
+    auto_timeout: 20m              # how long each job the master starts by itself waits for results
 
 A node matches an entry's `mac`/`serial` by what it reported when its key was accepted (its
 identity), never by what it reports now: root on one Pi must not be able to claim the
@@ -53,7 +54,7 @@ from .statetree import StateFileError, StateTree, state_tree
 
 INVENTORY_NAMES = ("cluster.yaml", "cluster.yml")
 MATCH_KEYS = ("id", "mac", "serial")
-SETTING_KEYS = ("apply", "auto_apply", "check_interval", "auto_correct", "health_interval")
+SETTING_KEYS = ("apply", "auto_apply", "check_interval", "auto_correct", "health_interval", "auto_timeout")
 # A file of the `apply:` list: a state file's name (`slurm`, `slurm.yaml`) or Salt's SLS name
 # (`ntp.client`), resolved in the cluster directory.
 LIST_NAME_RE = re.compile(r"\A[A-Za-z0-9_][A-Za-z0-9_.-]{0,99}\Z")
@@ -62,6 +63,10 @@ MAX_LIST_FILES = 32
 MIN_CHECK_INTERVAL_S, MAX_CHECK_INTERVAL_S = 10.0, 30 * 86400.0
 MIN_HEALTH_INTERVAL_S, MAX_HEALTH_INTERVAL_S = 1.0, 3600.0
 DEFAULT_HEALTH_INTERVAL_S = 30.0
+# How long each job the master starts by itself waits for results: a node that takes a job and never
+# answers (a hung command, a hostile agent) must not hold zero touch and drift checks for an hour.
+MIN_AUTO_TIMEOUT_S, MAX_AUTO_TIMEOUT_S = 60.0, 86400.0
+DEFAULT_AUTO_TIMEOUT_S = 1200.0
 
 
 @dataclass
@@ -73,6 +78,7 @@ class ClusterSettings:
     check_interval: float | None = None
     auto_correct: bool = False
     health_interval: float = DEFAULT_HEALTH_INTERVAL_S
+    auto_timeout: float = DEFAULT_AUTO_TIMEOUT_S
 
 
 @dataclass
@@ -209,7 +215,8 @@ def parse_settings(data: dict, text: str, shown: str) -> ClusterSettings:
                 refuse(key, f"{key}: true or false, not {data[key]!r}")
             setattr(settings, key, data[key])
     for key, low, high in (("check_interval", MIN_CHECK_INTERVAL_S, MAX_CHECK_INTERVAL_S),
-                           ("health_interval", MIN_HEALTH_INTERVAL_S, MAX_HEALTH_INTERVAL_S)):
+                           ("health_interval", MIN_HEALTH_INTERVAL_S, MAX_HEALTH_INTERVAL_S),
+                           ("auto_timeout", MIN_AUTO_TIMEOUT_S, MAX_AUTO_TIMEOUT_S)):
         value = data.get(key)
         if value is None or (key == "check_interval" and value is False):
             continue  # check_interval: null/false/absent is off

@@ -255,12 +255,17 @@ class MasterJob:
     """How the master's own jobs (the cluster's `apply:` list: on enrollment, drift checks) differ from
     a person's: ``only`` these nodes of the target; ``changed_only``: leave out nodes whose rendered
     job is what they last got and carried out (store.applied_files), except the ``newcomers``;
-    ``reason``: why it started (`pimaster jobs` shows it)."""
+    ``reason``: why it started (`pimaster jobs` shows it); ``unchanged_only`` (drift checks): leave out
+    nodes whose rendering is no longer what they last carried out, listed in ``outdated`` (a state
+    file, cluster.yaml or another node's facts changed: a new rendering to roll out, not a node
+    that drifted)."""
 
     reason: str | None = None
     only: list[str] | None = None
     changed_only: bool = False
     newcomers: frozenset = frozenset()
+    unchanged_only: bool = False
+    outdated: list = dataclasses.field(default_factory=list)
 
 
 async def apply(board: JobBoard, emit, file: str, target: str | None = None, test: bool = False,
@@ -301,6 +306,12 @@ async def _apply(board: JobBoard, emit, file: str, target: str | None, test: boo
     # same digest next time): recorded for the nodes that carry it out.
     key = board.secrets.get(DIGEST_SECRET)
     digests = {n: job_digest(key, jobs[n]) for n in plan.targets if n in jobs}
+    if master_job.unchanged_only:
+        last = board.store.applied_digests(plan.path)
+        master_job.outdated = [n for n in plan.targets if n in digests and n in last and last[n] != digests[n]]
+        plan.targets = [n for n in plan.targets if n not in master_job.outdated]
+        if not plan.targets:
+            return None
     if master_job.changed_only:
         last = board.store.applied_digests(plan.path)
         plan.targets = [n for n in plan.targets if n in master_job.newcomers
@@ -418,15 +429,24 @@ async def _run_stage(board, emit, job_id, test, group, jobs, carried, watch, ack
             board.job_finished(job_id, node_id, "no_answer", None)
             emit({"type": "node", "node": node_id, "status": "no_answer", "error": error})
     raw: dict[str, dict] = {}
+    released: set[str] = set()
     lost = LostNodes(board, emit, job_id)
-    while waiting - set(raw) - lost.given_up:
+    while waiting - set(raw) - lost.given_up - released:
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             break
         try:
             kind, node_id, body = await watch.get(min(remaining, CONNECTION_CHECK_S))
         except asyncio.TimeoutError:
-            lost.check(waiting - set(raw))
+            lost.check(waiting - set(raw) - released)
+            continue
+        if kind == "released":
+            if node_id in waiting and node_id not in raw and node_id not in lost.given_up | released:
+                released.add(node_id)
+                board.store.set_job_node_status(job_id, node_id, "no_answer")
+                board.job_finished(job_id, node_id, "no_answer", None)
+                emit({"type": "node", "node": node_id, "status": "no_answer",
+                      "error": "cancelled; its agent did not stop the job (a result it sends later is still kept)"})
             continue
         lost.heard_from(node_id)
         if kind == "progress":
@@ -439,7 +459,7 @@ async def _run_stage(board, emit, job_id, test, group, jobs, carried, watch, ack
             if on_result is not None:
                 on_result(node_id, body)
             emit({"type": "node", "node": node_id, "status": body["status"], "summary": body.get("summary")})
-        lost.check(waiting - set(raw))
+        lost.check(waiting - set(raw) - released)
     return raw
 
 

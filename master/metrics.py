@@ -5,9 +5,9 @@ Values are read when Prometheus scrapes (a custom collector), from each node's l
 sample (`healthwatch.HealthWatch.latest`) and the master's own counts. The HTTP server is a
 small one on the master's asyncio loop, so that the collector reads the master's state on the
 thread that changes it: GET (or HEAD) of `/metrics` (or `/`), anything else 404; at most
-MAX_CLIENTS connections at once, a request line and headers of at most REQUEST_LIMIT bytes read
-within REQUEST_TIMEOUT_S. It listens only on the address the user gave (an IP address or
-`localhost`, and a port); there is no authentication: give an address only those who may read the
+MAX_CLIENTS connections at once (MAX_CLIENTS_PER_ADDRESS from one address), a request line and
+headers of at most REQUEST_LIMIT bytes read within HEADER_TIMEOUT_S, one text made per CACHE_S.
+It listens only on the address the user gave (an IP address or `localhost`, and a port); there is no authentication: give an address only those who may read the
 cluster's health can reach.
 
 Series (the Grafana dashboard, dashboards/pimaster.json, uses them); per node, labelled
@@ -45,8 +45,15 @@ from .healthlog import THROTTLE_BITS
 log = logging.getLogger("pimaster")
 
 MAX_CLIENTS = 16
+# Connections one address may hold at once: a peer holding every slot would keep Prometheus out.
+MAX_CLIENTS_PER_ADDRESS = 4
 REQUEST_LIMIT = 16 * 1024
+# The request line and headers come at once from a scraper; the answer may take a slow reader longer.
+HEADER_TIMEOUT_S = 2.0
 REQUEST_TIMEOUT_S = 10.0
+# Scrapes within this many seconds of each other get the same text: scraping costs the master's
+# loop once a second at most, however often it is asked.
+CACHE_S = 1.0
 # The job results are counted from the store at most this often (a scrape every few seconds must
 # not read every kept job each time).
 JOB_COUNT_CACHE_S = 15.0
@@ -200,6 +207,8 @@ class MetricsServer:
         self.master, self.host, self.port = master, host, port
         self.server: asyncio.base_events.Server | None = None
         self.clients = 0
+        self.per_address: dict[str, int] = {}
+        self._cached: tuple[float, bytes] | None = None
 
     async def open(self) -> None:
         from prometheus_client import CollectorRegistry
@@ -219,12 +228,15 @@ class MetricsServer:
             self.server.close()
 
     async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        if self.clients >= MAX_CLIENTS:
+        peer = writer.get_extra_info("peername")
+        address = str(peer[0]) if isinstance(peer, tuple) and peer else "?"
+        if self.clients >= MAX_CLIENTS or self.per_address.get(address, 0) >= MAX_CLIENTS_PER_ADDRESS:
             writer.close()
             return
         self.clients += 1
+        self.per_address[address] = self.per_address.get(address, 0) + 1
         try:
-            status, body = await asyncio.wait_for(self._answer(reader), REQUEST_TIMEOUT_S)
+            status, body = await asyncio.wait_for(self._answer(reader), HEADER_TIMEOUT_S)
             writer.write(status + body)
             await asyncio.wait_for(writer.drain(), REQUEST_TIMEOUT_S)
         except (asyncio.TimeoutError, ConnectionError, ValueError, asyncio.LimitOverrunError,
@@ -234,6 +246,9 @@ class MetricsServer:
             log.exception("metrics: a scrape failed")
         finally:
             self.clients -= 1
+            self.per_address[address] -= 1
+            if not self.per_address[address]:
+                del self.per_address[address]
             writer.close()
 
     async def _answer(self, reader: asyncio.StreamReader) -> tuple[bytes, bytes]:
@@ -247,7 +262,10 @@ class MetricsServer:
         if path not in ("/metrics", "/"):
             body = b"not found: the metrics are at /metrics\n"
             return _head(404, "text/plain; charset=utf-8", len(body)), body
-        body = generate_latest(self.registry)
+        now = time.monotonic()
+        if self._cached is None or now - self._cached[0] >= CACHE_S:
+            self._cached = (now, generate_latest(self.registry))
+        body = self._cached[1]
         return _head(200, CONTENT_TYPE_LATEST, len(body)), (b"" if method == "HEAD" else body)
 
 

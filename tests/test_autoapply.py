@@ -180,6 +180,20 @@ def test_drift_check_names_a_state_changed_by_hand_and_auto_correct_repairs_it(t
                       and a["nodes"]["n1"]["files"][0]["states"][0]["corrected"] and a, 30, what="the correction recorded")
     assert answer["nodes"]["n1"]["drifted"] == 0
 
+    # A new rendering (the state file changed) is not drift: auto_correct does not roll it out, and
+    # the node is listed as outdated until a person applies.
+    write(master.cluster_dir / "motd.yaml", f"""
+        {out}/{{{{ node.id }}}}/motd:
+          file.managed:
+            - contents: "welcome {{{{ node.id }}}}\\n"
+            - makedirs: true
+        """)
+    answer = wait_for(lambda: (a := master.json("drift", check=False))["nodes"]["n1"]["outdated"] and a, 60,
+                      what="n1 listed as outdated")
+    assert answer["nodes"]["n1"]["outdated"] == ["motd.yaml"] and answer["nodes"]["n1"]["drifted"] == 0
+    assert (out / "n1" / "motd").read_text() == "hello n1\n"
+    assert "outdated" in master.cli("nodes").stdout.splitlines()[1]
+
 
 @pytest.mark.parametrize("text,line,words", [
     ("apply: [motd]\ncheck_interval: 2s\n", 2, "check_interval"),
@@ -193,3 +207,32 @@ def test_settings_of_cluster_yaml_are_checked(tmp, text, line, words):
     with pytest.raises(StateFileError) as caught:
         parse_inventory(text, str(tmp / "cluster.yaml"))
     assert caught.value.line == line and words in str(caught.value)
+
+
+def test_a_node_that_never_reports_is_let_go_by_job_cancel_and_zero_touch_goes_on(tmp, master, start_agent, processes):
+    """A node that takes every job and never reports (a hung command, a hostile agent) holds the
+    master's own run only until a person cancels that job (or auto_timeout): its agent does not
+    answer the cancel, so the run stops waiting for it, and the newcomer gets the whole list."""
+    from test_hostile import Hostile, pi_facts, token_of
+
+    out = tmp / "out"
+    cluster_files(master, out, "apply: [hosts, motd]\n")
+    config = master.token_config(uses=5)
+    silent = Hostile(tmp, master, "h1", facts=pi_facts("h1", "dc:a6:32:00:00:01", "10.77.0.50"),
+                     token=token_of(config), results={"skip": True}).start()
+    processes.append(silent)
+    wait_for(lambda: status(master)["auto_apply_running"] == "enrolled h1", 30, what="h1's run to start")
+    start_agent("n1", config)
+    cancelled = set()
+
+    def cancel_and_look():
+        for job in jobs(master):
+            if job["reason"] and job["finished_nodes"] < job["nodes"] and job["id"] not in cancelled:
+                answer = master.json("job", "cancel", job["id"], check=False)
+                assert answer["nodes"]["h1"]["result"] == "failed", answer
+                cancelled.add(job["id"])
+        return (out / "n1" / "motd").exists() and (out / "n1" / "hosts").exists()
+    wait_for(cancel_and_look, 120, interval=1, what="n1 to get the list past the silent node")
+    assert (out / "n1" / "hosts").read_text() == "h1 n1 \n"
+    for job_id in cancelled:
+        assert master.json("job", job_id, check=False)["nodes"]["h1"]["status"] == "no_answer"

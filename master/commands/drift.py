@@ -3,7 +3,10 @@
 A drift check (cluster.yaml's `check_interval`, `autoapply.AutoApply.drift_loop`) runs the cluster's
 `apply:` list in test mode on every node and records the states that would change: a file edited
 by hand on a node, a service someone stopped. With `auto_correct: true` the check applies instead,
-and the states it changed are recorded as corrected.
+and the states it changed are recorded as corrected. A node whose rendering of a file changed since
+it got it (a state file, cluster.yaml or another node's facts changed) is not checked against it
+but listed as outdated: rolling out a new rendering is a person's `pimaster apply`, and no other
+node's facts make the master rewrite this one's files.
 """
 
 from __future__ import annotations
@@ -30,6 +33,9 @@ def run(client, args) -> int:
         print("drift checks are off (cluster.yaml: `check_interval: 1h` turns them on)")
     rows = []
     for node_id, node in answer["nodes"].items():
+        for name in node.get("outdated", []):
+            rows.append([node_id, name, "-", ("outdated: its rendering changed; `pimaster apply` rolls it out", "yellow"),
+                         "-"])
         for file in node["files"]:
             for state in file["states"] or [None]:
                 if state is None:
@@ -58,7 +64,11 @@ def drift_by_node(master) -> dict[str, dict]:
         name = os.path.basename(record["file"])
         if record["node_id"] not in accepted or (listed is not None and record["file"] not in listed):
             continue
-        node = nodes.setdefault(record["node_id"], {"drifted": 0, "files": []})
+        node = nodes.setdefault(record["node_id"], {"drifted": 0, "files": [], "outdated": []})
+        if any(isinstance(s, dict) and s.get("outdated") for s in record["states"]):
+            # Not checked: its rendering changed since it got the file (a person's apply rolls it out).
+            node["outdated"].append(name)
+            continue
         states = [s for s in record["states"] if isinstance(s, dict)]
         node["drifted"] += sum(1 for s in states if not s.get("corrected"))
         node["files"].append({"file": name, "job": record["job_id"], "checked": record["checked"],

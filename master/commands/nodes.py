@@ -33,7 +33,8 @@ def run(client, args) -> int:
         drift = n.get("drift")
         rows.append([n["id"], f.get("hostname", "-"), ", ".join(f.get("ips", [])[:2]) or "-", model,
                      f.get("arch", "-"), os_name, "yes" if n["connected"] else "no", ago(n["last_seen"]),
-                     "-" if drift is None else (f"{drift} state(s)", "yellow") if drift else "none"])
+                     "-" if drift is None else (f"{drift} state(s)", "yellow") if drift
+                     else ("outdated", "yellow") if n.get("drift_outdated") else "none"])
     # DRIFT: states the latest drift check found would change (`pimaster drift`); "-": never checked.
     table(None, ["NODE", "HOSTNAME", "IP", "MODEL", "ARCH", "OS", "CONNECTED", "LAST SEEN", "DRIFT"], rows)
     return EXIT_OK
@@ -59,6 +60,8 @@ async def handle_nodes(master, catalog: bool = False, target: str | None = None)
         node["id"] = node.pop("node_id")
         # States the latest drift check found would change; None: never checked.
         node["drift"] = drift[node_id]["drifted"] if node_id in drift else None
+        # Files of the list not checked for drift: its rendering changed since it got them.
+        node["drift_outdated"] = drift[node_id]["outdated"] if node_id in drift else []
         # Stored as JSON text; shown as an object, and only when asked: it runs to many kilobytes.
         stored_catalog = node.pop("catalog", None)
         if catalog:
