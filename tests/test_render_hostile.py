@@ -469,11 +469,24 @@ def reference_job(path: str, context: dict, root: str) -> list[dict]:
     use) and that text parsed as YAML. Trustworthy here because nothing in these contexts is hostile."""
     context = {k: v if callable(v) or isinstance(v, Pending) else render.to_attrdict(v) for k, v in context.items()}
     tree = statetree.state_tree(root)
+    states, errors = reference_states(path, context, root, tree)
+    return render._job(states, errors, context, CATALOG, tree)
+
+
+def reference_states(path: str, context: dict, root: str, tree) -> tuple[list, list]:
+    """A file's states as plain Jinja and YAML give them, after those of the files it includes
+    (the shipped ones include by a bare name in the tree's root: hosts)."""
     text = template._env(os.path.dirname(path), tree, False).get_template(os.path.basename(path)).render(**context)
-    states, _, errors = render.parse_states(text, statetree.display_path(path, root), {})
+    states, includes, errors = render.parse_states(text, statetree.display_path(path, root), {})
     for state in states:
         state.file = path
-    return render._job(states, errors, context, CATALOG, tree)
+        state.sls = statetree.sls_name(path, root)
+    included = []
+    for name, _line in includes:
+        more, more_errors = reference_states(os.path.join(root, name + ".yaml"), context, root, tree)
+        included += more
+        errors += more_errors
+    return included + states, errors
 
 
 def test_the_shipped_states_compile_to_the_same_jobs_as_with_plain_jinja(tmp_path):

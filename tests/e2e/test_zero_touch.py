@@ -102,6 +102,7 @@ def test_zero_touch_a_flashed_pi_joins_slurm_with_no_command_typed(lab, cluster_
         for node in lab.nodes:
             conf = sh(lab, node, "cat /etc/slurm/slurm.conf")
             assert f"NodeName={node05}" not in conf and "node05" not in conf, f"{node} still lists node05"
+            assert node05 not in sh(lab, node, "cat /etc/hosts"), f"{node}'s /etc/hosts still names node05"
 
         # Drift: a managed file changed by hand on node02 is named within one interval.
         cluster_yaml(check_interval="10s")
