@@ -60,8 +60,8 @@ events of no one node. The types and their fields:
   in ``node``'s health, ``state``: ``not_answering`` (``error``: not connected, no answer in time,
   refused), ``answering`` again (``rtt_ms``); from the firmware's throttled word (what `vcgencmd
   get_throttled` says), each with ``throttled`` (the word, hex), ``flags`` (its set bits by name:
-  ``under_voltage``, ``freq_capped``, ``throttled``, ``soft_temp_limit`` and the ``*_occurred``
-  ones, sticky since the node's boot) and ``temp_c`` (or null): ``throttling_began`` /
+  ``under-voltage``, ``arm-frequency-capped``, ``throttled``, ``soft-temperature-limit`` and the
+  ``*-occurred`` ones, sticky since the node's boot: the names `ping` shows) and ``temp_c`` (or null): ``throttling_began`` /
   ``throttling_ended`` (any of frequency capped, throttled, soft temperature limit, now),
   ``throttling_occurred`` (it throttled between two samples: a sticky bit rose, no current one
   set), ``under_voltage_began`` / ``under_voltage_ended``, ``under_voltage_occurred`` (a dip

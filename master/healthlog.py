@@ -60,9 +60,9 @@ MAX_HISTORY_ROWS = 20000
 
 # The bits of the firmware's throttled word (`vcgencmd get_throttled`) by the names the history,
 # `top` and the metrics use. The low ones are now, the high ones "since boot" (sticky).
-THROTTLE_BITS = {0: "under_voltage", 1: "freq_capped", 2: "throttled", 3: "soft_temp_limit",
-                 16: "under_voltage_occurred", 17: "freq_capped_occurred", 18: "throttled_occurred",
-                 19: "soft_temp_limit_occurred"}
+THROTTLE_BITS = {0: "under-voltage", 1: "arm-frequency-capped", 2: "throttled", 3: "soft-temperature-limit",
+                 16: "under-voltage-occurred", 17: "arm-frequency-capped-occurred", 18: "throttled-occurred",
+                 19: "soft-temperature-limit-occurred"}
 THROTTLE_MASK = sum(1 << bit for bit in THROTTLE_BITS)
 UNDER_VOLTAGE = 1 << 0
 THROTTLING = (1 << 1) | (1 << 2) | (1 << 3)          # frequency capped, throttled, soft limit: now

@@ -20,7 +20,8 @@ Series (the Grafana dashboard, dashboards/pimaster.json, uses them); per node, l
   ``pimaster_node_root_disk_used_ratio``, ``pimaster_node_root_disk_free_bytes``: from its latest
   answer (left out when it has none, or did not report that value);
 - ``pimaster_node_throttled{flag=...}``: 1 or 0 per named bit of the firmware's throttled word
-  (`healthlog.THROTTLE_BITS`: under_voltage, freq_capped, throttled, soft_temp_limit and the
+  (`healthlog.THROTTLE_BITS`, the names `ping` shows: under-voltage, arm-frequency-capped, throttled,
+  soft-temperature-limit and the
   ``*_occurred`` ones, since its boot); only for nodes that report the word (Pis);
 - ``pimaster_node_last_seen_timestamp_seconds``: when the master last heard from it;
 - ``pimaster_node_health_timestamp_seconds``: when its latest health sample was taken.

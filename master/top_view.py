@@ -21,7 +21,7 @@ TEMP_RANGE = (30.0, 90.0)
 SORTS = {"n": "name", "t": "temperature", "l": "load"}
 COLUMNS = ["NODE", "STATE", "TEMP", "TEMP 1h", "LOAD", "LOAD 1h", "THROTTLING", "RTT", "CLOCK", "MEM", "DISK /",
            "SEEN"]
-URGENT_FLAGS = ("under_voltage", "throttled", "freq_capped", "soft_temp_limit")
+URGENT_FLAGS = ("under-voltage", "throttled", "arm-frequency-capped", "soft-temperature-limit")
 
 
 def sparkline(values: list, low: float, high: float) -> str:
@@ -57,7 +57,7 @@ def _flags_cell(node: dict):
         return ("ok", "green")
     now = [f for f in flags if f in URGENT_FLAGS]
     text = ",".join(flags)
-    if "under_voltage" in now:
+    if "under-voltage" in now:
         return (text, "bold red")
     return (text, "red" if now else "yellow")
 

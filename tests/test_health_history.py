@@ -202,7 +202,7 @@ def test_a_simulated_month_stays_within_the_stated_size_and_keeps_each_resolutio
     assert quarter["samples"] == 30 and 0 < quarter["answered"] <= 30
     assert quarter["temp_c_max"] >= quarter["temp_c"]
     # Flags OR'ed: a quarter with one under-voltage sample still says so.
-    assert any("under_voltage" in (r.get("throttled_flags") or []) for r in rows if r["resolution"] == "15m")
+    assert any("under-voltage" in (r.get("throttled_flags") or []) for r in rows if r["resolution"] == "15m")
     log.close()
 
 
@@ -214,19 +214,19 @@ def test_throttling_and_under_voltage_from_a_vcgencmd_stand_in_become_events_top
                     <= {e["state"] for e in h["events"]} and h, 30, what="n2's health events")
     began = next(e for e in data["events"] if e["state"] == "under_voltage_began")
     assert began["throttled"] == "0x50005"
-    assert began["flags"] == ["under_voltage", "throttled", "under_voltage_occurred", "throttled_occurred"]
+    assert began["flags"] == ["under-voltage", "throttled", "under-voltage-occurred", "throttled-occurred"]
     assert data["samples"][-1]["throttled_flags"] == began["flags"]
     assert not any(e["state"].endswith("_began") for e in history(watched, "n1")["events"])
 
     top = watched.cli("top", "--once").stdout
     row = next(line for line in top.splitlines() if line.startswith("n2 "))
-    assert "under_voltage,throttled" in row, top
+    assert "under-voltage,throttled" in row, top
     assert "1 throttling or under-voltage" in top
 
     text = _scrape(watched.metrics_url)
-    assert 'pimaster_node_throttled{flag="under_voltage",node="n2"} 1.0' in text
-    assert 'pimaster_node_throttled{flag="freq_capped",node="n2"} 0.0' in text
-    assert 'pimaster_node_throttled{flag="under_voltage",node="n1"} 0.0' in text
+    assert 'pimaster_node_throttled{flag="under-voltage",node="n2"} 1.0' in text
+    assert 'pimaster_node_throttled{flag="arm-frequency-capped",node="n2"} 0.0' in text
+    assert 'pimaster_node_throttled{flag="under-voltage",node="n1"} 0.0' in text
 
     watched.throttled["n2"].write_text("0x50000")  # the sticky bits stay, the current ones go
     data = wait_for(lambda: (h := history(watched, "n2")) and "under_voltage_ended" in {e["state"] for e in h["events"]}
@@ -270,14 +270,14 @@ def test_a_real_prometheus_scrapes_the_master_and_answers_promql_for_a_node(watc
         assert data["status"] == "success", data
         return data["data"]["result"]
 
-    flag = wait_for(lambda: query('pimaster_node_throttled{node="n2", flag="under_voltage"} == 1'), 60,
+    flag = wait_for(lambda: query('pimaster_node_throttled{node="n2", flag="under-voltage"} == 1'), 60,
                     what="n2's under-voltage flag through PromQL")
     assert flag[0]["metric"]["job"] == "pimaster" and flag[0]["value"][1] == "1"
     up = wait_for(lambda: query("sum(pimaster_node_up)"), 30, what="the nodes up")
     assert up[0]["value"][1] == "2"
     load = query('pimaster_node_load1{node="n1"}')
     assert load and float(load[0]["value"][1]) >= 0
-    assert not query('pimaster_node_throttled{node="n1", flag="under_voltage"} == 1')
+    assert not query('pimaster_node_throttled{node="n1", flag="under-voltage"} == 1')
 
 
 def test_top_live_sorts_by_key_quits_on_q_and_gives_the_terminal_back(watched):

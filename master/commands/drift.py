@@ -30,7 +30,8 @@ def run(client, args) -> int:
         print_json(answer)
         return EXIT_FAILED if drifted else EXIT_OK
     if answer["check_interval_s"] is None:
-        print("drift checks are off (cluster.yaml: `check_interval: 1h` turns them on)")
+        print("drift checks are off: `check_interval: 1h` in cluster.yaml of the master's cluster directory "
+              "(`pimaster status` shows it as cluster_dir) turns them on")
     rows = []
     for node_id, node in answer["nodes"].items():
         for name in node.get("outdated", []):
@@ -43,7 +44,8 @@ def run(client, args) -> int:
                     continue
                 what = "corrected" if state["corrected"] else "would change"
                 rows.append([node_id, file["file"], f"{state.get('fun')} {state.get('id')}", what, ago(file["checked"])])
-    table(None, ["NODE", "FILE", "STATE", "DRIFT", "CHECKED"], rows)
+    if rows or answer["check_interval_s"] is not None:
+        table(None, ["NODE", "FILE", "STATE", "DRIFT", "CHECKED"], rows)
     return EXIT_FAILED if drifted else EXIT_OK
 
 

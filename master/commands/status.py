@@ -22,14 +22,29 @@ def run(client, args) -> int:
             value = status[key]
             if key in ("started", "last_drift_check") and isinstance(value, (int, float)):
                 value = f"{local_time(value)} ({ago(value)})"  # an epoch means nothing to a person
+            elif isinstance(value, bool):
+                value = "yes" if value else "no"
             elif isinstance(value, list):
                 value = ", ".join(map(str, value)) or "-"
+            elif key in ("auto_apply_last", "drift_check_last") and isinstance(value, dict):
+                value = last_run_text(value)
             elif isinstance(value, dict):
-                value = json.dumps(value, sort_keys=True)
+                value = "; ".join(f"{k}: {v}" for k, v in value.items()) or "-"
             elif value is None:
                 value = "-"
             print(f"{key}: {value}")
     return EXIT_OK
+
+
+def last_run_text(run: dict) -> str:
+    """One of the master's own runs, as a line: reason, outcome, when, its jobs."""
+    outcome = "ok" if run.get("ok") else "not ok" + (f" ({run['error']})" if run.get("error") else "")
+    stopped = run.get("stopped") or {}
+    if stopped:
+        outcome += "; stopped: " + ", ".join(f"{n} at {f}" for n, f in sorted(stopped.items()))
+    jobs = run.get("jobs") or []
+    when = f"finished {ago(run['finished'])}" if isinstance(run.get("finished"), (int, float)) else ""
+    return f"{run.get('reason')}: {outcome}, {when}, {len(jobs)} job(s){': ' + ', '.join(jobs) if jobs else ''}"
 
 
 @handler("status")

@@ -46,14 +46,13 @@ STOP_TIMEOUT_S = 20
 
 def check_new_name(lab: Lab, name: str) -> None:
     """LabRefused unless ``name`` is a valid node id, one the lab can carry, and not taken."""
-    if not NODE_ID_RE.fullmatch(name):
-        raise LabRefused(f"{name!r} is not a valid node id (letters, digits, '.', '_', '-'; "
-                         f"at most 63, starting with a letter or digit)")
-    if not LAB_NAME_RE.fullmatch(name):
+    if not NODE_ID_RE.fullmatch(name) or not LAB_NAME_RE.fullmatch(name):
         raise LabRefused(f"{name!r}: a lab node's name is its hostname and names its network link, so it "
                          f"takes letters, digits and '-' only, at most 13 (like node05)")
     if NETNS_PREFIX + name == SWITCH_NETNS:
         raise LabRefused(f"{name!r} names the lab's own switch (its namespace {SWITCH_NETNS}); pick another name")
+    if name == MASTER_NODE:
+        raise LabRefused(f"{name} is already a node of the lab: the master's own")
     if any(n.name == name for n in lab.nodes):
         raise LabRefused(f"{name} is already a node of the lab (`pimaster lab reflash {name}` gives it a "
                          f"fresh card, `pimaster lab remove {name}` takes it out)")

@@ -69,10 +69,10 @@ def test_a_hot_under_powered_pi_shows_in_top_its_health_history_and_prometheus(l
             events = [e for e in health(lab, NODE)["events"] if e.get("state") == "under_voltage_began"]
             return events[-1] if events else None
         event = Lab.wait_for(under_voltage_event, "node03's under-voltage event", timeout=90, interval=1)
-        assert event["throttled"] == "0x50005" and "under_voltage" in event["flags"], event
+        assert event["throttled"] == "0x50005" and "under-voltage" in event["flags"], event
         samples = health(lab, NODE)["samples"]
         hot = [s for s in samples if s.get("temp_c") == 82.0]
-        assert hot and "under_voltage" in hot[-1]["throttled_flags"], samples[-3:]
+        assert hot and "under-voltage" in hot[-1]["throttled_flags"], samples[-3:]
         assert samples[-1]["resolution"] == "raw"
 
         # top --once: node03 hot and under-voltage, the others not.
@@ -85,10 +85,10 @@ def test_a_hot_under_powered_pi_shows_in_top_its_health_history_and_prometheus(l
         temperature = Lab.wait_for(lambda: promql(lab, f'pimaster_node_temperature_celsius{{node="{NODE}"}} == 82'),
                                    "Prometheus to have node03's temperature", timeout=90, interval=1)
         assert temperature[0]["metric"]["job"] == "pimaster"
-        flag = Lab.wait_for(lambda: promql(lab, f'pimaster_node_throttled{{node="{NODE}",flag="under_voltage"}} == 1'),
+        flag = Lab.wait_for(lambda: promql(lab, f'pimaster_node_throttled{{node="{NODE}",flag="under-voltage"}} == 1'),
                             "Prometheus to have node03's under-voltage flag", timeout=30, interval=1)
         assert flag[0]["value"][1] == "1"
-        assert not promql(lab, 'pimaster_node_throttled{node="node02",flag="under_voltage"} == 1')
+        assert not promql(lab, 'pimaster_node_throttled{node="node02",flag="under-voltage"} == 1')
     finally:
         lab.set(NODE, temp=str(before.get("temp_c", 47.0)), throttled=before.get("throttled", "0x0"))
         Lab.reap(prometheus)
