@@ -179,6 +179,11 @@ def write_first_boot_files(root: Path, node: Node, source: Source, agent_config:
         if skel.is_file():
             write_file(root / "root" / ("." + dotfile), skel.read_text())
     write_file(root / "etc/hostname", f"{node.name}\n")
+    # The host's resolver is out of a node's reach: a lookup would wait out its timeouts (apt-get
+    # update took minutes to fail). No server named: lookups fail at once, as on an isolated switch.
+    remove_path(root / "etc/resolv.conf")
+    write_file(root / "etc/resolv.conf", "# Written by `pimaster lab`: no DNS server here (nodes reach only the "
+                                         "lab subnet; their names are in /etc/hosts).\n")
     write_file(root / "etc/machine-id", uuid.uuid4().hex + "\n", 0o444)
     write_file(root / "etc/hosts", "127.0.0.1\tlocalhost\n::1\t\tlocalhost ip6-localhost ip6-loopback\n"
                                     "ff02::1\t\tip6-allnodes\nff02::2\t\tip6-allrouters\n\n"
