@@ -130,10 +130,11 @@ class AutoApply:
         self.joined, self.left = set(), set()
         if not joined and not left:
             return
-        settings = self._settings()
-        if settings is None or not settings.auto_apply:
+        cluster = self._cluster()
+        if cluster is None or not cluster.settings.auto_apply:
             return
-        eligible = self._in_subnet(accepted)
+        settings = cluster.settings
+        eligible = self._in_subnet(accepted, cluster.subnet)
         joined &= set(eligible)
         if not joined and not left:
             return
@@ -141,15 +142,11 @@ class AutoApply:
         await self._run(self.lock, "enrollment", reason, settings, changed_only=True, newcomers=frozenset(joined),
                         only=eligible)
 
-    def _in_subnet(self, nodes: set[str]) -> list[str]:
-        """Those of ``nodes`` the master may act on by itself: with an address in cluster.subnet
-        (every node when the inventory names no subnet)."""
+    def _in_subnet(self, nodes: set[str], subnet) -> list[str]:
+        """Those of ``nodes`` the master may act on by itself: with an address in ``subnet`` (the
+        inventory's cluster.subnet; every node when it names none)."""
         import ipaddress
 
-        try:
-            subnet = load_cluster(cluster_dir(self.master)).subnet
-        except (StateFileError, ValueError):
-            return []
         facts = {n["node_id"]: n["facts"] for n in self.master.store.nodes()}
         for gone in set(self.skipped) - self.master.roster.accepted_nodes():
             del self.skipped[gone]
@@ -176,16 +173,17 @@ class AutoApply:
         while True:
             await asyncio.sleep(DRIFT_TICK_S)
             try:
-                settings = self._settings(quiet=True)
+                cluster = self._cluster(quiet=True)
+                settings = cluster.settings if cluster else None
                 interval = settings.check_interval if settings else None
-                if not interval or not settings.apply:
+                if not interval:
                     continue
                 last = self.last_check or self.started
                 if time.time() - last < interval:
                     continue
                 self.last_check = time.time()
                 correct = settings.auto_correct
-                only = self._in_subnet(self.master.roster.accepted_nodes())
+                only = self._in_subnet(self.master.roster.accepted_nodes(), cluster.subnet)
                 if not only:
                     continue
                 # Only nodes still rendered as they last got it: a changed rendering is a person's to roll
@@ -200,18 +198,19 @@ class AutoApply:
                 log.exception("the drift check failed")
 
     # ------------------------------------------------------------------
-    def _settings(self, quiet: bool = False):
-        """cluster.yaml's settings now; None (and ``error`` says why) when it cannot be read."""
+    def _cluster(self, quiet: bool = False):
+        """The cluster directory's inventory (its settings, its subnet) now, read once per run; None
+        (and ``error`` says why) when it cannot be read or has no `apply:` list."""
         directory = cluster_dir(self.master)
         try:
-            settings = load_cluster(directory).settings
+            cluster = load_cluster(directory)
         except StateFileError as exc:
             if not quiet or self.error != str(exc):
                 log.warning("the cluster directory %s: %s", directory, exc)
             self.error = str(exc)
             return None
-        self.error = None if settings.apply else "cluster.yaml has no `apply:` list"
-        return settings if settings.apply else None
+        self.error = None if cluster.settings.apply else "cluster.yaml has no `apply:` list"
+        return cluster if cluster.settings.apply else None
 
     async def _run(self, lock: asyncio.Lock, kind: str, reason: str, settings, test: bool = False,
                    changed_only: bool = False, newcomers: frozenset = frozenset(), only: list[str] | None = None,
@@ -252,7 +251,8 @@ class AutoApply:
     def status(self) -> dict:
         """What `pimaster status` shows of it."""
         directory = cluster_dir(self.master)
-        settings = self._settings(quiet=True)
+        cluster = self._cluster(quiet=True)
+        settings = cluster.settings if cluster else None
         return {"cluster_dir": directory,
                 "apply": [os.path.basename(n) for n in settings.apply] if settings else [],
                 "auto_apply": bool(settings and settings.auto_apply),

@@ -178,17 +178,17 @@ def _line_of(text: str, key: str) -> int | None:
 
 
 def _seconds(value, key: str) -> float:
-    """A duration setting: seconds as a number, or `90s`, `30m`, `1h`, `7d`."""
-    units = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+    """A duration setting: seconds as a number, or `90s`, `30m`, `1h`, `7d` (`cli.parse_duration`'s forms)."""
+    import argparse
+
+    from .cli import parse_duration
+
     if isinstance(value, bool):
         raise ValueError(f"{key}: a duration (90s, 30m, 1h), not {value!r}")
-    if isinstance(value, (int, float)):
-        return float(value)
-    text = str(value).strip().lower()
     try:
-        return float(text[:-1]) * units[text[-1]] if text and text[-1] in units else float(text)
-    except ValueError:
-        raise ValueError(f"{key}: {value!r} is not a duration (90s, 30m, 1h, 7d)") from None
+        return parse_duration(str(value))
+    except argparse.ArgumentTypeError as exc:
+        raise ValueError(f"{key}: {exc}") from None
 
 
 def parse_settings(data: dict, text: str, shown: str) -> ClusterSettings:
