@@ -15,6 +15,7 @@ import socket
 import time
 
 from . import __version__
+from .states.network import BACKEND_UNITS
 
 # The firmware's device tree: /proc/device-tree is a link to /sys/firmware/devicetree/base on a Pi.
 # Both are read, in this order: a container (the lab's nodes) can be given only the second.
@@ -164,6 +165,18 @@ async def virtualization() -> str | None:
     return await _run("systemd-detect-virt") or "none"
 
 
+async def network_backend() -> str | None:
+    """What manages the node's network, named as network.static's ``backend`` argument names it
+    (networkmanager, dhcpcd, networkd), or "none" when none of them runs (a node that got its
+    address from elsewhere: an ARM lab node, where qemu-user cannot run them). Absent without systemd."""
+    if not os.path.isdir("/run/systemd/system"):
+        return None
+    for name, unit in BACKEND_UNITS.items():
+        if await _run("systemctl", "is-active", "--quiet", unit) is not None:
+            return name
+    return "none"
+
+
 _static_cache: dict = {}
 
 
@@ -192,6 +205,7 @@ async def gather_facts() -> dict:
         "boot_dir": boot_config_dir(),
         "systemd": os.path.isdir("/run/systemd/system"),
         "virtualization": _static_cache["virtualization"],
+        "network_backend": await network_backend(),
         "agent_version": __version__,
     }
     # Pi-only and unavailable facts are absent, not null: "not a Pi" is not an error.

@@ -171,6 +171,7 @@ SCHEMA: dict[str, Callable[[Any], Any]] = {
     "boot_dir": _boot_dir,
     "systemd": _boolean,
     "virtualization": _matching(WORD_RE, "a virtualization name"),
+    "network_backend": _matching(WORD_RE, "a network backend"),
     "agent_version": _matching(WORD_RE, "a version"),
 }
 

@@ -46,7 +46,8 @@ MATCHABLE_FACTS: dict[str, tuple[str, str | None]] = {
     "os_id": ("os", "ID"), "os_version": ("os", "VERSION_ID"), "os_codename": ("os", "VERSION_CODENAME"),
     "hostname": ("hostname", None), "fqdn": ("fqdn", None), "machine": ("machine", None),
     "kernel": ("kernel", None), "cpu_count": ("cpu_count", None), "memory_mb": ("memory_mb", None),
-    "virtualization": ("virtualization", None), "systemd": ("systemd", None),
+    "virtualization": ("virtualization", None), "network_backend": ("network_backend", None),
+    "systemd": ("systemd", None),
     "boot_dir": ("boot_dir", None), "agent_version": ("agent_version", None),
     "machine_id": ("machine_id", None), "pi_serial": ("pi_serial", None),
 }

@@ -64,7 +64,12 @@ def _active(ctx: StateContext, unit: str) -> bool:
     return ctx.run(["systemctl", "is-active", "--quiet", unit]).ok
 
 
-def _backend(ctx: StateContext, backend: str) -> str:
+NO_BACKEND = ("none of NetworkManager, dhcpcd or systemd-networkd is running on this node: "
+              "pimaster cannot set a fixed address here")
+
+
+def _backend(ctx: StateContext, backend: str) -> str | None:
+    """The backend to write to; None (with backend auto) when none of them runs."""
     if backend != "auto":
         if backend not in BACKENDS:
             raise StateError(f"backend must be auto or one of {', '.join(BACKENDS)} (got {backend!r})")
@@ -74,8 +79,7 @@ def _backend(ctx: StateContext, backend: str) -> str:
     for name, unit in BACKEND_UNITS.items():
         if _active(ctx, unit):
             return name
-    raise StateError("none of NetworkManager, dhcpcd or systemd-networkd is running on this node: "
-                     "pimaster cannot set a fixed address here")
+    return None
 
 
 # -------------------------------------------------------------------------------- systemd-networkd
@@ -226,7 +230,10 @@ def static(ctx: StateContext, name: str, address: str, gateway: str | None = Non
     The change is written at once but put in effect only after this job's result has reached the
     master; the agent then reconnects from the new address. If the master does not accept it from
     there within ``confirm_timeout`` seconds, the agent restores the previous setting by itself
-    (and `pimaster ping` shows a note). A second run with the same values changes nothing.
+    (and `pimaster ping` shows a note). A second run with the same values changes nothing. On a
+    node where none of the backends runs (its ``network_backend`` fact is ``none``: an address
+    set from outside, as on an ARM lab node), the state succeeds when the interface has the address
+    already, and fails otherwise.
 
     Arguments:
       name: the interface, e.g. eth0 (default: the state's id).
@@ -255,6 +262,13 @@ def static(ctx: StateContext, name: str, address: str, gateway: str | None = Non
     live = netchange.live_addresses(iface)
     if live is None:
         raise StateError(f"this node has no network interface {iface!r}")
+    if kind is None:
+        # Nothing here keeps an address (the node's `network_backend` fact is "none"): it was set
+        # from outside (an ARM lab node under qemu-user; a container). Right already is right.
+        if want.with_prefixlen in live:
+            return Outcome(ctx, name).result(f"{iface} has {want.with_prefixlen}, set from outside: no network "
+                                             f"manager runs on this node, so nothing is written to keep it")
+        raise StateError(f"{NO_BACKEND} ({iface} has {', '.join(live) or 'no address'}, not {want.with_prefixlen})")
     staged = netchange.staged_change(ctx.state_dir, iface)
     pending_note = (f"; a change to {staged['address']} waits to take effect" if staged and
                     staged["address"] != want.with_prefixlen else "")

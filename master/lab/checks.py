@@ -15,6 +15,8 @@ from .model import DEFAULT_SUBNET, HOST_OFFSET, ROUTE_PROTO, LabError, LabRefuse
 # An idle node (systemd, journald, dbus, logind, networkd, agent) measures 30-50 MB PSS; the rest
 # is room for what states add (munge, slurmd, chrony, ...).
 NODE_MEMORY_MB = 100
+# An ARM node measures ~156 MB idle (arm64; armhf ~132 MB): qemu-user's own memory for every process.
+ARM_NODE_MEMORY_MB = 250
 HOST_RESERVE_MB = 512               # left for the host itself when estimating capacity
 
 # Packages states may install on nodes. The host fetches them before any node starts (nodes see the
@@ -94,16 +96,19 @@ def check_subnet_free(subnet: ipaddress.IPv4Network) -> None:
                        f"pick another with --subnet")
 
 
-def check_capacity(count: int) -> None:
+def check_capacity(count: int, arm: int = 0) -> None:
+    """LabError unless ``count`` nodes (``arm`` of them ARM nodes) fit in the memory available."""
     available_kb = 0
     for line in Path("/proc/meminfo").read_text().splitlines():
         if line.startswith("MemAvailable:"):
             available_kb = int(line.split()[1])
     available_mb = available_kb // 1024
-    fits = max(0, (available_mb - HOST_RESERVE_MB) // NODE_MEMORY_MB)
-    if count > fits:
+    needed = (count - arm) * NODE_MEMORY_MB + arm * ARM_NODE_MEMORY_MB
+    if needed > available_mb - HOST_RESERVE_MB:
+        fits = max(0, (available_mb - HOST_RESERVE_MB) // NODE_MEMORY_MB)
         raise LabError(f"{count} nodes do not fit: {available_mb} MB of memory is available and a node "
-                       f"needs about {NODE_MEMORY_MB} MB, so this machine can hold about {fits}")
+                       f"needs about {NODE_MEMORY_MB} MB (an ARM node {ARM_NODE_MEMORY_MB} MB), so this "
+                       f"machine can hold about {fits} native nodes")
 
 
 def ensure_node_packages(packages: list[str] = NODE_PACKAGES) -> None:

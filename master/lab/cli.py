@@ -10,8 +10,9 @@ import os
 import sys
 import time
 
+from .arch import ROOTS_DIR, check_arch_support, ensure_roots, native_arch, parse_arch_option
 from .bringup import bring_up, start_stopped
-from .checks import (check_capacity, check_cluster_dir, check_subnet_free, ensure_node_packages,
+from .checks import (NODE_PACKAGES, check_capacity, check_cluster_dir, check_subnet_free, ensure_node_packages,
                      node_count_fits_subnet, parse_subnet, require_root, require_tools)
 from . import fleet
 from .host import lab_netns, node_memory_mb, say
@@ -25,7 +26,7 @@ from .teardown import leftovers, teardown
 
 
 def cmd_up(count: int | None, subnet_text: str | None, keep_on_failure: bool = False,
-           cluster_dir_text: str | None = None) -> int:
+           cluster_dir_text: str | None = None, arch_text: str | None = None) -> int:
     if count is not None and not 1 <= count <= MAX_NODES:
         raise LabError(f"--nodes must be between 1 and {MAX_NODES}, not {count}")
     cluster_dir = check_cluster_dir(cluster_dir_text) if cluster_dir_text is not None else None
@@ -33,6 +34,9 @@ def cmd_up(count: int | None, subnet_text: str | None, keep_on_failure: bool = F
     node_count_fits_subnet(count or DEFAULT_NODES, subnet)
     require_root()
     require_tools()
+    planned = make_nodes(count or DEFAULT_NODES, subnet)
+    arches = parse_arch_option(arch_text, [n.name for n in planned]) if arch_text is not None else {}
+    check_arch_support(set(arches.values()))
     source = find_source()
     started = time.time()
     with lab_lock(), terminate_as_interrupt():
@@ -49,7 +53,8 @@ def cmd_up(count: int | None, subnet_text: str | None, keep_on_failure: bool = F
                                f"`pimaster lab down` first")
             if ((count is not None and count != len(old.nodes)) or (subnet_text is not None
                                                                     and str(subnet) != old.subnet)
-                    or (cluster_dir is not None and cluster_dir != old.cluster_dir)):
+                    or (cluster_dir is not None and cluster_dir != old.cluster_dir)
+                    or (arch_text is not None and arches != {n.name: n.arch for n in old.nodes if n.arch})):
                 raise LabError(f"a lab with {len(old.nodes)} nodes on {old.subnet} is here, "
                                f"{describe_stopped(old, stopped)}; `pimaster lab start "
                                f"{' '.join(n.name for n in stopped)}` boots {them(stopped)} again, "
@@ -64,9 +69,12 @@ def cmd_up(count: int | None, subnet_text: str | None, keep_on_failure: bool = F
             teardown()
         count = count or DEFAULT_NODES
         check_subnet_free(subnet)
-        check_capacity(count)
+        check_capacity(count, arm=len(arches))
         ensure_node_packages()
-        lab = Lab(subnet=str(subnet), nodes=make_nodes(count, subnet), cluster_dir=cluster_dir)
+        for node in planned:
+            node.arch = arches.get(node.name)
+        ensure_roots(set(arches.values()), NODE_PACKAGES)
+        lab = Lab(subnet=str(subnet), nodes=planned, cluster_dir=cluster_dir)
         master = lab.node(MASTER_NODE)
         lab.master_address = f"{master.ip}:{MASTER_PORT}"
         try:
@@ -131,8 +139,9 @@ def print_summary(lab: Lab, seconds: float) -> None:
     say(f"\nLab up: {len(lab.nodes)} nodes on {lab.subnet} in {seconds:.1f} s "
         f"(the master listens on {lab.master_address} inside the lab)")
     say(f"The master serves {describe_cluster_dir(lab)}\n")
+    native = native_arch()
     for node in lab.nodes:
-        say(f"  {node.name}  {node.ip:<15}  {' + '.join(node.roles)}")
+        say(f"  {node.name}  {node.ip:<15}  {node.arch or native:<6}  {' + '.join(node.roles)}")
     say(f"""
 Use it:
   pimaster lab exec node01 -- pimaster ping     run a command on a node (no CMD: a shell)
@@ -170,7 +179,8 @@ def cmd_down() -> int:
 def node_status(node: Node) -> dict:
     """The node as `lab status` shows it; its state: "stopped" (powered off), "booting" (its supervisor
     runs but PID 1 is not there yet: starting or rebooting), or what systemd in it says (running, ...)."""
-    info: dict = {"name": node.name, "ip": node.ip, "roles": node.roles, "state": "stopped",
+    info: dict = {"name": node.name, "ip": node.ip, "arch": node.arch or native_arch(), "roles": node.roles,
+                  "state": "stopped",
                   "addresses": [], "services": {}, "memory_mb": 0.0, "pi": pi_status(node)}
     if not node_running(node):
         return info
@@ -224,11 +234,11 @@ def cmd_status(as_json: bool) -> int:
         say(f"Lab {state}: {len(nodes)} nodes on {lab.subnet}; master {lab.master_address} in {MASTER_NODE}")
         say(f"  the master serves {describe_cluster_dir(lab)}")
         say(f"  export PIMASTER_STATE_DIR={MASTER_STATE_DIR}\n")
-        say(f"  {'NODE':<7} {'STATE':<10} {'ADDRESS':<18} {'SERVICES':<36} MEMORY")
+        say(f"  {'NODE':<7} {'ARCH':<6} {'STATE':<10} {'ADDRESS':<18} {'SERVICES':<36} MEMORY")
         for n in nodes:
             services = " ".join(f"{u}:{s}" for u, s in n["services"].items()) or "-"
-            say(f"  {n['name']:<7} {n['state']:<10} {', '.join(n['addresses']) or '-':<18} {services:<36} "
-                f"{n['memory_mb']:.0f} MB")
+            say(f"  {n['name']:<7} {n['arch']:<6} {n['state']:<10} {', '.join(n['addresses']) or '-':<18} "
+                f"{services:<36} {n['memory_mb']:.0f} MB")
         print_pi_table(nodes)
         if stopped and lab.status == "up":
             say(f"\n  `pimaster lab start {' '.join(stopped)}` boots {them(stopped)} again.")
@@ -287,6 +297,12 @@ def _parser() -> argparse.ArgumentParser:
     up.add_argument("--nodes", type=int, help=f"how many nodes (default {DEFAULT_NODES})")
     up.add_argument("--subnet",
                     help=f"private IPv4 subnet of the lab (default {DEFAULT_SUBNET})")
+    up.add_argument("--arch", metavar="ARCH|NODE=ARCH,...",
+                    help=f"ARM userlands, as a Pi runs them: arm64 (Raspberry Pi OS 64-bit) or armhf (32-bit) "
+                         f"for every node but {MASTER_NODE} (--arch arm64), or per node (--arch "
+                         f"node02=arm64,node03=armhf); a Debian bookworm root of that architecture run by "
+                         f"qemu-user, built once (a few minutes) and cached in {ROOTS_DIR} (default: every "
+                         f"node runs this machine's own architecture)")
     up.add_argument("--keep-on-failure", action="store_true", help="leave a failed lab in place for debugging")
     up.add_argument("--cluster-dir", metavar="DIR",
                     help=f"bind DIR (the cluster's cluster.yaml and states) read-only into {MASTER_NODE} at "
@@ -320,7 +336,7 @@ def main(argv: list[str]) -> int:
             return cmd_exec(argv[1:])
         args = _parser().parse_args(argv)
         if args.command == "up":
-            return cmd_up(args.nodes, args.subnet, args.keep_on_failure, args.cluster_dir)
+            return cmd_up(args.nodes, args.subnet, args.keep_on_failure, args.cluster_dir, args.arch)
         if args.command == "start":
             return cmd_start(args.nodes)
         if args.command == "down":
@@ -328,7 +344,7 @@ def main(argv: list[str]) -> int:
         if args.command == "status":
             return cmd_status(args.json)
         if args.command == "add":
-            return fleet.cmd_add(args.name, args.json)
+            return fleet.cmd_add(args.name, args.json, args.arch)
         if args.command == "remove":
             return fleet.cmd_remove(args.node, args.json)
         if args.command == "reflash":

@@ -25,13 +25,14 @@ from pathlib import Path
 
 from piagent.config import NODE_ID_RE
 
+from .arch import ensure_roots, native_arch, parse_arch_option
 from .bringup import ENROLL_TIMEOUT_S, MASTER_TIMEOUT_S, create_token, wait_booted, wait_enrolled
-from .checks import check_capacity, require_root, require_tools
+from .checks import NODE_PACKAGES, check_capacity, require_root, require_tools
 from .host import (lab_cgroup_dirs, lab_netns, mounts_under, node_network_down, node_network_up, node_processes,
                    reap_own_children, remove_node_cgroups, remove_path, run, say)
 from .model import (HOST_OFFSET, MASTER_NODE, NETNS_PREFIX, NSPAWN_RUN, SWITCH_NETNS, Lab, LabError, LabRefused,
                     Node, lab_lock, load_lab, terminate_as_interrupt)
-from .node import BOOT_TIMEOUT_S, leader_pid, node_exec, start_node
+from .node import BOOT_TIMEOUT_S, leader_pid, node_exec, node_running, start_node
 from .rootfs import find_source, host_enabled_units, prepare_root
 
 # What the lab can carry besides a valid node id: the name is the node's hostname, part of its
@@ -223,9 +224,9 @@ def node_leftovers(node: Node) -> list[str]:
 # ------------------------------------------------------------------------------------------------
 # The commands
 
-def add_node(name: str | None) -> dict:
+def add_node(name: str | None, arch_text: str | None = None) -> dict:
     """`lab add`: boot a new node whose card holds only a piagent.conf; wait until its agent answers
-    the master's ping. Returns {name, ip, booted_s, enrolled_s} (seconds from its start)."""
+    the master's ping. Returns {name, ip, arch, booted_s, enrolled_s} (seconds from its start)."""
     require_root()
     require_tools()
     source = find_source()
@@ -234,16 +235,19 @@ def add_node(name: str | None) -> dict:
         keys = all_keys(lab)
         name = name or next_name(lab, {k["id"] for k in keys})
         check_new_name(lab, name)
+        arch = parse_arch_option(arch_text, [name]).get(name) if arch_text else None
         check_no_accepted_key(name, {k["id"] for k in keys if k.get("state") == "accepted"})
         try:
-            check_capacity(1)
+            check_capacity(1, arm=1 if arch else 0)
         except LabError as exc:
             raise LabRefused(str(exc)) from None
         node = Node(name=name, ip=pick_address(lab, name), prefixlen=ipaddress.IPv4Network(lab.subnet).prefixlen,
-                    roles=["agent"])
+                    roles=["agent"], arch=arch)
+        if arch:
+            ensure_roots({arch}, NODE_PACKAGES, in_use=running_arches(lab))
         config = token_for(lab, name)
-        say(f"Flashing a card for {name} ({node.ip}): a fresh root file system and a piagent.conf with a join "
-            f"token in /boot/firmware, nothing else ...")
+        say(f"Flashing a card for {name} ({node.ip}{', ' + arch if arch else ''}): a fresh root file system and "
+            f"a piagent.conf with a join token in /boot/firmware, nothing else ...")
         # Recorded first, so that `lab down` (or `lab remove`) finds the node however far this gets.
         lab.nodes.append(node)
         lab.save()
@@ -263,7 +267,7 @@ def add_node(name: str | None) -> dict:
                 discard_node(lab, node)
             raise
         enrolled = time.time()
-    return {"name": name, "ip": node.ip, "booted_s": round(booted - started, 1),
+    return {"name": name, "ip": node.ip, "arch": arch or native_arch(), "booted_s": round(booted - started, 1),
             "enrolled_s": round(enrolled - started, 1)}
 
 
@@ -300,6 +304,8 @@ def reflash_node(name: str) -> dict:
         lab = running_lab()
         node = lab_node(lab, name, "re-flashed")
         known = node_keys(lab, name)
+        if node.arch:
+            ensure_roots({node.arch}, NODE_PACKAGES, in_use=running_arches(lab, but=node))
         config = token_for(lab, name)
         say(f"Re-flashing {name}: powering it off and writing a fresh card (new root file system, "
             f"new join token) ...")
@@ -314,6 +320,11 @@ def reflash_node(name: str) -> dict:
         key = wait_new_key(lab, name, {k["fingerprint"] for k in known})
     return {"name": name, "fingerprint": key["fingerprint"], "state": key["state"],
             "old_fingerprints": sorted(k["fingerprint"] for k in known)}
+
+
+def running_arches(lab: Lab, but: Node | None = None) -> set[str]:
+    """The ARM architectures whose roots running nodes use (the lab never changes those)."""
+    return {n.arch for n in lab.nodes if n.arch and n is not but and node_running(n)}
 
 
 def wait_new_key(lab: Lab, name: str, old: set[str]) -> dict:
@@ -335,6 +346,8 @@ def add_parsers(sub) -> None:
     add = sub.add_parser("add", help="boot a new node whose card holds only a piagent.conf with a join token "
                                      "(as a person flashes it; in no inventory); wait until it answers ping")
     add.add_argument("--name", metavar="NODE", help="its node id (default: the next nodeNN after the highest)")
+    add.add_argument("--arch", metavar="ARCH", help="its userland: arm64 or armhf (a Debian root of that "
+                                                    "architecture run by qemu-user), or this machine's own (default)")
     add.add_argument("--json", action="store_true", help="print JSON")
     remove = sub.add_parser("remove", help="stop a node and remove it from the lab (the master keeps its key)")
     remove.add_argument("node", metavar="NODE", help="a node of the lab other than node01")
@@ -350,15 +363,15 @@ def progress_to_stderr(as_json: bool):
     return contextlib.redirect_stdout(sys.stderr) if as_json else contextlib.nullcontext()
 
 
-def cmd_add(name: str | None, as_json: bool) -> int:
+def cmd_add(name: str | None, as_json: bool, arch: str | None = None) -> int:
     started = time.time()
     with progress_to_stderr(as_json):
-        report = add_node(name)
+        report = add_node(name, arch)
     report["seconds"] = round(time.time() - started, 1)
     if as_json:
         print(json.dumps(report, indent=2))
     else:
-        say(f"\n{report['name']} ({report['ip']}) is up and enrolled by its token: booted in {report['booted_s']} s, "
+        say(f"\n{report['name']} ({report['ip']}, {report['arch']}) is up and enrolled by its token: booted in {report['booted_s']} s, "
             f"answered the master's ping {report['enrolled_s']} s after it was switched on "
             f"({report['seconds']} s in all).")
     return 0

@@ -240,7 +240,13 @@ def node_network_up(node: Node) -> None:
     run(["ip", "link", "add", "name", f"v-{node.name}", "netns", SWITCH_NETNS, "type", "veth",
          "peer", "name", "eth0", "netns", node.netns])
     run(["ip", "-n", SWITCH_NETNS, "link", "set", f"v-{node.name}", "master", BRIDGE, "up"])
-    # eth0 stays down without an address: systemd-networkd in the node configures it.
+    if node.arch:
+        # No network manager runs under qemu-user (arch.py): the address is set from outside, as a
+        # DHCP server's fixed lease would hand it to a Pi.
+        run(["ip", "-n", node.netns, "addr", "add", f"{node.ip}/{node.prefixlen}", "dev", "eth0"])
+        run(["ip", "-n", node.netns, "link", "set", "eth0", "up"])
+        run(["ip", "-n", node.netns, "link", "set", "lo", "up"])
+    # A native node's eth0 stays down without an address: systemd-networkd in the node configures it.
 
 
 def node_network_down(node: Node) -> None:

@@ -7,7 +7,8 @@ every leftover even without the state file):
     LAB_DIR/master-state/               node01's /var/lib/pimaster (bind mount): control.sock lives
                                         here, so host-side `pimaster` commands reach the master
                                         through a unix socket, never through the lab network
-    LAB_DIR/nodes/NAME/{upper,work}     the node's overlay layers (lower layer: the host's /)
+    LAB_DIR/nodes/NAME/{upper,work}     the node's overlay layers (lower layer: the host's /, or for
+                                        an ARM node its architecture's root, arch.py)
     netns  pimlab-switch                holds bridge br0; one veth per node, made directly in the
            pimlab-NAME                  two namespaces, so no lab interface exists on the host
     cgroup /sys/fs/cgroup/*/pimaster-lab/NAME   every process of a node, for a complete kill
@@ -69,6 +70,7 @@ class Node:
     roles: list[str]
     supervisor_pid: int | None = None
     nspawn_lock: str | None = None      # nspawn's lock file in /run, which it leaves behind when killed
+    arch: str | None = None             # an ARM architecture (arm64, armhf; see arch.py), or None: native
 
     @property
     def netns(self) -> str:

@@ -14,6 +14,7 @@ import shlex
 import subprocess
 import time
 
+from .arch import node_lower
 from .host import children, in_node_cgroup, node_cgroups, pid_alive
 from .model import LAB_DIR, MASTER_STATE_DIR, NSPAWN_RUN, Lab, LabError, Node
 from .pihardware import nspawn_binds
@@ -28,7 +29,7 @@ BOOT_TIMEOUT_S = 120
 SUPERVISOR = r"""
 set -e
 for cg in $LAB_CGROUPS; do echo $$ > "$cg/cgroup.procs"; done
-mount -t overlay overlay -o "lowerdir=/,upperdir=$LAB_UPPER,workdir=$LAB_WORK" "$LAB_MERGED"
+mount -t overlay overlay -o "lowerdir=$LAB_LOWER,upperdir=$LAB_UPPER,workdir=$LAB_WORK" "$LAB_MERGED"
 set +e
 while :; do
     "$@"
@@ -53,7 +54,8 @@ def nspawn_argv(node: Node, source: Source) -> list[str]:
               # The lab's own files (other nodes' layers, the master's keys) stay invisible in nodes.
               # (--inaccessible= would need the host systemd's /run/systemd/inaccessible.)
               f"--tmpfs={LAB_DIR}:mode=0700"]
-    nspawn += [f"--bind-ro={host}:{inside}" for host, inside in source.binds]
+    if not node.arch:  # an ARM node runs the agent installed from its .deb, not this source tree
+        nspawn += [f"--bind-ro={host}:{inside}" for host, inside in source.binds]
     if "master" in node.roles:
         nspawn.append(f"--bind={MASTER_STATE_DIR}:{NODE_MASTER_STATE}")
     nspawn += nspawn_binds(node)  # its Pi: device tree, thermal zone, throttled word (read-only)
@@ -62,7 +64,7 @@ def nspawn_argv(node: Node, source: Source) -> list[str]:
 
 def start_node(lab: Lab, node: Node, source: Source) -> None:
     cgroups = node_cgroups(node)
-    env = dict(os.environ, LAB_CGROUPS=" ".join(cgroups), LAB_UPPER=str(node.dir / "upper"),
+    env = dict(os.environ, LAB_CGROUPS=" ".join(cgroups), LAB_LOWER=node_lower(node), LAB_UPPER=str(node.dir / "upper"),
                LAB_WORK=str(node.dir / "work"), LAB_MERGED=str(node.dir / "merged"))
     nspawn = nspawn_argv(node, source) + cluster_binds(lab.cluster_dir, node)
     log = open(node.dir / "nspawn.log", "ab")

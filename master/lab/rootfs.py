@@ -1,11 +1,13 @@
 """Node root file systems: the code nodes run, and what a node's overlay holds before first boot.
 
 A node boots the host's own root file system through a copy-on-write overlay (lower layer: the
-host's /). Before its first boot, the lab writes into the upper layer what makes it a freshly
-flashed Pi of its own: hostname, machine-id, munge key, its networkd address, the agent's join
-token in /boot/firmware, the packaged systemd units of pimaster and piagent, wrappers that run
-the code of this source tree (bound read-only into the node), and what makes it look like a Pi
-(pihardware.py: the boot partition's files, vcgencmd).
+host's /; for an ARM node, its architecture's root, see arch.py). Before its first boot, the lab
+writes into the upper layer what makes it a freshly flashed Pi of its own: hostname, machine-id,
+munge key, the agent's join token in /boot/firmware, what makes it look like a Pi (pihardware.py:
+the boot partition's files, vcgencmd), and on a native node its networkd address, the packaged
+systemd units of pimaster and piagent, and wrappers that run the code of this source tree (bound
+read-only into the node). An ARM node runs the agent its root got from the piagent .deb, under the
+packaged unit as it is, and gets its address from outside (host.node_network_up).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
+from .arch import install_agent_in_node, node_lower
 from .host import remove_path, run
 from .model import Node, LabError
 from .pihardware import prepare_pi
@@ -107,8 +110,9 @@ def packaged_units(unit_dir: Path) -> dict[str, str]:
     return units
 
 
-def host_enabled_units() -> list[str]:
-    out = run(["systemctl", "--root=/", "list-unit-files", "--state=enabled", "--no-legend", "--no-pager",
+def host_enabled_units(root: str = "/") -> list[str]:
+    """The enabled units of ``root`` (the host's, or an ARM root's) that nodes must not start."""
+    out = run(["systemctl", f"--root={root}", "list-unit-files", "--state=enabled", "--no-legend", "--no-pager",
                "--type=service,socket,timer,path,target"], check=False).stdout
     units = [line.split()[0] for line in out.splitlines() if line.strip()]
     return [u for u in units if not KEEP_ENABLED_RE.match(u) and u not in UNIT_DROPINS]
@@ -155,17 +159,24 @@ def prepare_root(node: Node, source: Source, disable: list[str], agent_config: s
         os.setxattr(fresh, "trusted.overlay.opaque", b"y")
     # A short-lived mount in the host's mount namespace, only to write through the overlay (which
     # makes whiteouts for removed host files); the node later mounts the same layers privately.
-    run(["mount", "-t", "overlay", "overlay", "-o", f"lowerdir=/,upperdir={upper},workdir={work}", str(merged)])
+    run(["mount", "-t", "overlay", "overlay", "-o", f"lowerdir={node_lower(node)},upperdir={upper},workdir={work}",
+         str(merged)])
     try:
         write_first_boot_files(merged, node, source, agent_config, cluster_dir)
+        install_agent_in_node(node, merged)  # only when its ARM root holds an older agent
+        if node.arch:  # the units its own root enables, not the host's
+            disable = host_enabled_units(node_lower(node))
         if disable:
             run(["systemctl", f"--root={merged}", "disable", *disable], check=False)
-        enable = ["systemd-networkd.service"]
+        # An ARM node has no network manager (qemu-user refuses their netlink sockets): the lab sets
+        # its address from outside.
+        enable = [] if node.arch else ["systemd-networkd.service"]
         if "master" in node.roles:
             enable.append("pimaster.service")
         if agent_config is not None:
             enable.append("piagent.service")
-        run(["systemctl", f"--root={merged}", "enable", *enable])
+        if enable:
+            run(["systemctl", f"--root={merged}", "enable", *enable])
     finally:
         run(["umount", str(merged)])
 
@@ -175,7 +186,7 @@ def write_first_boot_files(root: Path, node: Node, source: Source, agent_config:
     for rel in HOST_STATE_PATHS:
         remove_path(root / rel)
     for dotfile in ("bashrc", "profile"):  # what Debian puts in a fresh /root
-        skel = Path("/usr/share/base-files/dot." + dotfile)
+        skel = root / "usr/share/base-files" / ("dot." + dotfile)
         if skel.is_file():
             write_file(root / "root" / ("." + dotfile), skel.read_text())
     write_file(root / "etc/hostname", f"{node.name}\n")
@@ -191,6 +202,17 @@ def write_first_boot_files(root: Path, node: Node, source: Source, agent_config:
     ids = munge_ids(root)
     if ids:  # munge is installed in the image: this node gets its own random key, like a fresh install
         write_file(root / "etc/munge/munge.key", os.urandom(128), 0o400, *ids)
+    if not node.arch:
+        write_native_files(root, node, source, cluster_dir)
+    (root / "boot/firmware").mkdir(parents=True, exist_ok=True)
+    if agent_config is not None:
+        write_file(root / AGENT_CONFIG.lstrip("/"), agent_config, 0o600)
+    prepare_pi(node, root, write_file)  # model, serial, thermal zone, vcgencmd, cmdline.txt, config.txt
+
+
+def write_native_files(root: Path, node: Node, source: Source, cluster_dir: str | None) -> None:
+    """A native node's address (networkd) and the agent and master of this source tree. An ARM node
+    has neither: its root holds the agent installed from its .deb, with the packaged unit as it is."""
     # The address comes from inside, from systemd-networkd, as on a real system; states may change it.
     netdir = root / "etc/systemd/network"
     if netdir.is_dir():
@@ -218,10 +240,6 @@ def write_first_boot_files(root: Path, node: Node, source: Source, agent_config:
         (root / NODE_MASTER_STATE.lstrip("/")).mkdir(parents=True, exist_ok=True)
         if cluster_dir:
             (root / NODE_CLUSTER_DIR.lstrip("/")).mkdir(parents=True, exist_ok=True)
-    (root / "boot/firmware").mkdir(parents=True, exist_ok=True)
-    if agent_config is not None:
-        write_file(root / AGENT_CONFIG.lstrip("/"), agent_config, 0o600)
-    prepare_pi(node, root, write_file)  # model, serial, thermal zone, vcgencmd, cmdline.txt, config.txt
 
 
 def dropin_command(unit: str, node: Node, cluster_dir: str | None) -> str:

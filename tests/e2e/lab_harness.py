@@ -10,7 +10,8 @@ Tests take the `lab` fixture (tests/e2e/conftest.py), an instance of `Lab`:
         fp = lab.reflash(name)      # a fresh card: the new key's fingerprint (denied at the master)
         lab.remove(name)            # out of the lab (the master keeps its key)
 
-`Lab(cluster_dir=DIR)` brings the lab up with `--cluster-dir DIR` (node01's master serves DIR).
+`Lab(cluster_dir=DIR)` brings the lab up with `--cluster-dir DIR` (node01's master serves DIR),
+`Lab(arch="node02=arm64")` with `--arch` (ARM nodes, tests/e2e/test_arm_lab.py).
 
 Everything runs inside the nodes' namespaces: the host never sends a packet to a lab address.
 """
@@ -64,10 +65,11 @@ def describe(result: subprocess.CompletedProcess) -> str:
 class Lab:
     """A `pimaster lab`, brought up and down through its CLI, with helpers to reach into nodes."""
 
-    def __init__(self, size: int = LAB_NODES, cluster_dir: str | Path | None = None):
+    def __init__(self, size: int = LAB_NODES, cluster_dir: str | Path | None = None, arch: str | None = None):
         self.size = size
         # `lab up --cluster-dir`: the tree node01's master serves (None: its default, the shipped states).
         self.cluster_dir = cluster_dir
+        self.arch = arch  # `lab up --arch` (node02=arm64,...; None: every node native)
         self.is_up = False
         self.up_failure: str | None = None
         self.up_output = ""
@@ -92,7 +94,10 @@ class Lab:
             args = ["lab", "up", "--nodes", str(self.size)]
             if self.cluster_dir is not None:
                 args += ["--cluster-dir", str(self.cluster_dir)]
-            result = pimaster_cli(*args)
+            if self.arch is not None:
+                args += ["--arch", self.arch]
+            # A first `--arch` builds each architecture's root (a few minutes each).
+            result = pimaster_cli(*args, timeout=600 if self.arch is None else 1800)
             if result.returncode != 0:
                 self.up_failure = describe(result)
                 pytest.fail(f"`pimaster {' '.join(args)}` failed:\n{self.up_failure}")
@@ -295,3 +300,31 @@ class Lab:
     def all_up(self, nodes: list[str] | None = None, timeout: float = 3) -> bool:
         answers = self.ping(timeout)
         return all(answers.get(n) for n in (nodes or self.nodes))
+
+
+def assert_nothing_left(subnet: str) -> None:
+    """After `lab down`: no namespace, route, mount, cgroup, process or file of the lab is left."""
+    netns = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    assert labmod.NETNS_PREFIX not in netns
+    routes = subprocess.run(["ip", "route", "show", "table", "all"], capture_output=True, text=True).stdout
+    assert subnet not in routes and "proto 77" not in routes
+    mounts = Path("/proc/self/mountinfo").read_text()
+    assert str(labmod.LAB_DIR) not in mounts and "pimlab-" not in mounts
+    cgroups = [p for p in Path("/sys/fs/cgroup").glob("*/" + labmod.CGROUP_NAME)]
+    cgroups += list(Path("/sys/fs/cgroup").glob(labmod.CGROUP_NAME))
+    assert cgroups == []
+    in_lab = []
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            if f"/{labmod.CGROUP_NAME}/" not in (proc / "cgroup").read_text():
+                continue
+            state, ppid = (proc / "stat").read_text().rsplit(")", 1)[1].split()[:2]
+        except OSError:
+            continue
+        # An exited supervisor not yet reaped by the host's PID 1 (`up` had exited, so it is PID 1's
+        # child) holds no namespace, mount or cgroup; anything else is a leftover.
+        if not (state == "Z" and ppid == "1"):
+            in_lab.append(f"{proc.name} ({state}, parent {ppid})")
+    assert in_lab == []
+    assert not labmod.LAB_DIR.exists()
+    assert not list(Path("/run/systemd/nspawn/propagate").glob("pimlab-*"))

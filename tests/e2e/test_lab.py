@@ -20,7 +20,7 @@ import pytest
 
 from pimaster import lab as labmod
 
-from lab_harness import Lab, describe, pimaster_cli, pythonpath
+from lab_harness import Lab, assert_nothing_left, describe, pimaster_cli, pythonpath
 
 CAP_SYS_TIME = 25
 
@@ -266,33 +266,6 @@ def test_status_and_a_second_up(lab: Lab):
 
 # ---------------------------------------------------------------------------------------------
 # Tear-down (these take the shared lab down; a later test brings it up again)
-
-def assert_nothing_left(subnet: str) -> None:
-    netns = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
-    assert labmod.NETNS_PREFIX not in netns
-    routes = subprocess.run(["ip", "route", "show", "table", "all"], capture_output=True, text=True).stdout
-    assert subnet not in routes and "proto 77" not in routes
-    mounts = Path("/proc/self/mountinfo").read_text()
-    assert str(labmod.LAB_DIR) not in mounts and "pimlab-" not in mounts
-    cgroups = [p for p in Path("/sys/fs/cgroup").glob("*/" + labmod.CGROUP_NAME)]
-    cgroups += list(Path("/sys/fs/cgroup").glob(labmod.CGROUP_NAME))
-    assert cgroups == []
-    in_lab = []
-    for proc in Path("/proc").glob("[0-9]*"):
-        try:
-            if f"/{labmod.CGROUP_NAME}/" not in (proc / "cgroup").read_text():
-                continue
-            state, ppid = (proc / "stat").read_text().rsplit(")", 1)[1].split()[:2]
-        except OSError:
-            continue
-        # An exited supervisor not yet reaped by the host's PID 1 (`up` had exited, so it is PID 1's
-        # child) holds no namespace, mount or cgroup; anything else is a leftover.
-        if not (state == "Z" and ppid == "1"):
-            in_lab.append(f"{proc.name} ({state}, parent {ppid})")
-    assert in_lab == []
-    assert not labmod.LAB_DIR.exists()
-    assert not list(Path("/run/systemd/nspawn/propagate").glob("pimlab-*"))
-
 
 @pytest.mark.lab
 def test_down_leaves_nothing_behind(lab: Lab):
