@@ -290,8 +290,11 @@ def resolve_nodes(inventory: Inventory, nodes: dict[str, dict], assignments: dic
         else:
             assigned = assignments.get(node_id)
             if assigned is None:
+                # Its own id may be its name, unless that name is given to another node already.
+                given = {a["hostname"] for other, a in {**assignments, **new_assignments}.items() if other != node_id}
+                taken = (used_names - {node_id}) | given
                 number = 1
-                while pattern.format(number) in used_names - {node_id}:
+                while pattern.format(number) in taken:
                     number += 1
                 assigned = {"hostname": pattern.format(number), "ip": None}
                 used_names.add(assigned["hostname"])

@@ -23,12 +23,17 @@ REPO = Path(__file__).resolve().parents[1]
     ("ARMHF", {"node02": "armhf", "node03": "armhf", "node04": "armhf"}),
     ("node02=arm64,node03=armhf", {"node02": "arm64", "node03": "armhf"}),
     (" node03 = armhf , node02=arm64 ", {"node02": "arm64", "node03": "armhf"}),
-    ("node02=arm64,node02=native_placeholder", {}),
 ])
 def test_arch_option_names_the_arm_nodes(text, expected):
     native = arch.native_arch()
     text = text.replace("native_placeholder", native)  # naming the host's own keeps a node native
     assert arch.parse_arch_option(text, NAMES) == expected
+
+
+def test_a_lab_of_node01_alone_has_no_node_to_make_arm():
+    with pytest.raises(LabRefused) as caught:
+        arch.parse_arch_option("arm64", ["node01"])
+    assert "give --nodes 2 or more" in str(caught.value)
 
 
 def test_this_machines_own_architecture_means_native_nodes():
@@ -43,6 +48,7 @@ def test_this_machines_own_architecture_means_native_nodes():
     ("node02=i386x", "'i386x' is not an architecture"),
     ("arm64,armhf", "give one architecture for every node, or NODE=ARCH pairs"),
     (" , ", "--arch needs an architecture"),
+    ("node02=arm64,node02=armhf", "node02 is named twice"),
 ])
 def test_arch_option_refuses_what_it_cannot_build(text, fragment):
     with pytest.raises(LabRefused) as caught:

@@ -46,6 +46,9 @@ PATHS = {
     swap: {"DPHYS_CONF": "etc/dphys-swapfile", "FSTAB": "etc/fstab", "DPHYS_DEFAULT_SWAPFILE": "var/swap"},
     network: {"NETWORKD_DIR": "etc/systemd/network", "DHCPCD_CONF": "etc/dhcpcd.conf"},
 }
+# Not paths, but not this test's business either: a started unit is watched for a while before the
+# state calls it running (the lab tier proves that, tests/e2e/test_state_modules_lab.py).
+SETTINGS = {service: {"START_SETTLE_S": 0}}
 # Commands that only read; anything else changes the system.
 READ_ONLY = (["systemctl", "show"], ["systemctl", "is-enabled"], ["systemctl", "is-active"], ["dpkg-query"],
              ["apt-cache"], ["journalctl"], ["nmcli", "-t"])
@@ -102,6 +105,9 @@ def replay(case: dict, root: Path, monkeypatch) -> tuple[dict, ReplayContext]:
     for module, paths in PATHS.items():
         for attr, relative in paths.items():
             monkeypatch.setattr(module, attr, str(root / relative))
+    for module, settings in SETTINGS.items():
+        for attr, value in settings.items():
+            monkeypatch.setattr(module, attr, value)
     (root / "etc" / "systemd" / "network").mkdir(parents=True)
     (root / "etc" / "modules-load.d").mkdir(parents=True)
     for relative, text in case.get("files", {}).items():

@@ -82,6 +82,35 @@ def _backend(ctx: StateContext, backend: str) -> str | None:
     return None
 
 
+def _set_from_outside(ctx: StateContext, name: str, iface: str, want: ipaddress.IPv4Interface, live: list[str],
+                      gateway: str | None, servers: list[str]) -> dict:
+    """No backend runs: right only if the address was set from outside (an ARM lab node under
+    qemu-user, where no network manager can run) and nothing here could ever manage it: none of
+    the managers is enabled, starting, or failed (then it is a broken manager, not none), and the
+    interface has exactly that address. A gateway or DNS servers could be kept by nothing: refused."""
+    units = [unit + ".service" for unit in BACKEND_UNITS.values()]
+    res = ctx.run(["systemctl", "show", "--property=Id,LoadState,ActiveState,UnitFileState", "--", *units])
+    if not res.ok:
+        raise StateError(f"cannot ask systemd about the network managers: {(res.stderr or res.stdout).strip()}")
+    present = []
+    for block in res.stdout.strip().split("\n\n"):
+        props = dict(line.split("=", 1) for line in block.splitlines() if "=" in line)
+        if props.get("LoadState") == "not-found":
+            continue
+        if props.get("ActiveState") != "inactive" or props.get("UnitFileState", "").startswith("enabled"):
+            present.append(f"{props.get('Id', '?')} is {props.get('ActiveState', '?')} "
+                           f"({props.get('UnitFileState') or 'no unit file state'})")
+    if present:
+        raise StateError(f"{NO_BACKEND}: {'; '.join(present)}")
+    if gateway or servers:
+        raise StateError(f"{NO_BACKEND}: a gateway or DNS servers could not be kept here")
+    if live != [want.with_prefixlen]:
+        raise StateError(f"{NO_BACKEND} ({iface} has {', '.join(live) or 'no address'}, not just "
+                         f"{want.with_prefixlen})")
+    return Outcome(ctx, name).result(f"{iface} has {want.with_prefixlen}, set from outside: no network manager "
+                                     f"runs or is enabled on this node, so nothing is written to keep it")
+
+
 # -------------------------------------------------------------------------------- systemd-networkd
 def _networkd_file(iface: str) -> str:
     # networkd uses the first file (in name order) whose [Match] fits, so 00- wins over the
@@ -232,8 +261,9 @@ def static(ctx: StateContext, name: str, address: str, gateway: str | None = Non
     there within ``confirm_timeout`` seconds, the agent restores the previous setting by itself
     (and `pimaster ping` shows a note). A second run with the same values changes nothing. On a
     node where none of the backends runs (its ``network_backend`` fact is ``none``: an address
-    set from outside, as on an ARM lab node), the state succeeds when the interface has the address
-    already, and fails otherwise.
+    set from outside, as on an ARM lab node), the state succeeds when none of them is enabled
+    either, the interface has exactly that address already, and no gateway or DNS is asked for;
+    otherwise it fails.
 
     Arguments:
       name: the interface, e.g. eth0 (default: the state's id).
@@ -263,12 +293,7 @@ def static(ctx: StateContext, name: str, address: str, gateway: str | None = Non
     if live is None:
         raise StateError(f"this node has no network interface {iface!r}")
     if kind is None:
-        # Nothing here keeps an address (the node's `network_backend` fact is "none"): it was set
-        # from outside (an ARM lab node under qemu-user; a container). Right already is right.
-        if want.with_prefixlen in live:
-            return Outcome(ctx, name).result(f"{iface} has {want.with_prefixlen}, set from outside: no network "
-                                             f"manager runs on this node, so nothing is written to keep it")
-        raise StateError(f"{NO_BACKEND} ({iface} has {', '.join(live) or 'no address'}, not {want.with_prefixlen})")
+        return _set_from_outside(ctx, name, iface, want, live, gateway, servers)
     staged = netchange.staged_change(ctx.state_dir, iface)
     pending_note = (f"; a change to {staged['address']} waits to take effect" if staged and
                     staged["address"] != want.with_prefixlen else "")

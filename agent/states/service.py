@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+import time
 
 from .base import Outcome, StateContext, StateError, output_tail, systemd_running
 
@@ -82,15 +83,37 @@ class _Unit:
         res = self.ctx.run(["systemctl", "is-enabled", "--", self.id])
         return res.stdout.strip().splitlines()[0] if res.stdout.strip() else "unknown"
 
+    def last_words(self) -> str:
+        """The unit's last journal lines, for a failure message ("" when there are none)."""
+        journal = self.ctx.run(["journalctl", "--no-pager", "-o", "cat", "-n", "8", "-u", self.id])
+        return journal.stdout.strip() if journal.ok else ""
+
     def systemctl(self, verb: str) -> None:
         res = self.ctx.run(["systemctl", verb, "--", self.id], timeout=600)
         if not res.ok:
             detail = output_tail(res, 4)
-            journal = self.ctx.run(["journalctl", "--no-pager", "-o", "cat", "-n", "8", "-u", self.id])
-            if journal.ok and journal.stdout.strip():
-                detail += "\njournal:\n" + journal.stdout.strip()
+            journal = self.last_words()
+            if journal:
+                detail += "\njournal:\n" + journal
             raise _Failed(f"systemctl {verb} {self.id} failed: {detail}")
         self.refresh()
+
+
+# How long a unit just started or restarted must stay up before the state calls it running: a daemon
+# that reads a bad config and exits (slurmd: a few hundred ms after start, more under qemu-user)
+# would otherwise pass as started, and show up dead only in `systemctl --failed`.
+START_SETTLE_S = 2.0
+
+
+def _stays_up(unit: _Unit, verb: str) -> None:
+    if unit.active and START_SETTLE_S > 0:
+        time.sleep(START_SETTLE_S)
+        unit.refresh()
+        if not unit.active:
+            raise _Failed(f"{unit.id} stopped within {START_SETTLE_S:g} s of its {verb} "
+                          f"({unit.props.get('ActiveState')}); journal:\n{unit.last_words() or '(nothing)'}")
+    if not unit.active:
+        raise _Failed(f"{unit.id} is {unit.props.get('ActiveState')} right after starting")
 
 
 class _Failed(Exception):
@@ -136,7 +159,9 @@ def running(ctx: StateContext, name: str, enable: bool | None = None, reload: bo
     """A systemd unit running now (started if stopped; restarted when a watched state changed).
 
     With a ``watch`` requisite (Salt's mod_watch), a change in a watched state -- the unit's config
-    file, its package -- restarts the running unit (or reloads it, with ``reload: true``).
+    file, its package -- restarts the running unit (or reloads it, with ``reload: true``). A unit
+    it starts or restarts must still run 2 s later, or the state fails with the unit's last journal
+    lines (a daemon that exits on a bad config is not reported as started).
 
     Arguments:
       name: the unit (default: the state's id); ``chrony`` means ``chrony.service``.
@@ -170,13 +195,14 @@ def running(ctx: StateContext, name: str, enable: bool | None = None, reload: bo
             out.change("started", True, "start", "started")
             if not ctx.test:
                 unit.systemctl("start")
-                if not unit.active:
-                    raise _Failed(f"{unit.id} is {unit.props.get('ActiveState')} right after starting")
+                _stays_up(unit, "start")
         elif ctx.watch_changed:
             verb = "reload" if reload and unit.props.get("CanReload") == "yes" else "restart"
             out.change(f"{verb}ed", True, verb, f"{verb}ed")
             if not ctx.test:
                 unit.systemctl(verb)
+                if verb == "restart":
+                    _stays_up(unit, verb)
     except _Failed as exc:
         return out.fail(str(exc))
     return out.result(f"{unit.id} is running")

@@ -86,6 +86,7 @@ def parse_arch_option(text: str, names: list[str]) -> dict[str, str]:
     words = [w.strip() for w in text.split(",") if w.strip()]
     if not words:
         raise LabRefused(f"--arch needs an architecture ({known}) or NODE=ARCH pairs (node02=arm64,node03=armhf)")
+    seen: set[str] = set()
     for word in words:
         name, sep, arch = word.rpartition("=")
         arch = arch.strip().lower()
@@ -95,8 +96,14 @@ def parse_arch_option(text: str, names: list[str]) -> dict[str, str]:
         if not sep:
             if len(words) > 1:
                 raise LabRefused(f"--arch {text}: give one architecture for every node, or NODE=ARCH pairs")
+            if arch != native and names == [MASTER_NODE]:
+                raise LabRefused(f"--arch {arch}: the lab's only node, {MASTER_NODE}, runs the master from this "
+                                 f"source tree and stays {native}; give --nodes 2 or more")
             return {n: arch for n in names if n != MASTER_NODE and arch != native}
         name = name.strip()
+        if name in seen:
+            raise LabRefused(f"--arch {text}: {name} is named twice; give each node one architecture")
+        seen.add(name)
         if name not in names:
             raise LabRefused(f"--arch {word}: the lab has no node {name!r} (nodes: {', '.join(names)})")
         if name == MASTER_NODE and arch != native:

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import ipaddress
 import json
 import os
+import re
 import sys
 import time
 
@@ -56,7 +58,8 @@ def cmd_up(count: int | None, subnet_text: str | None, keep_on_failure: bool = F
                     or (cluster_dir is not None and cluster_dir != old.cluster_dir)
                     or (arch_text is not None and arches != {n.name: n.arch for n in old.nodes if n.arch})):
                 raise LabError(f"a lab with {len(old.nodes)} nodes on {old.subnet} is here, "
-                               f"{describe_stopped(old, stopped)}; `pimaster lab start "
+                               f"{describe_stopped(old, stopped)}, with other --nodes, --subnet, --cluster-dir "
+                               f"or --arch than asked for; `pimaster lab start "
                                f"{' '.join(n.name for n in stopped)}` boots {them(stopped)} again, "
                                f"`pimaster lab down` removes the lab (and its master's state) for a new one")
             say(f"The lab on {old.subnet} is here, {describe_stopped(old, stopped)}: booting {them(stopped)} "
@@ -189,18 +192,26 @@ def node_status(node: Node) -> dict:
         info["state"] = "booting"
         return info
     try:
-        info["state"] = node_exec(node, ["systemctl", "is-system-running"], timeout=30).stdout.strip() or "unknown"
+        info["state"] = systemd_word(node_exec(node, ["systemctl", "is-system-running"], timeout=30).stdout)
         addr = node_exec(node, ["ip", "-j", "-4", "addr", "show", "dev", "eth0"], timeout=30).stdout
         units = ["piagent"] + (["pimaster"] if "master" in node.roles else [])
         states = node_exec(node, ["systemctl", "is-active", *units], timeout=30).stdout.split()
     except LabError:  # it stopped or rebooted meanwhile
         info["state"] = "stopped" if not node_running(node) else "booting"
         return info
-    with contextlib.suppress(ValueError, IndexError, KeyError):
-        info["addresses"] = [f"{a['local']}/{a['prefixlen']}" for link in json.loads(addr)
-                             for a in link["addr_info"]]
-    info["services"] = dict(zip(units, states))
+    # What the node's programs print is the node's (root in it may have replaced them): shown only
+    # as the words and addresses it should be, never as terminal control sequences.
+    with contextlib.suppress(ValueError, IndexError, KeyError, TypeError):
+        info["addresses"] = [str(ipaddress.IPv4Interface(f"{a['local']}/{a['prefixlen']}"))
+                             for link in json.loads(addr) for a in link["addr_info"]]
+    info["services"] = {unit: systemd_word(state) for unit, state in zip(units, states)}
     return info
+
+
+def systemd_word(text: str) -> str:
+    """systemctl's answer (running, degraded, active, ...), or "unknown" for anything else."""
+    word = text.strip()
+    return word if re.fullmatch(r"[a-z-]{1,20}", word) else "unknown"
 
 
 def cmd_status(as_json: bool) -> int:

@@ -61,7 +61,8 @@ def check_new_name(lab: Lab, name: str) -> None:
 
 def next_name(lab: Lab, known_ids: set[str] = frozenset()) -> str:
     """The next nodeNN after the highest numbered node of the lab (node05 after node01..node04), or
-    after the highest id the master holds a key for (a node removed earlier keeps its key)."""
+    after the highest id the master holds a key for (a node removed earlier keeps its key) or
+    hostname a node reports (the master names nodes by its name_pattern)."""
     names = [n.name for n in lab.nodes] + sorted(known_ids)
     numbers = [int(m.group(1)) for name in names if (m := NUMBERED_RE.match(name))]
     return f"node{max(numbers, default=0) + 1:02d}"
@@ -135,6 +136,16 @@ def all_keys(lab: Lab) -> list[dict]:
     except (ValueError, KeyError, TypeError):
         raise LabError(f"`pimaster keys list --json` in {MASTER_NODE} failed (exit {result.returncode}): "
                        f"{(result.stderr or result.stdout).strip()[-500:]}") from None
+
+
+def node_hostnames(lab: Lab) -> set[str]:
+    """The hostnames the master's nodes report (the master may have named a node nodeNN)."""
+    result = node_exec(lab.node(MASTER_NODE), ["pimaster", "nodes", "--json"], timeout=60)
+    try:
+        return {n["facts"]["hostname"] for n in json.loads(result.stdout)["nodes"]
+                if isinstance(n.get("facts", {}).get("hostname"), str)}
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return set()
 
 
 def token_for(lab: Lab, name: str) -> str:
@@ -233,9 +244,9 @@ def add_node(name: str | None, arch_text: str | None = None) -> dict:
     with lab_lock(), terminate_as_interrupt():
         lab = running_lab()
         keys = all_keys(lab)
-        name = name or next_name(lab, {k["id"] for k in keys})
+        name = name or next_name(lab, {k["id"] for k in keys} | node_hostnames(lab))
         check_new_name(lab, name)
-        arch = parse_arch_option(arch_text, [name]).get(name) if arch_text else None
+        arch = parse_arch_option(arch_text, [name]).get(name) if arch_text is not None else None
         check_no_accepted_key(name, {k["id"] for k in keys if k.get("state") == "accepted"})
         try:
             check_capacity(1, arm=1 if arch else 0)
@@ -305,7 +316,8 @@ def reflash_node(name: str) -> dict:
         node = lab_node(lab, name, "re-flashed")
         known = node_keys(lab, name)
         if node.arch:
-            ensure_roots({node.arch}, NODE_PACKAGES, in_use=running_arches(lab, but=node))
+            # It still runs on its root here: a newer agent goes into its new card, not into the root.
+            ensure_roots({node.arch}, NODE_PACKAGES, in_use=running_arches(lab))
         config = token_for(lab, name)
         say(f"Re-flashing {name}: powering it off and writing a fresh card (new root file system, "
             f"new join token) ...")
@@ -322,9 +334,9 @@ def reflash_node(name: str) -> dict:
             "old_fingerprints": sorted(k["fingerprint"] for k in known)}
 
 
-def running_arches(lab: Lab, but: Node | None = None) -> set[str]:
+def running_arches(lab: Lab) -> set[str]:
     """The ARM architectures whose roots running nodes use (the lab never changes those)."""
-    return {n.arch for n in lab.nodes if n.arch and n is not but and node_running(n)}
+    return {n.arch for n in lab.nodes if n.arch and node_running(n)}
 
 
 def wait_new_key(lab: Lab, name: str, old: set[str]) -> dict:

@@ -116,11 +116,37 @@ def node_running(node: Node) -> bool:
     return pid_alive(node.supervisor_pid) and in_node_cgroup(node.supervisor_pid, node.name)
 
 
+# Linux capability names by bit number (linux/capability.h), as setpriv spells them.
+CAPABILITIES = [
+    "chown", "dac_override", "dac_read_search", "fowner", "fsetid", "kill", "setgid", "setuid", "setpcap",
+    "linux_immutable", "net_bind_service", "net_broadcast", "net_admin", "net_raw", "ipc_lock", "ipc_owner",
+    "sys_module", "sys_rawio", "sys_chroot", "sys_ptrace", "sys_pacct", "sys_admin", "sys_boot", "sys_nice",
+    "sys_resource", "sys_time", "sys_tty_config", "mknod", "lease", "audit_write", "audit_control", "setfcap",
+    "mac_override", "mac_admin", "syslog", "wake_alarm", "block_suspend", "audit_read", "perfmon", "bpf",
+    "checkpoint_restore",
+]
+
+
+def node_capabilities(leader: int) -> list[str]:
+    """The capabilities nspawn left the node's PID 1 (its bounding set), without CAP_SYS_TIME."""
+    try:
+        status = open(f"/proc/{leader}/status").read()
+        bounding = int(next(line.split()[1] for line in status.splitlines() if line.startswith("CapBnd:")), 16)
+    except (OSError, StopIteration, ValueError, IndexError):
+        raise LabError(f"cannot read the capabilities of the node's PID 1 (pid {leader})") from None
+    return [name for bit, name in enumerate(CAPABILITIES) if bounding & (1 << bit) and name != "sys_time"]
+
+
 def exec_argv(leader: int, cmd: list[str]) -> list[str]:
     env = ["PATH=" + NODE_PATH, "HOME=/root", "USER=root", "LOGNAME=root", "LANG=C.UTF-8"]
     if os.environ.get("TERM"):
         env.append("TERM=" + os.environ["TERM"])
-    return ["nsenter", f"--target={leader}", "--mount", "--uts", "--ipc", "--net", "--pid", "--",
+    keep = ",".join("+" + name for name in node_capabilities(leader))
+    # The programs run from here on are the node's own (root in the node may have replaced them):
+    # they get no more capabilities than nspawn gave the node itself, never the host's full set
+    # (CAP_SYS_MODULE, CAP_SYS_RAWIO, ...). This host's setpriv drops them before entering the node.
+    return ["/usr/bin/setpriv", "--inh-caps=-all", f"--bounding-set=-all,{keep}", "--",
+            "nsenter", f"--target={leader}", "--mount", "--uts", "--ipc", "--net", "--pid", "--",
             # nsenter keeps our capabilities, and CAP_SYS_TIME would let a node set the HOST's clock
             # (e.g. ntpdate): drop it for good, from the bounding and the inheritable set.
             "/usr/bin/setpriv", "--inh-caps=-sys_time", "--bounding-set=-sys_time", "--",

@@ -8,7 +8,9 @@ Marker `arm`: `-m "not arm"` skips the module.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -25,12 +27,19 @@ ARCHES = {"node01": None, "node02": "arm64", "node03": "armhf", "node04": None}
 STATES = "/opt/pimaster/cluster"  # the lab master's cluster dir (a copy of the shipped states)
 
 
+def host_dpkg() -> tuple[str, str]:
+    """This machine's own dpkg: its foreign architectures and the status of what it has installed."""
+    foreign = subprocess.run(["dpkg", "--print-foreign-architectures"], capture_output=True, text=True).stdout
+    return foreign, hashlib.sha256(Path("/var/lib/dpkg/status").read_bytes()).hexdigest()
+
+
 @pytest.fixture(scope="module")
 def arm_lab(lab_session):
     """The mixed lab; the shared lab goes down for it and comes back for the next test that needs it."""
     if lab_session.is_up:
         lab_session.down()
     mixed = Lab(cluster_dir=CLUSTER_DIR, arch="node02=arm64,node03=armhf")
+    mixed.host_dpkg_before = host_dpkg()  # (building the roots, if they are not cached, happens now)
     try:
         yield mixed.ensure_up()
     finally:
@@ -79,6 +88,9 @@ def test_arm_nodes_run_the_agent_from_its_deb_on_their_own_architecture(arm_lab:
         bounding = arm_lab.exec(name, "sh", "-c", "grep CapBnd /proc/self/status").stdout.split()[1]
         assert not int(bounding, 16) & (1 << 25), bounding
     assert nodes["node01"]["facts"]["network_backend"] == "networkd"
+    # Fetching and installing the ARM packages left this machine's dpkg as it was: no foreign
+    # architecture added, no package installed or removed.
+    assert host_dpkg() == arm_lab.host_dpkg_before
     # `lab status` says which node is which.
     status = json.loads(pimaster_cli("lab", "status", "--json").stdout)
     assert {n["name"]: n["arch"] for n in status["nodes"]} == {

@@ -205,6 +205,22 @@ def test_nothing_in_a_node_can_set_the_host_clock(lab: Lab):
 
 
 @pytest.mark.lab
+def test_commands_entered_into_a_node_get_no_more_than_the_node_itself(lab: Lab):
+    """`lab exec` (and `lab status`, which runs the node's systemctl and ip) runs the node's own
+    programs, which root in the node may have replaced: they get the capabilities nspawn gave the
+    node's PID 1 (less CAP_SYS_TIME), never the host's (CAP_SYS_MODULE would load a kernel module)."""
+    def caps(status: str, field: str) -> int:
+        return int(next(line.split()[1] for line in status.splitlines() if line.startswith(field + ":")), 16)
+
+    entered = lab.exec("node02", "cat", "/proc/self/status").stdout
+    pid1 = lab.exec("node02", "cat", "/proc/1/status").stdout
+    assert caps(entered, "CapBnd") == caps(pid1, "CapBnd") & ~(1 << CAP_SYS_TIME)
+    assert caps(entered, "CapEff") & ~caps(pid1, "CapBnd") == 0
+    for cap in (16, 17):  # CAP_SYS_MODULE, CAP_SYS_RAWIO: nspawn never gives them
+        assert not caps(entered, "CapEff") & (1 << cap)
+
+
+@pytest.mark.lab
 def test_host_never_routes_to_the_lab(lab: Lab):
     subnet = ipaddress.IPv4Network(lab.state.subnet)
     routes = json.loads(subprocess.run(["ip", "-j", "-4", "route", "show", str(subnet)],

@@ -179,6 +179,23 @@ def test_service_running_restarts_on_watch_and_dead(lab):
                       "systemctl daemon-reload", check=False)
 
 
+def test_service_running_fails_for_a_daemon_that_dies_just_after_starting(lab):
+    """A daemon that reads a bad config and exits half a second after `systemctl start` returned
+    (slurmd does; under qemu-user, later still) is reported failed, with its last words, not started."""
+    unit_file = "/etc/systemd/system/pm-dies.service"
+    try:
+        assert state(lab, NODE, "file.managed", f"name={unit_file}",
+                     "contents=[Service]\nExecStart=/bin/sh -c 'sleep 0.5; echo bad config line 3 >&2; exit 1'\n"
+                     )["result"] is True
+        res = state(lab, NODE, "service.running", "name=pm-dies")
+        assert res["status"] == "failed", res
+        assert "pm-dies.service stopped within 2 s of its start" in res["comment"], res["comment"]
+        assert "bad config line 3" in res["comment"], res["comment"]
+    finally:
+        sh(lab, NODE, f"systemctl stop pm-dies 2>/dev/null; systemctl reset-failed pm-dies 2>/dev/null; "
+                      f"rm -f {unit_file}; systemctl daemon-reload", check=False)
+
+
 # ---------------------------------------------------------------------------------------------
 # cmd
 
