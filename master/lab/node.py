@@ -142,14 +142,13 @@ def exec_argv(leader: int, cmd: list[str]) -> list[str]:
     if os.environ.get("TERM"):
         env.append("TERM=" + os.environ["TERM"])
     keep = ",".join("+" + name for name in node_capabilities(leader))
-    # The programs run from here on are the node's own (root in the node may have replaced them):
-    # they get no more capabilities than nspawn gave the node itself, never the host's full set
-    # (CAP_SYS_MODULE, CAP_SYS_RAWIO, ...). This host's setpriv drops them before entering the node.
+    # This host's setpriv bounds what every program after it may hold, before anything of the node
+    # runs: the programs run from nsenter on are the node's own (root in the node may have replaced
+    # them), so they get no more than nspawn gave the node itself, never the host's full set
+    # (CAP_SYS_MODULE, CAP_SYS_RAWIO, ...), and never CAP_SYS_TIME, which would let them set the
+    # HOST's clock (e.g. ntpdate): the clock is not namespaced.
     return ["/usr/bin/setpriv", "--inh-caps=-all", f"--bounding-set=-all,{keep}", "--",
             "nsenter", f"--target={leader}", "--mount", "--uts", "--ipc", "--net", "--pid", "--",
-            # nsenter keeps our capabilities, and CAP_SYS_TIME would let a node set the HOST's clock
-            # (e.g. ntpdate): drop it for good, from the bounding and the inheritable set.
-            "/usr/bin/setpriv", "--inh-caps=-sys_time", "--bounding-set=-sys_time", "--",
             # A clean environment, as in a login on the node: nothing of the caller's (e.g. a
             # PIMASTER_STATE_DIR meant for the host) leaks in.
             "/usr/bin/env", "-i", *env, *cmd]

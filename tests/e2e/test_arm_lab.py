@@ -84,7 +84,7 @@ def test_arm_nodes_run_the_agent_from_its_deb_on_their_own_architecture(arm_lab:
         main = arm_lab.exec(name, "systemctl", "show", "-p", "ExecStart", "piagent").stdout
         assert "path=/usr/bin/piagent" in main and "/opt/pimaster" not in main
         assert arm_lab.exec(name, "test", "-e", "/opt/pimaster/src", check=False).returncode != 0
-        # Commands entered into an ARM node lose CAP_SYS_TIME too (setpriv runs under qemu there).
+        # Commands entered into an ARM node lose CAP_SYS_TIME too.
         bounding = arm_lab.exec(name, "sh", "-c", "grep CapBnd /proc/self/status").stdout.split()[1]
         assert not int(bounding, 16) & (1 << 25), bounding
     assert nodes["node01"]["facts"]["network_backend"] == "networkd"
