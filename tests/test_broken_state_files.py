@@ -2,6 +2,7 @@
 anything reaches a node, with the file, the line and the reason, and never a Python traceback."""
 
 import re
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -24,6 +25,7 @@ def target():
     finally:
         agent.stop()
         master.stop()
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def test_the_corpus_is_large_enough():

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import tempfile
 import time
@@ -131,6 +132,7 @@ def live():
         ctx.destroy(linger=0)
         agent.stop()
         master.stop()
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def curve_socket(ctx, master, keypair=None):
@@ -240,8 +242,12 @@ def test_master_still_answers_after_the_control_fuzz(live):
 
 @pytest.fixture(scope="module")
 def agent_under_fuzz():
-    with agent_with_standin_master(Path(tempfile.mkdtemp(prefix="pm-fuzz-agent-", dir="/tmp"))) as parts:
-        yield parts
+    tmp = Path(tempfile.mkdtemp(prefix="pm-fuzz-agent-", dir="/tmp"))
+    try:
+        with agent_with_standin_master(tmp) as parts:
+            yield parts
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _drain_router(router) -> None:
